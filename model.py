@@ -1,0 +1,590 @@
+"""EnCodecMAE, the network and its loss: sections 2, 2.1, 2.2 and 2.3 of the paper (Fig. 1).
+
+Read top to bottom it follows the figure: frozen EnCodec encoder -> sinusoidal positions ->
+gap masking -> encoder on the visible frames -> decoder with mask tokens -> per-codebook head ->
+weighted cross-entropy. `python model.py` prints the parameter counts next to Table 1.
+Reads the EnCodec checkpoint (torch hub cache or a local file); writes nothing.
+Conventions: `mask` is True where a frame is hidden, `padding` is True where a frame is not
+real audio. Shapes use B batch, T frames, N visible frames, D width, S target streams
+(Q codec codebooks plus the k-means stream after self-training), K codebook size.
+"""
+import contextlib
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SAMPLE_RATE = 24000                 # EnCodec 24 kHz model [2.1]
+HOP = 320                           # samples per codec frame: 24000 / 320 = 75 Hz [2.1]
+FRAME_RATE = SAMPLE_RATE // HOP
+CROP_SECONDS = 4.0                  # training crops [3.1]
+CROP_SAMPLES = int(CROP_SECONDS * SAMPLE_RATE)
+CROP_FRAMES = CROP_SAMPLES // HOP   # T = 300
+# gamma_q released by the authors for the pretrained 24 kHz EnCodec (SPEC.md) [3.1]
+RELEASED_GAMMA_Q = (0.2241, 0.1760, 0.1450, 0.1215, 0.1032, 0.0883, 0.0761, 0.0659)
+
+
+def num_frames(n_samples):
+    """Codec frames for a waveform of n_samples: the encoder pads the last hop."""
+    return math.ceil(n_samples / HOP)
+
+
+# ---------------------------------------------------------------- configuration [2.2, 2.3, 3.1]
+@dataclass
+class ModelConfig:
+    Q: int = 8                       # codec codebooks used as targets, 6 kbps [3.1]
+    K: int = 1024                    # entries per codebook (and k-means clusters) [2.1, 2.3]
+    d_codec: int = 128               # EnCodec encoder output width [2.1]
+    d_model: int = 768               # transformer width D [2.2]
+    n_enc_layers: int = 10           # 5 small, 10 base, 20 large [2.2]
+    n_dec_layers: int = 2            # "only 2 layers in the decoder" [2.2]
+    n_heads: int = 12                # attention heads (not in the paper; 64-d heads)
+    ff_dim: int = 4096               # feed-forward width (SPEC.md; gives Table 1's #Par)
+    M_prop: float = 0.5              # proportion of frames hidden, M_prop [2, 3.1]
+    M_gap: int = 15                  # frames hidden after each sampled start, M_gap (200 ms) [2, 3.1]
+    delta: float = 0.9               # weight of hidden vs visible frames in the loss, delta [2.3]
+    gamma_q: tuple = RELEASED_GAMMA_Q  # per-codebook loss weights gamma_q, sum to 1 [2.3, 3.1]
+    n_kmeans_streams: int = 0        # 1 after self-training: stream Q+1 [2.3]
+    mask_mode: str = "drop"          # "drop" (MAE, the paper) or "token" (BERT/HuBERT ablation) [2.2]
+
+    @property
+    def n_streams(self):
+        return self.Q + self.n_kmeans_streams
+
+
+# Model sizes as in section 2.2 (tiny is ours, for CPU demos and tests).
+SIZES = {
+    #         encoder layers     width           heads          feed-forward
+    "tiny":  dict(n_enc_layers=2, d_model=128, n_heads=4, ff_dim=512, n_dec_layers=1),
+    "small": dict(n_enc_layers=5, d_model=768, n_heads=12, ff_dim=4096),
+    "base":  dict(n_enc_layers=10, d_model=768, n_heads=12, ff_dim=4096),
+    # Deviation: 16 heads at D = 1024 (the authors keep 12); the paper does not say.
+    "large": dict(n_enc_layers=20, d_model=1024, n_heads=16, ff_dim=4096),
+}
+
+
+def make_config(size="base", **overrides):
+    """A size from SIZES plus overrides; a changed Q takes the first Q released gamma_q, renormalized."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    if "Q" in overrides and "gamma_q" not in overrides:
+        head = RELEASED_GAMMA_Q[: overrides["Q"]]
+        overrides["gamma_q"] = tuple(g / sum(head) for g in head)
+    cfg = ModelConfig(**{**SIZES[size], **overrides})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    assert 1 <= cfg.Q <= 8, f"Q={cfg.Q}: the 6 kbps codec has 8 codebooks"
+    assert len(cfg.gamma_q) == cfg.Q, f"gamma_q has {len(cfg.gamma_q)} weights for Q={cfg.Q}"
+    assert abs(sum(cfg.gamma_q) - 1) < 1e-3, f"gamma_q must sum to 1, got {sum(cfg.gamma_q)}"
+    assert cfg.d_model % cfg.n_heads == 0, "d_model must be a multiple of n_heads"
+    assert 0 < cfg.M_prop < 1 and cfg.M_gap >= 1 and 0 <= cfg.delta <= 1
+    assert cfg.mask_mode in ("drop", "token"), f"mask_mode must be drop or token, not {cfg.mask_mode}"
+
+
+def config_from_dict(d):
+    """Rebuild a ModelConfig stored in a checkpoint (tuples come back as lists)."""
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(d) - known
+    assert not unknown, f"checkpoint config has unknown fields {sorted(unknown)}"
+    return ModelConfig(**{**d, "gamma_q": tuple(d["gamma_q"])})
+
+
+# ---------------------------------------------------------------- 2.1 EnCodec: inputs and targets
+class Codec(nn.Module):
+    """The frozen EnCodec encoder and its RVQ: 128-d frames at 75 Hz plus 8 codes per frame."""
+
+    n_q = 8     # 6 kbps = 8 codebooks of 10 bits at 75 Hz [3.1]
+    dim = 128
+
+    def __init__(self, encodec_model, source):
+        super().__init__()
+        self.encoder = encodec_model.encoder
+        self.quantizer = encodec_model.quantizer
+        self.source = source
+        # Standardization of the frames fed to the MAE; identity for the real codec.
+        self.register_buffer("feat_mean", torch.zeros(self.dim))
+        self.register_buffer("feat_std", torch.ones(self.dim))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: never leaves eval mode [3.1]
+
+    @torch.no_grad()
+    def raw_frames(self, wav):
+        assert wav.dim() == 2, f"codec expects (B, n_samples) mono at 24 kHz, got {tuple(wav.shape)}"
+        with flush_denormals(wav.device):
+            return self.encoder(wav[:, None].float())  # (B, 128, T)
+
+    @torch.no_grad()
+    def features(self, wav):
+        """The MAE's input: encoder output frames (B, T, 128)."""
+        emb = self.raw_frames(wav).transpose(1, 2)  # (B, T, 128)
+        return (emb - self.feat_mean) / self.feat_std
+
+    @torch.no_grad()
+    def forward(self, wav):
+        """One encoder pass gives both the inputs and the targets [2, Fig. 1]."""
+        emb = self.raw_frames(wav)  # (B, 128, T)
+        codes = self.quantizer.encode(emb, FRAME_RATE, 6.0)  # (8, B, T)
+        assert codes.shape[-1] == emb.shape[-1] == num_frames(wav.shape[-1])
+        feats = (emb.transpose(1, 2) - self.feat_mean) / self.feat_std  # (B, T, 128)
+        return feats, codes.permute(1, 2, 0).long()  # (B, T, 128), (B, T, 8)
+
+
+@contextlib.contextmanager
+def flush_denormals(device):
+    """The codec's LSTM produces denormal floats, which make x86 CPUs about 3x slower (measured
+    here: 3.7 s -> 1.2 s for 8 s of audio); flushing them to zero changes nothing we can measure."""
+    flush = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+OFFLINE_HELP = (
+    "EnCodec's pretrained 24 kHz weights could not be loaded ({err}). This machine may be offline.\n"
+    "  Either copy encodec_24khz-d7cc33bc.th from a machine with internet and pass its path\n"
+    "  (--encodec /path/to/encodec_24khz-d7cc33bc.th), or use --encodec random for a seeded\n"
+    "  random codec (smoke tests only: its targets are not the paper's)."
+)
+
+
+def load_codec(source="pretrained", seed=0):
+    """EnCodec by source: "pretrained" (hub download), a local checkpoint path, or "random"."""
+    if source == "random":
+        return random_codec(seed)
+    if source == "pretrained":
+        try:
+            model = build_encodec(pretrained=True)
+        except Exception as err:  # any download failure ends here, loudly
+            raise RuntimeError(OFFLINE_HELP.format(err=err)) from err
+    else:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"--encodec {source!r}: no such checkpoint file; "
+                                    "expected 'pretrained', 'random' or a path to encodec_24khz-*.th")
+        model = build_encodec(pretrained=False)
+        model.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
+    return Codec(fold_weight_norm(model), source)
+
+
+def build_encodec(pretrained):
+    """The codec package's 24 kHz model (its old-style weight norm warns; we fold it away)."""
+    from encodec import EncodecModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return EncodecModel.encodec_model_24khz(pretrained=pretrained)
+
+
+def fold_weight_norm(model):
+    """Fold weight norm into plain weights: the codec is frozen, so g * v / |v| is a constant."""
+    for module in model.encoder.modules():
+        if hasattr(module, "weight_g"):
+            torch.nn.utils.remove_weight_norm(module)
+    return model
+
+
+_RANDOM_CODECS = {}
+
+
+def random_codec(seed=0):
+    """A seeded random EnCodec with non-degenerate codebooks, for tests and offline smoke runs.
+
+    With random weights the package's codebooks are all zeros (they are k-means-initialised on the
+    codec's first training batch), so every target would be 0. SPEC.md's recipe, step by step:
+    rescale each conv to unit output variance on varied audio (LSUV), fill every RVQ stage from
+    the residuals that audio leaves, and standardize the 128-d frames per dimension.
+    A random codec is a weak front end whatever one does: it tests the machinery only.
+    """
+    if seed in _RANDOM_CODECS:
+        return _RANDOM_CODECS[seed]
+    from data import demo_clips
+    warnings.warn("--encodec random: a seeded random codec; its inputs and targets are NOT the "
+                  "paper's (smoke tests and teaching only).", stacklevel=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = fold_weight_norm(build_encodec(pretrained=False))
+        generator = torch.Generator().manual_seed(seed)
+        audio = demo_clips(24, seconds=1.0, seed=seed)  # (24, 24000) varied synthetic audio
+        unit_variance_convs(model.encoder, audio[:8])
+        codec = Codec(model, "random")
+        emb = codec.raw_frames(audio).transpose(1, 2).reshape(-1, codec.dim)  # (24 * 75, 128)
+        fill_codebooks(codec.quantizer, emb, codec.n_q, generator)
+        codec.feat_mean.copy_(emb.mean(0))
+        codec.feat_std.copy_(emb.std(0).clamp(min=1e-5))
+    _RANDOM_CODECS[seed] = codec
+    return codec
+
+
+@torch.no_grad()
+def unit_variance_convs(encoder, audio):
+    """LSUV-style init: each conv, in forward order, is rescaled so its output has unit variance."""
+    def rescale(conv, inputs, output):
+        std = output.std().clamp(min=1e-8)
+        conv.weight.div_(std)
+        if conv.bias is not None:
+            conv.bias.div_(std)
+        return output / std  # later layers see the rescaled output in this same pass
+    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv1d)]
+    hooks = [conv.register_forward_hook(rescale) for conv in convs]
+    with flush_denormals(audio.device):
+        encoder(audio[:, None])
+    for hook in hooks:
+        hook.remove()
+
+
+@torch.no_grad()
+def fill_codebooks(quantizer, emb, n_q, generator):
+    """Residual VQ init from data: stage q's entries are built from residuals of stages 1..q-1.
+
+    Each entry is the midpoint of two random residuals. Deviation: SPEC.md suggests the residuals
+    themselves plus jitter, but then every picked frame's residual drops to ~0 and the later
+    stages collapse (measured on 8 clips: 280 -> 57 distinct codes from stage 1 to 8; with
+    midpoints 276-382 in every stage).
+    """
+    residual = emb  # (N, 128)
+    for layer in quantizer.vq.layers[:n_q]:
+        book = layer._codebook
+        a, b = (torch.randperm(len(residual), generator=generator)[: book.codebook_size] for _ in "ab")
+        book.embed.copy_(0.5 * (residual[a] + residual[b]))
+        book.inited.fill_(1)
+        residual = residual - book.dequantize(book.quantize(residual))
+
+
+@torch.no_grad()
+def estimate_gamma(codec, clips, Q=8):
+    """gamma_q: mean quantization error of codebook q over the clips, normalized to sum to 1 [3.1].
+
+    The error of stage q is the norm of what it leaves unexplained, |r_q - e_q(r_q)|, where r_q is
+    the residual entering stage q; errors shrink from stage to stage, so early codebooks weigh more.
+    """
+    residual = codec.raw_frames(clips).transpose(1, 2).reshape(-1, codec.dim)  # (B * T, 128)
+    errors = []
+    for layer in codec.quantizer.vq.layers[:Q]:
+        book = layer._codebook
+        residual = residual - book.dequantize(book.quantize(residual))
+        errors.append(residual.norm(dim=1).mean())
+    errors = torch.stack(errors)  # (Q,)
+    return errors / errors.sum()
+
+
+# ---------------------------------------------------------------- 2.2 positions, before masking
+def sinusoidal_positions(T, D, device=None):
+    """The transformer's fixed sin/cos table (T, D)."""
+    position = torch.arange(T, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, D, 2, device=device) * (-math.log(10000.0) / D))
+    table = torch.zeros(T, D, device=device)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)
+    return table
+
+
+# ---------------------------------------------------------------- 2. masking (M_prop, M_gap)
+def gap_mask(lengths, T, M_prop, M_gap, generator=None):
+    """Hide exactly round(M_prop * length) frames of each clip in gaps of M_gap frames [2].
+
+    Span starts are drawn without replacement (a random ranking of all valid starts), the
+    M_gap frames after each start are hidden, and we stop once enough frames are hidden,
+    trimming the last span. Hiding whole 200-ms gaps rather than lone frames stops the model
+    from just interpolating its neighbours. Padding (t >= length) is never hidden.
+    Returns mask (B, T) bool, True = hidden.
+    """
+    B, device = len(lengths), lengths.device
+    t = torch.arange(T, device=device)
+    n_hidden = torch.round(M_prop * lengths.float()).long()  # (B,)
+    valid_start = t[None] <= (lengths - M_gap).clamp(min=0)[:, None]  # (B, T) span fits the clip
+    noise = torch.rand(B, T, generator=generator, device=device)
+    rank = noise.argsort(1).argsort(1)  # (B, T) draw order of every start, without replacement
+    never = T  # a rank larger than any draw
+    rank = torch.where(valid_start, rank, never)
+    # first_draw[t]: the earliest draw whose span covers t, i.e. min rank over starts in (t-M_gap, t]
+    first_draw = rank.clone()
+    for g in range(1, min(M_gap, T)):
+        first_draw[:, g:] = torch.minimum(first_draw[:, g:], rank[:, :-g])
+    first_draw = torch.where(t[None] < lengths[:, None], first_draw, never)  # padding last
+    # Hide frames in draw order (position breaks ties inside a span) until n_hidden are hidden.
+    hide_order = (first_draw * T + t).argsort(1)  # (B, T)
+    place = hide_order.argsort(1)  # (B, T) each frame's place in that order
+    return place < n_hidden[:, None]
+
+
+def gather_visible(x, mask, padding):
+    """Drop the hidden frames: x (B, T, D) -> x_visible (B, N, D), MAE style [2.2].
+
+    A stable sort of the hide flags lists visible frames first, in time order (ids_shuffle);
+    sorting that permutation again gives its inverse, ids_restore, which puts frames back.
+    Every clip hides the same count when none is padded, so x_visible is dense; otherwise
+    visible_padding (B, N) marks the slots of shorter clips (None when there are none).
+    """
+    dropped = mask | padding  # (B, T)
+    ids_shuffle = dropped.int().argsort(dim=1, stable=True)  # (B, T)
+    ids_restore = ids_shuffle.argsort(dim=1)  # (B, T)
+    n_visible = (~dropped).sum(1)  # (B,)
+    N = int(n_visible.max())
+    ids_keep = ids_shuffle[:, :N]  # (B, N)
+    x_visible = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, D)
+    visible_padding = torch.arange(N, device=x.device)[None] >= n_visible[:, None]  # (B, N)
+    if not visible_padding.any():
+        visible_padding = None  # dense: attention needs no mask, the fast kernels apply
+    return x_visible, ids_restore, visible_padding
+
+
+def restore_sequence(h, ids_restore, visible_padding, mask_token):
+    """Put the encoded visible frames back in place and a shared mask token everywhere else."""
+    B, N, D = h.shape
+    T = ids_restore.shape[1]
+    if visible_padding is not None:
+        h = torch.where(visible_padding[..., None], mask_token, h)  # unused slots hold tokens too
+    full = torch.cat([h, mask_token.expand(B, T - N, D)], dim=1)  # (B, T, D), in shuffled order
+    return full.gather(1, ids_restore[..., None].expand(-1, -1, D))  # (B, T, D), in time order
+
+
+# ---------------------------------------------------------------- 2.2 the transformer
+class Block(nn.Module):
+    """A pre-norm transformer layer; attention through scaled_dot_product_attention."""
+
+    def __init__(self, D, n_heads, ff_dim):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        # Deviation: a feed-forward block per layer; the authors' code shares one across depth,
+        # which the paper's parameter counts (51M / 94M / 269M) rule out.
+        self.ff = nn.Sequential(nn.Linear(D, ff_dim), nn.GELU(), nn.Linear(ff_dim, D))
+
+    def forward(self, x, key_padding=None):
+        B, N, D = x.shape
+        qkv = self.qkv(self.norm1(x)).view(B, N, 3, self.n_heads, D // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, D / heads)
+        keep = None if key_padding is None else ~key_padding[:, None, None, :]  # (B, 1, 1, N)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, N, D / heads)
+        x = x + self.out(a.transpose(1, 2).reshape(B, N, D))
+        return x + self.ff(self.norm2(x))
+
+
+class Encoder(nn.Module):
+    """The MAE encoder: a stack of blocks over the visible frames and a final norm."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_dim)
+                                    for _ in range(cfg.n_enc_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x, key_padding=None, n_layers=None):
+        """Run the first n_layers (all by default); only the full stack ends with the norm."""
+        for layer in self.layers[:n_layers]:
+            x = layer(x, key_padding)
+        return self.norm(x) if n_layers in (None, len(self.layers)) else x
+
+
+class Decoder(nn.Module):
+    """Lightweight decoder: Linear(D, D), mask tokens, positions again, 2 blocks [2.2]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        # Deviation: a learned shared mask token, as the paper says; the authors' code leaves zeros.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
+        self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_dim)
+                                    for _ in range(cfg.n_dec_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, h, ids_restore, visible_padding, padding):
+        h = self.proj(h)  # (B, N, D)
+        if ids_restore is not None:  # "drop" mode: re-insert the hidden positions
+            h = restore_sequence(h, ids_restore, visible_padding, self.mask_token)  # (B, T, D)
+        h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)  # where each token sits
+        for layer in self.layers:
+            h = layer(h, padding if padding.any() else None)
+        return self.norm(h)
+
+
+class Head(nn.Module):
+    """Linear(D -> S x K): logits over the K entries of each of the S target streams [2.2]."""
+
+    def __init__(self, D, S, K):
+        super().__init__()
+        self.S, self.K = S, K
+        self.linear = nn.Linear(D, S * K)
+
+    def forward(self, h):
+        return self.linear(h).unflatten(-1, (self.S, self.K))  # (B, T, S, K)
+
+
+# ---------------------------------------------------------------- 2.3 the weighted loss
+class LossOut(NamedTuple):
+    loss: torch.Tensor            # () the weighted loss L
+    masked_loss: torch.Tensor     # (S,) mean CE over hidden frames, per stream
+    unmasked_loss: torch.Tensor   # (S,) mean CE over visible frames, per stream
+    masked_acc: torch.Tensor      # (S,) top-1 accuracy over hidden frames, per stream
+
+
+def stream_weights(cfg):
+    """gamma_q for the Q codec streams, then sum(gamma_q) for each k-means stream [2.3]."""
+    gamma = list(cfg.gamma_q) + [sum(cfg.gamma_q)] * cfg.n_kmeans_streams
+    return torch.tensor(gamma, dtype=torch.float32)  # (S,)
+
+
+def masked_token_loss(logits, targets, mask, padding, gamma, delta):
+    """L = sum_q gamma_q [alpha sum_{t in M} C + beta sum_{t not in M} C] [2.3].
+
+    alpha = delta / |M| and beta = (1 - delta) / (T - |M|), with |M| and T counted over the
+    whole batch; padded frames are in neither set.
+    """
+    B, T, S, K = logits.shape
+    ce = F.cross_entropy(logits.reshape(-1, K).float(), targets.reshape(-1), reduction="none")
+    ce = ce.view(B, T, S)  # C(y_q(t), z_q(t))
+    hidden = (mask & ~padding)[..., None].float()  # (B, T, 1), the set M
+    shown = (~mask & ~padding)[..., None].float()  # (B, T, 1), its complement
+    n_hidden, n_shown = hidden.sum().clamp(min=1), shown.sum().clamp(min=1)
+    masked_loss = (ce * hidden).sum((0, 1)) / n_hidden  # (S,) alpha-weighted sums, per stream
+    unmasked_loss = (ce * shown).sum((0, 1)) / n_shown  # (S,)
+    loss = (gamma * (delta * masked_loss + (1 - delta) * unmasked_loss)).sum()
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == targets).float()  # (B, T, S)
+        masked_acc = (correct * hidden).sum((0, 1)) / n_hidden  # (S,)
+    return LossOut(loss, masked_loss.detach(), unmasked_loss.detach(), masked_acc)
+
+
+# ---------------------------------------------------------------- the model, Fig. 1
+class EnCodecMAE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.in_proj = nn.Linear(cfg.d_codec, cfg.d_model)  # codec frames -> D
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.head = Head(cfg.d_model, cfg.n_streams, cfg.K)
+        # BERT/HuBERT-style ablation only: hidden frames replaced by a token inside the encoder.
+        if cfg.mask_mode == "token":
+            self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
+        self.register_buffer("gamma", stream_weights(cfg), persistent=False)
+        self.apply(init_weights)
+        nn.init.normal_(self.decoder.mask_token, std=0.02)
+
+    def forward(self, feats, targets, mask, padding=None):
+        """feats (B, T, 128), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1].
+
+        The mask comes from `gap_mask`, drawn per clip by the data pipeline so that a clip's mask
+        depends on the clip alone (not on the GPU count or the accumulation steps).
+        """
+        B, T, _ = feats.shape
+        check_inputs(feats, targets, mask, self.cfg)
+        padding = torch.zeros(B, T, dtype=torch.bool, device=feats.device) if padding is None else padding
+        x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, feats.device)  # (B, T, D)
+        if self.cfg.mask_mode == "drop":
+            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # (B, N, D)
+            h = self.encoder(x_visible, visible_padding)  # (B, N, D)
+        else:
+            x = torch.where(mask[..., None], self.enc_mask_token, x)  # (B, T, D)
+            ids_restore, visible_padding = None, None
+            h = self.encoder(x, padding if padding.any() else None)  # (B, T, D)
+        h = self.decoder(h, ids_restore, visible_padding, padding)  # (B, T, D)
+        logits = self.head(h)  # (B, T, S, K)
+        return masked_token_loss(logits, targets, mask, padding, self.gamma, self.cfg.delta)
+
+    def embed(self, feats, padding=None, layer=-1):
+        """Frame features, no masking: the output of encoder layer `layer` (-1: last, normed) [3.1]."""
+        T = feats.shape[1]
+        x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, feats.device)
+        n_layers = None if layer == -1 else layer
+        key_padding = padding if padding is not None and padding.any() else None
+        return self.encoder(x, key_padding, n_layers)  # (B, T, D)
+
+
+def init_weights(module):
+    """Xavier-uniform Linear weights, zero biases, LayerNorm (1, 0), as in the authors' release."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def check_inputs(feats, targets, mask, cfg):
+    B, T, _ = feats.shape
+    assert feats.shape[2] == cfg.d_codec, f"feats {tuple(feats.shape)}: expected {cfg.d_codec}-d frames"
+    assert targets.shape == (B, T, cfg.n_streams), (
+        f"targets {tuple(targets.shape)} do not match B={B} x T={T} frames x S={cfg.n_streams} streams")
+    assert mask.shape == (B, T), f"mask {tuple(mask.shape)} does not match (B, T) = {(B, T)}"
+    assert targets.min() >= 0 and targets.max() < cfg.K, "targets must lie in [0, K)"
+
+
+def add_kmeans_stream(model):
+    """Self-training [2.3]: a model with one more target stream, new head rows freshly initialized."""
+    cfg = ModelConfig(**{**asdict(model.cfg), "n_kmeans_streams": model.cfg.n_kmeans_streams + 1})
+    new = EnCodecMAE(cfg).to(model.head.linear.weight.device)
+    state = model.state_dict()
+    rows = model.head.linear.weight.shape[0]
+    for name in ("head.linear.weight", "head.linear.bias"):
+        fresh = new.state_dict()[name].clone()
+        fresh[:rows] = state[name]  # the codec streams keep what stage 1 learned
+        state[name] = fresh
+    new.load_state_dict(state)  # strict: every other weight carries over unchanged
+    return new
+
+
+# ---------------------------------------------------------------- 3.1-3.2 features for downstream use
+@torch.no_grad()
+def chunked_frames(fn, wav, chunk_samples=CROP_SAMPLES, max_batch=32):
+    """Cut audio into 4-s chunks, map fn over them in batches, concatenate frames in time [3.1]."""
+    B, n = wav.shape
+    n_full = n // chunk_samples
+    pieces = []
+    if n_full:
+        chunks = wav[:, : n_full * chunk_samples].reshape(B * n_full, chunk_samples)
+        out = torch.cat([fn(c) for c in chunks.split(max_batch)])  # (B * n_full, 300, D)
+        pieces.append(out.reshape(B, n_full * out.shape[1], out.shape[2]))
+    if n > n_full * chunk_samples:
+        pieces.append(fn(wav[:, n_full * chunk_samples:]))  # the shorter last chunk
+    return torch.cat(pieces, dim=1)  # (B, num_frames(n), D)
+
+
+def embed_audio(model, codec, wav, chunk_samples=CROP_SAMPLES, layer=-1):
+    """EnCodecMAE frame embeddings (B, T, D) at 75 Hz for audio of any length [3.1, 3.2]."""
+    return chunked_frames(lambda c: model.embed(codec.features(c), layer=layer), wav, chunk_samples)
+
+
+def codec_embed_audio(codec, wav, chunk_samples=CROP_SAMPLES):
+    """The EC baseline of Table 1: EnCodec's own encoder frames (B, T, 128)."""
+    return chunked_frames(codec.features, wav, chunk_samples)
+
+
+def load_checkpoint_model(path, map_location="cpu"):
+    """A trained EnCodecMAE from a train.py checkpoint: (model, cfg, codec source). Strict."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    cfg = config_from_dict(ckpt["config"])
+    model = EnCodecMAE(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg, ckpt["encodec"]
+
+
+# ---------------------------------------------------------------- Table 1's #Par
+def count_parameters(cfg):
+    """Feature-extractor parameters as Table 1 counts them: EnCodec encoder + input proj + encoder."""
+    with torch.device("meta"):
+        codec = build_encodec(pretrained=False).encoder
+        model = EnCodecMAE(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    return count(codec) + count(model.in_proj) + count(model.encoder)
+
+
+TABLE1_PARAMS = {"small": 51e6, "base": 94e6, "large": 269e6}
+
+if __name__ == "__main__":
+    print("| size | ours (M) | Table 1 (M) |\n|---|---|---|")
+    for size in ("small", "base", "large"):
+        print(f"| {size} | {count_parameters(make_config(size)) / 1e6:.1f} | {TABLE1_PARAMS[size] / 1e6:.0f} |")
