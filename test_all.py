@@ -269,3 +269,100 @@ def test_chunked_features_equal_the_concatenated_halves(codec):
     assert torch.allclose(whole, torch.cat(halves, 1), atol=1e-5)
     tail = M.embed_audio(net, codec, wav[:, : M.CROP_SAMPLES + 5000])  # a partial last chunk
     assert tail.shape[1] == M.num_frames(M.CROP_SAMPLES + 5000)
+
+
+# ---------------------------------------------------------------- training [3.1]
+import json
+import os
+import subprocess
+import sys
+
+import train
+
+TINY_RUN = ["--config", "tiny", "--encodec", "random", "--batch_size", "4", "--workers", "0",
+            "--val_files", "2", "--gamma", "uniform", "--log_every", "1", "--val_every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory, codec):
+    """Ten short demo files and their codec cache, shared by the training tests."""
+    from data import build_cache, write_demo_dataset
+    root = tmp_path_factory.mktemp("demo")
+    paths = write_demo_dataset(str(root / "audio"), n_files=10, seed=0, seconds=(4.0, 6.0))
+    build_cache(codec, paths, str(root / "cache"))
+    return str(root / "audio"), str(root / "cache")
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_command_line_takes_every_config_field_and_refuses_unknown_ones():
+    """[3.1] --field=value for any TrainConfig/ModelConfig field; typos are errors, not ignored."""
+    cfg, mcfg = train.parse_args(["--config", "small", "--M_prop=0.3", "--steps", "7", "--data", "a", "b",
+                                  "--resume", "--betas", "0.8,0.9"])
+    assert (mcfg.n_enc_layers, mcfg.M_prop, cfg.steps, cfg.data, cfg.resume, cfg.betas) == \
+        (5, 0.3, 7, ("a", "b"), True, (0.8, 0.9))
+    with pytest.raises(SystemExit, match="unknown option --M_porp"):
+        train.parse_args(["--M_porp=0.3"])
+    with pytest.raises(SystemExit, match="not divisible"):
+        train.derived(train.TrainConfig(batch_size=10, grad_accum=3), world=1)
+
+
+def test_a_killed_run_resumes_bit_for_bit(demo_cache, tmp_path):
+    """[3.1] stop after step 2, resume to step 4: the same losses as a run that never stopped."""
+    audio, cache = demo_cache
+    common = TINY_RUN + ["--data", audio, "--cache", cache, "--ckpt_every", "2"]
+    train.main(common + ["--out", str(tmp_path / "straight"), "--steps", "4"])
+    train.main(common + ["--out", str(tmp_path / "killed"), "--steps", "2"])
+    (tmp_path / "killed" / "ckpt-00000003.pt.tmp").write_bytes(b"half a checkpoint")  # died mid-save
+    train.main(common + ["--out", str(tmp_path / "killed"), "--steps", "4", "--resume"])
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert straight == resumed and sorted(resumed) == [1, 2, 3, 4]
+
+
+def test_checkpoint_round_trips_the_model(demo_cache, tmp_path):
+    """[3.1] a checkpoint holds config, gamma_q and weights; loading it is strict and exact."""
+    audio, cache = demo_cache
+    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "1"])
+    net, cfg, source = M.load_checkpoint_model(str(tmp_path / "ckpt-00000001.pt"))
+    ckpt = torch.load(tmp_path / "ckpt-00000001.pt", weights_only=True)
+    assert source == "random" and cfg == M.config_from_dict(ckpt["config"]) and ckpt["step"] == 1
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in net.state_dict().items())
+    assert ckpt["gamma_q"] == [0.125] * 8 and "optimizer" in ckpt
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(demo_cache, tmp_path):
+    """[3.1] a non-finite loss stops the run with a clear message; saved checkpoints stay valid."""
+    audio, cache = demo_cache
+    with pytest.raises(SystemExit, match="loss is (nan|inf)"):
+        train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "20",
+                               "--ckpt_every", "1", "--lr", "1e30"])
+    for path in tmp_path.glob("ckpt-*.pt"):
+        M.load_checkpoint_model(str(path))
+
+
+def test_two_gloo_processes_match_one_process_on_the_full_batch(demo_cache, tmp_path):
+    """[3.1] DDP over 2 CPU processes: the same losses as one process with the whole batch."""
+    audio, cache = demo_cache
+    args = TINY_RUN + ["--data", audio, "--cache", cache, "--steps", "2", "--ckpt_every", "100"]
+    train.main(args + ["--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    "train.py", *args, "--out", str(tmp_path / "two")], check=True, env=env,
+                   cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2}
+    assert all(abs(one[s] - two[s]) < 1e-4 for s in one), (one, two)
+
+
+def test_tiny_model_learns_on_demo_data(demo_cache, tmp_path):
+    """[2.3] on demo audio the loss falls and masked accuracy rises far above chance (1/1024)."""
+    audio, cache = demo_cache
+    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "30",
+                           "--lr", "2e-3", "--batch_size", "8", "--log_every", "10"])
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    assert max(records[-1]["masked_acc"]) > 0.02, records[-1]["masked_acc"]

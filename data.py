@@ -1,0 +1,541 @@
+"""Data for EnCodecMAE [3.1]: audio -> mono 24 kHz -> random 4-s crops; demo audio; a codec cache.
+
+`python data.py cache --data DIR [DIR ...] --out CACHE --encodec pretrained` runs the frozen codec
+once per file and stores its 128-d frames (fp16) and 8 RVQ codes (int16) as memory-mappable .npy.
+Reads whatever libsndfile reads (wav, flac, ogg, mp3); `--data demo` writes and reads the
+synthetic demo set (notes, chords, noise bursts, chirps, vowels). Masks: bool, True = padded.
+"""
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, num_frames
+
+AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+MIN_RATE, MAX_RATE = 1000, 384000  # outside this range a header is broken, not exotic
+
+
+# ---------------------------------------------------------------- reading audio [3.1]
+class AudioError(Exception):
+    """A file that cannot be training audio; the message names the file and what is wrong."""
+
+
+def resampled_length(n_src, rate):
+    """Samples at 24 kHz for n_src samples at `rate`: an exact integer ceil, never float rounding."""
+    return -(-n_src * SAMPLE_RATE // rate)
+
+
+def read_header(path):
+    """(sample rate, samples) from the header; unreadable, empty or absurd-rate files -> AudioError."""
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, OSError) as err:
+        raise AudioError(f"{path}: unreadable audio ({err})") from err
+    if not MIN_RATE <= info.samplerate <= MAX_RATE:
+        raise AudioError(f"{path}: absurd sample rate {info.samplerate} Hz")
+    if info.frames <= 0:
+        raise AudioError(f"{path}: empty file (zero samples)")
+    return info.samplerate, info.frames
+
+
+def probe_audio(path):
+    """Length in 24-kHz samples from the header alone (cheap), or AudioError."""
+    rate, n_src = read_header(path)
+    return resampled_length(n_src, rate)
+
+
+def source_span(start, stop, rate, n_src):
+    """Source samples [s0, s1) covering 24-kHz samples [start, stop), and start's offset in them."""
+    g = math.gcd(rate, SAMPLE_RATE)
+    o, q = rate // g, SAMPLE_RATE // g  # o source samples <-> q output samples
+    # Segments start on a multiple of o, so the polyphase filter keeps its phase, with margins
+    # wider than torchaudio's sinc filter and than an mp3 decoder's warm-up after a seek (2304
+    # samples): the crop then equals that part of the whole file, read and resampled.
+    m = math.ceil((6 * o / (0.99 * min(o, q)) + 2 + 2304) / o)
+    p0 = max(0, start // q - m)
+    return p0 * o, min(n_src, (stop // q + 1 + m) * o), start - p0 * q
+
+
+def resample_24k(x, rate):
+    """(n,) at `rate` -> (resampled_length(n, rate),) at 24 kHz with torchaudio's sinc resampler."""
+    import torchaudio.functional as AF  # lazy: torchaudio is heavy and only needed off 24 kHz
+    g = math.gcd(rate, SAMPLE_RATE)
+    # Trailing zeros change nothing (torchaudio pads with zeros) and leave room to cut the exact length.
+    pad = rate // g * math.ceil(64 / (SAMPLE_RATE // g))
+    return AF.resample(F.pad(x, (0, pad)), rate, SAMPLE_RATE)[: resampled_length(len(x), rate)]
+
+
+def read_audio(path, start=0, frames=None):
+    """Samples [start, start + frames) of a file (24-kHz units) as mono float32 at 24 kHz -> (n,)."""
+    rate, n_src = read_header(path)
+    n = resampled_length(n_src, rate)
+    stop = n if frames is None else min(n, start + frames)
+    s0, s1, offset = source_span(start, stop, rate, n_src)
+    try:
+        x, _ = sf.read(str(path), start=s0, stop=s1, dtype="float32", always_2d=True)  # (n_read, C)
+    except (RuntimeError, OSError) as err:
+        raise AudioError(f"{path}: unreadable audio ({err})") from err
+    if not np.isfinite(x).all():
+        raise AudioError(f"{path}: NaN or inf samples")
+    wav = torch.from_numpy(x.mean(axis=1))  # downmix to mono (n_read,)
+    if rate != SAMPLE_RATE:
+        wav = resample_24k(wav, rate)
+    return wav[offset: offset + stop - start]  # (stop - start,) unless the header overstates the length
+
+
+def list_audio(sources, demo_dir="demo_audio"):
+    """Audio paths from directories (recursive, sorted) and .txt lists; "demo" is the synthetic set."""
+    paths = []
+    for src in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+        src = str(src)
+        if src == "demo":
+            paths += write_demo_dataset(demo_dir)
+        elif os.path.isdir(src):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(src)
+                           for name in names if name.lower().endswith(AUDIO_EXTS))
+            if not found:
+                raise ValueError(f"data source {src!r}: no audio files ({', '.join(AUDIO_EXTS)})")
+            paths += found
+        elif os.path.isfile(src) and src.endswith(".txt"):
+            with open(src) as f:  # one path per line; relative paths are relative to the list
+                lines = [line.strip() for line in f]
+            paths += [os.path.join(os.path.dirname(src), line) for line in lines
+                      if line and not line.startswith("#")]
+        else:
+            raise FileNotFoundError(f"data source {src!r} is neither a directory nor a .txt list")
+    return paths
+
+
+# ---------------------------------------------------------------- synthetic demo audio
+KINDS = ("note", "chord", "noise_burst", "chirp", "formant")
+VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (570, 840, 2410))
+
+
+def envelope(n, rng):
+    """An ADSR envelope (n,) for one event: attack, decay to a sustain level, release."""
+    dur = n / SAMPLE_RATE
+    on = rng.uniform(0, 0.1) * dur
+    length = rng.uniform(0.7, 1.0) * (dur - on)
+    a, d, r = length * rng.uniform([0.01, 0.05, 0.1], [0.1, 0.3, 0.4])  # attack, decay, release
+    knots = on + np.array([0, a, a + d, max(a + d, length - r), length])
+    s = rng.uniform(0.3, 0.9)
+    return np.interp(np.arange(n) / SAMPLE_RATE, knots, [0, 1, s, s, 0], left=0, right=0)
+
+
+def harmonic(f0, n, rng, amps=None):
+    """A harmonic tone (n,) with slight vibrato: partials k * f0 below 11 kHz, amplitudes k**-tilt."""
+    k = np.arange(1, max(2, int(11000 / f0)))[:, None]  # (H, 1)
+    amps = k ** -rng.uniform(0.8, 2.0) if amps is None else amps(k * f0) / k
+    # One period in a wavetable, read at the tone's phase: cost O(n) whatever the number of partials.
+    spectrum = np.zeros(2049, complex)
+    spectrum[k[:, 0]] = -2048j * amps[:, 0] * np.exp(2j * np.pi * rng.uniform(size=len(k)))
+    table = np.fft.irfft(spectrum, 4096)  # sum_k amps_k sin(2 pi k j / 4096 + phase_k)
+    grid, table = np.arange(4097) / 4096, np.append(table, table[0])  # (4097,) closed period
+    t, rate = np.arange(n) / SAMPLE_RATE, rng.uniform(4, 7)
+    cycles = f0 * (t + 0.003 * (1 - np.cos(2 * np.pi * rate * t)) / (2 * np.pi * rate))  # (n,)
+    return np.interp(cycles % 1.0, grid, table)
+
+
+def synth_clip(kind, seconds, seed, pitch=None):
+    """One deterministic synthetic clip (n,) at 24 kHz, peak 0.5; `kind` (and `pitch`) is its label."""
+    rng = np.random.default_rng(seed)
+    n = round(seconds * SAMPLE_RATE)
+    f0 = 440.0 * 2 ** (((rng.integers(40, 85) if pitch is None else pitch) - 69) / 12)  # MIDI -> Hz
+    t = np.arange(n) / SAMPLE_RATE
+    if kind == "note":
+        x = harmonic(f0, n, rng) * envelope(n, rng)
+    elif kind == "chord":
+        third = rng.choice([3, 4])  # minor or major triad, plus the octave
+        x = sum(harmonic(f0 * 2 ** (s / 12), n, rng) for s in (0, third, 7, 12)) * envelope(n, rng)
+    elif kind == "noise_burst":  # band-passed noise around 4 f0 with sharp attacks and decays
+        spec = np.fft.rfft(rng.standard_normal(n))
+        freqs = np.fft.rfftfreq(n, 1 / SAMPLE_RATE) + 1.0
+        band = np.exp(-0.5 * (np.log(freqs / (4 * f0)) / rng.uniform(0.2, 1.0)) ** 2)  # (n // 2 + 1,)
+        x = np.fft.irfft(spec * band, n)
+        onsets = np.sort(rng.uniform(0, seconds * 0.8, rng.integers(1, 5)))[:, None]  # (bursts, 1)
+        x = x * (np.exp(-(t - onsets) / rng.uniform(0.05, 0.5)) * (t >= onsets)).sum(0)
+    elif kind == "chirp":  # a glide over +-1..3 octaves with two harmonics
+        octaves = rng.uniform(1, 3) * rng.choice([-1, 1])
+        cycles = np.cumsum(f0 * 2 ** (octaves * t / seconds)) / SAMPLE_RATE
+        x = (np.sin(2 * np.pi * cycles) + 0.3 * np.sin(4 * np.pi * cycles)) * envelope(n, rng)
+    elif kind == "formant":  # a vowel: a glottal pulse train shaped by three formant resonances
+        formants = np.array(VOWELS[rng.integers(len(VOWELS))])[:, None, None]  # (3, 1, 1)
+        x = harmonic(f0 / 2, n, rng, amps=lambda f: (1 / (1 + ((f - formants) / 80.0) ** 2)).sum(0))
+        x = x * envelope(n, rng)
+    else:
+        raise ValueError(f"unknown synthetic kind {kind!r}; choose from {KINDS}")
+    x = x + 1e-3 * np.abs(x).max() * rng.standard_normal(n)  # a faint noise floor, as in recordings
+    return torch.from_numpy(0.5 * x / max(np.abs(x).max(), 1e-9)).float()  # (n,)
+
+
+def demo_clips(n, seconds=4.0, seed=0):
+    """n varied synthetic clips (n, samples), cycling through KINDS with random pitches."""
+    return torch.stack([synth_clip(KINDS[i % len(KINDS)], seconds, [seed, i]) for i in range(n)])
+
+
+def write_demo_dataset(out_dir, n_files=64, seed=0, seconds=(1.5, 12.0)):
+    """Write the demo set as 16-bit wavs of varied lengths (kind and pitch in the name) -> paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in range(n_files):  # file i depends on (seed, i) only, so a bigger set extends a smaller one
+        kind, rng = KINDS[i % len(KINDS)], np.random.default_rng([seed, i, 1])
+        seconds_i, pitch = rng.uniform(*seconds), int(rng.integers(40, 85))
+        name = f"s{seed}_{i:04d}_{kind}_p{pitch}_{round(seconds_i * 1000)}ms.wav"
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):  # deterministic, so a finished file is already right
+            wav = synth_clip(kind, seconds_i, [seed, i], pitch=pitch).numpy()
+            sf.write(path + ".tmp", wav, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+            os.replace(path + ".tmp", path)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- datasets of 4-s crops [3.1]
+class Crop(NamedTuple):
+    wav: torch.Tensor      # (CROP_SAMPLES,) float32, zeros where padded
+    padding: torch.Tensor  # (T,) bool, True = padded frame
+    extra: torch.Tensor    # (T,) int64 k-means targets, -1 where absent or padded
+
+
+class CachedCrop(NamedTuple):
+    feats: torch.Tensor    # (T, 128) float32 codec frames, zeros where padded
+    codes: torch.Tensor    # (T, Q) int64 codec targets, 0 where padded
+    padding: torch.Tensor  # (T,) bool, True = padded frame
+    extra: torch.Tensor    # (T,) int64 k-means targets, -1 where absent or padded
+
+
+def scan_audio(paths):
+    """Read every header; bad files get one warning each -> (paths kept, lengths, [(path, reason)])."""
+    kept, lengths, skipped = [], [], []
+    for path in paths:
+        try:
+            lengths.append(probe_audio(path))
+            kept.append(path)
+        except AudioError as err:
+            skipped.append((path, str(err)))
+            warnings.warn(f"skipping {err}", stacklevel=2)
+    return kept, np.array(lengths, dtype=np.int64), skipped
+
+
+def load_frame_store(store_dir, paths):
+    """The k-means target file of each path: STORE/index.json maps audio paths to {"npy", "frames"}."""
+    with open(os.path.join(store_dir, "index.json")) as f:
+        index = {os.path.abspath(p): e["npy"] for p, e in json.load(f).items()}
+    missing = [p for p in paths if os.path.abspath(p) not in index]
+    if missing:
+        raise KeyError(f"{len(missing)} files have no k-means targets in {store_dir}, e.g. {missing[0]}")
+    return [os.path.join(store_dir, index[os.path.abspath(p)]) for p in paths]
+
+
+def cut_frames(array, start, T, fill, dtype):
+    """Rows [start, start + T) of a (memory-mapped) array, padded with `fill` past its end -> tensor.
+
+    Done in numpy: small torch ops in a busy main process can stall on thread hand-offs.
+    """
+    out = np.full((T,) + array.shape[1:], fill, dtype)
+    part = array[start: start + T]
+    out[: len(part)] = part
+    return torch.from_numpy(out)
+
+
+def frame_labels(npy, start, T, n_frames):
+    """Frames [start, start + T) of a file's k-means labels, -1 past its end -> (T,) int64."""
+    labels = np.load(npy, mmap_mode="r")
+    assert labels.shape == (n_frames,), f"{npy}: {labels.shape[0]} labels for {n_frames} frames"
+    return cut_frames(labels, start, T, -1, np.int64)
+
+
+class Visits(Dataset):
+    """Items over files: a file counts ceil(length / crop) times, so long audio is seen more [3.1].
+
+    The crop of an item depends on (seed, epoch, index) only: call set_epoch(e) every epoch
+    (DataLoader workers copy the dataset at each epoch unless persistent_workers=True).
+    """
+
+    def __init__(self, lengths, crop, seed):
+        self.file_of_item = np.repeat(np.arange(len(lengths)), -(-np.asarray(lengths) // crop))
+        self.lengths, self.crop, self.seed, self.epoch = lengths, crop, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.file_of_item)
+
+    def crop_start(self, item, step):
+        """A random start on a multiple of `step` with the crop inside the file (0 if shorter)."""
+        room = max(0, int(self.lengths[self.file_of_item[item]]) - self.crop) // step
+        return step * int(np.random.default_rng([self.seed, self.epoch, item]).integers(room + 1))
+
+
+class CropDataset(Visits):
+    """Random 4-s crops of raw audio files -> Crop(wav, padding, extra)."""
+
+    def __init__(self, paths, crop_samples=CROP_SAMPLES, seed=0, extra_store=None):
+        assert crop_samples % HOP == 0, "crops must be whole codec frames"
+        self.paths, lengths, self.skipped = scan_audio(paths)
+        if not self.paths:
+            raise ValueError(f"no readable audio among {len(paths)} files")
+        super().__init__(lengths, crop_samples, seed)
+        self.store = None if extra_store is None else load_frame_store(extra_store, self.paths)
+        self.failed = {}  # path -> reason: files that passed the scan but broke when read (this process)
+
+    n_skipped = property(lambda self: len(self.skipped))
+
+    def __getitem__(self, index):
+        """The crop for `index`; if its file breaks at read time, the next item whose file reads."""
+        for k in range(len(self)):
+            item = (index + k) % len(self)
+            path = self.paths[self.file_of_item[item]]
+            if path not in self.failed:
+                try:
+                    return self.read_crop(item)
+                except AudioError as err:
+                    self.failed[path] = str(err)
+                    warnings.warn(f"{err}; using another item ({len(self.failed)} files failed so far)")
+        raise AudioError("no file of the dataset could be read")
+
+    def read_crop(self, item):
+        f, T = self.file_of_item[item], num_frames(self.crop)
+        # Deviation: crops start on a codec hop (13 ms grid), not any sample, so frame-level
+        # stores (k-means targets, the cache) line up with them.
+        start = self.crop_start(item, HOP)
+        wav = read_audio(self.paths[f], start, self.crop)  # (n_valid,)
+        padding = torch.arange(T) >= num_frames(len(wav))  # (T,) a partly filled frame is real
+        extra = torch.full((T,), -1, dtype=torch.int64)
+        if self.store is not None:
+            extra = frame_labels(self.store[f], start // HOP, T, num_frames(int(self.lengths[f])))
+        wav = cut_frames(wav.numpy(), 0, self.crop, 0, np.float32)  # (CROP_SAMPLES,) zero-padded
+        return Crop(wav, padding, extra.masked_fill(padding, -1))
+
+
+class MixedDataset(Dataset):
+    """Several datasets as one; with weights, dataset i fills the share w_i / sum(w) of an epoch."""
+
+    def __init__(self, datasets, weights=None, seed=0):
+        assert weights is None or len(weights) == len(datasets), "one weight per dataset"
+        self.datasets, self.weights, self.seed = list(datasets), weights, seed
+        self.set_epoch(0)
+
+    n_skipped = property(lambda self: sum(d.n_skipped for d in self.datasets))
+
+    def set_epoch(self, epoch):
+        """Pass the epoch on and redraw which items of each dataset fill its share."""
+        sizes = [len(d) for d in self.datasets]
+        counts = sizes if self.weights is None else [
+            round(sum(sizes) * w / sum(self.weights)) for w in self.weights]
+        rng = np.random.default_rng([self.seed, epoch])
+        self.which = np.repeat(np.arange(len(sizes)), counts)
+        inner = []
+        for size, count in zip(sizes, counts):  # whole passes, then a random part of one more
+            inner += [np.arange(size)] * (count // size) + [rng.permutation(size)[: count % size]]
+        self.inner = np.concatenate(inner)
+        for d in self.datasets:
+            d.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.which)
+
+    def __getitem__(self, index):
+        return self.datasets[self.which[index]][int(self.inner[index])]
+
+
+def mix_datasets(datasets, weights=None, seed=0):
+    """Mix datasets (the paper mixes AudioSet, FMA and LibriLight [3.1]), optionally weighted."""
+    return MixedDataset(datasets, weights, seed)
+
+
+def split_holdout(paths, n_or_fraction, seed=0):
+    """A fixed validation subset: n files (int) or a fraction (float) -> (train_paths, valid_paths)."""
+    n = round(len(paths) * n_or_fraction) if isinstance(n_or_fraction, float) else int(n_or_fraction)
+    if not 0 < n < len(paths):
+        raise ValueError(f"hold-out {n_or_fraction} of {len(paths)} files leaves a side empty")
+    valid = set(np.random.default_rng(seed).permutation(len(paths))[:n].tolist())
+    return ([p for i, p in enumerate(paths) if i not in valid],
+            [p for i, p in enumerate(paths) if i in valid])
+
+
+# ---------------------------------------------------------------- the frozen-codec feature cache
+def read_manifest(cache_dir):
+    """Finished files {abs audio path: {"path", "id", "samples", "frames"}} from CACHE/manifest.jsonl.
+
+    A line is appended only after both .npy files are complete, so a file missing here is redone;
+    a line torn by a crash is not valid JSON and is dropped.
+    """
+    entries, path = {}, os.path.join(cache_dir, "manifest.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    entries[entry["path"]] = entry
+                except json.JSONDecodeError:
+                    pass
+    return entries
+
+
+def write_atomic(path, write):
+    """Write through a temporary name, then os.replace: the final name never holds half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def open_cache(cache_dir, codec):
+    """Create or resume a cache: check its codec, drop temporaries and torn lines -> finished entries."""
+    os.makedirs(cache_dir, exist_ok=True)
+    meta_path = os.path.join(cache_dir, "cache.json")
+    meta = {"codec": codec.source, "sample_rate": SAMPLE_RATE, "hop": HOP}
+    if not os.path.exists(meta_path):
+        write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+    with open(meta_path) as f:
+        if json.load(f) != meta:
+            raise ValueError(f"{cache_dir} was built with another codec ({meta_path}): use a new --out")
+    for name in os.listdir(cache_dir):
+        if ".tmp" in name:  # left by a killed run
+            os.remove(os.path.join(cache_dir, name))
+    done = read_manifest(cache_dir)
+    lines = "".join(json.dumps(e) + "\n" for e in done.values()).encode()
+    write_atomic(os.path.join(cache_dir, "manifest.jsonl"), lambda f: f.write(lines))
+    return done
+
+
+@torch.no_grad()
+def encode(codec, wav, chunk_samples):
+    """Codec frames and codes of (B, n) audio, chunk by chunk -> (B, T, 128) fp16, (B, T, Q) int16."""
+    device = next(codec.parameters()).device
+    outs = [codec(chunk.to(device)) for chunk in wav.split(chunk_samples, dim=1)]
+    feats, codes = torch.cat([o[0] for o in outs], 1).cpu(), torch.cat([o[1] for o in outs], 1).cpu()
+    assert feats.shape[1] == codes.shape[1] == num_frames(wav.shape[1]), "codec frame count mismatch"
+    assert feats.abs().max() < 6e4, "codec frames overflow fp16"
+    assert 0 <= codes.min() and codes.max() < 2 ** 15, "codes do not fit int16"
+    return feats.half().numpy(), codes.short().numpy()
+
+
+def store_entry(cache_dir, path, n_samples, feats, codes):
+    """Write one file's arrays, then commit it with a manifest line (the arrays are complete by then)."""
+    key = os.path.abspath(path)
+    entry = {"path": key, "id": hashlib.sha1(key.encode()).hexdigest()[:16], "samples": n_samples,
+             "frames": len(feats)}
+    base = os.path.join(cache_dir, entry["id"])
+    write_atomic(base + ".feats.npy", lambda f: np.save(f, feats))  # (T, 128) fp16
+    write_atomic(base + ".codes.npy", lambda f: np.save(f, codes))  # (T, Q) int16
+    with open(os.path.join(cache_dir, "manifest.jsonl"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return entry
+
+
+def read_group(paths, skipped):
+    """[(path, wav)] for the files that read; the others are warned about and added to `skipped`."""
+    wavs = []
+    for path in paths:
+        try:
+            wavs.append((path, read_audio(path)))
+        except AudioError as err:
+            skipped.append((path, str(err)))
+            warnings.warn(f"skipping {err}")
+    return wavs
+
+
+def build_cache(codec, paths, cache_dir, batch_seconds=240.0, chunk_seconds=60.0, log_every=30.0):
+    """Run the frozen codec once per file; store feats (T, 128) fp16 and codes (T, Q) int16 [3.1].
+
+    Deviation: the paper encodes each 4-s crop; a cached crop instead sees the causal encoder's
+    state from the whole file (or chunk_seconds chunk) at its start (README: cache vs on the fly).
+    Resumable: files in the manifest are skipped. Only files of equal length share a batch, so
+    no padding changes a frame. Returns (number of cached files, [(path, reason)] skipped).
+    """
+    done = open_cache(cache_dir, codec)
+    todo, lengths, skipped = scan_audio([p for p in paths if os.path.abspath(p) not in done])
+    chunk = HOP * max(1, round(chunk_seconds * SAMPLE_RATE / HOP))  # whole frames per chunk
+    hours = lengths.sum() / SAMPLE_RATE / 3600
+    print(f"cache: {len(done)} files done, {len(todo)} to encode ({hours:.2f} h), {len(skipped)} skipped;"
+          f" codec {codec.source} -> {cache_dir}", flush=True)
+    t0, last, n_new = time.time(), time.time(), 0
+    for n, same in itertools.groupby(sorted(zip(lengths.tolist(), todo)), key=lambda x: x[0]):
+        same, per = [p for _, p in same], max(1, int(batch_seconds * SAMPLE_RATE) // n)
+        for group in (same[i: i + per] for i in range(0, len(same), per)):  # equal lengths: no padding
+            wavs = read_group(group, skipped)
+            if wavs:
+                wav = torch.stack([w for _, w in wavs])  # (B, n)
+                feats, codes = encode(codec, wav, chunk)  # (B, T, 128), (B, T, Q)
+                for (path, wav), f, c in zip(wavs, feats, codes):
+                    done[os.path.abspath(path)] = store_entry(cache_dir, path, len(wav), f, c)
+                n_new += len(wavs)
+            if time.time() - last > log_every:
+                last = time.time()
+                print(f"cache: {n_new}/{len(todo)} files in {last - t0:.0f} s", flush=True)
+    print(f"cache: {len(done)} files cached ({n_new} new) in {time.time() - t0:.0f} s, "
+          f"{len(skipped)} skipped", flush=True)
+    return len(done), skipped
+
+
+class CachedCropDataset(Visits):
+    """Random 4-s crops read at frame level from the cache (memory-mapped) -> CachedCrop."""
+
+    def __init__(self, cache_dir, crop_frames=CROP_FRAMES, seed=0, extra_store=None, paths=None):
+        done = read_manifest(cache_dir)
+        keys = sorted(done) if paths is None else [os.path.abspath(p) for p in paths]
+        missing = [k for k in keys if k not in done]
+        if missing or not keys:
+            raise ValueError(f"{cache_dir}: {len(missing)} of {len(keys)} files are not cached "
+                             f"(run `python data.py cache`), e.g. {missing[:1]}")
+        self.dir, self.entries = cache_dir, [done[k] for k in keys]
+        frames = np.array([e["frames"] for e in self.entries], dtype=np.int64)
+        super().__init__(frames, crop_frames, seed)
+        self.store = None if extra_store is None else load_frame_store(extra_store, keys)
+
+    n_skipped = 0  # bad files were skipped, with warnings, when the cache was built
+
+    def __getitem__(self, item):
+        f, T = self.file_of_item[item], self.crop
+        start, n = self.crop_start(item, 1), int(self.lengths[f])
+        base = os.path.join(self.dir, self.entries[f]["id"])
+        feats = np.load(base + ".feats.npy", mmap_mode="r")  # (n, 128) fp16, nothing read yet
+        codes = np.load(base + ".codes.npy", mmap_mode="r")  # (n, Q) int16
+        assert len(feats) == len(codes) == n, f"{base}: cached arrays do not match the manifest"
+        padding = torch.arange(T) >= n - start  # (T,)
+        extra = torch.full((T,), -1, dtype=torch.int64)
+        if self.store is not None:
+            extra = frame_labels(self.store[f], start, T, n)
+        return CachedCrop(cut_frames(feats, start, T, 0, np.float32),  # (T, 128)
+                          cut_frames(codes, start, T, 0, np.int64), padding, extra)  # (T, Q)
+
+
+# ---------------------------------------------------------------- command line
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cache = sub.add_parser("cache", help="run the frozen codec once over a dataset (resumable)")
+    cache.add_argument("--data", nargs="+", required=True, help="folders, .txt lists, or demo")
+    cache.add_argument("--out", required=True, help="cache folder")
+    cache.add_argument("--encodec", default="pretrained", help="pretrained | random | checkpoint path")
+    cache.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cache.add_argument("--batch-seconds", type=float, default=240.0, help="audio per codec batch")
+    cache.add_argument("--chunk-seconds", type=float, default=60.0, help="longer files go in chunks")
+    args = parser.parse_args(argv)
+    from model import load_codec
+    codec = load_codec(args.encodec).to(args.device)
+    paths = list_audio(args.data, demo_dir=os.path.join(args.out, "demo_audio"))
+    build_cache(codec, paths, args.out, args.batch_seconds, args.chunk_seconds)
+
+
+if __name__ == "__main__":
+    main()
