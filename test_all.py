@@ -1,18 +1,32 @@
-"""The paper's claims as tests: masking, loss, codec targets, training, k-means, evaluation.
+"""The paper's claims as tests: masking, loss, codec targets, data, training, k-means, evaluation.
 
 Run: python -m pytest -q test_all.py   (CPU, a few minutes, no downloads: the seeded random
 codec stands in for EnCodec's pretrained weights, and clips are short).
 """
-import math
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+import data as D
+import kmeans
 import model as M
-from model import EnCodecMAE, gap_mask, gather_visible, make_config, restore_sequence
+import train
+from data import CachedCropDataset, CropDataset, build_cache, read_audio, synth_clip
+from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, EnCodecMAE, gap_mask, gather_visible,
+                   make_config, num_frames, restore_sequence)
 
-torch.set_num_threads(2)
+# One thread: small tensors gain nothing from a second one, and on a busy 2-core machine two
+# OpenMP threads were measured 30x slower (0.07 s -> 2.2 s per tiny training step).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -244,12 +258,12 @@ def test_tiny_model_overfits_one_batch(codec):
     """[2.3] on one fixed batch and mask, masked top-1 accuracy climbs far above chance (1/1024)."""
     from data import demo_clips
     torch.manual_seed(0)
-    feats, codes = codec(demo_clips(4, seconds=2.0, seed=31))
-    mask = gap_mask(torch.full((4,), 150), 150, 0.5, 15, torch.Generator().manual_seed(0))
+    feats, codes = codec(demo_clips(2, seconds=2.0, seed=31))
+    mask = gap_mask(torch.full((2,), 150), 150, 0.5, 15, torch.Generator().manual_seed(0))
     net = EnCodecMAE(make_config("tiny"))
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     first = net(feats, codes, mask)
-    for _ in range(40):
+    for _ in range(25):
         out = net(feats, codes, mask)
         opt.zero_grad()
         out.loss.backward()
@@ -271,14 +285,303 @@ def test_chunked_features_equal_the_concatenated_halves(codec):
     assert tail.shape[1] == M.num_frames(M.CROP_SAMPLES + 5000)
 
 
+# ---------------------------------------------------------------- data: reading audio, crops, the cache [3.1]
+class StandInCodec(torch.nn.Module):
+    """A tiny causal stand-in for EnCodec with its forward: (B, n) -> (B, T, 128), (B, T, 8)."""
+    n_q, dim, source = 8, 128, "stand-in"
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.nn.Parameter(torch.randn(HOP, 128, generator=g) / HOP ** 0.5)
+        self.books = torch.nn.Parameter(torch.randn(128, 8 * 1024, generator=g))
+
+    @torch.no_grad()
+    def forward(self, wav):
+        B, n = wav.shape
+        T = num_frames(n)
+        frames = F.pad(wav, (0, T * HOP - n)).view(B, T, HOP)
+        feats = torch.tanh(frames @ self.proj * 10)  # (B, T, 128)
+        feats = feats + feats.cumsum(1) / torch.arange(1, T + 1)[:, None]  # causal context (LSTM)
+        return feats, (feats @ self.books).view(B, T, 8, 1024).argmax(-1)  # (B, T, 128), (B, T, 8)
+
+
+def tone(seconds, rate=SAMPLE_RATE, freq=440.0, channels=1):
+    t = np.arange(round(seconds * rate)) / rate
+    x = 0.5 * np.sin(2 * np.pi * freq * t)
+    return np.stack([x * (c + 1) / channels for c in range(channels)], 1) if channels > 1 else x
+
+
+def write(tmp_path, name, x, rate=SAMPLE_RATE, subtype=None):
+    path = str(tmp_path / name)
+    sf.write(path, x, rate, subtype=subtype)
+    return path
+
+
+
+def test_read_audio_handles_mono_stereo_8bit_and_float(tmp_path):
+    """[3.1] every format becomes mono float32 at 24 kHz; stereo is the mean of its channels."""
+    mono = D.read_audio(write(tmp_path, "mono.wav", tone(1.0)))
+    stereo = D.read_audio(write(tmp_path, "stereo.flac", tone(1.0, channels=2)))
+    u8 = D.read_audio(write(tmp_path, "u8.wav", tone(1.0), subtype="PCM_U8"))
+    flt = D.read_audio(write(tmp_path, "float.wav", tone(1.0), subtype="FLOAT"))
+    assert all(x.dtype == torch.float32 and x.shape == (24000,) for x in (mono, stereo, u8, flt))
+    expected = 0.75 * torch.from_numpy(tone(1.0)).float()  # (0.5 x + 1.0 x) / 2
+    assert torch.allclose(stereo, expected, atol=1e-3)
+    assert torch.allclose(u8, flt, atol=1 / 64) and torch.allclose(mono, flt, atol=1e-4)
+
+
+def test_other_sample_rates_are_resampled_to_24k_keeping_duration_and_pitch(tmp_path):
+    """[3.1] 16 kHz and 44.1 kHz files come out at 24 kHz with the same duration and frequency."""
+    for rate in (16000, 44100):
+        wav = D.read_audio(write(tmp_path, f"r{rate}.wav", tone(2.5, rate, freq=1000.0), rate, "FLOAT"))
+        assert wav.shape == (60000,)
+        spectrum = torch.fft.rfft(wav).abs()
+        assert abs(spectrum.argmax().item() * SAMPLE_RATE / len(wav) - 1000) < 1
+
+
+def test_partial_reads_equal_slices_of_the_whole_file(tmp_path):
+    """[3.1] reading only a crop (wav at 3 rates, mp3) equals reading the file and slicing it."""
+    rng = np.random.default_rng(0)
+    for rate, name in ((24000, "a.wav"), (44100, "b.wav"), (16000, "c.wav"), (24000, "d.mp3")):
+        subtype = None if name.endswith("mp3") else "FLOAT"
+        path = write(tmp_path, name, 0.1 * rng.standard_normal(3 * rate), rate, subtype)
+        whole = D.read_audio(path)  # an mp3 decoder needs a warm-up after a seek: read_audio pre-rolls
+        for start in (0, 320, 20480, 70000):
+            part = D.read_audio(path, start, 1000)
+            assert torch.allclose(part, whole[start: start + 1000], atol=1e-6), (name, start)
+
+
+def test_bad_files_raise_audio_error_and_silence_is_valid(tmp_path):
+    """[3.1] corrupt, empty, zero-length, NaN and absurd-rate files fail loudly; silence is audio."""
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4000))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    nan = tone(1.0)
+    nan[100] = np.nan
+    bad = {"corrupt.wav": "unreadable", "empty.wav": "unreadable",
+           write(tmp_path, "zero.wav", np.zeros(0)): "empty",
+           write(tmp_path, "nan.wav", nan, subtype="FLOAT"): "NaN",
+           write(tmp_path, "slow.wav", tone(1.0, 100), 100): "absurd sample rate"}
+    for name, reason in bad.items():
+        with pytest.raises(D.AudioError, match=reason) as err:
+            D.read_audio(tmp_path / name)
+        assert os.path.basename(name) in str(err.value)  # the message names the file
+    assert D.read_audio(write(tmp_path, "silence.wav", np.zeros(8000))).abs().max() == 0
+
+
+def test_list_audio_walks_folders_and_reads_relative_file_lists(tmp_path):
+    """[3.1] datasets come from folders (recursive, sorted) and .txt lists relative to the list."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    paths = [write(tmp_path / "a", "2.wav", tone(0.1)), write(tmp_path / "a" / "b", "1.flac", tone(0.1))]
+    (tmp_path / "a" / "notes.txt").write_text("ignored")
+    assert D.list_audio(tmp_path / "a") == sorted(paths)
+    (tmp_path / "list.txt").write_text("# a comment\na/2.wav\n\n" + paths[1] + "\n")
+    assert D.list_audio([str(tmp_path / "list.txt")]) == [str(tmp_path / "a" / "2.wav"), paths[1]]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        D.list_audio([str(tmp_path / "missing")])
+
+
+# ---------------------------------------------------------------- crops [3.1]
+def test_short_clips_are_padded_with_a_frame_mask(tmp_path):
+    """[3.1] a clip shorter than 4 s is zero-padded and its padded frames are marked True."""
+    ds = D.CropDataset([write(tmp_path, "short.wav", tone(1.5))])
+    crop = ds[0]
+    assert len(ds) == 1 and crop.wav.shape == (CROP_SAMPLES,) and crop.padding.shape == (CROP_FRAMES,)
+    assert crop.wav[36000:].abs().max() == 0 and crop.wav[:36000].abs().max() > 0.4
+    assert crop.padding.sum() == CROP_FRAMES - num_frames(36000) and not crop.padding[:113].any()
+    assert (crop.extra == -1).all()
+
+
+def test_long_files_are_visited_in_proportion_to_length_at_hop_aligned_starts(tmp_path):
+    """[3.1] a 30-s file counts ceil(30 / 4) = 8 crops per epoch, each starting on a codec hop."""
+    ramp = np.arange(30 * SAMPLE_RATE) / 2 ** 20  # a sample's value encodes its index, exact in float32
+    ds = D.CropDataset([write(tmp_path, "long.wav", ramp, subtype="FLOAT"),
+                        write(tmp_path, "four.wav", tone(4.0))])
+    assert len(ds) == 9 and list(ds.file_of_item).count(0) == 8
+    starts = [round(ds[i].wav[0].item() * 2 ** 20) for i in range(8)]
+    assert all(s % HOP == 0 and s + CROP_SAMPLES <= len(ramp) for s in starts) and len(set(starts)) > 4
+    assert not ds[0].padding.any()
+    assert torch.allclose(ds[8].wav, torch.from_numpy(tone(4.0)).float(), atol=1e-4)
+
+
+def test_crops_are_deterministic_given_seed_epoch_and_index(tmp_path):
+    """[3.1] the same (seed, epoch, index) gives the same crop; a new epoch or seed gives new crops."""
+    paths = [write(tmp_path, "noise.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 20 * SAMPLE_RATE))]
+    a, b, c = D.CropDataset(paths, seed=1), D.CropDataset(paths, seed=1), D.CropDataset(paths, seed=2)
+    crops = lambda ds: torch.stack([ds[i].wav[:HOP] for i in range(len(ds))])  # noqa: E731
+    assert torch.equal(crops(a), crops(b)) and not torch.equal(crops(a), crops(c))
+    b.set_epoch(1)
+    assert not torch.equal(crops(a), crops(b))
+
+
+def test_bad_files_are_skipped_counted_and_never_crash_a_dataloader(tmp_path):
+    """[3.1] bad files get one warning each and a count; a file failing at read time is replaced."""
+    (tmp_path / "corrupt.wav").write_bytes(np.random.default_rng(0).bytes(4000))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    write(tmp_path, "zero.wav", np.zeros(0))
+    nan = tone(5.0)
+    nan[::1000] = np.inf  # passes the header scan, fails when read
+    write(tmp_path, "nan.wav", nan, subtype="FLOAT")
+    write(tmp_path, "good.wav", tone(6.0))
+    write(tmp_path, "silence.wav", np.zeros(SAMPLE_RATE))
+    with pytest.warns(UserWarning) as caught:
+        ds = D.CropDataset(D.list_audio(tmp_path))
+    assert ds.n_skipped == 3 and len(caught) == 3 and all("skipping" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match="NaN or inf"):
+        batches = list(DataLoader(ds, batch_size=2))
+    assert sum(len(b.wav) for b in batches) == len(ds) == 5  # nan 2 + good 2 + silence 1
+    assert all(torch.isfinite(b.wav).all() for b in batches) and len(ds.failed) == 1
+
+
+def test_default_collate_batches_crops_as_named_tuples(tmp_path):
+    """[3.1] torch's default collate keeps the Crop fields, batch-first."""
+    ds = D.CropDataset([write(tmp_path, "a.wav", tone(9.0))])
+    batch = next(iter(DataLoader(ds, batch_size=3)))
+    assert isinstance(batch, D.Crop) and batch.wav.shape == (3, CROP_SAMPLES)
+    assert batch.padding.shape == batch.extra.shape == (3, CROP_FRAMES)
+    assert batch.padding.dtype == torch.bool and batch.extra.dtype == torch.int64
+
+
+def test_kmeans_store_labels_line_up_with_crop_frames(tmp_path):
+    """[2.3] stored k-means targets are cut at the crop's frames; a frame-count mismatch fails."""
+    paths = [write(tmp_path, "a.wav", np.arange(10 * SAMPLE_RATE) / 2 ** 20, subtype="FLOAT"),
+             write(tmp_path, "b.wav", tone(2.0))]
+    store = tmp_path / "store"
+    store.mkdir()
+    for i, (path, T) in enumerate(zip(paths, (750, 150))):
+        np.save(store / f"{i}.npy", (np.arange(T) % 1024).astype(np.int16))
+    (store / "index.json").write_text(json.dumps({p: {"npy": f"{i}.npy", "frames": T}
+                                                  for i, (p, T) in enumerate(zip(paths, (750, 150)))}))
+    ds = D.CropDataset(paths, extra_store=str(store))
+    for i in range(len(ds)):
+        crop = ds[i]
+        first = round(crop.wav[0].item() * 2 ** 20) // HOP if i < 3 else 0
+        real = (~crop.padding).sum()
+        assert torch.equal(crop.extra[:real], torch.arange(first, first + real) % 1024)
+        assert (crop.extra[real:] == -1).all()
+    np.save(store / "1.npy", np.zeros(149, np.int16))
+    with pytest.raises(AssertionError, match="149 labels for 150 frames"):
+        D.CropDataset(paths, extra_store=str(store))[3]
+
+
+def test_mixing_follows_weights_and_holdout_is_fixed(tmp_path):
+    """[3.1] mixed datasets fill shares set by their weights; the validation split is seeded."""
+    a = D.CropDataset([write(tmp_path, "a.wav", tone(40.0))])  # 10 items
+    b = D.CropDataset([write(tmp_path, "b.wav", tone(8.0))])  # 2 items
+    assert len(D.mix_datasets([a, b])) == 12
+    mixed = D.mix_datasets([a, b], weights=[1, 3])
+    assert len(mixed) == 12 and list(mixed.which).count(1) == 9 and len(mixed[11].wav) == CROP_SAMPLES
+    assert (mixed.inner[mixed.which == 1] < 2).all() and len(set(mixed.inner[mixed.which == 0])) == 3
+    paths = [f"f{i}.wav" for i in range(20)]
+    train, valid = D.split_holdout(paths, 0.2, seed=0)
+    assert len(valid) == 4 and sorted(train + valid) == sorted(paths)
+    assert D.split_holdout(paths, 4, seed=0) == (train, valid) != D.split_holdout(paths, 4, seed=1)
+
+
+# ---------------------------------------------------------------- demo audio
+def test_demo_clips_are_deterministic_varied_and_not_clipped():
+    """Demo audio: same seed, same clips; every clip is audible, peaks at 0.5, and kinds differ."""
+    clips = D.demo_clips(10, seconds=1.0, seed=3)
+    assert clips.shape == (10, SAMPLE_RATE) and torch.equal(clips, D.demo_clips(10, seconds=1.0, seed=3))
+    assert torch.allclose(clips.abs().amax(1), torch.full((10,), 0.5)) and (clips.std(1) > 0.02).all()
+    assert not torch.equal(clips, D.demo_clips(10, seconds=1.0, seed=4))
+    spectra = torch.fft.rfft(clips).abs()
+    centroid = (spectra * torch.arange(spectra.shape[1])).sum(1) / spectra.sum(1)  # (10,)
+    assert len(set(centroid.round().tolist())) == 10
+    with pytest.raises(ValueError, match="unknown synthetic kind"):
+        D.synth_clip("drum", 1.0, 0)
+
+
+def test_demo_dataset_has_varied_lengths_and_trains_through_crops(tmp_path):
+    """Demo data set: 16-bit wavs shorter and longer than 4 s, written once, read as crops."""
+    paths = D.write_demo_dataset(tmp_path, n_files=6, seed=0)
+    assert D.write_demo_dataset(tmp_path, n_files=6, seed=0) == paths
+    durations = [sf.info(p).duration for p in paths]
+    assert min(durations) < 4 < max(durations) and sf.info(paths[0]).subtype == "PCM_16"
+    demo = D.list_audio(["demo"], demo_dir=str(tmp_path / "demo"))  # what --data demo reads
+    assert len(demo) == 64
+    assert [os.path.basename(p) for p in demo[:6]] == [os.path.basename(p) for p in paths]
+    ds = D.CropDataset(paths)
+    assert len(ds) >= 6 and ds.n_skipped == 0 and ds[0].wav.abs().max() > 0.1
+
+
+# ---------------------------------------------------------------- the feature cache
+def test_cache_round_trip_equals_the_codec_on_the_fly(tmp_path):
+    """[2.1] cached frames (fp16) and codes of a 4-s clip equal the frozen codec run directly."""
+    codec = StandInCodec()
+    wav = D.demo_clips(1, seconds=4.0, seed=5)  # (1, 96000)
+    path = write(tmp_path, "clip.wav", wav[0].numpy(), subtype="FLOAT")
+    n, skipped = D.build_cache(codec, [path], tmp_path / "cache")
+    assert n == 1 and skipped == []
+    crop = D.CachedCropDataset(tmp_path / "cache")[0]
+    feats, codes = codec(wav)
+    assert crop.feats.shape == (CROP_FRAMES, 128) and crop.codes.dtype == torch.int64
+    assert torch.allclose(crop.feats, feats[0], atol=2e-3, rtol=1e-3)  # fp16 storage
+    assert torch.equal(crop.codes, codes[0])
+    assert not crop.padding.any() and (crop.extra == -1).all()
+
+
+def test_cache_chunks_long_files_and_pads_short_ones(tmp_path):
+    """[3.1] long files keep ceil(n / HOP) frames across chunks; short cached clips are padded."""
+    codec = StandInCodec()
+    paths = [write(tmp_path, "long.wav", tone(9.1)), write(tmp_path, "short.wav", tone(1.0))]
+    D.build_cache(codec, paths, tmp_path / "cache", chunk_seconds=4.0)
+    ds = D.CachedCropDataset(tmp_path / "cache", paths=paths[::-1])
+    assert [e["frames"] for e in ds.entries] == [75, num_frames(round(9.1 * SAMPLE_RATE))]
+    assert len(ds) == 1 + 3
+    assert ds[0].padding.sum() == CROP_FRAMES - 75 and (ds[0].codes[75:] == 0).all()
+    head = np.load(tmp_path / "cache" / (ds.entries[1]["id"] + ".codes.npy"))[:CROP_FRAMES]
+    first_chunk = torch.from_numpy(tone(4.0)).float()[None]  # (1, 96000)
+    assert torch.equal(torch.from_numpy(head).long(), codec(first_chunk)[1][0])
+
+
+def test_a_killed_cache_build_keeps_finished_files_and_a_rerun_completes_it(tmp_path):
+    """[3.1] a crash keeps finished files, half-written files are never read, a rerun finishes."""
+    paths = [write(tmp_path, f"{i}.wav", tone(1.0 + i)) for i in range(3)]
+    D.build_cache(StandInCodec(), paths, tmp_path / "straight")
+    straight = D.CachedCropDataset(tmp_path / "straight")
+    codec, calls, cache = StandInCodec(), [], tmp_path / "cache"
+
+    def crash_on_second_file(wav):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the power goes out mid-run
+        return StandInCodec.forward(codec, wav)
+    codec.forward = crash_on_second_file
+    with pytest.raises(KeyboardInterrupt):
+        D.build_cache(codec, paths, cache)
+    assert len(D.read_manifest(cache)) == 1
+    second = D.read_manifest(tmp_path / "straight")[os.path.abspath(paths[1])]["id"]
+    (cache / f"{second}.feats.npy").write_bytes(b"half")  # as if killed before its manifest line
+    (cache / f"{second}.codes.npy.tmp99").write_bytes(b"half")
+    with open(cache / "manifest.jsonl", "a") as f:
+        f.write('{"path": "' + os.path.abspath(paths[1]) + '", "id"')  # a torn line
+    assert len(D.CachedCropDataset(cache)) == 1
+    n, _ = D.build_cache(StandInCodec(), paths, cache)
+    assert n == 3 and not [p for p in os.listdir(cache) if ".tmp" in p]
+    again = D.CachedCropDataset(cache)
+    assert len(again) == len(straight) == 3
+    assert all(torch.equal(again[i].feats, straight[i].feats) for i in range(3))
+    with pytest.raises(ValueError, match="another codec"):
+        D.build_cache(type("Other", (StandInCodec,), {"source": "random"})(), paths, cache)
+
+
+def test_cached_crops_are_cheap_to_load(tmp_path):
+    """[3.1] a cached crop loads in about a millisecond, far below a training step."""
+    import time
+    paths = [write(tmp_path, f"{i}.wav", tone(10.0, freq=200.0 + i)) for i in range(4)]
+    D.build_cache(StandInCodec(), paths, tmp_path / "cache")
+    ds = D.CachedCropDataset(tmp_path / "cache")
+    t0 = time.perf_counter()
+    crops = [ds[i] for i in range(len(ds))]
+    per_crop = (time.perf_counter() - t0) / len(ds)
+    batch = next(iter(DataLoader(ds, batch_size=8, shuffle=True)))
+    assert isinstance(batch, D.CachedCrop) and batch.feats.shape == (8, CROP_FRAMES, 128)
+    assert crops[0].feats.dtype == torch.float32 and per_crop < 0.01, per_crop
+
+
 # ---------------------------------------------------------------- training [3.1]
-import json
-import os
-import subprocess
-import sys
-
-import train
-
 TINY_RUN = ["--config", "tiny", "--encodec", "random", "--batch_size", "4", "--workers", "0",
             "--val_files", "2", "--gamma", "uniform", "--log_every", "1", "--val_every", "1000"]
 
@@ -366,3 +669,157 @@ def test_tiny_model_learns_on_demo_data(demo_cache, tmp_path):
         records = [json.loads(line) for line in f]
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
     assert max(records[-1]["masked_acc"]) > 0.02, records[-1]["masked_acc"]
+
+
+# ---------------------------------------------------------------- k-means [2.3]
+def test_kmeans_recovers_well_separated_gaussian_clusters():
+    """[2.3] k-means finds the centres of well-separated Gaussian clusters (up to a permutation)."""
+    g = torch.Generator().manual_seed(0)
+    centres = 20 * torch.randn(8, 16, generator=g)  # (8, 16), pairwise far apart
+    x = centres.repeat(200, 1) + torch.randn(1600, 16, generator=g)  # (1600, 16), unit noise
+    result = kmeans.fit(x, k=8, seed=0)
+    match = kmeans.assign(centres, result.centroids)  # fitted centroid nearest each true centre
+    assert sorted(match.tolist()) == list(range(8)), "not a one-to-one match"
+    assert (result.centroids[match] - centres).norm(dim=1).max() < 0.5
+
+
+def test_kmeans_inertia_never_increases():
+    """[2.3] every Lloyd step (and every re-seeding) lowers or keeps the inertia."""
+    x = torch.randn(3000, 8, generator=torch.Generator().manual_seed(1))  # no structure: many steps
+    history = kmeans.fit(x, k=64, n_iter=40, tol=0.0, seed=0).inertia_history
+    assert len(history) > 10
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:])), history
+
+
+def test_kmeans_reseeds_an_empty_cluster_on_the_worst_served_point():
+    """[2.3] a centroid far from all data gets no points and is moved to the worst-served point."""
+    x = torch.randn(500, 4, generator=torch.Generator().manual_seed(2))
+    start = torch.cat([x[:5], torch.full((1, 4), 1e3)])  # centroid 5 is empty from the start
+    _, dist = kmeans.nearest_centroid(x, start)
+    one_step = kmeans.lloyd(x, start, n_iter=1)
+    torch.testing.assert_close(one_step.centroids[5], x[dist.argmax()])
+    result = kmeans.lloyd(x, start, n_iter=20)
+    assert (torch.bincount(kmeans.assign(x, result.centroids), minlength=6) > 0).all()
+
+
+def test_chunked_distances_give_the_brute_force_assignment():
+    """[2.3] assignments do not depend on the chunk size and equal torch.cdist's argmin."""
+    g = torch.Generator().manual_seed(3)
+    x, c = torch.randn(1000, 32, generator=g), torch.randn(50, 32, generator=g)
+    brute = torch.cdist(x.double(), c.double())  # (1000, 50) in float64
+    whole, dist = kmeans.nearest_centroid(x, c, chunk_size=len(x))
+    for chunk_size in (7, 128, 999):
+        assert torch.equal(kmeans.nearest_centroid(x, c, chunk_size)[0], whole)
+    assert torch.equal(whole, brute.argmin(1))
+    torch.testing.assert_close(dist.double(), brute.min(1).values ** 2, rtol=1e-4, atol=1e-3)
+
+
+def test_bf16_distances_keep_the_inertia():
+    """[2.3] ranking centroids with a bfloat16 matmul changes the inertia by far less than 1%."""
+    x = torch.randn(4000, 64, generator=torch.Generator().manual_seed(4))
+    start = kmeans.init_centroids(x, 128, torch.Generator().manual_seed(0))
+    exact = kmeans.lloyd(x, start, n_iter=5, tol=0.0).inertia_history
+    fast = kmeans.lloyd(x, start, n_iter=5, tol=0.0, bf16=True).inertia_history
+    assert abs(fast[-1] / exact[-1] - 1) < 1e-3
+
+
+def test_kmeans_is_deterministic_for_a_seed():
+    """[2.3] the same seed gives the same centroids and inertia; another seed does not."""
+    x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(5))
+    a, b = kmeans.fit(x, k=32, seed=7), kmeans.fit(x, k=32, seed=7)
+    assert torch.equal(a.centroids, b.centroids) and a.inertia_history == b.inertia_history
+    assert not torch.equal(kmeans.fit(x, k=32, seed=8).centroids, a.centroids)
+
+
+def test_centroids_save_load_round_trip(tmp_path):
+    """[2.3] saved centroids and their metadata load back unchanged."""
+    centroids = torch.randn(16, 8)
+    path = str(tmp_path / "centroids.pt")
+    kmeans.save(path, centroids, {"k": 16, "layer": -1, "inertia_history": [3.0, 2.0]})
+    loaded, meta = kmeans.load(path)
+    assert torch.equal(loaded, centroids) and meta == {"k": 16, "layer": -1, "inertia_history": [3.0, 2.0]}
+    assert os.listdir(tmp_path) == ["centroids.pt"]  # no temporary file left behind
+
+
+# ---------------------------------------------------------------- the target store [2.3]
+@pytest.fixture(scope="module")
+def stage_one(tmp_path_factory):
+    """A tiny untrained "stage 1" checkpoint on the random codec, and two clips: 2 s and 5 s."""
+    root = tmp_path_factory.mktemp("selftrain")
+    os.makedirs(root / "audio")
+    paths = []
+    for i, (kind, seconds) in enumerate([("note", 2.0), ("chord", 5.0)]):
+        paths.append(str(root / "audio" / f"{i}_{kind}.wav"))
+        sf.write(paths[-1], synth_clip(kind, seconds, i).numpy(), M.SAMPLE_RATE)
+    torch.manual_seed(0)
+    cfg = M.make_config("tiny")
+    checkpoint = str(root / "stage1.pt")
+    torch.save({"model": M.EnCodecMAE(cfg).state_dict(), "config": asdict(cfg), "encodec": "random",
+                "step": 0}, checkpoint)
+    return root, paths, checkpoint
+
+
+def test_store_labels_every_audio_frame_and_the_crops_read_them(stage_one):
+    """[2.3] one label per 75-Hz frame of each file (T = ceil(n / 320)), read back by CropDataset."""
+    root, paths, checkpoint = stage_one
+    store = str(root / "store_audio")
+    kmeans.main(["--checkpoint", checkpoint, "--data", str(root / "audio"), "--out", store,
+                 "--k", "8", "--n-clips", "3", "--n-frames", "300"])
+    net, _, _ = M.load_checkpoint_model(checkpoint)
+    codec = M.load_codec("random")
+    centroids, meta = kmeans.load(os.path.join(store, "centroids.pt"))
+    assert centroids.shape == (8, 128) and meta["n_clips"] == 3
+    with open(os.path.join(store, "index.json")) as f:
+        index = json.load(f)
+    for path in paths:
+        entry = index[os.path.abspath(path)]
+        labels = np.load(os.path.join(store, entry["npy"]))
+        assert labels.dtype == np.int16 and labels.shape == (entry["frames"],)
+        assert entry["frames"] == -(-sf.info(path).frames // M.HOP)  # T = ceil(n / 320) at 24 kHz
+        emb = M.embed_audio(net, codec, read_audio(path)[None])[0]  # (T, D), 4-s chunks
+        assert torch.equal(torch.from_numpy(labels).long(), kmeans.assign(emb, centroids))
+    crop = CropDataset(paths[:1], extra_store=store)[0]  # the 2-s file: its crop starts at 0
+    labels = np.load(os.path.join(store, index[os.path.abspath(paths[0])]["npy"]))
+    assert torch.equal(crop.extra[~crop.padding], torch.from_numpy(labels).long())
+    assert (crop.extra[crop.padding] == -1).all()
+
+
+def test_store_from_the_feature_cache_feeds_a_nine_stream_model(stage_one):
+    """[2.3] labels from cached frames line up with the cache; stage 2 trains on Q + 1 = 9 streams."""
+    root, paths, checkpoint = stage_one
+    cache, store = str(root / "cache"), str(root / "store_cache")
+    build_cache(M.load_codec("random"), paths, cache)
+    kmeans.main(["--checkpoint", checkpoint, "--cache", cache, "--out", store,
+                 "--k", "8", "--n-clips", "3", "--n-frames", "300"])
+    mtime = os.path.getmtime(os.path.join(store, "index.json"))
+    kmeans.main(["--checkpoint", checkpoint, "--cache", cache, "--out", store, "--k", "8"])  # resumes
+    assert os.path.getmtime(os.path.join(store, "index.json")) >= mtime
+    data = CachedCropDataset(cache, extra_store=store)
+    batch = [data[i] for i in range(len(data))]
+    for crop in batch:
+        assert ((crop.extra >= 0) == ~crop.padding).all() and crop.extra.max() < 8
+    net, _, _ = M.load_checkpoint_model(checkpoint)
+    stage2 = M.add_kmeans_stream(net)
+    assert stage2.cfg.n_streams == 9 and stage2.head.linear.out_features == 9 * stage2.cfg.K
+    feats = torch.stack([c.feats for c in batch])  # (B, T, 128)
+    targets = torch.cat([torch.stack([c.codes for c in batch]),
+                         torch.stack([c.extra for c in batch]).clamp_min(0)[..., None]], -1)  # (B, T, 9)
+    padding = torch.stack([c.padding for c in batch])  # (B, T)
+    mask = gap_mask((~padding).sum(1), padding.shape[1], 0.5, 15)  # (B, T)
+    out = stage2(feats, targets, mask, padding)
+    assert out.masked_loss.shape == (9,) and torch.isfinite(out.loss)
+
+
+def test_stage_one_then_kmeans_then_stage_two_runs_end_to_end(demo_cache, tmp_path):
+    """[2.3] train.py stage 1 -> kmeans.py -> train.py stage 2: the stage-2 model predicts 9 streams."""
+    audio, cache = demo_cache
+    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path / "s1"), "--steps", "2"])
+    kmeans.main(["--checkpoint", str(tmp_path / "s1" / "ckpt-00000002.pt"), "--cache", cache,
+                 "--out", str(tmp_path / "km"), "--k", "16", "--n-frames", "2000"])
+    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path / "s2"), "--steps", "2",
+                           "--init_from", str(tmp_path / "s1" / "ckpt-00000002.pt"),
+                           "--kmeans_store", str(tmp_path / "km")])
+    net, cfg, _ = M.load_checkpoint_model(str(tmp_path / "s2" / "ckpt-00000002.pt"))
+    assert cfg.n_streams == 9 and net.head.linear.out_features == 9 * 1024
+    with open(tmp_path / "s2" / "metrics.jsonl") as f:
+        assert len(json.loads(f.readline())["masked_acc"]) == 9

@@ -159,13 +159,11 @@ class MaskedCrops(Dataset):
 
 def build_datasets(cfg, mcfg, codec, rank):
     """Audio files -> held-out split -> raw crops or cached crops, with masks [3.1]."""
-    demo_dir = os.path.join(cfg.out, "demo_audio")
     if rank == 0 and "demo" in cfg.data:
-        data.list_audio(["demo"], demo_dir=demo_dir)  # rank 0 writes the demo files once
+        data.list_audio(["demo"])  # rank 0 writes ./demo_audio once; kmeans.py finds the same files
     barrier()
     sources = [[s] for s in cfg.data] if cfg.data_weights else [list(cfg.data)]
-    splits = [data.split_holdout(data.list_audio(s, demo_dir=demo_dir), cfg.val_files, cfg.seed)
-              for s in sources]
+    splits = [data.split_holdout(data.list_audio(s), cfg.val_files, cfg.seed) for s in sources]
     if cfg.cache and rank == 0:
         data.build_cache(codec, [p for train, valid in splits for p in train + valid], cfg.cache)
     barrier()
