@@ -297,6 +297,8 @@ def gap_mask(lengths, T, M_prop, M_gap, generator=None):
     M_gap frames after each start are hidden, and we stop once enough frames are hidden,
     trimming the last span. Hiding whole 200-ms gaps rather than lone frames stops the model
     from just interpolating its neighbours. Padding (t >= length) is never hidden.
+    Deviation: vectorized over the batch and without replacement, as the paper says; the
+    authors' code loops over examples in Python and may draw the same start twice.
     Returns mask (B, T) bool, True = hidden.
     """
     B, device = len(lengths), lengths.device
@@ -351,7 +353,11 @@ def restore_sequence(h, ids_restore, visible_padding, mask_token):
 
 # ---------------------------------------------------------------- 2.2 the transformer
 class Block(nn.Module):
-    """A pre-norm transformer layer; attention through scaled_dot_product_attention."""
+    """A pre-norm transformer layer; attention through scaled_dot_product_attention.
+
+    Deviation: plain pre-norm; the authors' code uses ResiDual normalization, which the paper
+    does not mention.
+    """
 
     def __init__(self, D, n_heads, ff_dim):
         super().__init__()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import data as D
+import evaluate as E
 import kmeans
 import model as M
 import train
@@ -823,3 +824,170 @@ def test_stage_one_then_kmeans_then_stage_two_runs_end_to_end(demo_cache, tmp_pa
     assert cfg.n_streams == 9 and net.head.linear.out_features == 9 * 1024
     with open(tmp_path / "s2" / "metrics.jsonl") as f:
         assert len(json.loads(f.readline())["masked_acc"]) == 9
+
+
+# ---------------------------------------------------------------- downstream evaluation [3.2]
+def separable_data(n=240, D=16, C=4, seed=0):
+    """Tight Gaussian clusters around C far-apart centres: linearly separable in practice."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % C
+    X = 4 * torch.randn(C, D, generator=g)[labels] + torch.randn(n, D, generator=g)  # (n, D)
+    return X, torch.nn.functional.one_hot(labels, C).float()
+
+
+def tiny_checkpoint(path, **config_changes):
+    """A checkpoint dict in train.py's format for a freshly initialised tiny model."""
+    torch.manual_seed(0)
+    cfg = M.make_config("tiny")
+    ckpt = {"model": M.EnCodecMAE(cfg).state_dict(), "config": {**asdict(cfg), **config_changes},
+            "encodec": "random", "step": 0, "gamma_q": list(cfg.gamma_q)}
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def test_probe_is_near_perfect_when_separable_and_chance_on_shuffled_labels():
+    """[3.2] the MLP and linear probes learn a separable task; shuffled labels give chance."""
+    X, Y = separable_data()
+    task = E.Task("t", None, False, "top1_acc", {}, [], None)
+    for hidden_layers in (0, 1):
+        cfg = E.ProbeConfig(hidden_layers=hidden_layers, lr=1e-2, hidden_dim=128, max_epochs=60)
+        probe, valid, _ = E.train_probe(X[:160], Y[:160], X[160:200], Y[160:200], task, cfg)
+        assert E.top1_accuracy(E.predict(probe, X[200:], False), Y[200:]) >= 0.95
+    Y_shuffled = Y[torch.randperm(len(Y), generator=torch.Generator().manual_seed(1))]
+    cfg = E.ProbeConfig(hidden_layers=1, lr=3.2e-3, hidden_dim=128, max_epochs=60)
+    probe, _, _ = E.train_probe(X[:160], Y_shuffled[:160], X[160:200], Y_shuffled[160:200], task, cfg)
+    assert E.top1_accuracy(E.predict(probe, X[200:], False), Y_shuffled[200:]) < 0.5  # chance 0.25
+
+
+def test_accuracy_and_mAP_match_naive_references():
+    """[3.2] top-1 accuracy and macro mAP (FSD50K's metric) equal plain per-clip/per-class loops."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(50, 6, generator=g)
+    Y = (torch.rand(50, 6, generator=g) < 0.3).float()
+    Y[0] = 1  # every class has a positive
+    naive_aps = []
+    for c in range(6):
+        ranked = Y[scores[:, c].argsort(descending=True), c].tolist()
+        hits = [sum(ranked[: k + 1]) / (k + 1) for k, y in enumerate(ranked) if y]
+        naive_aps.append(sum(hits) / len(hits))  # precision at each positive's rank
+    assert E.mean_average_precision(scores, Y) == pytest.approx(sum(naive_aps) / 6, abs=1e-9)
+    Y1 = torch.nn.functional.one_hot(torch.randint(0, 6, (50,), generator=g), 6).float()
+    naive_acc = sum(int(scores[i].argmax() == Y1[i].argmax()) for i in range(50)) / 50
+    assert E.top1_accuracy(scores, Y1) == naive_acc
+    # Tied scores share a threshold: scikit-learn 1.9 gives 0.583333 for this one.
+    tie = E.mean_average_precision(torch.tensor([[0.5], [0.5], [0.2]]), torch.tensor([[1.0], [0], [1]]))
+    assert tie == pytest.approx(7 / 12)
+    try:
+        from sklearn.metrics import average_precision_score
+    except ImportError:
+        return  # the comparison with scikit-learn needs it installed; the loops above do not
+    assert E.mean_average_precision(scores, Y) == pytest.approx(
+        average_precision_score(Y.numpy(), scores.numpy(), average="macro"), abs=1e-9)
+
+
+def test_kfold_bookkeeping_and_mean_over_folds():
+    """[3.2] split i tests on fold i, validates on fold i+1 mod k, trains on the rest; mean of folds."""
+    meta = {"task_name": "t", "split_mode": "new_split_kfold", "splits": ["fold02", "fold00", "fold01", "fold03"]}
+    folds = E.kfold_splits(meta)
+    assert folds[0] == (["fold02", "fold03"], ["fold01"], ["fold00"])
+    assert folds[3] == (["fold01", "fold02"], ["fold00"], ["fold03"])
+    for train, valid, test in folds:
+        assert sorted(train + valid + test) == ["fold00", "fold01", "fold02", "fold03"]
+    assert E.kfold_splits({"split_mode": "trainvaltest"}) == [(["train"], ["valid"], ["test"])]
+    X, Y = separable_data(n=200)
+    data = {f"fold0{i}": (X[i::4], Y[i::4]) for i in range(4)}
+    task = E.Task("t", None, False, "top1_acc", {}, folds, None)
+    grid = E.hear_grid(2, hidden_dim=64, max_epochs=9)
+    result = E.probe_task(data, task, grid)
+    assert [f["test"] for f in result["folds"]] == [["fold00"], ["fold01"], ["fold02"], ["fold03"]]
+    assert len(result["grid"]) == 2 and result["best"] in [g["config"] for g in result["grid"]]
+    assert result["test"] == pytest.approx(sum(f["test_score"] for f in result["folds"]) / 4)
+
+
+def test_hear_grid_is_heareval_default_grid():
+    """[3.2] 16 points (layers x lr x init), heareval's seed-42 shuffle keeps 8; width 1024, 500 epochs."""
+    full = E.hear_grid(16)
+    assert len({(c.hidden_layers, c.lr, c.init) for c in full}) == 16
+    assert E.hear_grid()[:8] == full[:8] and len(E.hear_grid()) == 8
+    assert {(c.hidden_dim, c.max_epochs, c.check_every, c.patience, c.batch_size) for c in full} == {
+        (1024, 500, 3, 20, 1024)}
+    probe = E.make_probe(16, 3, full[0])
+    kinds = [type(m).__name__ for m in probe][:4]
+    assert kinds == ["Linear", "BatchNorm1d", "Dropout", "ReLU"]
+
+
+def test_hear_api_shapes_dtypes_and_timestamps():
+    """[3.2, HEAR] arbitrary lengths work; frames at 75 Hz with centres in ms inside the audio."""
+    for spec, cases in [("ECMAE-R:tiny", [(1, 1.07), (2, 1.98), (1, 4.0), (1, 2.74)]), ("EC", [(2, 1.07)])]:
+        model = E.load_model(spec, encodec="random")
+        assert type(model.sample_rate) is int and model.sample_rate == 48000
+        D = model.timestamp_embedding_size
+        assert type(D) is int and type(model.scene_embedding_size) is int
+        with torch.no_grad():
+            for n_sounds, seconds in cases:  # the validator's lengths, white noise
+                audio = torch.rand(n_sounds, int(seconds * 48000)) * 2 - 1
+                emb, ts = E.get_timestamp_embeddings(audio, model)
+                assert emb.dtype == torch.float32 and emb.shape[::2] == (n_sounds, D)
+                assert ts.shape == emb.shape[:2] and torch.isfinite(emb).all()
+                assert torch.allclose(ts[:, 1:] - ts[:, :-1], torch.tensor(1000 / 75), atol=1e-3)  # 75 Hz
+                assert ts[0, 0] == pytest.approx(1000 / 75 / 2) and ts.max() <= 1000 * seconds
+                assert ts.max() > 1000 * seconds - 1000 / 75  # no frame missing at the end
+            scene = E.get_scene_embeddings(audio, model)
+            assert scene.shape == (n_sounds, D) and scene.dtype == torch.float32
+            assert torch.isfinite(scene).all()
+            assert torch.allclose(scene, model.frames(E.to_codec_rate(audio, 48000)).mean(1))
+
+
+def test_chunked_embedding_equals_concatenated_chunks():
+    """[3.2] audio longer than 4 s is cut into 4-s chunks, each embedded alone, frames concatenated."""
+    model = E.load_model("ECMAE-R:tiny", encodec="random")
+    wav = torch.randn(1, int(4.5 * 24000)) * 0.1  # one full 4-s chunk and a shorter one
+    frames = model.frames(wav)
+    pieces = torch.cat([model.frames(wav[:, s:s + 96000]) for s in range(0, wav.shape[1], 96000)], 1)
+    assert frames.shape == (1, M.num_frames(wav.shape[1]), 128)
+    assert torch.allclose(frames, pieces, atol=1e-5)
+    assert torch.allclose(frames, M.embed_audio(model.mae, model.codec, wav), atol=1e-5)
+
+
+def test_demo_tasks_run_end_to_end_for_EC_ECMAE_R_and_a_checkpoint(tmp_path, capsys):
+    """[3.2, Table 1] HEAR-layout tasks -> cached embeddings -> probes -> a Table-1 table and JSON."""
+    E.make_demo_tasks(tmp_path / "tasks", clips=20, seconds=0.5)
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    argv = ["--tasks-dir", str(tmp_path / "tasks"), "--task", "demo-kind", "--task", "demo-mix",
+            "--upstream", "EC", "--upstream", "ECMAE-R:tiny", "--upstream", ckpt, "--encodec", "random",
+            "--grid-points", "2", "--max-epochs", "6", "--out", str(tmp_path / "out")]
+    results = E.evaluate(E.parse_args(argv))
+    assert list(results) == ["EC", "ECMAE-R:tiny", ckpt]
+    table = capsys.readouterr().out
+    assert "| upstream | demo-kind | demo-mix |" in table and "| EC |" in table
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert len(saved["EC"]["demo-kind"]["folds"]) == 5 and len(saved["EC"]["demo-mix"]["grid"]) == 2
+    assert saved["EC"]["demo-mix"]["metric"] == "mAP" and 0 <= saved["EC"]["demo-mix"]["test"] <= 1
+    caches = sorted((tmp_path / "out" / "embeddings").rglob("*.npz"))
+    assert len(caches) == 3 * (5 + 3)  # per upstream: 5 folds + train/valid/test
+    stamps = [os.path.getmtime(c) for c in caches]
+    again = E.evaluate(E.parse_args(argv))  # a rerun reads the cache and gives the same scores
+    assert [os.path.getmtime(c) for c in caches] == stamps
+    assert again["EC"]["demo-kind"]["test"] == results["EC"]["demo-kind"]["test"]
+
+
+def test_bad_inputs_get_clear_errors(tmp_path):
+    """[3.2] a missing audio file, an unknown label, an empty split, a mismatched checkpoint."""
+    clips = {s: [(torch.randn(2400) * 0.1, ["a"]), (torch.randn(2400) * 0.1, ["b"])]
+             for s in ("train", "valid", "test")}
+    path = E.write_task(tmp_path, "bad", clips, False, False, 0.1)
+    upstream = E.load_model("EC", encodec="random")
+    task = E.read_task(path)
+    files, _ = E.read_split(task, "train")
+    os.remove(path / "48000" / "train" / files[0])
+    with pytest.raises(FileNotFoundError, match=f"train/{files[0]}: named in train.json but missing"):
+        E.embed_split([upstream], task, "train", files, tmp_path / "cache")
+    (path / "valid.json").write_text(json.dumps({files[0]: ["zebra"]}))
+    with pytest.raises(ValueError, match="label 'zebra' of train_0000.wav is not in labelvocabulary"):
+        E.read_split(task, "valid")
+    (path / "test.json").write_text("{}")
+    with pytest.raises(ValueError, match="test.json: the split is empty"):
+        E.read_split(task, "test")
+    ckpt = tiny_checkpoint(tmp_path / "other.pt", d_model=64, n_heads=4)
+    with pytest.raises(ValueError, match="do not fit the config stored with them"):
+        E.load_upstream(ckpt, encodec="random")

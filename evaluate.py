@@ -1,0 +1,507 @@
+"""Downstream evaluation, section 3.2: frozen embeddings, HEAR tasks, MLP probes, Table 1.
+
+`python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
+`python evaluate.py make-demo-tasks --out TASKS` writes small labelled tasks in the HEAR layout.
+Reads HEAR 2021 task folders (task_metadata.json, labelvocabulary.csv, <split>.json,
+<rate>/<split>/*.wav); writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun),
+OUT/results.json (every grid point's validation score, every fold's test score) and prints a
+markdown table shaped like Table 1. It is also a HEAR module: `hear-validator evaluate --model ckpt.pt`.
+"""
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import pickle
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch import nn
+
+from data import KINDS, probe_audio, read_audio, resample_24k, synth_clip
+from model import (CROP_FRAMES, HOP, SAMPLE_RATE, EnCodecMAE, codec_embed_audio,
+                   load_checkpoint_model, load_codec, make_config)
+
+HEAR_RATE = 48000  # HEAR allows 16000, 22050, 32000, 44100, 48000, not 24000: we declare 48000
+
+
+# ---------------------------------------------------------------- 3.2 upstreams: frozen embeddings
+class Upstream(nn.Module):
+    """A frozen upstream, also a HEAR model: frames at 75 Hz, scene embedding = their mean [3.2]."""
+
+    sample_rate = HEAR_RATE  # HEAR audio comes in at 48 kHz; we resample 2:1 for the codec
+
+    def __init__(self, name, codec, mae=None, layer=-1, key=""):
+        super().__init__()
+        self.name, self.codec, self.mae, self.layer, self.key = name, codec, mae, layer, key
+        width = codec.dim if mae is None else mae.cfg.d_model
+        self.scene_embedding_size = self.timestamp_embedding_size = int(width)
+        self.eval()
+
+    @torch.no_grad()
+    def frames(self, wav):
+        """wav (B, n) at 24 kHz -> (B, T, D) frames at 75 Hz, each 4-s chunk embedded alone [3.2]."""
+        return self.frames_from_codec(codec_embed_audio(self.codec, wav))
+
+    @torch.no_grad()
+    def frames_from_codec(self, feats):
+        """Codec frames (B, T, 128), cut in 4-s chunks by codec_embed_audio -> (B, T, D)."""
+        if self.mae is None:  # EC: the codec encoder's own frames (Table 1, first row)
+            return feats
+        # Each 300-frame piece is one 4-s chunk of audio, as model.embed_audio cuts it.
+        pieces = feats.split(CROP_FRAMES, dim=1)
+        return torch.cat([self.mae.embed(p, layer=self.layer) for p in pieces], dim=1)  # (B, T, D)
+
+
+def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
+    """"EC", "ECMAE-R:<size>" (random init, seeded) or a train.py checkpoint path -> Upstream."""
+    key = f"seed{seed}"
+    if spec == "EC" or spec.startswith("ECMAE-R:"):
+        source = encodec or "pretrained"  # never a silent random codec: "random" must be asked for
+        mae = None
+        if spec != "EC":
+            torch.manual_seed(seed)  # ECMAE-R: the same random MAE on every run (Table 1, row 2)
+            mae = EnCodecMAE(make_config(spec.split(":", 1)[1]))
+    else:
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"--upstream {spec!r}: not EC, ECMAE-R:<size> or a checkpoint file")
+        try:
+            mae, _, trained_with = load_checkpoint_model(spec)
+        except (RuntimeError, KeyError, AssertionError) as err:  # strict loading refused it
+            raise ValueError(f"{spec}: not a checkpoint of this code's EnCodecMAE, or its weights "
+                             f"do not fit the config stored with them:\n{err}") from err
+        source = encodec or trained_with  # the codec it was trained on, unless told otherwise
+        if (source == "random") != (trained_with == "random"):
+            raise ValueError(f"{spec} was trained on codec {trained_with!r}, not {source!r}")
+        key = f"{os.path.getsize(spec)}-{int(os.path.getmtime(spec))}"  # a rewritten file re-embeds
+    if mae is not None and not (layer == -1 or 1 <= layer <= mae.cfg.n_enc_layers):
+        raise ValueError(f"--layer {layer}: choose -1 (last) or 1..{mae.cfg.n_enc_layers}")
+    codec = load_codec(source)
+    name = spec if layer == -1 or mae is None else f"{spec}@layer{layer}"
+    return Upstream(name, codec, mae, layer, key=f"{name}|{source}|{key}").to(device)
+
+
+# ---------------------------------------------------------------- HEAR tasks (HEAR.md)
+@dataclass
+class Task:
+    name: str
+    path: Path
+    multilabel: bool  # prediction_type "multilabel" (FSD50K) or "multiclass"
+    metric: str  # the first of metadata["evaluation"]: the primary score
+    vocab: dict  # label -> column
+    folds: list  # [(train splits, valid splits, test splits)]
+    audio_dir: Path  # the sample-rate folder we read (None: embeddings only)
+
+
+def read_task(path):
+    """A HEAR 2021 task folder -> Task, with clear errors for what we cannot evaluate."""
+    path = Path(path)
+    meta = json.loads((path / "task_metadata.json").read_text())
+    kind = (meta["embedding_type"], meta["prediction_type"])
+    if kind not in (("scene", "multiclass"), ("scene", "multilabel")):
+        raise ValueError(f"{path}: only scene-level multiclass or multilabel tasks (Table 1), not {kind}")
+    metric = meta["evaluation"][0]
+    if metric not in METRICS:
+        raise ValueError(f"{path}: primary score {metric!r} unsupported; have {sorted(METRICS)}")
+    with open(path / "labelvocabulary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    vocab = {str(r["label"]): int(r["idx"]) for r in rows}
+    assert sorted(vocab.values()) == list(range(len(vocab))), f"{path}/labelvocabulary.csv: idx not 0..n-1"
+    rates = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    # 24 kHz needs no resampling, 48 kHz resamples 2:1; otherwise the richest folder
+    rate = next((r for r in (SAMPLE_RATE, HEAR_RATE) if r in rates), rates[-1] if rates else None)
+    return Task(meta["task_name"], path, meta["prediction_type"] == "multilabel", metric, vocab,
+                kfold_splits(meta), None if rate is None else path / str(rate))
+
+
+def kfold_splits(meta):
+    """HEAR's rule: split i tests on fold i, validates on fold i+1 (mod k), trains on the rest."""
+    if meta["split_mode"] == "trainvaltest":
+        return [(["train"], ["valid"], ["test"])]
+    folds = sorted(meta["splits"])
+    if len(folds) < 3:
+        raise ValueError(f"{meta['task_name']}: k-fold needs at least 3 folds, got {folds}")
+    k = len(folds)
+    return [([f for f in folds if f not in (folds[i], folds[(i + 1) % k])], [folds[(i + 1) % k]],
+             [folds[i]]) for i in range(k)]
+
+
+def read_split(task, split):
+    """<split>.json -> sorted file names and multi-hot labels Y (N, C)."""
+    json_path = task.path / f"{split}.json"
+    entries = json.loads(json_path.read_text())
+    if not entries:
+        raise ValueError(f"{json_path}: the split is empty")
+    files = sorted(entries)
+    Y = torch.zeros(len(files), len(task.vocab))  # (N, C)
+    for i, name in enumerate(files):
+        labels = [str(label) for label in entries[name]]
+        for label in labels:
+            if label not in task.vocab:
+                raise ValueError(f"{json_path}: label {label!r} of {name} is not in labelvocabulary.csv")
+            Y[i, task.vocab[label]] = 1
+        if not task.multilabel and len(labels) != 1:
+            raise ValueError(f"{json_path}: {name} has {len(labels)} labels in a multiclass task")
+    return files, Y
+
+
+def read_cache(path, key, files):
+    """Cached embeddings X (N, D) if the same upstream embedded the same files, else None."""
+    stored = np.load(path) if path.exists() else None
+    same = stored is not None and str(stored["key"]) == key and stored["files"].tolist() == files
+    return torch.from_numpy(stored["X"]) if same else None
+
+
+def write_cache(path, X, files, key):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.tmp", "wb") as f:  # write, then rename: never a half-written cache
+        np.savez(f, X=X.numpy(), files=np.array(files), key=np.array(key))
+    os.replace(f"{path}.tmp", path)
+
+
+@torch.no_grad()
+def embed_split(upstreams, task, split, files, cache_dir, batch_size=16):
+    """Scene embeddings X (N, D) of a split for each upstream, cached per (upstream, task, split).
+
+    The frozen codec is most of the cost, so upstreams on the same codec share its pass.
+    """
+    slug = lambda text: re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[-80:]  # a safe folder name
+    caches = [Path(cache_dir) / slug(u.key) / slug(task.name) / f"{split}.npz" for u in upstreams]
+    out = [read_cache(c, u.key, files) for c, u in zip(caches, upstreams)]
+    todo = [i for i, X in enumerate(out) if X is None]
+    if todo and task.audio_dir is None:
+        raise FileNotFoundError(f"{task.path}: no <sample_rate>/ audio folder")
+    paths = [task.audio_dir / split / name for name in files] if todo else []
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: named in {split}.json but missing")
+    lengths = [probe_audio(p) for p in paths]  # 24-kHz samples, from the headers
+    # Clips of equal length share a batch: no padding, so a clip's embedding never depends on others.
+    order = sorted(range(len(paths)), key=lambda i: lengths[i])
+    for i in todo:
+        out[i] = torch.zeros(len(paths), upstreams[i].scene_embedding_size)  # (N, D)
+    while order:
+        batch = [i for i in order[:batch_size] if lengths[i] == lengths[order[0]]]
+        order = order[len(batch):]
+        wav = torch.stack([read_audio(paths[i]) for i in batch])  # (B, n)
+        feats = {}  # codec source -> codec frames (B, T, 128)
+        for i in todo:
+            u = upstreams[i]
+            if u.codec.source not in feats:
+                feats[u.codec.source] = codec_embed_audio(u.codec, wav.to(next(u.parameters()).device))
+            out[i][batch] = u.frames_from_codec(feats[u.codec.source]).mean(1).float().cpu()  # [3.2]
+    for i in todo:
+        assert torch.isfinite(out[i]).all(), f"{upstreams[i].name}: NaN/inf embeddings, {task.name}/{split}"
+        write_cache(caches[i], out[i], files, upstreams[i].key)
+    return out
+
+
+# ---------------------------------------------------------------- metrics (heareval's definitions)
+def top1_accuracy(scores, Y):
+    """Share of clips whose highest score is their label."""
+    return (scores.argmax(1) == Y.argmax(1)).sum().item() / len(Y)
+
+
+def mean_average_precision(scores, Y):
+    """Macro mAP as scikit-learn's average_precision_score: sum over thresholds of (R_k - R_k-1) P_k.
+
+    Ties share a threshold; a class with no positive scores 0 (scikit-learn's convention).
+    """
+    aps = []
+    for s, y in zip(scores.T.double().numpy(), Y.T.numpy() > 0):
+        order = np.argsort(-s, kind="mergesort")
+        s, y = s[order], y[order]
+        last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last clip of each distinct score
+        tp = np.cumsum(y)[last]
+        recall, precision = tp / max(tp[-1], 1), tp / (last + 1)  # no positive: recall 0, AP 0
+        aps.append(float(np.sum(np.diff(np.r_[0.0, recall]) * precision)))
+    return float(np.mean(aps))
+
+
+METRICS = {"top1_acc": top1_accuracy, "pitch_acc": top1_accuracy, "mAP": mean_average_precision}
+
+
+# ---------------------------------------------------------------- probes: heareval's MLP grid
+@dataclass
+class ProbeConfig:
+    hidden_layers: int = 1          # 0 = linear probe; HEAR grid {1, 2}
+    lr: float = 1e-3                # Adam, no weight decay; HEAR grid {3.2e-3, 1e-3, 3.2e-4, 1e-4}
+    init: str = "xavier_uniform"    # HEAR grid {xavier_uniform, xavier_normal}
+    hidden_dim: int = 1024          # fixed in HEAR's grid
+    dropout: float = 0.1
+    batch_size: int = 1024
+    max_epochs: int = 500
+    check_every: int = 3            # epochs between validations
+    patience: int = 20              # validations without improvement before stopping
+
+
+LRS, INITS = (3.2e-3, 1e-3, 3.2e-4, 1e-4), ("xavier_uniform", "xavier_normal")
+
+
+def hear_grid(points=8, linear=False, **fixed):
+    """heareval's 16 points in scikit-learn ParameterGrid order, shuffled with seed 42, first `points`."""
+    if linear:  # the linear probe only searches the learning rate
+        return [ProbeConfig(hidden_layers=0, lr=lr, **fixed) for lr in LRS]
+    grid = [ProbeConfig(h, lr, init, **fixed) for h in (1, 2) for init in INITS for lr in LRS]
+    random.Random(42).shuffle(grid)  # the same 8 points heareval's seed_everything(42) picks
+    return grid[:points]
+
+
+def make_probe(D, C, cfg):
+    """Linear -> BatchNorm1d -> Dropout -> ReLU per hidden layer, then Linear; Xavier gains as heareval."""
+    init = getattr(nn.init, cfg.init + "_")
+    layers, width, gain = [], D, 1.0  # gain 1 on the input: the embedding's activation is unknown
+    for _ in range(cfg.hidden_layers):
+        linear = nn.Linear(width, cfg.hidden_dim)
+        init(linear.weight, gain=gain)
+        layers += [linear, nn.BatchNorm1d(cfg.hidden_dim), nn.Dropout(cfg.dropout), nn.ReLU()]
+        width, gain = cfg.hidden_dim, math.sqrt(2)  # later layers follow a ReLU
+    out = nn.Linear(width, C)
+    init(out.weight, gain=gain)
+    return nn.Sequential(*layers, out)
+
+
+@torch.no_grad()
+def predict(probe, X, multilabel):
+    probe.eval()
+    logits = probe(X)
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)  # (N, C)
+
+
+def train_probe(X, Y, Xv, Yv, task, cfg, seed=42):
+    """Adam on full-batch tensors, validated every 3 epochs; keeps the best-on-validation weights."""
+    torch.manual_seed(seed)  # same init and dropout draws for every grid point and fold
+    shuffle = torch.Generator().manual_seed(seed)
+    probe = make_probe(X.shape[1], Y.shape[1], cfg).to(X.device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=cfg.lr, fused=True)  # one kernel per step
+    loss_fn = nn.BCEWithLogitsLoss() if task.multilabel else nn.CrossEntropyLoss()
+    target = Y if task.multilabel else Y.argmax(1)
+    # Deviation: heareval feeds the training clips in a fixed order; we reshuffle every epoch, in
+    # near-equal batches so BatchNorm never sees a lone clip (the same when a split fits in one batch).
+    n_batches = math.ceil(len(X) / cfg.batch_size)
+    best, best_state, best_epoch, waited = -math.inf, None, -1, 0
+    for epoch in range(cfg.max_epochs):
+        probe.train()
+        for idx in torch.randperm(len(X), generator=shuffle).to(X.device).tensor_split(n_batches):
+            loss = loss_fn(probe(X[idx]), target[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if (epoch + 1) % cfg.check_every:
+            continue
+        score = METRICS[task.metric](predict(probe, Xv, task.multilabel).cpu(), Yv.cpu())
+        if score > best:  # strict, as heareval's checkpoint and early-stopping callbacks
+            best, best_state, best_epoch, waited = score, copy.deepcopy(probe.state_dict()), epoch, 0
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    probe.load_state_dict(best_state)
+    return probe, best, best_epoch
+
+
+def probe_task(data, task, grid, device="cpu", seed=42):
+    """HEAR protocol: grid on the first split, winner retrained on the others, mean test score [3.2]."""
+    def fit(train, valid, cfg):
+        X, Y = (torch.cat([data[s][i] for s in train]).to(device) for i in (0, 1))
+        Xv, Yv = (torch.cat([data[s][i] for s in valid]).to(device) for i in (0, 1))
+        return train_probe(X, Y, Xv, Yv, task, cfg, seed)
+
+    searched = [(cfg, *fit(*task.folds[0][:2], cfg)) for cfg in grid]
+    winner = max(searched, key=lambda r: r[2])  # the first best, as a stable sort keeps it
+    folds = []
+    for i, (train, valid, test) in enumerate(task.folds):
+        _, probe, valid_score, epoch = winner if i == 0 else (winner[0], *fit(train, valid, winner[0]))
+        Xt, Yt = (torch.cat([data[s][j] for s in test]) for j in (0, 1))
+        test_score = METRICS[task.metric](predict(probe, Xt.to(device), task.multilabel).cpu(), Yt)
+        folds.append(dict(test=test, valid=valid_score, epoch=epoch, test_score=test_score))
+    return dict(metric=task.metric, test=float(np.mean([f["test_score"] for f in folds])),
+                best=asdict(winner[0]), folds=folds,
+                grid=[dict(config=asdict(c), valid=v, epoch=e) for c, _, v, e in searched])
+
+
+# ---------------------------------------------------------------- Table 1 and the CLI
+def format_table(results, tasks):
+    """Upstreams as rows, tasks as columns; mAP as .xxx, accuracy in percent (Table 1's style)."""
+    lines = ["| upstream | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for name, row in results.items():
+        cells = [f"{r['test']:.3f}".lstrip("0") if r["metric"] == "mAP" else f"{100 * r['test']:.1f}"
+                 for r in (row[t] for t in tasks)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(args):
+    """Every upstream on every task: embed (cached), probe, write results.json, print the table."""
+    root = Path(args.heareval_embeddings or args.tasks_dir)
+    task_dirs = [root / t for t in args.task] if args.task else sorted(
+        p for p in root.iterdir() if (p / "task_metadata.json").exists())
+    if not task_dirs:
+        raise FileNotFoundError(f"{root}: no task folders with task_metadata.json")
+    tasks = [read_task(p) for p in task_dirs]
+    grid = hear_grid(args.grid_points, linear=args.probe == "linear", max_epochs=args.max_epochs)
+    upstreams = [load_upstream(spec, args.encodec, args.layer, args.seed, args.device) for spec in args.upstream]
+    results = {}
+    for task in tasks:
+        start = time.time()
+        splits = sorted({s for fold in task.folds for part in fold for s in part})
+        if args.heareval_embeddings:  # heareval's runner embedded them: compare the probes alone
+            data = {root.name: {split: read_heareval_split(task, split) for split in splits}}
+        else:
+            data = {u.name: {} for u in upstreams}
+            for split in splits:
+                files, Y = read_split(task, split)
+                Xs = embed_split(upstreams, task, split, files, Path(args.out) / "embeddings", args.batch_size)
+                for u, X in zip(upstreams, Xs):
+                    data[u.name][split] = (X, Y)
+        embed_s, start = time.time() - start, time.time()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.probe_threads)  # 2 shared cores: small matmuls ran 10x slower on 2
+        for name in data:
+            row = probe_task(data[name], task, grid, args.device, args.probe_seed)
+            results.setdefault(name, {})[task.name] = dict(row, probe=args.probe, embed_s=embed_s,
+                                                           probe_s=time.time() - start)
+            print(f"{name} {task.name}: {task.metric} {row['test']:.4f} (embedding, all upstreams: "
+                  f"{embed_s:.1f} s; probes: {time.time() - start:.1f} s)", flush=True)
+            start = time.time()
+        torch.set_num_threads(threads)
+    table = format_table(results, [t.name for t in tasks])
+    os.makedirs(args.out, exist_ok=True)
+    Path(args.out, "results.json").write_text(json.dumps(dict(table=table, results=results), indent=1))
+    print(table)
+    return results
+
+
+def read_heareval_split(task, split):
+    """A split that heareval's embedding runner wrote (its memmap and pickled labels) -> (X, Y)."""
+    n, D = json.loads((task.path / f"{split}.embedding-dimensions.json").read_text())
+    X = np.memmap(task.path / f"{split}.embeddings.npy", dtype=np.float32, mode="r", shape=(n, D))
+    with open(task.path / f"{split}.target-labels.pkl", "rb") as f:
+        labels = pickle.load(f)  # heareval's own file; only read it from a run you trust
+    Y = torch.zeros(n, len(task.vocab))  # (N, C)
+    for i, clip_labels in enumerate(labels):
+        Y[i, [task.vocab[str(label)] for label in clip_labels]] = 1
+    return torch.tensor(np.array(X)), Y
+
+
+# ---------------------------------------------------------------- labelled demo tasks, HEAR layout
+def write_task(out, name, clips, multilabel, kfold, seconds, rate=HEAR_RATE):
+    """clips: {split: [(wav (n,) at 24 kHz, labels)]} -> a HEAR task folder with 16-bit wavs."""
+    import torchaudio.functional as AF  # torchaudio comes with encodec
+    path = Path(out) / name
+    vocab = sorted({label for items in clips.values() for _, labels in items for label in labels})
+    for split, items in clips.items():
+        (path / str(rate) / split).mkdir(parents=True, exist_ok=True)
+        entries = {}
+        for i, (wav, labels) in enumerate(items):
+            entries[f"{split}_{i:04d}.wav"] = labels
+            up = AF.resample(wav, SAMPLE_RATE, rate)  # HEAR's rates exclude 24 kHz
+            sf.write(path / str(rate) / split / f"{split}_{i:04d}.wav", up.numpy(), rate, subtype="PCM_16")
+        (path / f"{split}.json").write_text(json.dumps(entries, indent=1))
+    (path / "labelvocabulary.csv").write_text("idx,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(vocab)))
+    meta = dict(task_name=name, version="demo", embedding_type="scene", sample_duration=seconds,
+                prediction_type="multilabel" if multilabel else "multiclass",
+                split_mode="new_split_kfold" if kfold else "trainvaltest", splits=list(clips),
+                evaluation=["mAP"] if multilabel else ["top1_acc"])
+    (path / "task_metadata.json").write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def make_demo_tasks(out, clips=120, seconds=2.0, seed=0):
+    """Three synthetic tasks: sound kind (5-fold), pitch of a note (train/valid/test), mixtures
+    of kinds (multilabel, mAP). Labels come from data.synth_clip, so the truth is known exactly."""
+    rng = random.Random(seed)
+    kinds = [rng.choice(KINDS) for _ in range(clips)]
+    wavs = [synth_clip(k, seconds, [seed, 1, i]) for i, k in enumerate(kinds)]
+    folds = {f"fold{i:02d}": [(w, [k]) for j, (w, k) in enumerate(zip(wavs, kinds)) if j % 5 == i]
+             for i in range(5)}
+    paths = [write_task(out, "demo-kind", folds, False, True, seconds)]
+    pitches = [rng.choice(range(48, 72, 3)) for _ in range(clips)]  # 8 pitch classes, C3..A4
+    notes = [(synth_clip("note", seconds, [seed, 2, i], pitch=p), [str(p)]) for i, p in enumerate(pitches)]
+    tvt = lambda items: dict(train=items[: len(items) * 3 // 5], valid=items[len(items) * 3 // 5:
+                             len(items) * 4 // 5], test=items[len(items) * 4 // 5:])
+    paths.append(write_task(out, "demo-pitch", tvt(notes), False, False, seconds))
+    mixtures = [sorted(rng.sample(KINDS, rng.randint(1, 3))) for _ in range(clips)]  # 1-3 kinds each
+    mixes = [(sum(synth_clip(k, seconds, [seed, 3, i, j]) for j, k in enumerate(present)), present)
+             for i, present in enumerate(mixtures)]
+    mixes = [(0.5 * wav / wav.abs().max(), present) for wav, present in mixes]
+    paths.append(write_task(out, "demo-mix", tvt(mixes), True, False, seconds))
+    return paths
+
+
+# ---------------------------------------------------------------- the HEAR module API (HEAR.md)
+def load_model(model_file_path="", **kwargs):
+    """HEAR: a checkpoint path, "EC" or "ECMAE-R:<size>"; empty: $ENCODECMAE_UPSTREAM, else
+    "ECMAE-R:base". The codec: kwarg encodec, else $ENCODECMAE_ENCODEC, else "pretrained" for
+    EC/ECMAE-R and the checkpoint's own codec for a checkpoint: never a silent random codec."""
+    spec = model_file_path or os.environ.get("ENCODECMAE_UPSTREAM", "ECMAE-R:base")
+    kwargs.setdefault("encodec", os.environ.get("ENCODECMAE_ENCODEC") or None)
+    return load_upstream(spec, **kwargs)
+
+
+def to_codec_rate(audio, rate):
+    """(n_sounds, n) at the HEAR rate -> (n_sounds, n') at 24 kHz, as data.read_audio resamples."""
+    return torch.stack([resample_24k(a, rate) for a in audio]) if rate != SAMPLE_RATE else audio
+
+
+def get_timestamp_embeddings(audio, model):
+    """HEAR: (n_sounds, n) at 48 kHz -> frames (n_sounds, T, D) float32, centres (n_sounds, T) in ms."""
+    emb = model.frames(to_codec_rate(audio, model.sample_rate)).float()  # (B, T, D)
+    # A last frame centred past the end is mostly padding; HEAR wants timestamps inside the audio.
+    hop = HOP * model.sample_rate / SAMPLE_RATE  # input samples per frame
+    T = min(emb.shape[1], math.floor(audio.shape[1] / hop + 0.5))
+    ts = (torch.arange(T, device=audio.device, dtype=torch.float64) + 0.5) * (1000 * HOP / SAMPLE_RATE)
+    return emb[:, :T].contiguous(), ts.float().expand(len(audio), T)  # (B, T, D), (B, T)
+
+
+def get_scene_embeddings(audio, model):
+    """HEAR: (n_sounds, n) at 48 kHz -> (n_sounds, D) float32, the mean of all frames [3.2]."""
+    return model.frames(to_codec_rate(audio, model.sample_rate)).mean(1).float()
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks-dir", help="folder of HEAR task folders")
+    p.add_argument("--task", action="append", help="a task folder name (default: all)")
+    p.add_argument("--upstream", action="append", default=[], help="EC, ECMAE-R:<size> or checkpoint; repeat")
+    p.add_argument("--encodec", help="pretrained | random | PATH (default: pretrained, or the checkpoint's)")
+    p.add_argument("--layer", type=int, default=-1, help="encoder layer for features (-1: last)")
+    p.add_argument("--probe", choices=("mlp", "linear"), default="mlp")
+    p.add_argument("--grid-points", type=int, default=8, help="heareval keeps 8 of its 16 points")
+    p.add_argument("--max-epochs", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="seed of the ECMAE-R random init")
+    p.add_argument("--probe-seed", type=int, default=42, help="probe init/dropout/shuffle (heareval: 42)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per embedding batch")
+    p.add_argument("--probe-threads", type=int, default=1, help="CPU threads while training probes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--heareval-embeddings", help="probe heareval's embeddings/<module> folder instead")
+    p.add_argument("--out", default="eval_out")
+    args = p.parse_args(argv)
+    if not args.heareval_embeddings and not (args.tasks_dir and args.upstream):
+        p.error("give --tasks-dir and at least one --upstream (or --heareval-embeddings)")
+    return args
+
+
+def demo_main(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py make-demo-tasks", description=make_demo_tasks.__doc__)
+    p.add_argument("--out", required=True)
+    p.add_argument("--clips", type=int, default=120, help="clips per task")
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    print("\n".join(f"wrote {path}" for path in make_demo_tasks(args.out, args.clips, args.seconds, args.seed)))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["make-demo-tasks"]:
+        demo_main(sys.argv[2:])
+    else:
+        evaluate(parse_args(sys.argv[1:]))
