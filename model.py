@@ -262,19 +262,22 @@ def fill_codebooks(quantizer, emb, n_q, generator):
 
 
 @torch.no_grad()
-def estimate_gamma(codec, clips, Q=8):
+def estimate_gamma(codec, clips, Q=8, batch=8):
     """gamma_q: mean quantization error of codebook q over the clips, normalized to sum to 1 [3.1].
 
     The error of stage q is the norm of what it leaves unexplained, |r_q - e_q(r_q)|, where r_q is
     the residual entering stage q; errors shrink from stage to stage, so early codebooks weigh more.
+    Clips go through the codec a few at a time: its activations for 150 clips would not fit.
     """
-    residual = codec.raw_frames(clips).transpose(1, 2).reshape(-1, codec.dim)  # (B * T, 128)
-    errors = []
-    for layer in codec.quantizer.vq.layers[:Q]:
-        book = layer._codebook
-        residual = residual - book.dequantize(book.quantize(residual))
-        errors.append(residual.norm(dim=1).mean())
-    errors = torch.stack(errors)  # (Q,)
+    total, n_frames = torch.zeros(Q), 0
+    for part in clips.split(batch):
+        residual = codec.raw_frames(part).transpose(1, 2).reshape(-1, codec.dim)  # (b * T, 128)
+        for q, layer in enumerate(codec.quantizer.vq.layers[:Q]):
+            book = layer._codebook
+            residual = residual - book.dequantize(book.quantize(residual))
+            total[q] += residual.norm(dim=1).sum().cpu()
+        n_frames += len(residual)
+    errors = total / n_frames  # (Q,)
     return errors / errors.sum()
 
 

@@ -151,7 +151,7 @@ class MaskedCrops(Dataset):
 
     def __getitem__(self, index):
         item = self.crops[index]
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2 ** 62)
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2 ** 62)  # ints: a fixed hash
         length = (~item.padding).sum()[None]  # (1,)
         mask = M.gap_mask(length, len(item.padding), self.cfg.M_prop, self.cfg.M_gap, g)[0]  # (T,)
         return item, mask
@@ -386,7 +386,7 @@ def main(argv=None):
     extra = derived(cfg, world)
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    codec = M.load_codec(cfg.encodec, seed=cfg.seed).to(device)
+    codec = M.load_codec(cfg.encodec).to(device)  # the random codec's seed stays 0: evaluate.py rebuilds it
 
     train_set, val_set, train_paths = build_datasets(cfg, mcfg, codec, rank)
     skipped = train_set.crops.n_skipped
@@ -489,7 +489,7 @@ def benchmark(cfg, mcfg, device):
     autocast, _ = autocast_for(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak(device, dtype)
-    codec = M.load_codec(cfg.encodec, seed=cfg.seed).to(device)
+    codec = M.load_codec(cfg.encodec).to(device)
     wav = data.demo_clips(B, M.CROP_SECONDS, seed=cfg.seed).to(device)  # (B, 96000)
     t_codec = timed(lambda: codec(wav), device)
     feats, codes = codec(wav)
