@@ -403,8 +403,9 @@ class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        # Deviation: a learned shared mask token, as the paper says; the authors' code leaves zeros.
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
+        if cfg.mask_mode == "drop":  # the "token" ablation masks inside the encoder instead
+            # Deviation: a learned shared mask token, as the paper says; the authors' code leaves zeros.
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_dim)
                                     for _ in range(cfg.n_dec_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
@@ -481,7 +482,9 @@ class EnCodecMAE(nn.Module):
             self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         self.register_buffer("gamma", stream_weights(cfg), persistent=False)
         self.apply(init_weights)
-        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        for name, p in self.named_parameters():
+            if name.endswith("mask_token"):
+                nn.init.normal_(p, std=0.02)
 
     def forward(self, feats, targets, mask, padding=None):
         """feats (B, T, 128), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1].

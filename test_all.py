@@ -210,6 +210,20 @@ def test_adding_the_kmeans_stream_keeps_stage_one_weights():
     assert torch.equal(new.encoder.layers[0].qkv.weight, net.encoder.layers[0].qkv.weight)
 
 
+@pytest.mark.parametrize("overrides", [dict(mask_mode="token"), dict(Q=4), dict(M_prop=0.3, M_gap=5, delta=1.0)])
+def test_ablation_switches_train(overrides):
+    """[2.2, 3.1] BERT-style token masking, fewer codebooks, other M_prop/M_gap/delta: a step runs."""
+    cfg = make_config("tiny", **overrides)
+    net = EnCodecMAE(cfg)
+    feats, targets = torch.randn(2, 300, 128), torch.randint(0, 1024, (2, 300, cfg.Q))
+    mask = gap_mask(torch.full((2,), 300), 300, cfg.M_prop, cfg.M_gap, torch.Generator().manual_seed(0))
+    out = net(feats, targets, mask)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.masked_acc.shape == (cfg.Q,)
+    assert mask.sum(1).tolist() == [round(cfg.M_prop * 300)] * 2
+    assert all(p.grad is not None for p in net.parameters())  # no dead weights (DDP would refuse them)
+
+
 @pytest.mark.parametrize("size", ["small", "base", "large"])
 def test_parameter_counts_match_table_1(size):
     """[Table 1] EnCodec encoder + input projection + MAE encoder within 5% of 51M / 94M / 269M."""
