@@ -640,6 +640,17 @@ def test_a_killed_run_resumes_bit_for_bit(demo_cache, tmp_path):
     assert straight == resumed and sorted(resumed) == [1, 2, 3, 4]
 
 
+def test_training_reads_raw_audio_through_the_codec_and_mixes_weighted_sources(demo_cache, tmp_path):
+    """[3.1] without a cache the codec runs on each crop; several --data sources mix by weight."""
+    audio, _ = demo_cache
+    train.main(TINY_RUN + ["--data", audio, "--out", str(tmp_path / "raw"), "--steps", "1"])
+    other = D.write_demo_dataset(str(tmp_path / "other"), n_files=3, seed=5, seconds=(4.0, 4.5))
+    train.main(TINY_RUN + ["--data", audio, os.path.dirname(other[0]), "--data_weights", "1", "3",
+                           "--val_files", "1", "--out", str(tmp_path / "mixed"), "--steps", "1"])
+    for run in ("raw", "mixed"):
+        assert 6.5 < losses(tmp_path / run)[1] < 7.5  # about ln(1024) at the start
+
+
 def test_checkpoint_round_trips_the_model(demo_cache, tmp_path):
     """[3.1] a checkpoint holds config, gamma_q and weights; loading it is strict and exact."""
     audio, cache = demo_cache
