@@ -624,6 +624,9 @@ def test_command_line_takes_every_config_field_and_refuses_unknown_ones():
         (5, 0.3, 7, ("a", "b"), True, (0.8, 0.9))
     with pytest.raises(SystemExit, match="unknown option --M_porp"):
         train.parse_args(["--M_porp=0.3"])
+    with pytest.raises(SystemExit) as done:  # --help lists every field and exits cleanly
+        train.parse_args(["--help"])
+    assert done.value.code == 0
     with pytest.raises(SystemExit, match="not divisible"):
         train.derived(train.TrainConfig(batch_size=10, grad_accum=3), world=1)
 

@@ -3,7 +3,7 @@
 CPU demo:  python train.py --config tiny --data demo --encodec random --cache runs/demo-cache --steps 300
 One GPU:   python train.py --config base --data /audio/audioset /audio/fma --out runs/base
 Two GPUs:  torchrun --nproc_per_node=2 train.py --config base --data ... --out runs/base
-Stage 2:   python train.py --init_from runs/base/ckpt-00500000.pt --kmeans_store runs/km --steps 150000
+Stage 2:   python train.py ... --init_from runs/base/ckpt-00500000.pt --kmeans_store runs/km --steps 150000
 Benchmark: python train.py --bench --config small --batch_size 8 --device cpu
 Reads audio folders, .txt lists or a codec cache (data.py); writes OUT/ckpt-*.pt, OUT/metrics.jsonl.
 Every ModelConfig and TrainConfig field is a flag: --M_prop=0.3, --delta 1, --gamma uniform, ...
@@ -62,6 +62,11 @@ def parse_args(argv):
     """--field=value / --field value for any TrainConfig or ModelConfig field, plus --config SIZE."""
     groups = {f.name: (TrainConfig, f) for f in dataclasses.fields(TrainConfig)}
     groups.update({f.name: (M.ModelConfig, f) for f in dataclasses.fields(M.ModelConfig)})
+    if "-h" in argv or "--help" in argv:
+        options = "\n".join(f"  --{name}={f.default!r}" for name, (_, f) in groups.items())
+        print(f"{__doc__}\n--config {'|'.join(M.SIZES)} (default base), then any of these "
+              f"(defaults shown; meanings in train.py's TrainConfig and model.py's ModelConfig):\n{options}")
+        raise SystemExit(0)
     size, values = "base", {TrainConfig: {}, M.ModelConfig: {}}
     i = 0
     while i < len(argv):
