@@ -247,12 +247,16 @@ class ProbeConfig:
 LRS, INITS = (3.2e-3, 1e-3, 3.2e-4, 1e-4), ("xavier_uniform", "xavier_normal")
 
 
-def hear_grid(points=8, linear=False, **fixed):
-    """heareval's 16 points in scikit-learn ParameterGrid order, shuffled with seed 42, first `points`."""
+def hear_grid(points=8, linear=False, seed=42, **fixed):
+    """heareval's 16 points in scikit-learn ParameterGrid order, shuffled, first `points`.
+
+    heareval seeds Python's random with 42 before its shuffle; a run of heareval seeded with s
+    searches the points random.Random(s) picks, so --probe-seed s compares like with like.
+    """
     if linear:  # the linear probe only searches the learning rate
         return [ProbeConfig(hidden_layers=0, lr=lr, **fixed) for lr in LRS]
     grid = [ProbeConfig(h, lr, init, **fixed) for h in (1, 2) for init in INITS for lr in LRS]
-    random.Random(42).shuffle(grid)  # the same 8 points heareval's seed_everything(42) picks
+    random.Random(seed).shuffle(grid)  # the same 8 points heareval's seed_everything(seed) picks
     return grid[:points]
 
 
@@ -277,10 +281,14 @@ def predict(probe, X, multilabel):
     return torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)  # (N, C)
 
 
-def train_probe(X, Y, Xv, Yv, task, cfg, seed=42):
-    """Adam on full-batch tensors, validated every 3 epochs; keeps the best-on-validation weights."""
-    torch.manual_seed(seed)  # same init and dropout draws for every grid point and fold
-    shuffle = torch.Generator().manual_seed(seed)
+def train_probe(X, Y, Xv, Yv, task, cfg, seed=None):
+    """Adam on full-batch tensors, validated every 3 epochs; keeps the best-on-validation weights.
+
+    Init, dropout and shuffling draw from torch's global generator: seeded here when `seed` is
+    given, else continuing the stream (probe_task seeds once per task, as heareval does).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
     probe = make_probe(X.shape[1], Y.shape[1], cfg).to(X.device)
     optimizer = torch.optim.Adam(probe.parameters(), lr=cfg.lr, fused=True)  # one kernel per step
     loss_fn = nn.BCEWithLogitsLoss() if task.multilabel else nn.CrossEntropyLoss()
@@ -291,7 +299,7 @@ def train_probe(X, Y, Xv, Yv, task, cfg, seed=42):
     best, best_state, best_epoch, waited = -math.inf, None, -1, 0
     for epoch in range(cfg.max_epochs):
         probe.train()
-        for idx in torch.randperm(len(X), generator=shuffle).to(X.device).tensor_split(n_batches):
+        for idx in torch.randperm(len(X)).to(X.device).tensor_split(n_batches):
             loss = loss_fn(probe(X[idx]), target[idx])
             optimizer.zero_grad()
             loss.backward()
@@ -310,12 +318,17 @@ def train_probe(X, Y, Xv, Yv, task, cfg, seed=42):
 
 
 def probe_task(data, task, grid, device="cpu", seed=42):
-    """HEAR protocol: grid on the first split, winner retrained on the others, mean test score [3.2]."""
+    """HEAR protocol: grid on the first split, winner retrained on the others, mean test score [3.2].
+
+    One seed per task, then every training draws on from the same stream, as heareval's runner:
+    grid points start from independent inits, so the search is not over 8 correlated runs.
+    """
     def fit(train, valid, cfg):
         X, Y = (torch.cat([data[s][i] for s in train]).to(device) for i in (0, 1))
         Xv, Yv = (torch.cat([data[s][i] for s in valid]).to(device) for i in (0, 1))
-        return train_probe(X, Y, Xv, Yv, task, cfg, seed)
+        return train_probe(X, Y, Xv, Yv, task, cfg)
 
+    torch.manual_seed(seed)
     searched = [(cfg, *fit(*task.folds[0][:2], cfg)) for cfg in grid]
     winner = max(searched, key=lambda r: r[2])  # the first best, as a stable sort keeps it
     folds = []
@@ -348,7 +361,7 @@ def evaluate(args):
     if not task_dirs:
         raise FileNotFoundError(f"{root}: no task folders with task_metadata.json")
     tasks = [read_task(p) for p in task_dirs]
-    grid = hear_grid(args.grid_points, linear=args.probe == "linear", max_epochs=args.max_epochs)
+    grid = hear_grid(args.grid_points, args.probe == "linear", args.probe_seed, max_epochs=args.max_epochs)
     upstreams = [load_upstream(spec, args.encodec, args.layer, args.seed, args.device) for spec in args.upstream]
     results = {}
     for task in tasks:
@@ -479,7 +492,8 @@ def parse_args(argv):
     p.add_argument("--grid-points", type=int, default=8, help="heareval keeps 8 of its 16 points")
     p.add_argument("--max-epochs", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="seed of the ECMAE-R random init")
-    p.add_argument("--probe-seed", type=int, default=42, help="probe init/dropout/shuffle (heareval: 42)")
+    p.add_argument("--probe-seed", type=int, default=42,
+                   help="probe init, dropout, shuffle, and which 8 grid points (heareval: 42)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per embedding batch")
     p.add_argument("--probe-threads", type=int, default=1, help="CPU threads while training probes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

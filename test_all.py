@@ -879,11 +879,11 @@ def test_probe_is_near_perfect_when_separable_and_chance_on_shuffled_labels():
     task = E.Task("t", None, False, "top1_acc", {}, [], None)
     for hidden_layers in (0, 1):
         cfg = E.ProbeConfig(hidden_layers=hidden_layers, lr=1e-2, hidden_dim=128, max_epochs=60)
-        probe, valid, _ = E.train_probe(X[:160], Y[:160], X[160:200], Y[160:200], task, cfg)
+        probe, valid, _ = E.train_probe(X[:160], Y[:160], X[160:200], Y[160:200], task, cfg, seed=0)
         assert E.top1_accuracy(E.predict(probe, X[200:], False), Y[200:]) >= 0.95
     Y_shuffled = Y[torch.randperm(len(Y), generator=torch.Generator().manual_seed(1))]
     cfg = E.ProbeConfig(hidden_layers=1, lr=3.2e-3, hidden_dim=128, max_epochs=60)
-    probe, _, _ = E.train_probe(X[:160], Y_shuffled[:160], X[160:200], Y_shuffled[160:200], task, cfg)
+    probe, _, _ = E.train_probe(X[:160], Y_shuffled[:160], X[160:200], Y_shuffled[160:200], task, cfg, seed=0)
     assert E.top1_accuracy(E.predict(probe, X[200:], False), Y_shuffled[200:]) < 0.5  # chance 0.25
 
 
@@ -937,6 +937,10 @@ def test_hear_grid_is_heareval_default_grid():
     full = E.hear_grid(16)
     assert len({(c.hidden_layers, c.lr, c.init) for c in full}) == 16
     assert E.hear_grid()[:8] == full[:8] and len(E.hear_grid()) == 8
+    # heareval 2021.1.3's log, its runner seeded with 43: the points it searched, in order
+    logged_43 = [(2, "u", 1e-3), (2, "u", 3.2e-3), (2, "n", 1e-3), (1, "u", 3.2e-3),
+                 (1, "n", 3.2e-4), (1, "u", 1e-4), (2, "n", 3.2e-4), (2, "u", 3.2e-4)]
+    assert [(c.hidden_layers, c.init[7], c.lr) for c in E.hear_grid(seed=43)] == logged_43
     assert {(c.hidden_dim, c.max_epochs, c.check_every, c.patience, c.batch_size) for c in full} == {
         (1024, 500, 3, 20, 1024)}
     probe = E.make_probe(16, 3, full[0])
