@@ -446,25 +446,31 @@ def stream_weights(cfg):
     return torch.tensor(gamma, dtype=torch.float32)  # (S,)
 
 
-def masked_token_loss(logits, targets, mask, padding, gamma, delta):
+def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None):
     """L = sum_q gamma_q [alpha sum_{t in M} C + beta sum_{t not in M} C] [2.3].
 
     alpha = delta / |M| and beta = (1 - delta) / (T - |M|), with |M| and T counted over the
-    whole batch; padded frames are in neither set.
+    whole batch; padded frames are in neither set. A batch split into micro-batches (or over
+    GPUs) passes counts = (|M|, T - |M|) of the whole batch: each part then returns its share
+    of L (and of the logged figures), and the shares add up to the whole batch's values.
     """
     B, T, S, K = logits.shape
     ce = F.cross_entropy(logits.reshape(-1, K).float(), targets.reshape(-1), reduction="none")
     ce = ce.view(B, T, S)  # C(y_q(t), z_q(t))
     hidden = (mask & ~padding)[..., None].float()  # (B, T, 1), the set M
     shown = (~mask & ~padding)[..., None].float()  # (B, T, 1), its complement
-    n_hidden, n_shown = hidden.sum().clamp(min=1), shown.sum().clamp(min=1)
-    masked_loss = (ce * hidden).sum((0, 1)) / n_hidden  # (S,) alpha-weighted sums, per stream
-    unmasked_loss = (ce * shown).sum((0, 1)) / n_shown  # (S,)
-    loss = (gamma * (delta * masked_loss + (1 - delta) * unmasked_loss)).sum()
+    n_hidden, n_shown = (hidden.sum(), shown.sum()) if counts is None else counts  # |M|, T - |M|
+    n_hidden = torch.as_tensor(n_hidden, dtype=torch.float32, device=ce.device).clamp(min=1)
+    n_shown = torch.as_tensor(n_shown, dtype=torch.float32, device=ce.device).clamp(min=1)
+    alpha, beta = delta / n_hidden, (1 - delta) / n_shown
+    hidden_ce, shown_ce = (ce * hidden).sum((0, 1)), (ce * shown).sum((0, 1))  # (S,) sums over M, not M
+    loss = (gamma * (alpha * hidden_ce + beta * shown_ce)).sum()
     with torch.no_grad():
         correct = (logits.argmax(-1) == targets).float()  # (B, T, S)
         masked_acc = (correct * hidden).sum((0, 1)) / n_hidden  # (S,)
-    return LossOut(loss, masked_loss.detach(), unmasked_loss.detach(), masked_acc)
+    masked_loss = hidden_ce.detach() / n_hidden  # (S,) mean CE over M, per stream
+    unmasked_loss = shown_ce.detach() / n_shown  # (S,)
+    return LossOut(loss, masked_loss, unmasked_loss, masked_acc)
 
 
 # ---------------------------------------------------------------- the model, Fig. 1
@@ -486,8 +492,10 @@ class EnCodecMAE(nn.Module):
             if name.endswith("mask_token"):
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, feats, targets, mask, padding=None):
+    def forward(self, feats, targets, mask, padding=None, counts=None):
         """feats (B, T, 128), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1].
+
+        counts: (|M|, T - |M|) of the whole batch when this is one micro-batch of it [2.3].
 
         The mask comes from `gap_mask`, drawn per clip by the data pipeline so that a clip's mask
         depends on the clip alone (not on the GPU count or the accumulation steps).
@@ -505,7 +513,7 @@ class EnCodecMAE(nn.Module):
             h = self.encoder(x, padding if padding.any() else None)  # (B, T, D)
         h = self.decoder(h, ids_restore, visible_padding, padding)  # (B, T, D)
         logits = self.head(h)  # (B, T, S, K)
-        return masked_token_loss(logits, targets, mask, padding, self.gamma, self.cfg.delta)
+        return masked_token_loss(logits, targets, mask, padding, self.gamma, self.cfg.delta, counts)
 
     def embed(self, feats, padding=None, layer=-1):
         """Frame features, no masking: the output of encoder layer `layer` (-1: last, normed) [3.1]."""
