@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from typing import NamedTuple
@@ -25,6 +26,28 @@ from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, num_frames
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
 MIN_RATE, MAX_RATE = 1000, 384000  # outside this range a header is broken, not exotic
+
+
+# ---------------------------------------------------------------- a user's mistakes
+class UsageError(Exception):
+    """A user's mistake (a bad flag, a missing file): the CLIs print it as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: one line, not a usage block."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def run_cli(main, argv=None):
+    """Run a command-line main: a UsageError becomes one line on stderr and exit status 2,
+    before any expensive setup when main validates first; bugs keep their traceback."""
+    try:
+        return main(argv)
+    except UsageError as err:
+        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 # ---------------------------------------------------------------- reading audio [3.1]
@@ -257,6 +280,16 @@ def frame_labels(npy, start, T, n_frames):
     return cut_frames(labels, start, T, -1, np.int64)
 
 
+def file_id(path):
+    """A stable short name for a file's derived arrays: the sha1 of its absolute path."""
+    return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+
+
+def visits_per_file(lengths, crop):
+    """How often each file is visited per epoch: ceil(length / crop), so long audio is seen more [3.1]."""
+    return -(-np.asarray(lengths) // crop)
+
+
 class Visits(Dataset):
     """Items over files: a file counts ceil(length / crop) times, so long audio is seen more [3.1].
 
@@ -265,7 +298,7 @@ class Visits(Dataset):
     """
 
     def __init__(self, lengths, crop, seed):
-        self.file_of_item = np.repeat(np.arange(len(lengths)), -(-np.asarray(lengths) // crop))
+        self.file_of_item = np.repeat(np.arange(len(lengths)), visits_per_file(lengths, crop))
         self.lengths, self.crop, self.seed, self.epoch = lengths, crop, seed, 0
 
     def set_epoch(self, epoch):
@@ -430,7 +463,7 @@ def encode(codec, wav, chunk_samples):
 def store_entry(cache_dir, path, n_samples, feats, codes):
     """Write one file's arrays, then commit it with a manifest line (the arrays are complete by then)."""
     key = os.path.abspath(path)
-    entry = {"path": key, "id": hashlib.sha1(key.encode()).hexdigest()[:16], "samples": n_samples,
+    entry = {"path": key, "id": file_id(key), "samples": n_samples,
              "frames": len(feats)}
     base = os.path.join(cache_dir, entry["id"])
     write_atomic(base + ".feats.npy", lambda f: np.save(f, feats))  # (T, 128) fp16
@@ -521,7 +554,7 @@ class CachedCropDataset(Visits):
 
 # ---------------------------------------------------------------- command line
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cache = sub.add_parser("cache", help="run the frozen codec once over a dataset (resumable)")
     cache.add_argument("--data", nargs="+", required=True, help="folders, .txt lists, or demo")
@@ -538,4 +571,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

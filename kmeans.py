@@ -9,7 +9,6 @@ per file, aligned frame for frame with the codec frames (T = ceil(n_samples / 32
 Plain torch, CPU or GPU: no scikit-learn or faiss at run time.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -19,7 +18,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data import AudioError, list_audio, read_audio, read_manifest, scan_audio, write_atomic
+from data import (AudioError, file_id, list_audio, read_audio, read_manifest, scan_audio, visits_per_file,
+                  write_atomic)
 from model import CROP_FRAMES, CROP_SAMPLES, embed_audio, load_checkpoint_model, load_codec, num_frames
 
 
@@ -166,7 +166,7 @@ def sample_clips(source, n_clips, seed):
     (LibriLight books) cost no more than AudioSet clips.
     """
     crop = CROP_SAMPLES if source.feats_files is None else CROP_FRAMES
-    file_of_item = np.repeat(np.arange(len(source.paths)), -(-source.lengths // crop))  # as data.Visits
+    file_of_item = np.repeat(np.arange(len(source.paths)), visits_per_file(source.lengths, crop))
     items = np.random.default_rng(seed).permutation(len(file_of_item))[:n_clips]
     first_item = np.searchsorted(file_of_item, file_of_item[items])  # each file's first chunk
     return [(int(f), int(c)) for f, c in zip(file_of_item[items], items - first_item)]
@@ -234,7 +234,7 @@ def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1):
     centroids = centroids.to(next(model.parameters()).device)
     progress, index = Progress("quantize", int(source.lengths.sum())), {}
     for f, path in enumerate(source.paths):
-        name = hashlib.sha1(path.encode()).hexdigest()[:16] + ".npy"  # stable across runs
+        name = file_id(path) + ".npy"  # stable across runs
         out = os.path.join(store_dir, name)
         done_before = os.path.exists(out)
         T = num_frames(source.lengths[f]) if source.feats_files is None else int(source.lengths[f])
