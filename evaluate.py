@@ -1,7 +1,7 @@
 """Downstream evaluation, section 3.2: frozen embeddings, HEAR tasks, MLP probes, Table 1.
 
 `python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
-`python evaluate.py make-demo-tasks --out TASKS` writes small labelled tasks in the HEAR layout;
+`python data.py demo-tasks --out TASKS` writes small labelled demo tasks in the HEAR layout;
 `python evaluate.py plot-curves runs/x/metrics.jsonl --out curves.png` draws training curves.
 Reads HEAR 2021 task folders (task_metadata.json, labelvocabulary.csv, <split>.json,
 <rate>/<split>/*.wav); writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun),
@@ -23,13 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch import nn
 
-from data import KINDS, probe_audio, read_audio, resample_24k, synth_clip
+from data import load_codec, probe_audio, read_audio, resample_24k
 from model import (CROP_FRAMES, HOP, SAMPLE_RATE, EnCodecMAE, codec_embed_audio,
-                   load_checkpoint_model, load_codec, make_config)
+                   load_checkpoint_model, make_config)
 
 HEAR_RATE = 48000  # HEAR allows 16000, 22050, 32000, 44100, 48000, not 24000: we declare 48000
 
@@ -406,51 +405,6 @@ def read_heareval_split(task, split):
     return torch.tensor(np.array(X)), Y
 
 
-# ---------------------------------------------------------------- labelled demo tasks, HEAR layout
-def write_task(out, name, clips, multilabel, kfold, seconds, rate=HEAR_RATE):
-    """clips: {split: [(wav (n,) at 24 kHz, labels)]} -> a HEAR task folder with 16-bit wavs."""
-    import torchaudio.functional as AF  # torchaudio comes with encodec
-    path = Path(out) / name
-    vocab = sorted({label for items in clips.values() for _, labels in items for label in labels})
-    for split, items in clips.items():
-        (path / str(rate) / split).mkdir(parents=True, exist_ok=True)
-        entries = {}
-        for i, (wav, labels) in enumerate(items):
-            entries[f"{split}_{i:04d}.wav"] = labels
-            up = AF.resample(wav, SAMPLE_RATE, rate)  # HEAR's rates exclude 24 kHz
-            sf.write(path / str(rate) / split / f"{split}_{i:04d}.wav", up.numpy(), rate, subtype="PCM_16")
-        (path / f"{split}.json").write_text(json.dumps(entries, indent=1))
-    (path / "labelvocabulary.csv").write_text("idx,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(vocab)))
-    meta = dict(task_name=name, version="demo", embedding_type="scene", sample_duration=seconds,
-                prediction_type="multilabel" if multilabel else "multiclass",
-                split_mode="new_split_kfold" if kfold else "trainvaltest", splits=list(clips),
-                evaluation=["mAP"] if multilabel else ["top1_acc"])
-    (path / "task_metadata.json").write_text(json.dumps(meta, indent=1))
-    return path
-
-
-def make_demo_tasks(out, clips=120, seconds=2.0, seed=0):
-    """Three synthetic tasks: sound kind (5-fold), pitch of a note (train/valid/test), mixtures
-    of kinds (multilabel, mAP). Labels come from data.synth_clip, so the truth is known exactly."""
-    rng = random.Random(seed)
-    kinds = [rng.choice(KINDS) for _ in range(clips)]
-    wavs = [synth_clip(k, seconds, [seed, 1, i]) for i, k in enumerate(kinds)]
-    folds = {f"fold{i:02d}": [(w, [k]) for j, (w, k) in enumerate(zip(wavs, kinds)) if j % 5 == i]
-             for i in range(5)}
-    paths = [write_task(out, "demo-kind", folds, False, True, seconds)]
-    pitches = [rng.choice(range(48, 72, 3)) for _ in range(clips)]  # 8 pitch classes, C3..A4
-    notes = [(synth_clip("note", seconds, [seed, 2, i], pitch=p), [str(p)]) for i, p in enumerate(pitches)]
-    tvt = lambda items: dict(train=items[: len(items) * 3 // 5], valid=items[len(items) * 3 // 5:
-                             len(items) * 4 // 5], test=items[len(items) * 4 // 5:])
-    paths.append(write_task(out, "demo-pitch", tvt(notes), False, False, seconds))
-    mixtures = [sorted(rng.sample(KINDS, rng.randint(1, 3))) for _ in range(clips)]  # 1-3 kinds each
-    mixes = [(sum(synth_clip(k, seconds, [seed, 3, i, j]) for j, k in enumerate(present)), present)
-             for i, present in enumerate(mixtures)]
-    mixes = [(0.5 * wav / wav.abs().max(), present) for wav, present in mixes]
-    paths.append(write_task(out, "demo-mix", tvt(mixes), True, False, seconds))
-    return paths
-
-
 # ---------------------------------------------------------------- the HEAR module API (HEAR.md)
 def load_model(model_file_path="", **kwargs):
     """HEAR: a checkpoint path, "EC" or "ECMAE-R:<size>"; empty: $ENCODECMAE_UPSTREAM, else
@@ -505,16 +459,6 @@ def parse_args(argv):
     return args
 
 
-def demo_main(argv):
-    p = argparse.ArgumentParser(prog="evaluate.py make-demo-tasks", description=make_demo_tasks.__doc__)
-    p.add_argument("--out", required=True)
-    p.add_argument("--clips", type=int, default=120, help="clips per task")
-    p.add_argument("--seconds", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    print("\n".join(f"wrote {path}" for path in make_demo_tasks(args.out, args.clips, args.seconds, args.seed)))
-
-
 def plot_curves(metrics_files, out):
     """Training curves from train.py's metrics.jsonl files (stage 1, then stage 2, one after the other):
     loss and masked accuracy per stream against steps. matplotlib is needed for this only."""
@@ -549,9 +493,7 @@ def plot_curves(metrics_files, out):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["make-demo-tasks"]:
-        demo_main(sys.argv[2:])
-    elif sys.argv[1:2] == ["plot-curves"]:
+    if sys.argv[1:2] == ["plot-curves"]:
         if len(sys.argv) < 5 or sys.argv[-2] != "--out":
             raise SystemExit("usage: python evaluate.py plot-curves METRICS.jsonl [METRICS.jsonl ...] --out FIG.png")
         plot_curves(sys.argv[2:-2], sys.argv[-1])

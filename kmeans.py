@@ -18,9 +18,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data import (AudioError, file_id, list_audio, read_audio, read_manifest, scan_audio, visits_per_file,
-                  write_atomic)
-from model import CROP_FRAMES, CROP_SAMPLES, embed_audio, load_checkpoint_model, load_codec, num_frames
+from data import (AudioError, file_id, list_audio, load_codec, read_audio, read_manifest, scan_audio,
+                  visits_per_file, write_atomic)
+from model import CROP_FRAMES, CROP_SAMPLES, embed_audio, load_checkpoint_model, num_frames
 
 
 # ---------------------------------------------------------------- k-means (plain torch)

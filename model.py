@@ -10,7 +10,6 @@ real audio. Shapes use B batch, T frames, N visible frames, D width, S target st
 """
 import contextlib
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
@@ -124,11 +123,14 @@ class Codec(nn.Module):
         with flush_denormals(wav.device):
             return self.encoder(wav[:, None].float())  # (B, 128, T)
 
+    def standardize(self, emb):
+        """(B, 128, T) encoder output -> (B, T, 128) frames as the MAE sees them."""
+        return (emb.transpose(1, 2) - self.feat_mean) / self.feat_std
+
     @torch.no_grad()
     def features(self, wav):
         """The MAE's input: encoder output frames (B, T, 128)."""
-        emb = self.raw_frames(wav).transpose(1, 2)  # (B, T, 128)
-        return (emb - self.feat_mean) / self.feat_std
+        return self.standardize(self.raw_frames(wav))
 
     @torch.no_grad()
     def forward(self, wav):
@@ -136,8 +138,7 @@ class Codec(nn.Module):
         emb = self.raw_frames(wav)  # (B, 128, T)
         codes = self.quantizer.encode(emb, FRAME_RATE, 6.0)  # (8, B, T)
         assert codes.shape[-1] == emb.shape[-1] == num_frames(wav.shape[-1])
-        feats = (emb.transpose(1, 2) - self.feat_mean) / self.feat_std  # (B, T, 128)
-        return feats, codes.permute(1, 2, 0).long()  # (B, T, 128), (B, T, 8)
+        return self.standardize(emb), codes.permute(1, 2, 0).long()  # (B, T, 128), (B, T, 8)
 
 
 @contextlib.contextmanager
@@ -150,32 +151,6 @@ def flush_denormals(device):
     finally:
         if flush:
             torch.set_flush_denormal(False)
-
-
-OFFLINE_HELP = (
-    "EnCodec's pretrained 24 kHz weights could not be loaded ({err}). This machine may be offline.\n"
-    "  Either copy encodec_24khz-d7cc33bc.th from a machine with internet and pass its path\n"
-    "  (--encodec /path/to/encodec_24khz-d7cc33bc.th), or use --encodec random for a seeded\n"
-    "  random codec (smoke tests only: its targets are not the paper's)."
-)
-
-
-def load_codec(source="pretrained", seed=0):
-    """EnCodec by source: "pretrained" (hub download), a local checkpoint path, or "random"."""
-    if source == "random":
-        return random_codec(seed)
-    if source == "pretrained":
-        try:
-            model = build_encodec(pretrained=True)
-        except Exception as err:  # any download failure ends here, loudly
-            raise RuntimeError(OFFLINE_HELP.format(err=err)) from err
-    else:
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"--encodec {source!r}: no such checkpoint file; "
-                                    "expected 'pretrained', 'random' or a path to encodec_24khz-*.th")
-        model = build_encodec(pretrained=False)
-        model.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
-    return Codec(fold_weight_norm(model), source)
 
 
 def build_encodec(pretrained):
@@ -194,35 +169,26 @@ def fold_weight_norm(model):
     return model
 
 
-_RANDOM_CODECS = {}
-
-
-def random_codec(seed=0):
+def random_codec(seed, audio):
     """A seeded random EnCodec with non-degenerate codebooks, for tests and offline smoke runs.
 
     With random weights the package's codebooks are all zeros (they are k-means-initialised on the
-    codec's first training batch), so every target would be 0. SPEC.md's recipe, step by step:
-    rescale each conv to unit output variance on varied audio (LSUV), fill every RVQ stage from
-    the residuals that audio leaves, and standardize the 128-d frames per dimension.
-    A random codec is a weak front end whatever one does: it tests the machinery only.
+    codec's first training batch), so every target would be 0. SPEC.md's recipe, step by step,
+    calibrated on `audio` (B, n), varied 24 kHz clips: rescale each conv to unit output variance
+    (LSUV), fill every RVQ stage from the residuals that audio leaves, and standardize the 128-d
+    frames per dimension. A random codec is a weak front end whatever one does: it tests the
+    machinery only (data.load_codec("random") is the way in: it supplies the audio and says so).
     """
-    if seed in _RANDOM_CODECS:
-        return _RANDOM_CODECS[seed]
-    from data import demo_clips
-    warnings.warn("--encodec random: a seeded random codec; its inputs and targets are NOT the "
-                  "paper's (smoke tests and teaching only).", stacklevel=2)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = fold_weight_norm(build_encodec(pretrained=False))
         generator = torch.Generator().manual_seed(seed)
-        audio = demo_clips(24, seconds=1.0, seed=seed)  # (24, 24000) varied synthetic audio
         unit_variance_convs(model.encoder, audio[:8])
         codec = Codec(model, "random")
-        emb = codec.raw_frames(audio).transpose(1, 2).reshape(-1, codec.dim)  # (24 * 75, 128)
+        emb = codec.raw_frames(audio).transpose(1, 2).reshape(-1, codec.dim)  # (B * T, 128)
         fill_codebooks(codec.quantizer, emb, codec.n_q, generator)
         codec.feat_mean.copy_(emb.mean(0))
         codec.feat_std.copy_(emb.std(0).clamp(min=1e-5))
-    _RANDOM_CODECS[seed] = codec
     return codec
 
 

@@ -21,7 +21,9 @@ import evaluate as E
 import kmeans
 import model as M
 import train
-from data import CachedCropDataset, CropDataset, build_cache, read_audio, synth_clip
+import demo
+from data import CachedCropDataset, CropDataset, build_cache, read_audio
+from demo import synth_clip
 from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, EnCodecMAE, gap_mask, gather_visible,
                    make_config, num_frames, restore_sequence)
 
@@ -32,9 +34,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def codec():
-    M._RANDOM_CODECS.clear()
+    D._RANDOM_CODECS.clear()
     with pytest.warns(UserWarning, match="NOT the paper's"):  # it says so, once
-        return M.load_codec("random", seed=0)
+        return D.load_codec("random", seed=0)
 
 
 # ---------------------------------------------------------------- masking [2]
@@ -178,7 +180,7 @@ def test_masked_accuracy_counts_hidden_frames_only():
 
 def test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks(codec):
     """[3.1] gamma_q is the mean quantization error per codebook, normalized to sum to 1."""
-    from data import demo_clips
+    from demo import demo_clips
     gamma = M.estimate_gamma(codec, demo_clips(8, seconds=1.0, seed=11))
     assert gamma.shape == (8,) and abs(gamma.sum().item() - 1) < 1e-6 and (gamma > 0).all()
     assert gamma[0] > gamma[-1]  # residual stages explain less and less
@@ -243,13 +245,13 @@ def test_config_refuses_inconsistent_values():
 # ---------------------------------------------------------------- the codec [2.1]
 def test_random_codec_is_deterministic_and_uses_many_codes(codec):
     """[2.1] the seeded random codec gives the same targets twice and many distinct codes per stream."""
-    from data import demo_clips
+    from demo import demo_clips
     wav = demo_clips(8, seconds=1.0, seed=21)
     feats, codes = codec(wav)
     assert feats.shape == (8, 75, 128) and codes.shape == (8, 75, 8)
-    M._RANDOM_CODECS.clear()  # rebuild it from the seed alone
+    D._RANDOM_CODECS.clear()  # rebuild it from the seed alone
     with pytest.warns(UserWarning):
-        again = M.load_codec("random", seed=0)
+        again = D.load_codec("random", seed=0)
     assert torch.equal(again(wav)[1], codes) and torch.allclose(again(wav)[0], feats)
     distinct = [codes[..., q].unique().numel() for q in range(8)]
     assert min(distinct) >= 100, distinct
@@ -265,13 +267,13 @@ def test_codec_frames_are_75_hz_for_any_length(codec):
 def test_offline_pretrained_codec_fails_loudly_with_the_alternatives(tmp_path):
     """[3.1] a missing local checkpoint is an error that names the file, never a random fallback."""
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        M.load_codec(str(tmp_path / "missing.th"))
+        D.load_codec(str(tmp_path / "missing.th"))
 
 
 # ---------------------------------------------------------------- learning and features
 def test_tiny_model_overfits_one_batch(codec):
     """[2.3] on one fixed batch and mask, masked top-1 accuracy climbs far above chance (1/1024)."""
-    from data import demo_clips
+    from demo import demo_clips
     torch.manual_seed(0)
     feats, codes = codec(demo_clips(2, seconds=2.0, seed=31))
     mask = gap_mask(torch.full((2,), 150), 150, 0.5, 15, torch.Generator().manual_seed(0))
@@ -289,7 +291,7 @@ def test_tiny_model_overfits_one_batch(codec):
 
 def test_chunked_features_equal_the_concatenated_halves(codec):
     """[3.1] an 8-s clip is embedded as two 4-s chunks whose frames are concatenated."""
-    from data import demo_clips
+    from demo import demo_clips
     net = EnCodecMAE(make_config("tiny")).eval()
     wav = demo_clips(1, seconds=8.0, seed=41)
     whole = M.embed_audio(net, codec, wav)
@@ -497,26 +499,26 @@ def test_mixing_follows_weights_and_holdout_is_fixed(tmp_path):
 # ---------------------------------------------------------------- demo audio
 def test_demo_clips_are_deterministic_varied_and_not_clipped():
     """Demo audio: same seed, same clips; every clip is audible, peaks at 0.5, and kinds differ."""
-    clips = D.demo_clips(10, seconds=1.0, seed=3)
-    assert clips.shape == (10, SAMPLE_RATE) and torch.equal(clips, D.demo_clips(10, seconds=1.0, seed=3))
+    clips = demo.demo_clips(10, seconds=1.0, seed=3)
+    assert clips.shape == (10, SAMPLE_RATE) and torch.equal(clips, demo.demo_clips(10, seconds=1.0, seed=3))
     assert torch.allclose(clips.abs().amax(1), torch.full((10,), 0.5)) and (clips.std(1) > 0.02).all()
-    assert not torch.equal(clips, D.demo_clips(10, seconds=1.0, seed=4))
+    assert not torch.equal(clips, demo.demo_clips(10, seconds=1.0, seed=4))
     spectra = torch.fft.rfft(clips).abs()
     centroid = (spectra * torch.arange(spectra.shape[1])).sum(1) / spectra.sum(1)  # (10,)
     assert len(set(centroid.round().tolist())) == 10
     with pytest.raises(ValueError, match="unknown synthetic kind"):
-        D.synth_clip("drum", 1.0, 0)
+        demo.synth_clip("drum", 1.0, 0)
 
 
 def test_demo_dataset_has_varied_lengths_and_trains_through_crops(tmp_path):
     """Demo data set: 16-bit wavs shorter and longer than 4 s, written once, read as crops."""
-    paths = D.write_demo_dataset(tmp_path, n_files=6, seed=0)
-    assert D.write_demo_dataset(tmp_path, n_files=6, seed=0) == paths
+    paths = demo.write_demo_dataset(tmp_path, n_files=6, seed=0)
+    assert demo.write_demo_dataset(tmp_path, n_files=6, seed=0) == paths
     durations = [sf.info(p).duration for p in paths]
     assert min(durations) < 4 < max(durations) and sf.info(paths[0]).subtype == "PCM_16"
-    demo = D.list_audio(["demo"], demo_dir=str(tmp_path / "demo"))  # what --data demo reads
-    assert len(demo) == 64
-    assert [os.path.basename(p) for p in demo[:6]] == [os.path.basename(p) for p in paths]
+    listed = D.list_audio(["demo"], demo_dir=str(tmp_path / "demo"))  # what --data demo reads
+    assert len(listed) == 64
+    assert [os.path.basename(p) for p in listed[:6]] == [os.path.basename(p) for p in paths]
     ds = D.CropDataset(paths)
     assert len(ds) >= 6 and ds.n_skipped == 0 and ds[0].wav.abs().max() > 0.1
 
@@ -525,7 +527,7 @@ def test_demo_dataset_has_varied_lengths_and_trains_through_crops(tmp_path):
 def test_cache_round_trip_equals_the_codec_on_the_fly(tmp_path):
     """[2.1] cached frames (fp16) and codes of a 4-s clip equal the frozen codec run directly."""
     codec = StandInCodec()
-    wav = D.demo_clips(1, seconds=4.0, seed=5)  # (1, 96000)
+    wav = demo.demo_clips(1, seconds=4.0, seed=5)  # (1, 96000)
     path = write(tmp_path, "clip.wav", wav[0].numpy(), subtype="FLOAT")
     n, skipped = D.build_cache(codec, [path], tmp_path / "cache")
     assert n == 1 and skipped == []
@@ -604,7 +606,8 @@ TINY_RUN = ["--config", "tiny", "--encodec", "random", "--batch_size", "4", "--w
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory, codec):
     """Ten short demo files and their codec cache, shared by the training tests."""
-    from data import build_cache, write_demo_dataset
+    from data import build_cache
+    from demo import write_demo_dataset
     root = tmp_path_factory.mktemp("demo")
     paths = write_demo_dataset(str(root / "audio"), n_files=10, seed=0, seconds=(4.0, 6.0))
     build_cache(codec, paths, str(root / "cache"))
@@ -647,7 +650,7 @@ def test_training_reads_raw_audio_through_the_codec_and_mixes_weighted_sources(d
     """[3.1] without a cache the codec runs on each crop; several --data sources mix by weight."""
     audio, _ = demo_cache
     train.main(TINY_RUN + ["--data", audio, "--out", str(tmp_path / "raw"), "--steps", "1"])
-    other = D.write_demo_dataset(str(tmp_path / "other"), n_files=3, seed=5, seconds=(4.0, 4.5))
+    other = demo.write_demo_dataset(str(tmp_path / "other"), n_files=3, seed=5, seconds=(4.0, 4.5))
     train.main(TINY_RUN + ["--data", audio, os.path.dirname(other[0]), "--data_weights", "1", "3",
                            "--val_files", "1", "--out", str(tmp_path / "mixed"), "--steps", "1"])
     for run in ("raw", "mixed"):
@@ -795,7 +798,7 @@ def test_store_labels_every_audio_frame_and_the_crops_read_them(stage_one):
     kmeans.main(["--checkpoint", checkpoint, "--data", str(root / "audio"), "--out", store,
                  "--k", "8", "--n-clips", "3", "--n-frames", "300"])
     net, _, _ = M.load_checkpoint_model(checkpoint)
-    codec = M.load_codec("random")
+    codec = D.load_codec("random")
     centroids, meta = kmeans.load(os.path.join(store, "centroids.pt"))
     assert centroids.shape == (8, 128) and meta["n_clips"] == 3
     with open(os.path.join(store, "index.json")) as f:
@@ -817,7 +820,7 @@ def test_store_from_the_feature_cache_feeds_a_nine_stream_model(stage_one):
     """[2.3] labels from cached frames line up with the cache; stage 2 trains on Q + 1 = 9 streams."""
     root, paths, checkpoint = stage_one
     cache, store = str(root / "cache"), str(root / "store_cache")
-    build_cache(M.load_codec("random"), paths, cache)
+    build_cache(D.load_codec("random"), paths, cache)
     kmeans.main(["--checkpoint", checkpoint, "--cache", cache, "--out", store,
                  "--k", "8", "--n-clips", "3", "--n-frames", "300"])
     mtime = os.path.getmtime(os.path.join(store, "index.json"))
@@ -983,7 +986,7 @@ def test_chunked_embedding_equals_concatenated_chunks():
 
 def test_demo_tasks_run_end_to_end_for_EC_ECMAE_R_and_a_checkpoint(tmp_path, capsys):
     """[3.2, Table 1] HEAR-layout tasks -> cached embeddings -> probes -> a Table-1 table and JSON."""
-    E.make_demo_tasks(tmp_path / "tasks", clips=20, seconds=0.5)
+    demo.make_demo_tasks(tmp_path / "tasks", clips=20, seconds=0.5)
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
     argv = ["--tasks-dir", str(tmp_path / "tasks"), "--task", "demo-kind", "--task", "demo-mix",
             "--upstream", "EC", "--upstream", "ECMAE-R:tiny", "--upstream", ckpt, "--encodec", "random",
@@ -1007,7 +1010,7 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     """[3.2] a missing audio file, an unknown label, an empty split, a mismatched checkpoint."""
     clips = {s: [(torch.randn(2400) * 0.1, ["a"]), (torch.randn(2400) * 0.1, ["b"])]
              for s in ("train", "valid", "test")}
-    path = E.write_task(tmp_path, "bad", clips, False, False, 0.1)
+    path = demo.write_task(tmp_path, "bad", clips, False, False, 0.1)
     upstream = E.load_model("EC", encodec="random")
     task = E.read_task(path)
     files, _ = E.read_split(task, "train")
@@ -1023,3 +1026,20 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "other.pt", d_model=64, n_heads=4)
     with pytest.raises(ValueError, match="do not fit the config stored with them"):
         E.load_upstream(ckpt, encodec="random")
+
+
+# ---------------------------------------------------------------- the files' layering
+LAYERS = ["model", "demo", "data", "train", "kmeans", "evaluate"]  # each may import only those before it
+
+
+def test_each_file_imports_only_the_files_below_it():
+    """model.py is the leaf; demo <- data <- train <- kmeans <- evaluate, no import upwards or sideways."""
+    import ast
+    here = os.path.dirname(os.path.abspath(__file__))
+    for level, name in enumerate(LAYERS):
+        tree = ast.parse(open(os.path.join(here, f"{name}.py")).read())
+        imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        upward = imported & set(LAYERS[level:])
+        assert not upward, f"{name}.py imports {sorted(upward)}, which stand at or above it in {LAYERS}"

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 import data
+import demo
 import model as M
 
 
@@ -391,7 +392,7 @@ def main(argv=None):
     extra = derived(cfg, world)
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    codec = M.load_codec(cfg.encodec).to(device)  # the random codec's seed stays 0: evaluate.py rebuilds it
+    codec = data.load_codec(cfg.encodec).to(device)  # the random codec's seed stays 0: evaluate.py rebuilds it
 
     train_set, val_set, train_paths = build_datasets(cfg, mcfg, codec, rank)
     skipped = train_set.crops.n_skipped
@@ -494,8 +495,8 @@ def benchmark(cfg, mcfg, device):
     autocast, _ = autocast_for(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak(device, dtype)
-    codec = M.load_codec(cfg.encodec).to(device)
-    wav = data.demo_clips(B, M.CROP_SECONDS, seed=cfg.seed).to(device)  # (B, 96000)
+    codec = data.load_codec(cfg.encodec).to(device)
+    wav = demo.demo_clips(B, M.CROP_SECONDS, seed=cfg.seed).to(device)  # (B, 96000)
     t_codec = timed(lambda: codec(wav), device)
     feats, codes = codec(wav)
     mask = M.gap_mask(torch.full((B,), M.CROP_FRAMES, device=device), M.CROP_FRAMES, mcfg.M_prop, mcfg.M_gap)
@@ -509,7 +510,7 @@ def benchmark(cfg, mcfg, device):
     t_mae = timed(forward_backward, device)
     t_opt = timed(opt.step, device)
     with tempfile.TemporaryDirectory() as tmp:  # a small cache, read as training reads it
-        paths = data.write_demo_dataset(os.path.join(tmp, "audio"), n_files=4, seed=cfg.seed, seconds=(8.0, 8.0))
+        paths = demo.write_demo_dataset(os.path.join(tmp, "audio"), n_files=4, seed=cfg.seed, seconds=(8.0, 8.0))
         data.build_cache(codec, paths, os.path.join(tmp, "cache"))
         crops = MaskedCrops(data.CachedCropDataset(os.path.join(tmp, "cache"), seed=cfg.seed), mcfg, cfg.seed)
         loader = DataLoader(crops, batch_size=B, sampler=[i % len(crops) for i in range(B)], num_workers=0)
