@@ -2,7 +2,6 @@
 
 `python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
 `python data.py demo-tasks --out TASKS` writes small labelled demo tasks in the HEAR layout;
-`python evaluate.py plot-curves runs/x/metrics.jsonl --out curves.png` draws training curves.
 Reads HEAR 2021 task folders (task_metadata.json, labelvocabulary.csv, <split>.json,
 <rate>/<split>/*.wav); writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun),
 OUT/results.json (every grid point's validation score, every fold's test score) and prints a
@@ -459,43 +458,5 @@ def parse_args(argv):
     return args
 
 
-def plot_curves(metrics_files, out):
-    """Training curves from train.py's metrics.jsonl files (stage 1, then stage 2, one after the other):
-    loss and masked accuracy per stream against steps. matplotlib is needed for this only."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise SystemExit("plot-curves needs matplotlib (pip install matplotlib); nothing else does") from err
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    offset = 0
-    for n, path in enumerate(metrics_files):
-        with open(path) as f:
-            records = [json.loads(line) for line in f]
-        steps = [offset + r["step"] for r in records]
-        ax_loss.plot(steps, [r["loss"] for r in records], color=f"C{n}", label=f"stage {n + 1}: training loss L")
-        val = [(offset + r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-        if val:
-            ax_loss.plot(*zip(*val), "o--", color=f"C{n}", label=f"stage {n + 1}: held-out loss")
-        for q in range(len(records[0]["masked_acc"])):
-            ax_acc.plot(steps, [r["masked_acc"][q] for r in records], color=plt.cm.viridis(q / 8),
-                        ls="-" if n == 0 else "--", label=f"stream {q + 1}" if n == 0 or q == 8 else None)
-        offset = steps[-1]
-        ax_loss.axvline(offset, color="grey", lw=0.5)
-    ax_loss.set(xlabel="step", ylabel="weighted loss", title="loss (stage 1, then stage 2)")
-    ax_acc.set(xlabel="step", ylabel="masked top-1 accuracy", title="masked accuracy per stream (9 = k-means)")
-    ax_loss.legend(fontsize=7)
-    ax_acc.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["plot-curves"]:
-        if len(sys.argv) < 5 or sys.argv[-2] != "--out":
-            raise SystemExit("usage: python evaluate.py plot-curves METRICS.jsonl [METRICS.jsonl ...] --out FIG.png")
-        plot_curves(sys.argv[2:-2], sys.argv[-1])
-    else:
-        evaluate(parse_args(sys.argv[1:]))
+    evaluate(parse_args(sys.argv[1:]))

@@ -5,6 +5,7 @@ One GPU:   python train.py --config base --data /audio/audioset /audio/fma --out
 Two GPUs:  torchrun --nproc_per_node=2 train.py --config base --data ... --out runs/base
 Stage 2:   python train.py ... --init_from runs/base/ckpt-00500000.pt --kmeans_store runs/km --steps 150000
 Benchmark: python train.py --bench --config small --batch_size 8 --device cpu
+Curves:    python train.py plot-curves OUT/metrics.jsonl [STAGE2/metrics.jsonl] --out curves.png
 Reads audio folders, .txt lists or a codec cache (data.py); writes OUT/ckpt-*.pt, OUT/metrics.jsonl.
 Every ModelConfig and TrainConfig field is a flag: --M_prop=0.3, --delta 1, --gamma uniform, ...
 """
@@ -385,7 +386,12 @@ def print0(rank, *args):
 
 
 def main(argv=None):
-    cfg, mcfg = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot-curves"]:
+        if len(argv) < 4 or argv[-2] != "--out":
+            raise data.UsageError("usage: python train.py plot-curves METRICS.jsonl [METRICS.jsonl ...] --out FIG.png")
+        return plot_curves(argv[1:-2], argv[-1])
+    cfg, mcfg = parse_args(argv)
     rank, world, device = setup_distributed(cfg)
     if cfg.bench:
         return benchmark(cfg, mcfg, device)
@@ -453,6 +459,40 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
         if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
             print(f"saved {save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)}", flush=True)
     barrier()
+
+
+# ---------------------------------------------------------------- training curves
+def plot_curves(metrics_files, out):
+    """Training curves from train.py's metrics.jsonl files (stage 1, then stage 2, one after the other):
+    loss and masked accuracy per stream against steps. matplotlib is needed for this only."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise data.UsageError("plot-curves needs matplotlib (pip install matplotlib); nothing else does") from err
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for n, path in enumerate(metrics_files):
+        with open(path) as f:
+            records = [json.loads(line) for line in f]
+        steps = [offset + r["step"] for r in records]
+        ax_loss.plot(steps, [r["loss"] for r in records], color=f"C{n}", label=f"stage {n + 1}: training loss L")
+        val = [(offset + r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        if val:
+            ax_loss.plot(*zip(*val), "o--", color=f"C{n}", label=f"stage {n + 1}: held-out loss")
+        for q in range(len(records[0]["masked_acc"])):
+            ax_acc.plot(steps, [r["masked_acc"][q] for r in records], color=plt.cm.viridis(q / 8),
+                        ls="-" if n == 0 else "--", label=f"stream {q + 1}" if n == 0 or q == 8 else None)
+        offset = steps[-1]
+        ax_loss.axvline(offset, color="grey", lw=0.5)
+    ax_loss.set(xlabel="step", ylabel="weighted loss", title="loss (stage 1, then stage 2)")
+    ax_acc.set(xlabel="step", ylabel="masked top-1 accuracy", title="masked accuracy per stream (9 = k-means)")
+    ax_loss.legend(fontsize=7)
+    ax_acc.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 # ---------------------------------------------------------------- benchmark
@@ -535,4 +575,4 @@ def benchmark(cfg, mcfg, device):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)
