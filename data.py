@@ -29,6 +29,9 @@ from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, num_frames
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
 MIN_RATE, MAX_RATE = 1000, 384000  # outside this range a header is broken, not exotic
+# Audio is in [-1, 1]; float files may overshoot a little, but 60 dB beyond full scale is a broken
+# file (or integer PCM stored as float), and its codec frames would overflow the cache's fp16.
+MAX_PEAK = 1e3
 
 
 # ---------------------------------------------------------------- a user's mistakes
@@ -64,16 +67,38 @@ def resampled_length(n_src, rate):
 
 
 def read_header(path):
-    """(sample rate, samples) from the header; unreadable, empty or absurd-rate files -> AudioError."""
+    """(sample rate, samples) from the header, with its last sample read back; bad files -> AudioError.
+
+    Reading the last sample catches a file cut short (a download or copy that stopped) whose
+    header still promises the full length: such a file is skipped, not read at a length that
+    depends on where a crop falls. Measured cost: 0.1 ms for wav/flac, ~0.07 ms per minute of mp3.
+    """
+    if os.path.isdir(path):
+        raise AudioError(f"{path}: a folder, not an audio file")
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
     try:
-        info = sf.info(str(path))
-    except (RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: unreadable audio ({err})") from err
-    if not MIN_RATE <= info.samplerate <= MAX_RATE:
-        raise AudioError(f"{path}: absurd sample rate {info.samplerate} Hz")
-    if info.frames <= 0:
-        raise AudioError(f"{path}: empty file (zero samples)")
-    return info.samplerate, info.frames
+        f = sf.SoundFile(str(path))
+    except (RuntimeError, OSError) as err:  # libsndfile's text can mislead ("not a regular file")
+        raise AudioError(f"{path}: not an audio file libsndfile can decode (unknown format or "
+                         f"corrupt header)") from err
+    with f:
+        rate, n_src = f.samplerate, f.frames
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise AudioError(f"{path}: absurd sample rate {rate} Hz (allowed {MIN_RATE}..{MAX_RATE})")
+        if n_src <= 0:
+            raise AudioError(f"{path}: empty file (zero samples)")
+        try:
+            f.seek(n_src - 1)
+            last = len(f.read(1, dtype="float32"))
+        except (RuntimeError, OSError):
+            last = 0
+    if last != 1:
+        raise AudioError(f"{path}: truncated or corrupt: its header promises {n_src} samples, "
+                         "the last cannot be read")
+    return rate, n_src
 
 
 def probe_audio(path):
@@ -112,13 +137,20 @@ def read_audio(path, start=0, frames=None):
     try:
         x, _ = sf.read(str(path), start=s0, stop=s1, dtype="float32", always_2d=True)  # (n_read, C)
     except (RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: unreadable audio ({err})") from err
-    if not np.isfinite(x).all():
+        raise AudioError(f"{path}: corrupt audio data between samples {s0} and {s1} ({err})") from err
+    if len(x) < s1 - s0:  # so every read of a file agrees on its length, or fails
+        raise AudioError(f"{path}: truncated: its header promises {n_src} samples, the data ends "
+                         f"at {s0 + len(x)}")
+    peak = np.abs(x).max()  # NaN if any sample is NaN
+    if not np.isfinite(peak):
         raise AudioError(f"{path}: NaN or inf samples")
+    if peak > MAX_PEAK:
+        raise AudioError(f"{path}: samples beyond +-{MAX_PEAK:g} (peak {peak:.3g}); audio should "
+                         "lie in [-1, 1] (integer PCM stored as float?)")
     wav = torch.from_numpy(x.mean(axis=1))  # downmix to mono (n_read,)
     if rate != SAMPLE_RATE:
         wav = resample_24k(wav, rate)
-    return wav[offset: offset + stop - start]  # (stop - start,) unless the header overstates the length
+    return wav[offset: offset + stop - start]  # (stop - start,)
 
 
 def list_audio(sources, demo_dir="demo_audio"):
@@ -129,8 +161,14 @@ def list_audio(sources, demo_dir="demo_audio"):
         if src == "demo":
             paths += write_demo_dataset(demo_dir)
         elif os.path.isdir(src):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(src)
-                           for name in names if name.lower().endswith(AUDIO_EXTS))
+            found = []
+            for root, folders, names in os.walk(src):
+                found += [os.path.join(root, name) for name in names if name.lower().endswith(AUDIO_EXTS)]
+                for name in folders:  # searched like any folder, but say so: it looks like a file
+                    if name.lower().endswith(AUDIO_EXTS):
+                        warnings.warn(f"{os.path.join(root, name)}: a folder named like an audio file; "
+                                      "it is searched as a folder, not read as audio")
+            found.sort()
             if not found:
                 raise ValueError(f"data source {src!r}: no audio files ({', '.join(AUDIO_EXTS)})")
             paths += found
@@ -172,13 +210,25 @@ def scan_audio(paths):
 
 
 def load_frame_store(store_dir, paths):
-    """The k-means target file of each path: STORE/index.json maps audio paths to {"npy", "frames"}."""
+    """Each path's k-means target file, from STORE/index.json ({audio path: {"npy", "frames"}}).
+
+    Returns (kept: positions in paths that have targets, their .npy files, [(path, reason)] for
+    the others); each of those gets one warning, as a file with no targets cannot train stage 2.
+    """
     with open(os.path.join(store_dir, "index.json")) as f:
         index = {os.path.abspath(p): e["npy"] for p, e in json.load(f).items()}
-    missing = [p for p in paths if os.path.abspath(p) not in index]
-    if missing:
-        raise KeyError(f"{len(missing)} files have no k-means targets in {store_dir}, e.g. {missing[0]}")
-    return [os.path.join(store_dir, index[os.path.abspath(p)]) for p in paths]
+    kept, npys, skipped = [], [], []
+    for i, path in enumerate(paths):
+        if os.path.abspath(path) in index:
+            kept.append(i)
+            npys.append(os.path.join(store_dir, index[os.path.abspath(path)]))
+        else:
+            skipped.append((path, f"{path}: no k-means targets in {store_dir}"))
+            warnings.warn(f"skipping {skipped[-1][1]} (kmeans.py skipped it or it is new)", stacklevel=2)
+    if skipped:
+        print(f"{len(skipped)} of {len(paths)} files have no k-means targets in {store_dir}: skipped",
+              flush=True)
+    return kept, npys, skipped
 
 
 def cut_frames(array, start, T, fill, dtype):
@@ -238,13 +288,16 @@ class CropDataset(Visits):
     def __init__(self, paths, crop_samples=CROP_SAMPLES, seed=0, extra_store=None):
         assert crop_samples % HOP == 0, "crops must be whole codec frames"
         self.paths, lengths, self.skipped = scan_audio(paths)
+        self.store = None
+        if extra_store is not None:
+            kept, self.store, unlabelled = load_frame_store(extra_store, self.paths)
+            self.paths, lengths, self.skipped = [self.paths[i] for i in kept], lengths[kept], self.skipped + unlabelled
         if not self.paths:
             raise ValueError(f"no readable audio among {len(paths)} files")
         super().__init__(lengths, crop_samples, seed)
-        self.store = None if extra_store is None else load_frame_store(extra_store, self.paths)
         self.failed = {}  # path -> reason: files that passed the scan but broke when read (this process)
 
-    n_skipped = property(lambda self: len(self.skipped))
+    n_skipped = property(lambda self: len(self.skipped) + len(self.failed))
 
     def __getitem__(self, index):
         """The crop for `index`; if its file breaks at read time, the next item whose file reads."""
@@ -254,10 +307,11 @@ class CropDataset(Visits):
             if path not in self.failed:
                 try:
                     return self.read_crop(item)
-                except AudioError as err:
+                except AudioError as err:  # from now on this file is skipped, in this process
                     self.failed[path] = str(err)
-                    warnings.warn(f"{err}; using another item ({len(self.failed)} files failed so far)")
-        raise AudioError("no file of the dataset could be read")
+                    warnings.warn(f"skipping {err}; using another item ({len(self.failed)} files "
+                                  "failed when read so far)")
+        raise AudioError(f"none of the {len(set(self.paths))} files of the dataset could be read")
 
     def read_crop(self, item):
         f, T = self.file_of_item[item], num_frames(self.crop)
@@ -407,9 +461,30 @@ def encode(codec, wav, chunk_samples):
     outs = [codec(chunk.to(device)) for chunk in wav.split(chunk_samples, dim=1)]
     feats, codes = torch.cat([o[0] for o in outs], 1).cpu(), torch.cat([o[1] for o in outs], 1).cpu()
     assert feats.shape[1] == codes.shape[1] == num_frames(wav.shape[1]), "codec frame count mismatch"
-    assert feats.abs().max() < 6e4, "codec frames overflow fp16"
+    peak = feats.abs().max()  # NaN if any frame is NaN
+    if not peak < 6e4:  # audio within MAX_PEAK stays far below this with EnCodec
+        raise AudioError(f"codec frames reach {peak:.3g}, beyond what fp16 holds (65504)")
     assert 0 <= codes.min() and codes.max() < 2 ** 15, "codes do not fit int16"
     return feats.half().numpy(), codes.short().numpy()
+
+
+def encode_group(codec, wavs, chunk_samples, skipped):
+    """[(path, wav)] -> [(path, wav, feats, codes)]: one batch, or file by file if the batch fails.
+
+    A file's own failure (AudioError) skips it with one warning; so one bad file never costs the
+    others of its batch. Files of unequal length (changed since the scan) also go one by one.
+    """
+    try:
+        feats, codes = encode(codec, torch.stack([w for _, w in wavs]), chunk_samples)  # (B, T, 128), (B, T, Q)
+        return [(path, wav, f, c) for (path, wav), f, c in zip(wavs, feats, codes)]
+    except (AudioError, RuntimeError) as err:
+        if len(wavs) > 1:
+            return [out for one in wavs for out in encode_group(codec, [one], chunk_samples, skipped)]
+        if not isinstance(err, AudioError):
+            raise  # a single file that breaks the codec is a bug: keep its traceback
+        skipped.append((wavs[0][0], f"{wavs[0][0]}: {err}"))
+        warnings.warn(f"skipping {skipped[-1][1]}")
+        return []
 
 
 def store_entry(cache_dir, path, n_samples, feats, codes):
@@ -445,7 +520,9 @@ def build_cache(codec, paths, cache_dir, batch_seconds=240.0, chunk_seconds=60.0
     Deviation: the paper encodes each 4-s crop; a cached crop instead sees the causal encoder's
     state from the whole file (or chunk_seconds chunk) at its start (README: cache vs on the fly).
     Resumable: files in the manifest are skipped. Only files of equal length share a batch, so
-    no padding changes a frame. Returns (number of cached files, [(path, reason)] skipped).
+    no padding changes a frame. A bad file (unreadable, cut short, NaN or huge samples, frames
+    beyond fp16) is skipped with one warning naming it and the reason, and never costs the other
+    files of its batch. Returns (number of cached files, [(path, reason)] skipped).
     """
     done = open_cache(cache_dir, codec)
     todo, lengths, skipped = scan_audio([p for p in paths if os.path.abspath(p) not in done])
@@ -458,12 +535,10 @@ def build_cache(codec, paths, cache_dir, batch_seconds=240.0, chunk_seconds=60.0
         same, per = [p for _, p in same], max(1, int(batch_seconds * SAMPLE_RATE) // n)
         for group in (same[i: i + per] for i in range(0, len(same), per)):  # equal lengths: no padding
             wavs = read_group(group, skipped)
-            if wavs:
-                wav = torch.stack([w for _, w in wavs])  # (B, n)
-                feats, codes = encode(codec, wav, chunk)  # (B, T, 128), (B, T, Q)
-                for (path, wav), f, c in zip(wavs, feats, codes):
-                    done[os.path.abspath(path)] = store_entry(cache_dir, path, len(wav), f, c)
-                n_new += len(wavs)
+            encoded = encode_group(codec, wavs, chunk, skipped) if wavs else []
+            for path, wav, f, c in encoded:
+                done[os.path.abspath(path)] = store_entry(cache_dir, path, len(wav), f, c)
+            n_new += len(encoded)
             if time.time() - last > log_every:
                 last = time.time()
                 print(f"cache: {n_new}/{len(todo)} files in {last - t0:.0f} s", flush=True)
@@ -478,16 +553,23 @@ class CachedCropDataset(Visits):
     def __init__(self, cache_dir, crop_frames=CROP_FRAMES, seed=0, extra_store=None, paths=None):
         done = read_manifest(cache_dir)
         keys = sorted(done) if paths is None else [os.path.abspath(p) for p in paths]
-        missing = [k for k in keys if k not in done]
-        if missing or not keys:
-            raise ValueError(f"{cache_dir}: {len(missing)} of {len(keys)} files are not cached "
-                             f"(run `python data.py cache`), e.g. {missing[:1]}")
+        self.skipped = [(k, f"{k}: not in the cache {cache_dir}") for k in keys if k not in done]
+        for _, reason in self.skipped:  # the build skipped it (it said why), or it is new
+            warnings.warn(f"skipping {reason} (its build skipped it, or it is new: "
+                          "`python data.py cache` adds new files)", stacklevel=2)
+        keys = [k for k in keys if k in done]
+        self.store = None
+        if extra_store is not None:
+            kept, self.store, unlabelled = load_frame_store(extra_store, keys)
+            keys, self.skipped = [keys[i] for i in kept], self.skipped + unlabelled
+        if not keys:
+            raise ValueError(f"{cache_dir}: none of the {len(self.skipped)} files asked for is usable "
+                             "(run `python data.py cache` on them)")
         self.dir, self.entries = cache_dir, [done[k] for k in keys]
         frames = np.array([e["frames"] for e in self.entries], dtype=np.int64)
         super().__init__(frames, crop_frames, seed)
-        self.store = None if extra_store is None else load_frame_store(extra_store, keys)
 
-    n_skipped = 0  # bad files were skipped, with warnings, when the cache was built
+    n_skipped = property(lambda self: len(self.skipped))
 
     def __getitem__(self, item):
         f, T = self.file_of_item[item], self.crop
@@ -505,6 +587,21 @@ class CachedCropDataset(Visits):
 
 
 # ---------------------------------------------------------------- command line
+def check_device(name):
+    """A --device the machine has, else UsageError: one line instead of torch's error mid-run."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: choose cpu, cuda, cuda:N or mps")
+    return device
+
+
 def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -525,8 +622,21 @@ def main(argv=None):
         for path in make_demo_tasks(args.out, args.clips, args.seconds, args.seed):
             print(f"wrote {path}")
         return
-    codec = load_codec(args.encodec).to(args.device)
-    paths = list_audio(args.data, demo_dir=os.path.join(args.out, "demo_audio"))
+    # Every check before the codec loads (a download, or seconds of calibration for "random").
+    for flag, value in (("--batch-seconds", args.batch_seconds), ("--chunk-seconds", args.chunk_seconds)):
+        if not 0 < value < math.inf:
+            raise UsageError(f"{flag} {value}: must be a positive number of seconds")
+    if args.encodec not in ("pretrained", "random") and not os.path.isfile(args.encodec):
+        raise UsageError(f"--encodec {args.encodec!r}: no such file; use pretrained, random or "
+                         "the path of an encodec_24khz-*.th checkpoint")
+    device = check_device(args.device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    try:
+        paths = list_audio(args.data, demo_dir=os.path.join(args.out, "demo_audio"))
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(f"--data: {err}") from None
+    codec = load_codec(args.encodec).to(device)
     build_cache(codec, paths, args.out, args.batch_seconds, args.chunk_seconds)
 
 

@@ -376,7 +376,7 @@ def test_bad_files_raise_audio_error_and_silence_is_valid(tmp_path):
     (tmp_path / "empty.wav").write_bytes(b"")
     nan = tone(1.0)
     nan[100] = np.nan
-    bad = {"corrupt.wav": "unreadable", "empty.wav": "unreadable",
+    bad = {"corrupt.wav": "not an audio file libsndfile can decode", "empty.wav": "empty file",
            write(tmp_path, "zero.wav", np.zeros(0)): "empty",
            write(tmp_path, "nan.wav", nan, subtype="FLOAT"): "NaN",
            write(tmp_path, "slow.wav", tone(1.0, 100), 100): "absurd sample rate"}
