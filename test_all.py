@@ -370,16 +370,26 @@ def test_partial_reads_equal_slices_of_the_whole_file(tmp_path):
 
 
 def test_bad_files_raise_audio_error_and_silence_is_valid(tmp_path):
-    """[3.1] corrupt, empty, zero-length, NaN and absurd-rate files fail loudly; silence is audio."""
+    """[3.1] corrupt, empty, cut-short, NaN, huge and absurd-rate files fail loudly; silence is audio."""
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(np.random.default_rng(0).bytes(4000))
     (tmp_path / "empty.wav").write_bytes(b"")
     nan = tone(1.0)
     nan[100] = np.nan
+    (tmp_path / "random.mp3").write_bytes(np.random.default_rng(1).bytes(4000))  # libsndfile: "not a regular file"
+    (tmp_path / "folder.wav").mkdir()
+    huge = tone(1.0)
+    huge[100] = 1e30
     bad = {"corrupt.wav": "not an audio file libsndfile can decode", "empty.wav": "empty file",
+           "random.mp3": "not an audio file libsndfile can decode", "folder.wav": "a folder",
            write(tmp_path, "zero.wav", np.zeros(0)): "empty",
            write(tmp_path, "nan.wav", nan, subtype="FLOAT"): "NaN",
+           write(tmp_path, "huge.wav", huge, subtype="FLOAT"): "beyond",
            write(tmp_path, "slow.wav", tone(1.0, 100), 100): "absurd sample rate"}
+    for ext in ("mp3", "flac"):  # cut short: the header still promises the whole second
+        whole = (tmp_path / write(tmp_path, f"whole.{ext}", tone(1.0))).read_bytes()
+        (tmp_path / f"cut.{ext}").write_bytes(whole[: len(whole) // 3])
+        bad[f"cut.{ext}"] = "truncated"
     for name, reason in bad.items():
         with pytest.raises(D.AudioError, match=reason) as err:
             D.read_audio(tmp_path / name)
@@ -397,6 +407,9 @@ def test_list_audio_walks_folders_and_reads_relative_file_lists(tmp_path):
     assert D.list_audio([str(tmp_path / "list.txt")]) == [str(tmp_path / "a" / "2.wav"), paths[1]]
     with pytest.raises(FileNotFoundError, match="missing"):
         D.list_audio([str(tmp_path / "missing")])
+    (tmp_path / "a" / "x.wav").mkdir()  # a folder named like audio: searched, and said so
+    with pytest.warns(UserWarning, match="x.wav: a folder named like an audio file"):
+        assert D.list_audio(tmp_path / "a") == sorted(paths)
 
 
 # ---------------------------------------------------------------- crops [3.1]
@@ -582,6 +595,73 @@ def test_a_killed_cache_build_keeps_finished_files_and_a_rerun_completes_it(tmp_
     assert all(torch.equal(again[i].feats, straight[i].feats) for i in range(3))
     with pytest.raises(ValueError, match="another codec"):
         D.build_cache(type("Other", (StandInCodec,), {"source": "random"})(), paths, cache)
+
+
+def test_a_bad_file_is_skipped_by_name_and_never_costs_its_batch(tmp_path):
+    """[3.1] cut-short, huge and codec-breaking files are skipped, named once; batch-mates are cached."""
+    mp3 = (tmp_path / write(tmp_path, "0good.mp3", tone(1.0))).read_bytes()
+    (tmp_path / "1cut.mp3").write_bytes(mp3[: len(mp3) // 3])  # its header still says 1 s
+    huge, loud = tone(1.0), tone(1.0)
+    huge[5] = 1e30
+    loud[5] = 900.0  # within MAX_PEAK, but our codec below overflows fp16 on it
+    paths = [str(tmp_path / "0good.mp3"), str(tmp_path / "1cut.mp3"), write(tmp_path, "2good.wav", tone(1.0)),
+             write(tmp_path, "3huge.wav", huge, subtype="FLOAT"), write(tmp_path, "4loud.wav", loud, subtype="FLOAT")]
+
+    class Overflowing(StandInCodec):
+        def forward(self, wav):
+            feats, codes = super().forward(wav)
+            return feats * wav.abs().amax(1)[:, None, None] ** 2, codes  # frames grow with loudness
+
+    with pytest.warns(UserWarning) as caught:
+        n, skipped = D.build_cache(Overflowing(), paths, tmp_path / "cache", batch_seconds=10)
+    assert n == 2 and [os.path.basename(p) for p, _ in skipped] == ["1cut.mp3", "3huge.wav", "4loud.wav"]
+    messages = [str(w.message) for w in caught]
+    for name, reason in (("1cut.mp3", "truncated"), ("3huge.wav", "beyond"), ("4loud.wav", "fp16")):
+        assert sum(name in m for m in messages) == 1 and reason in next(m for m in messages if name in m)
+    with pytest.warns(UserWarning) as caught:
+        ds = D.CachedCropDataset(tmp_path / "cache", paths=paths)  # what train.py --cache asks for
+    assert len(ds) == 2 and ds.n_skipped == 3 and len(caught) == 3
+    assert all("not in the cache" in str(w.message) for w in caught)
+
+
+def test_files_without_kmeans_targets_are_skipped_and_counted(tmp_path):
+    """[2.3] a file the target store lacks is dropped with a warning and a count, not a KeyError."""
+    paths = [write(tmp_path, f"{i}.wav", tone(1.0)) for i in range(3)]
+    store = tmp_path / "store"
+    store.mkdir()
+    np.save(store / "a.npy", np.zeros(75, np.int16))
+    (store / "index.json").write_text(json.dumps({os.path.abspath(paths[0]): {"npy": "a.npy", "frames": 75}}))
+    D.build_cache(StandInCodec(), paths, tmp_path / "cache")
+    for make in (lambda: D.CropDataset(paths, extra_store=store),
+                 lambda: D.CachedCropDataset(tmp_path / "cache", paths=paths, extra_store=store)):
+        with pytest.warns(UserWarning, match="no k-means targets") as caught:
+            ds = make()
+        assert len(ds) == 1 and ds.n_skipped == 2 and len(caught) == 2
+        assert (ds[0].extra[:75] == 0).all()
+
+
+def test_the_cache_command_checks_its_flags_before_loading_the_codec(tmp_path, monkeypatch, capsys):
+    """[3.1] a bad data.py flag or path: one line naming it, exit status 2, and no codec is loaded."""
+    def no_codec(*args, **kwargs):
+        raise AssertionError("the codec loaded before the flags were checked")
+    monkeypatch.setattr(M, "load_codec", no_codec)
+    (tmp_path / "empty").mkdir()
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    write(audio, "a.wav", tone(0.1))
+    ok = ["cache", "--data", str(audio), "--out", str(tmp_path / "out"), "--encodec", "random", "--device", "cpu"]
+    cases = {"--data": ok[:2] + [str(tmp_path / "missing")] + ok[3:],
+             "no audio files": ok[:2] + [str(tmp_path / "empty")] + ok[3:],
+             "--encodec": ok[:-3] + ["nowhere.th"] + ok[-2:],
+             "--device": ok[:-1] + ["cuda:7"],
+             "--batch-seconds": ok + ["--batch-seconds", "0"],
+             "--chunk-seconds": ok + ["--chunk-seconds", "-1"]}
+    for flag, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            D.run_cli(D.main, argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and flag in err, (flag, err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cached_crops_are_cheap_to_load(tmp_path):
