@@ -554,9 +554,10 @@ class CachedCropDataset(Visits):
         done = read_manifest(cache_dir)
         keys = sorted(done) if paths is None else [os.path.abspath(p) for p in paths]
         self.skipped = [(k, f"{k}: not in the cache {cache_dir}") for k in keys if k not in done]
-        for _, reason in self.skipped:  # the build skipped it (it said why), or it is new
-            warnings.warn(f"skipping {reason} (its build skipped it, or it is new: "
-                          "`python data.py cache` adds new files)", stacklevel=2)
+        if self.skipped:  # one line: the build named each file it skipped, with the reason
+            warnings.warn(f"{cache_dir}: {len(self.skipped)} of {len(keys)} files are not in the cache, "
+                          "left out (its build skipped them, or they are new: `python data.py cache` "
+                          "adds new files)", stacklevel=2)
         keys = [k for k in keys if k in done]
         self.store = None
         if extra_store is not None:
