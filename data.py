@@ -225,9 +225,6 @@ def load_frame_store(store_dir, paths):
         else:
             skipped.append((path, f"{path}: no k-means targets in {store_dir}"))
             warnings.warn(f"skipping {skipped[-1][1]} (kmeans.py skipped it or it is new)", stacklevel=2)
-    if skipped:
-        print(f"{len(skipped)} of {len(paths)} files have no k-means targets in {store_dir}: skipped",
-              flush=True)
     return kept, npys, skipped
 
 
@@ -291,7 +288,8 @@ class CropDataset(Visits):
         self.store = None
         if extra_store is not None:
             kept, self.store, unlabelled = load_frame_store(extra_store, self.paths)
-            self.paths, lengths, self.skipped = [self.paths[i] for i in kept], lengths[kept], self.skipped + unlabelled
+            self.paths, lengths = [self.paths[i] for i in kept], lengths[kept]
+            self.skipped += unlabelled
         if not self.paths:
             raise ValueError(f"no readable audio among {len(paths)} files")
         super().__init__(lengths, crop_samples, seed)
@@ -475,7 +473,8 @@ def encode_group(codec, wavs, chunk_samples, skipped):
     others of its batch. Files of unequal length (changed since the scan) also go one by one.
     """
     try:
-        feats, codes = encode(codec, torch.stack([w for _, w in wavs]), chunk_samples)  # (B, T, 128), (B, T, Q)
+        wav = torch.stack([w for _, w in wavs])  # (B, n)
+        feats, codes = encode(codec, wav, chunk_samples)  # (B, T, 128), (B, T, Q)
         return [(path, wav, f, c) for (path, wav), f, c in zip(wavs, feats, codes)]
     except (AudioError, RuntimeError) as err:
         if len(wavs) > 1:
@@ -589,17 +588,16 @@ class CachedCropDataset(Visits):
 
 # ---------------------------------------------------------------- command line
 def check_device(name):
-    """A --device the machine has, else UsageError: one line instead of torch's error mid-run."""
+    """A --device this machine has, else UsageError: one line instead of torch's error mid-run."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name!r}: not a device name; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available here; use cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name}: choose cpu, cuda, cuda:N or mps")
+        device = torch.device("meta")  # not a device name: refused below
+    have = {"cpu": True, "cuda": (device.index or 0) < torch.cuda.device_count(),
+            "mps": torch.backends.mps.is_available()}
+    if not have.get(device.type, False):
+        raise UsageError(f"--device {name}: not a device here; use cpu"
+                         + (", cuda or cuda:N" if torch.cuda.is_available() else ""))
     return device
 
 
