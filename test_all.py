@@ -390,6 +390,8 @@ def test_bad_files_raise_audio_error_and_silence_is_valid(tmp_path):
         whole = (tmp_path / write(tmp_path, f"whole.{ext}", tone(1.0))).read_bytes()
         (tmp_path / f"cut.{ext}").write_bytes(whole[: len(whole) // 3])
         bad[f"cut.{ext}"] = "truncated"
+        with pytest.raises(D.AudioError, match="truncated"):  # caught by the cheap header scan
+            D.probe_audio(tmp_path / f"cut.{ext}")
     for name, reason in bad.items():
         with pytest.raises(D.AudioError, match=reason) as err:
             D.read_audio(tmp_path / name)
@@ -462,6 +464,7 @@ def test_bad_files_are_skipped_counted_and_never_crash_a_dataloader(tmp_path):
         batches = list(DataLoader(ds, batch_size=2))
     assert sum(len(b.wav) for b in batches) == len(ds) == 5  # nan 2 + good 2 + silence 1
     assert all(torch.isfinite(b.wav).all() for b in batches) and len(ds.failed) == 1
+    assert ds.n_skipped == 4  # 3 at the scan, 1 when read
 
 
 def test_default_collate_batches_crops_as_named_tuples(tmp_path):
