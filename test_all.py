@@ -1148,7 +1148,8 @@ def fuzz(tmp_path_factory, codec):
     (audio / "x.wav").mkdir(parents=True)  # a folder named like audio: warned about, searched
     good = [write(audio, "g_24k.wav", tone(0.8)), write(audio, "g_8k.wav", tone(0.5, 8000), 8000),
             write(audio, "g_22k.flac", tone(1.2, 22050), 22050), write(audio, "g_96k.wav", tone(0.3, 96000), 96000),
-            write(audio, "g_11k.mp3", tone(1.0, 11025), 11025), write(audio, "g_six_channels.wav", tone(0.7, channels=6)),
+            write(audio, "g_11k.mp3", tone(1.0, 11025), 11025),
+            write(audio, "g_six_channels.wav", tone(0.7, channels=6)),
             write(audio, "g_ünïcødé_音.flac", tone(0.6)), write(audio, "g_one_sample.wav", np.full(1, 0.1)),
             write(audio, "g_silence.ogg", np.zeros(9000)), write(audio, "g_float.wav", tone(1.5), subtype="FLOAT"),
             write(audio, "g_cut_short.wav", tone(1.0))]
@@ -1194,7 +1195,8 @@ def test_fuzz_training_on_raw_audio_and_from_the_cache_finishes(fuzz, tmp_path):
     """[3.1] train.py runs on the folder, raw and cached: bad files left out, no good file named."""
     root, good, bad, _ = fuzz
     run = ["--config", "tiny", "--encodec", "random", "--batch_size", "2", "--workers", "0", "--val_files", "1",
-           "--gamma", "uniform", "--log_every", "1", "--val_every", "1000", "--steps", "2", "--data", str(root / "audio")]
+           "--gamma", "uniform", "--log_every", "1", "--val_every", "1000", "--steps", "2",
+           "--data", str(root / "audio")]
     for out, extra in (("raw", []), ("cached", ["--cache", str(root / "cache")])):
         _, named, good_named = warned(lambda: train.main(run + ["--out", str(tmp_path / out)] + extra), good, bad)
         assert os.path.exists(tmp_path / out / "ckpt-00000002.pt") and good_named == [], out
@@ -1216,13 +1218,14 @@ def test_fuzz_training_when_the_held_out_file_is_bad(fuzz, tmp_path):
            "--gamma", "uniform", "--val_every", "1000", "--steps", "1", "--seed", "2", "--data", str(root / "audio"),
            "--out", str(tmp_path / "run")]
     _, named, good_named = warned(lambda: train.main(run), good, bad)
-    assert os.path.exists(tmp_path / "run" / "ckpt-00000001.pt") and good_named == [] and named["b_zero_bytes.ogg"] == 1
+    assert os.path.exists(tmp_path / "run" / "ckpt-00000001.pt")
+    assert good_named == [] and named["b_zero_bytes.ogg"] == 1
 
 
 def test_fuzz_kmeans_labels_every_cached_good_file(fuzz, tmp_path):
     """[2.3] kmeans.py over the fuzz folder's cache labels exactly the good files."""
     root, good, bad, _ = fuzz
-    index, named, good_named = warned(lambda: kmeans.build_targets(
+    index, _, good_named = warned(lambda: kmeans.build_targets(
         str(root / "stage1.pt"), str(tmp_path / "km"), cache_dir=str(root / "cache"), n_clips=8, n_frames=200, k=4),
         good, bad)
     assert sorted(index) == sorted(os.path.abspath(g) for g in good) and good_named == []
@@ -1245,7 +1248,7 @@ def test_fuzz_kmeans_on_raw_audio_skips_each_bad_file_once(fuzz, tmp_path):
 
 @pytest.mark.xfail(strict=True, raises=D.AudioError, reason="evaluate.embed_split reads every file of a "
                    "split and raises on the first bad one instead of skipping it with one warning")
-def test_fuzz_evaluation_embeds_a_task_with_a_bad_file(fuzz, tmp_path):
+def test_fuzz_evaluation_embeds_a_task_with_a_bad_file(tmp_path):
     """[3.2] evaluate.py's embedding of a HEAR split holding a bad file names it once and finishes."""
     import demo
     clips = {s: [(torch.from_numpy(tone(0.5, freq=200.0 * (i + 1))).float(), [str(i % 2)]) for i in range(3)]
