@@ -1,6 +1,7 @@
 """Downstream evaluation, section 3.2: frozen embeddings, HEAR tasks, MLP probes, Table 1.
 
 `python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
+`python evaluate.py embed --upstream ckpt.pt --out EMB AUDIO_DIR` writes frame embeddings of your audio;
 `python data.py demo-tasks --out TASKS` writes small labelled demo tasks in the HEAR layout;
 Reads HEAR 2021 task folders (task_metadata.json, labelvocabulary.csv, <split>.json,
 <rate>/<split>/*.wav); writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun),
@@ -18,6 +19,8 @@ import random
 import re
 import sys
 import time
+import warnings
+from itertools import groupby
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import load_codec, probe_audio, read_audio, resample_24k
-from model import (CROP_FRAMES, HOP, SAMPLE_RATE, EnCodecMAE, codec_embed_audio,
+from data import (AUDIO_EXTS, AudioError, Parser, UsageError, load_codec, probe_audio, read_audio,
+                  resample_24k, run_cli, write_atomic)
+from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio,
                    load_checkpoint_model, make_config)
 
 HEAR_RATE = 48000  # HEAR allows 16000, 22050, 32000, 44100, 48000, not 24000: we declare 48000
@@ -60,6 +64,20 @@ class Upstream(nn.Module):
         return torch.cat([self.mae.embed(p, layer=self.layer) for p in pieces], dim=1)  # (B, T, D)
 
 
+def real_frames(n_samples, rate=SAMPLE_RATE):
+    """Frames whose centre lies inside n_samples of audio at `rate` (at least one) [HEAR].
+
+    The codec's last frame can be centred past the end, on mostly padding: HEAR's timestamps
+    must stay inside the audio, and the scene embedding pools these same frames.
+    """
+    return max(1, (2 * n_samples * SAMPLE_RATE + HOP * rate) // (2 * HOP * rate))
+
+
+def scene_embedding(frames, n_samples, rate=SAMPLE_RATE):
+    """(B, T, D) frames of audio n_samples long -> (B, D): the mean of its real frames [3.2]."""
+    return frames[:, :real_frames(n_samples, rate)].mean(1)
+
+
 def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
     """"EC", "ECMAE-R:<size>" (random init, seeded) or a train.py checkpoint path -> Upstream."""
     key = f"seed{seed}"
@@ -74,9 +92,11 @@ def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
             raise FileNotFoundError(f"--upstream {spec!r}: not EC, ECMAE-R:<size> or a checkpoint file")
         try:
             mae, _, trained_with = load_checkpoint_model(spec)
-        except (RuntimeError, KeyError, AssertionError) as err:  # strict loading refused it
+        except (RuntimeError, KeyError, AssertionError, TypeError, ValueError, EOFError,
+                pickle.UnpicklingError) as err:  # not a checkpoint, or strict loading refused it
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{spec}: not a checkpoint of this code's EnCodecMAE, or its weights "
-                             f"do not fit the config stored with them:\n{err}") from err
+                             f"do not fit the config stored with them ({first})") from err
         source = encodec or trained_with  # the codec it was trained on, unless told otherwise
         if (source == "random") != (trained_with == "random"):
             raise ValueError(f"{spec} was trained on codec {trained_with!r}, not {source!r}")
@@ -85,7 +105,8 @@ def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
         raise ValueError(f"--layer {layer}: choose -1 (last) or 1..{mae.cfg.n_enc_layers}")
     codec = load_codec(source)
     name = spec if layer == -1 or mae is None else f"{spec}@layer{layer}"
-    return Upstream(name, codec, mae, layer, key=f"{name}|{source}|{key}").to(device)
+    # "real-frames": the scene embedding pools frames centred inside the audio (older caches: all)
+    return Upstream(name, codec, mae, layer, key=f"{name}|{source}|{key}|real-frames").to(device)
 
 
 # ---------------------------------------------------------------- HEAR tasks (HEAR.md)
@@ -113,7 +134,8 @@ def read_task(path):
     with open(path / "labelvocabulary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     vocab = {str(r["label"]): int(r["idx"]) for r in rows}
-    assert sorted(vocab.values()) == list(range(len(vocab))), f"{path}/labelvocabulary.csv: idx not 0..n-1"
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError(f"{path}/labelvocabulary.csv: idx must be 0..n-1, once each")
     rates = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
     # 24 kHz needs no resampling, 48 kHz resamples 2:1; otherwise the richest folder
     rate = next((r for r in (SAMPLE_RATE, HEAR_RATE) if r in rates), rates[-1] if rates else None)
@@ -153,53 +175,89 @@ def read_split(task, split):
 
 
 def read_cache(path, key, files):
-    """Cached embeddings X (N, D) if the same upstream embedded the same files, else None."""
+    """Cached (X (N', D), kept) if the same upstream embedded the same files, else None.
+
+    The files skipped then are named again, so every run's log lists what it left out.
+    """
     stored = np.load(path) if path.exists() else None
-    same = stored is not None and str(stored["key"]) == key and stored["files"].tolist() == files
-    return torch.from_numpy(stored["X"]) if same else None
+    if stored is None or str(stored["key"]) != key or stored["files"].tolist() != files:
+        return None
+    for reason in stored["skipped"].tolist():
+        warnings.warn(f"skipping {reason}")
+    return torch.from_numpy(stored["X"]), stored["kept"].tolist()
 
 
-def write_cache(path, X, files, key):
+def write_cache(path, X, kept, skipped, files, key):
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.tmp", "wb") as f:  # write, then rename: never a half-written cache
-        np.savez(f, X=X.numpy(), files=np.array(files), key=np.array(key))
-    os.replace(f"{path}.tmp", path)
+    write_atomic(path, lambda f: np.savez(f, X=X.numpy(), kept=np.array(kept, dtype=np.int64),
+                                          skipped=np.array(skipped, dtype=str), files=np.array(files),
+                                          key=np.array(key)))
+
+
+def read_clips(paths, batch, bad):
+    """Read a batch of clips -> lists of (indices, wav (B, n)) of equal length; failures go to `bad`.
+
+    A header can overstate the length (a truncated file), so clips are grouped by what was read.
+    """
+    wavs = {}
+    for j in batch:
+        try:
+            wavs[j] = read_audio(paths[j])
+        except AudioError as err:
+            bad[j] = str(err)
+    by_length = groupby(sorted(wavs, key=lambda j: len(wavs[j])), key=lambda j: len(wavs[j]))
+    return [(same, torch.stack([wavs[j] for j in same])) for same in (list(g) for _, g in by_length)]
 
 
 @torch.no_grad()
 def embed_split(upstreams, task, split, files, cache_dir, batch_size=16):
-    """Scene embeddings X (N, D) of a split for each upstream, cached per (upstream, task, split).
+    """Scene embeddings of a split for each upstream, cached per (upstream, task, split) -> a list
+    of (X (N', D), kept), kept indexing `files`: the label rows to keep with X.
 
-    The frozen codec is most of the cost, so upstreams on the same codec share its pass.
+    A file that cannot be read or gives NaN/inf is skipped with one warning naming it. The frozen
+    codec is most of the cost, so upstreams on the same codec share its pass.
     """
     slug = lambda text: re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[-80:]  # a safe folder name
     caches = [Path(cache_dir) / slug(u.key) / slug(task.name) / f"{split}.npz" for u in upstreams]
     out = [read_cache(c, u.key, files) for c, u in zip(caches, upstreams)]
-    todo = [i for i, X in enumerate(out) if X is None]
-    if todo and task.audio_dir is None:
+    todo = [i for i, cached in enumerate(out) if cached is None]
+    if not todo:
+        return out
+    if task.audio_dir is None:
         raise FileNotFoundError(f"{task.path}: no <sample_rate>/ audio folder")
-    paths = [task.audio_dir / split / name for name in files] if todo else []
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: named in {split}.json but missing")
-    lengths = [probe_audio(p) for p in paths]  # 24-kHz samples, from the headers
+    paths = [task.audio_dir / split / name for name in files]
+    bad, lengths = {}, {}  # file index -> why it is skipped; 24-kHz samples from the header
+    for j, p in enumerate(paths):
+        try:
+            if not p.is_file():
+                raise AudioError(f"{p}: named in {split}.json but missing")
+            lengths[j] = probe_audio(p)
+        except AudioError as err:
+            bad[j] = str(err)
+    X = {i: torch.zeros(len(paths), upstreams[i].scene_embedding_size) for i in todo}  # (N, D)
     # Clips of equal length share a batch: no padding, so a clip's embedding never depends on others.
-    order = sorted(range(len(paths)), key=lambda i: lengths[i])
+    order = sorted(lengths, key=lambda j: lengths[j])
+    for at in range(0, len(order), batch_size):
+        for same, wav in read_clips(paths, order[at: at + batch_size], bad):  # (B, n)
+            feats = {}  # codec source -> codec frames (B, T, 128)
+            for i in todo:
+                u = upstreams[i]
+                if u.codec.source not in feats:
+                    feats[u.codec.source] = codec_embed_audio(u.codec, wav.to(next(u.parameters()).device))
+                X[i][same] = scene_embedding(u.frames_from_codec(feats[u.codec.source]), wav.shape[1]).float().cpu()
+    for j in sorted(bad):
+        warnings.warn(f"skipping {bad[j]}")
     for i in todo:
-        out[i] = torch.zeros(len(paths), upstreams[i].scene_embedding_size)  # (N, D)
-    while order:
-        batch = [i for i in order[:batch_size] if lengths[i] == lengths[order[0]]]
-        order = order[len(batch):]
-        wav = torch.stack([read_audio(paths[i]) for i in batch])  # (B, n)
-        feats = {}  # codec source -> codec frames (B, T, 128)
-        for i in todo:
-            u = upstreams[i]
-            if u.codec.source not in feats:
-                feats[u.codec.source] = codec_embed_audio(u.codec, wav.to(next(u.parameters()).device))
-            out[i][batch] = u.frames_from_codec(feats[u.codec.source]).mean(1).float().cpu()  # [3.2]
-    for i in todo:
-        assert torch.isfinite(out[i]).all(), f"{upstreams[i].name}: NaN/inf embeddings, {task.name}/{split}"
-        write_cache(caches[i], out[i], files, upstreams[i].key)
+        skipped = dict(bad)
+        for j in torch.nonzero(~torch.isfinite(X[i]).all(1)).flatten().tolist():
+            if j not in bad:
+                skipped[j] = f"{paths[j]}: NaN/inf embeddings from {upstreams[i].name} (huge samples?)"
+                warnings.warn(f"skipping {skipped[j]}")
+        kept = [j for j in range(len(paths)) if j not in skipped]
+        if not kept:
+            raise ValueError(f"{task.path}/{split}: no file of the split could be embedded")
+        write_cache(caches[i], X[i][kept], kept, [skipped[j] for j in sorted(skipped)], files, upstreams[i].key)
+        out[i] = (X[i][kept], kept)
     return out
 
 
@@ -302,7 +360,9 @@ def train_probe(X, Y, Xv, Yv, task, cfg, seed=None):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        if (epoch + 1) % cfg.check_every:
+        # A run shorter than check_every still validates once, at its last epoch: there must be
+        # best weights to return. Longer runs skip the tail past the last multiple, as heareval.
+        if (epoch + 1) % cfg.check_every and not (epoch + 1 == cfg.max_epochs and best_state is None):
             continue
         score = METRICS[task.metric](predict(probe, Xv, task.multilabel).cpu(), Yv.cpu())
         if score > best:  # strict, as heareval's checkpoint and early-stopping callbacks
@@ -354,14 +414,10 @@ def format_table(results, tasks):
 def evaluate(args):
     """Every upstream on every task: embed (cached), probe, write results.json, print the table."""
     root = Path(args.heareval_embeddings or args.tasks_dir)
-    task_dirs = [root / t for t in args.task] if args.task else sorted(
-        p for p in root.iterdir() if (p / "task_metadata.json").exists())
-    if not task_dirs:
-        raise FileNotFoundError(f"{root}: no task folders with task_metadata.json")
-    tasks = [read_task(p) for p in task_dirs]
+    tasks = [read_task(p) for p in args.task_dirs]  # checked by parse_args
     grid = hear_grid(args.grid_points, args.probe == "linear", args.probe_seed, max_epochs=args.max_epochs)
-    upstreams = [load_upstream(spec, args.encodec, args.layer, args.seed, args.device) for spec in args.upstream]
-    results = {}
+    upstreams = [open_upstream(spec, args) for spec in args.upstream]
+    results, skipped = {}, set()
     for task in tasks:
         start = time.time()
         splits = sorted({s for fold in task.folds for part in fold for s in part})
@@ -372,8 +428,9 @@ def evaluate(args):
             for split in splits:
                 files, Y = read_split(task, split)
                 Xs = embed_split(upstreams, task, split, files, Path(args.out) / "embeddings", args.batch_size)
-                for u, X in zip(upstreams, Xs):
-                    data[u.name][split] = (X, Y)
+                for u, (X, kept) in zip(upstreams, Xs):
+                    data[u.name][split] = (X, Y[kept])  # a skipped file takes its label row with it
+                    skipped.update(f"{task.name}/{split}/{files[j]}" for j in set(range(len(files))) - set(kept))
         embed_s, start = time.time() - start, time.time()
         threads = torch.get_num_threads()
         torch.set_num_threads(args.probe_threads)  # 2 shared cores: small matmuls ran 10x slower on 2
@@ -387,8 +444,11 @@ def evaluate(args):
         torch.set_num_threads(threads)
     table = format_table(results, [t.name for t in tasks])
     os.makedirs(args.out, exist_ok=True)
-    Path(args.out, "results.json").write_text(json.dumps(dict(table=table, results=results), indent=1))
+    text = json.dumps(dict(table=table, results=results, skipped=sorted(skipped)), indent=1).encode()
+    write_atomic(Path(args.out, "results.json"), lambda f: f.write(text))
     print(table)
+    if skipped:
+        print(f"{len(skipped)} audio files skipped (named in the warnings above and in results.json)")
     return results
 
 
@@ -421,21 +481,20 @@ def to_codec_rate(audio, rate):
 
 def get_timestamp_embeddings(audio, model):
     """HEAR: (n_sounds, n) at 48 kHz -> frames (n_sounds, T, D) float32, centres (n_sounds, T) in ms."""
-    emb = model.frames(to_codec_rate(audio, model.sample_rate)).float()  # (B, T, D)
-    # A last frame centred past the end is mostly padding; HEAR wants timestamps inside the audio.
-    hop = HOP * model.sample_rate / SAMPLE_RATE  # input samples per frame
-    T = min(emb.shape[1], math.floor(audio.shape[1] / hop + 0.5))
+    emb = model.frames(to_codec_rate(audio, model.sample_rate)).float()  # (B, T', D)
+    T = real_frames(audio.shape[1], model.sample_rate)  # frames centred inside the audio
     ts = (torch.arange(T, device=audio.device, dtype=torch.float64) + 0.5) * (1000 * HOP / SAMPLE_RATE)
     return emb[:, :T].contiguous(), ts.float().expand(len(audio), T)  # (B, T, D), (B, T)
 
 
 def get_scene_embeddings(audio, model):
-    """HEAR: (n_sounds, n) at 48 kHz -> (n_sounds, D) float32, the mean of all frames [3.2]."""
-    return model.frames(to_codec_rate(audio, model.sample_rate)).mean(1).float()
+    """HEAR: (n_sounds, n) at 48 kHz -> (n_sounds, D) float32, the mean of the real frames [3.2]."""
+    frames = model.frames(to_codec_rate(audio, model.sample_rate))  # (B, T', D)
+    return scene_embedding(frames, audio.shape[1], model.sample_rate).float()
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks-dir", help="folder of HEAR task folders")
     p.add_argument("--task", action="append", help="a task folder name (default: all)")
     p.add_argument("--upstream", action="append", default=[], help="EC, ECMAE-R:<size> or checkpoint; repeat")
@@ -453,10 +512,216 @@ def parse_args(argv):
     p.add_argument("--heareval-embeddings", help="probe heareval's embeddings/<module> folder instead")
     p.add_argument("--out", default="eval_out")
     args = p.parse_args(argv)
-    if not args.heareval_embeddings and not (args.tasks_dir and args.upstream):
-        p.error("give --tasks-dir and at least one --upstream (or --heareval-embeddings)")
+    args.task_dirs = find_tasks(args)
+    for spec in args.upstream:
+        check_upstream(spec, args.layer)
+    check_encodec(args.encodec)
+    check_range("--max-epochs", args.max_epochs, 1)
+    check_range("--grid-points", args.grid_points, 1, 16)
+    check_range("--batch-size", args.batch_size, 1)
+    check_range("--probe-threads", args.probe_threads, 1)
+    check_device(args.device)
     return args
 
 
+def find_tasks(args):
+    """The task folders a command line names, each readable as a Task, or a UsageError."""
+    if args.heareval_embeddings:
+        flag, root = "--heareval-embeddings", args.heareval_embeddings
+    elif not (args.tasks_dir and args.upstream):
+        raise UsageError("give --tasks-dir and at least one --upstream (or --heareval-embeddings)")
+    else:
+        flag, root = "--tasks-dir", args.tasks_dir
+    if not os.path.isdir(root):
+        raise UsageError(f"{flag} {root}: no such folder")
+    found = sorted(p.name for p in Path(root).iterdir() if (p / "task_metadata.json").is_file())
+    for name in args.task or []:
+        if name not in found:
+            raise UsageError(f"--task {name}: no task folder of that name in {root} (have: {', '.join(found)})")
+    if not found:
+        raise UsageError(f"{flag} {root}: no task folders in it (folders with a task_metadata.json)")
+    for name in args.task or found:
+        try:
+            read_task(Path(root) / name)
+        except (ValueError, KeyError, OSError) as err:
+            raise UsageError(f"{root}/{name}: cannot evaluate this task ({type(err).__name__}: {err})") from None
+    return [Path(root) / name for name in args.task or found]
+
+
+def check_upstream(spec, layer):
+    """EC, ECMAE-R:<size> or an existing file, and a --layer that exists; checkpoints' depth is
+    checked when they load."""
+    if layer != -1 and layer < 1:
+        raise UsageError(f"--layer {layer}: choose -1 (the last) or 1..the number of encoder layers")
+    if spec.startswith("ECMAE-R:"):
+        size = spec.split(":", 1)[1]
+        if size not in SIZES:
+            raise UsageError(f"--upstream {spec}: the size must be one of {', '.join(SIZES)}")
+        if layer > SIZES[size]["n_enc_layers"]:
+            raise UsageError(f"--layer {layer}: {spec} has layers 1..{SIZES[size]['n_enc_layers']} (or -1)")
+    elif spec != "EC" and not os.path.isfile(spec):
+        raise UsageError(f"--upstream {spec}: not EC, ECMAE-R:<size> or an existing checkpoint file")
+
+
+def check_encodec(source):
+    if source not in (None, "pretrained", "random") and not os.path.isfile(source):
+        raise UsageError(f"--encodec {source}: pretrained, random or an existing EnCodec checkpoint file")
+
+
+def check_range(flag, value, low, high=None):
+    if value < low or (high is not None and value > high):
+        raise UsageError(f"{flag} {value}: must be " + (f"{low}..{high}" if high else f"at least {low}"))
+
+
+def check_device(name):
+    """A torch device that exists on this machine, or a UsageError naming --device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps)") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise UsageError(f"--device {name}: this machine has {count} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: use cpu, cuda, cuda:N or mps")
+
+
+def open_upstream(spec, args):
+    """load_upstream; a checkpoint that does not fit (its depth, its codec) is the user's mistake."""
+    try:
+        return load_upstream(spec, args.encodec, args.layer, args.seed, args.device)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+
+
+# ---------------------------------------------------------------- embed: your audio -> .npy files
+def embed_plan(sources, out):
+    """Files and folders -> [(audio path, output path without .npy)]; a folder's tree is mirrored
+    under out, a file lands at out/<name>. Names keep their extension: x.wav and x.mp3 never meet."""
+    plan = []
+    for src in map(Path, sources):
+        if src.is_dir():
+            found = sorted(p for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(AUDIO_EXTS))
+            if not found:
+                raise UsageError(f"{src}: no audio files ({' '.join(AUDIO_EXTS)}) in this folder")
+            plan += [(p, Path(out) / p.relative_to(src)) for p in found]
+        elif src.is_file():
+            plan.append((src, Path(out) / src.name))
+        else:
+            raise UsageError(f"{src}: no such file or folder")
+    first = {}
+    for path, dest in plan:
+        if first.setdefault(dest, path) != path:
+            raise UsageError(f"{path} and {first[dest]} would both write {dest}.npy: embed them separately")
+    return plan
+
+
+def check_embed_out(args):
+    """--out remembers which upstream wrote it: a rerun resumes, another upstream needs another --out."""
+    spec = args.upstream
+    meta = dict(upstream=spec, layer=args.layer, encodec=args.encodec, scene_pooling="real-frames",
+                seed=args.seed if spec.startswith("ECMAE-R:") else None,
+                checkpoint=[os.path.getsize(spec), int(os.path.getmtime(spec))] if os.path.isfile(spec) else None)
+    path = Path(args.out, "embed.json")
+    if path.exists() and json.loads(path.read_text()) != meta:
+        raise UsageError(f"--out {args.out}: holds embeddings of another upstream or setting ({path}); "
+                         "choose a new --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write(json.dumps(meta).encode()))
+
+
+EMBED_SEGMENT = 15 * CROP_SAMPLES  # a minute of audio read at once: whole 4-s chunks
+
+
+@torch.no_grad()
+def embed_file(upstream, path, n):
+    """One file's frames (T, D) float32 at 75 Hz, read a minute at a time so memory stays bounded;
+    segments are whole 4-s chunks, so this equals embedding the file at once (model.embed_audio)."""
+    device = next(upstream.parameters()).device
+    pieces, read = [], 0
+    for start in range(0, n, EMBED_SEGMENT):
+        wav = read_audio(path, start, EMBED_SEGMENT)  # (n',) at 24 kHz, shorter if the header overstated
+        if len(wav):
+            pieces.append(upstream.frames(wav[None].to(device))[0].float().cpu())  # (T', D)
+        read += len(wav)
+        if len(wav) < EMBED_SEGMENT:
+            break
+    frames = torch.cat(pieces) if pieces else torch.zeros(0)
+    if not len(frames) or not torch.isfinite(frames).all():
+        raise AudioError(f"{path}: " + ("no samples could be read" if not len(frames) else "NaN/inf embeddings (huge samples?)"))
+    return frames, read
+
+
+def embed_files(upstream, todo, scene, log_every=5.0):
+    """Embed [(path, dest)] and write dest.npy (T, D) (and dest.scene.npy (D,)), with progress lines."""
+    lengths, skipped = {}, []
+    for path, dest in todo:
+        try:
+            lengths[path] = probe_audio(path)  # 24-kHz samples, from the header
+        except AudioError as err:
+            skipped.append(path)
+            warnings.warn(f"skipping {err}")
+    total, done_s, t0, last = sum(lengths.values()) / SAMPLE_RATE, 0.0, time.time(), time.time()
+    for k, (path, dest) in enumerate([(p, d) for p, d in todo if p in lengths]):
+        try:
+            frames, n = embed_file(upstream, path, lengths[path])
+        except AudioError as err:
+            skipped.append(path)
+            warnings.warn(f"skipping {err}")
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if scene:
+                pooled = scene_embedding(frames[None], n)[0]  # (D,)
+                write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled.numpy()))
+            write_atomic(f"{dest}.npy", lambda f: np.save(f, frames.numpy()))  # last: marks the file done
+        done_s += lengths[path] / SAMPLE_RATE
+        if time.time() - last >= log_every or k + 1 == len(lengths):
+            last, speed = time.time(), done_s / max(time.time() - t0, 1e-9)
+            print(f"embed: {k + 1}/{len(lengths)} files, {done_s:.1f}/{total:.1f} s of audio, "
+                  f"{speed:.1f} s/s, ETA {(total - done_s) / max(speed, 1e-9):.0f} s", flush=True)
+    return skipped
+
+
+def embed_main(argv):
+    p = Parser(prog="evaluate.py embed", description=(
+        "Frame embeddings (T, D) float32 at 75 Hz of every audio file given or found under the folders "
+        "given, as OUT/<path>.npy mirroring the folders (OUT/x.wav.npy for a file given by itself). "
+        "Resumable: files already written are skipped."))
+    p.add_argument("sources", nargs="+", metavar="FILE_OR_FOLDER", help="audio files and folders (recursive)")
+    p.add_argument("--upstream", required=True, help="EC, ECMAE-R:<size> or a train.py checkpoint")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--scene", action="store_true",
+                   help="also write <path>.scene.npy (D,): the mean of the frames centred inside the audio")
+    p.add_argument("--layer", type=int, default=-1, help="encoder layer (-1: last)")
+    p.add_argument("--encodec", help="pretrained | random | PATH (default: pretrained, or the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the ECMAE-R random init")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    args = p.parse_args(argv)
+    check_upstream(args.upstream, args.layer)
+    check_encodec(args.encodec)
+    check_device(args.device)
+    plan = embed_plan(args.sources, args.out)
+    check_embed_out(args)
+    finished = lambda dest: os.path.exists(f"{dest}.npy") and (not args.scene or os.path.exists(f"{dest}.scene.npy"))
+    todo = [(path, dest) for path, dest in plan if not finished(dest)]
+    print(f"embed: {len(plan)} files, {len(plan) - len(todo)} already done; {args.upstream} -> {args.out}",
+          flush=True)
+    skipped = embed_files(open_upstream(args.upstream, args), todo, args.scene, args.log_every) if todo else []
+    print(f"embed: {len(todo) - len(skipped)} files written, {len(plan) - len(todo)} were done, "
+          f"{len(skipped)} skipped (named above)", flush=True)
+    return skipped
+
+
+def main(argv=None):
+    """`evaluate.py embed ...` embeds audio files; anything else is an evaluation on HEAR tasks."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["embed"]:
+        return embed_main(argv[1:])
+    return evaluate(parse_args(argv))
+
+
 if __name__ == "__main__":
-    evaluate(parse_args(sys.argv[1:]))
+    run_cli(main)
