@@ -680,7 +680,7 @@ def embed_files(upstream, todo, scene, log_every=5.0):
         if time.time() - last >= log_every or k + 1 == len(lengths):
             last, speed = time.time(), done_s / max(time.time() - t0, 1e-9)
             print(f"embed: {k + 1}/{len(lengths)} files, {done_s:.1f}/{total:.1f} s of audio, "
-                  f"{speed:.1f} s/s, ETA {(total - done_s) / max(speed, 1e-9):.0f} s", flush=True)
+                  f"{speed:.1f}x real time, ETA {(total - done_s) / max(speed, 1e-9):.0f} s", flush=True)
     return skipped
 
 

@@ -1381,7 +1381,7 @@ def test_embed_command_writes_embed_audio_frames_mirrors_folders_resumes_and_ski
         skipped = E.main(argv)
     assert skipped == [src / "sub" / "broken.wav"] and len([w for w in caught if "skipping" in str(w.message)]) == 1
     out = capsys.readouterr().out
-    assert "embed: 3/3 files" in out and "s/s, ETA 0 s" in out and "1 skipped" in out
+    assert "embed: 3/3 files" in out and "x real time, ETA 0 s" in out and "1 skipped" in out
     mae, _, _ = M.load_checkpoint_model(ckpt)
     codec = D.load_codec("random")
     for name in ("short.wav", "long.flac", "sub/stereo.wav"):
