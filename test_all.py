@@ -999,14 +999,15 @@ def test_probe_returns_its_first_best_validated_weights_even_below_one_validatio
     """[3.2, HEAR] validation every 3 epochs keeps the first best weights; a run of 2 epochs (below the
     interval) validates at its last epoch instead of failing with no weights to return."""
     X, Y = separable_data()
+    Y_shuffled = Y[torch.randperm(len(Y), generator=torch.Generator().manual_seed(1))]
     task = E.Task("t", None, False, "top1_acc", {}, [], None)
-    for max_epochs in (2, 30):
+    for max_epochs, labels in ((2, Y), (30, Y), (30, Y_shuffled)):
         cfg = E.ProbeConfig(hidden_layers=1, lr=1e-2, hidden_dim=64, max_epochs=max_epochs)
-        probe, best, epoch = E.train_probe(X[:160], Y[:160], X[160:200], Y[160:200], task, cfg, seed=0)
-        assert E.top1_accuracy(E.predict(probe, X[160:200], False), Y[160:200]) == best
+        probe, best, epoch = E.train_probe(X[:160], labels[:160], X[160:200], labels[160:200], task, cfg, seed=0)
+        assert E.top1_accuracy(E.predict(probe, X[160:200], False), labels[160:200]) == best
         if max_epochs == 2:
             assert epoch == 1
-        else:  # perfect within the first few validations; later ties must not replace it
+        elif labels is Y:  # perfect within the first few validations; later ties must not replace it
             assert best == 1.0 and epoch % 3 == 2 and epoch <= 8
 
 
