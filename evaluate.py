@@ -645,9 +645,7 @@ def embed_file(upstream, path, n):
         wav = read_audio(path, start, EMBED_SEGMENT)  # (n',) at 24 kHz, shorter if the header overstated
         if len(wav):
             pieces.append(upstream.frames(wav[None].to(device))[0].float().cpu())  # (T', D)
-        read += len(wav)
-        if len(wav) < EMBED_SEGMENT:
-            break
+        read += len(wav)  # less than n if the header overstated the length
     frames = torch.cat(pieces) if pieces else torch.zeros(0)
     if not len(frames) or not torch.isfinite(frames).all():
         raise AudioError(f"{path}: " + ("no samples could be read" if not len(frames) else "NaN/inf embeddings (huge samples?)"))
