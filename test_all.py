@@ -1089,8 +1089,8 @@ def three_sounds_task(root, clips_per_fold=6):
     sound = {"tone": lambda i: 0.3 * torch.sin(2 * torch.pi * (300 + 20 * i) * t),
              "noise": lambda i: 0.3 * torch.randn(12000, generator=g),
              "hush": lambda i: 0.003 * torch.randn(12000, generator=g)}
-    folds = {f"fold{f:02d}": [(sound[k](f * 9 + j), [k]) for j, k in enumerate(list(sound) * (clips_per_fold // 3))]
-             for f in range(5)}
+    kinds = [list(sound)[i % 3] for i in torch.randperm(5 * clips_per_fold, generator=g).tolist()]  # no pattern
+    folds = {f"fold{f:02d}": [(sound[k](i), [k]) for i, k in enumerate(kinds) if i % 5 == f] for f in range(5)}
     return demo.write_task(root, "three-sounds", folds, False, True, 0.5)
 
 
