@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from data import (AUDIO_EXTS, AudioError, Parser, UsageError, load_codec, probe_audio, read_audio,
-                  resample_24k, run_cli, write_atomic)
+                  resample_24k, run_cli, scan_audio, write_atomic)
 from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio,
                    load_checkpoint_model, make_config)
 
@@ -652,21 +652,15 @@ def embed_file(upstream, path, n):
     return frames, read
 
 
-def embed_files(upstream, todo, scene, log_every=5.0):
-    """Embed [(path, dest)] and write dest.npy (T, D) (and dest.scene.npy (D,)), with progress lines."""
-    lengths, skipped = {}, []
-    for path, dest in todo:
+def embed_files(upstream, todo, lengths, scene, log_every=5.0):
+    """Embed [(path, dest)] of lengths (24-kHz samples) into dest.npy (T, D) (and dest.scene.npy (D,)),
+    with a progress line every log_every seconds -> [(path, reason)] of the files skipped."""
+    skipped, total, done_s, t0, last = [], lengths.sum() / SAMPLE_RATE, 0.0, time.time(), time.time()
+    for k, ((path, dest), n) in enumerate(zip(todo, lengths.tolist())):
         try:
-            lengths[path] = probe_audio(path)  # 24-kHz samples, from the header
+            frames, n = embed_file(upstream, path, n)
         except AudioError as err:
-            skipped.append(path)
-            warnings.warn(f"skipping {err}")
-    total, done_s, t0, last = sum(lengths.values()) / SAMPLE_RATE, 0.0, time.time(), time.time()
-    for k, (path, dest) in enumerate([(p, d) for p, d in todo if p in lengths]):
-        try:
-            frames, n = embed_file(upstream, path, lengths[path])
-        except AudioError as err:
-            skipped.append(path)
+            skipped.append((path, str(err)))
             warnings.warn(f"skipping {err}")
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -674,10 +668,10 @@ def embed_files(upstream, todo, scene, log_every=5.0):
                 pooled = scene_embedding(frames[None], n)[0]  # (D,)
                 write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled.numpy()))
             write_atomic(f"{dest}.npy", lambda f: np.save(f, frames.numpy()))  # last: marks the file done
-        done_s += lengths[path] / SAMPLE_RATE
-        if time.time() - last >= log_every or k + 1 == len(lengths):
+        done_s += lengths[k] / SAMPLE_RATE
+        if time.time() - last >= log_every or k + 1 == len(todo):
             last, speed = time.time(), done_s / max(time.time() - t0, 1e-9)
-            print(f"embed: {k + 1}/{len(lengths)} files, {done_s:.1f}/{total:.1f} s of audio, "
+            print(f"embed: {k + 1}/{len(todo)} files, {done_s:.1f}/{total:.1f} s of audio, "
                   f"{speed:.1f}x real time, ETA {(total - done_s) / max(speed, 1e-9):.0f} s", flush=True)
     return skipped
 
@@ -707,7 +701,11 @@ def embed_main(argv):
     todo = [(path, dest) for path, dest in plan if not finished(dest)]
     print(f"embed: {len(plan)} files, {len(plan) - len(todo)} already done; {args.upstream} -> {args.out}",
           flush=True)
-    skipped = embed_files(open_upstream(args.upstream, args), todo, args.scene, args.log_every) if todo else []
+    readable, lengths, skipped = scan_audio([path for path, _ in todo])  # bad headers: warned here
+    if readable:  # the model loads only when there is something to embed
+        dest = dict(todo)
+        skipped += embed_files(open_upstream(args.upstream, args), [(p, dest[p]) for p in readable], lengths,
+                               args.scene, args.log_every)
     print(f"embed: {len(todo) - len(skipped)} files written, {len(plan) - len(todo)} were done, "
           f"{len(skipped)} skipped (named above)", flush=True)
     return skipped
