@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import (AUDIO_EXTS, AudioError, Parser, UsageError, load_codec, probe_audio, read_audio,
-                  resample_24k, run_cli, scan_audio, write_atomic)
+from data import (AUDIO_EXTS, AudioError, Parser, UsageError, check_device, load_codec, probe_audio,
+                  read_audio, resample_24k, run_cli, scan_audio, write_atomic)
 from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio,
                    load_checkpoint_model, make_config)
 
@@ -571,21 +571,6 @@ def check_encodec(source):
 def check_range(flag, value, low, high=None):
     if value < low or (high is not None and value > high):
         raise UsageError(f"{flag} {value}: must be " + (f"{low}..{high}" if high else f"at least {low}"))
-
-
-def check_device(name):
-    """A torch device that exists on this machine, or a UsageError naming --device."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps)") from None
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise UsageError(f"--device {name}: this machine has {count} CUDA GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available here")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name}: use cpu, cuda, cuda:N or mps")
 
 
 def open_upstream(spec, args):
