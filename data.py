@@ -621,12 +621,13 @@ def main(argv=None):
                           "and espeak-ng voices (demo.py; needs fluidsynth, fluid-soundfont-gm, espeak-ng)")
     real.add_argument("--out", required=True, help="writes OUT/corpus and OUT/tasks")
     real.add_argument("--hours", type=float, default=1.5, help="pretraining audio (0: tasks only)")
-    real.add_argument("--clips", type=int, nargs=3, default=[720, 240, 480], metavar=("TRAIN", "VALID", "TEST"))
+    real.add_argument("--clips", type=int, nargs=3, default=[720, 240, 480],
+                      metavar=("TRAIN", "VALID", "TEST"), help="clips per split of each task")
     real.add_argument("--seed", type=int, default=0, help="the sounds and the program and voice splits")
     args = parser.parse_args(argv)
     if args.command == "demo-real":
         if args.hours < 0 or min(args.clips) < 1:
-            raise UsageError(f"--hours must be >= 0 and each of --clips >= 1, got {args.hours} and {args.clips}")
+            raise UsageError(f"--hours must be >= 0 and each --clips >= 1, got {args.hours}, {args.clips}")
         if missing_sources():
             raise UsageError(f"demo-real needs {'; '.join(missing_sources())}; install with: {APT}")
         return build_real_demo(args.out, args.hours, args.clips, args.seed)

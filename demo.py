@@ -1,11 +1,12 @@
-"""Demo audio for teaching and tests (not part of the paper): synthetic clips and labelled tasks.
+"""Demo audio for teaching and tests (not part of the paper): synthetic and real-source clips, tasks.
 
-`--data demo` (train.py, kmeans.py, data.py) writes and reads the synthetic pretraining set
-(notes, chords, noise bursts, chirps, vowels of varied lengths, kind and pitch in each name);
-`python data.py demo-tasks --out TASKS` writes three small labelled tasks in the HEAR layout
-(sound kind, pitch, mixtures) for `evaluate.py`. Every clip is deterministic for its seed, so the truth
-behind every label is known exactly. Needs nothing beyond numpy, torch and soundfile (and
-torchaudio, which encodec brings, to write the 48 kHz task files).
+`--data demo` (train.py, kmeans.py, data.py) writes and reads the synthetic pretraining set (notes,
+chords, noise bursts, chirps, vowels; kind and pitch in each name); `python data.py demo-tasks --out
+TASKS` writes three small synthetic tasks in the HEAR layout for `evaluate.py`; both need only numpy,
+torch, soundfile and torchaudio (encodec brings it). `python data.py demo-real --out DIR` writes
+pretraining audio and three harder tasks whose test instruments and voices are unseen, from sampled
+GM instruments and espeak-ng voices (apt-get install fluidsynth fluid-soundfont-gm espeak-ng).
+Every clip is deterministic for its seed, so the truth behind every label is known exactly.
 """
 import io
 import json
@@ -248,7 +249,8 @@ def midi_bytes(events):
 
 def note(events, channel, pitch, start, stop, velocity):
     """Append one note (note-on at start, note-off at stop, in ms) on a MIDI channel."""
-    events += [(round(start), 0x90 | channel, int(pitch), int(velocity)), (round(stop), 0x80 | channel, int(pitch), 0)]
+    events += [(round(start), 0x90 | channel, int(pitch), int(velocity)),
+               (round(stop), 0x80 | channel, int(pitch), 0)]
 
 
 def render_midi(clips, gap=1.0):
@@ -266,8 +268,9 @@ def render_midi(clips, gap=1.0):
         t = end + round(1000 * gap)
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "in.mid").write_bytes(midi_bytes(events))
-        run = subprocess.run(["fluidsynth", "-ni", "-q", "-o", "synth.dynamic-sample-loading=1", "-g", "0.5", "-r", str(SAMPLE_RATE), "-O", "float",
-                              "-T", "wav", "-F", f"{tmp}/out.wav", SOUNDFONT, f"{tmp}/in.mid"],
+        run = subprocess.run(["fluidsynth", "-ni", "-q", "-o", "synth.dynamic-sample-loading=1", "-g", "0.5",
+                              "-r", str(SAMPLE_RATE), "-O", "float", "-T", "wav", "-F", f"{tmp}/out.wav",
+                              SOUNDFONT, f"{tmp}/in.mid"],
                              capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"fluidsynth failed ({run.returncode}): {run.stderr.strip()[-300:]}")
@@ -357,13 +360,15 @@ def ambience(kind, n, rng):
     noise = np.fft.rfft(rng.standard_normal(n))
     if kind == "rain":  # bright hiss plus drops: sparse clicks, each a 2-ms decaying burst
         drops = (rng.random(n) < rng.uniform(20, 200) / SAMPLE_RATE) * rng.standard_normal(n)
-        x = np.fft.irfft(noise * (freqs / 4000) ** 0.3, n) + np.convolve(drops, np.exp(-np.arange(96) / 48), "same")
+        x = np.fft.irfft(noise * (freqs / 4000) ** 0.3, n)
+        x = x + np.convolve(drops, np.exp(-np.arange(96) / 48), "same")
     elif kind == "wind":  # low-passed noise whose loudness drifts over seconds
         x = np.fft.irfft(noise / (1 + freqs / rng.uniform(150, 600)) ** 2, n)
         x *= 1.2 + np.sin(2 * np.pi * rng.uniform(0.1, 0.5) * t + rng.uniform(0, 6)) + 0.5 * np.sin(1.3 * t)
     elif kind == "hum":  # mains hum (50 or 60 Hz and its harmonics) over fan noise
         mains = rng.choice([50, 60])
-        x = sum(rng.uniform(0, 1) / k * np.sin(2 * np.pi * k * mains * t + rng.uniform(0, 6)) for k in range(1, 9))
+        x = sum(rng.uniform(0, 1) / k * np.sin(2 * np.pi * k * mains * t + rng.uniform(0, 6))
+                for k in range(1, 9))
         x = x + 0.3 * np.fft.irfft(noise / np.sqrt(freqs), n) * np.sqrt(n) / np.sqrt(np.sum(1 / freqs))
     elif kind == "room":  # pink noise with one broad resonance, like a ventilated room
         bump = np.exp(-0.5 * (np.log(freqs / rng.uniform(200, 2000)) / 0.5) ** 2)

@@ -562,7 +562,8 @@ def test_real_tasks_keep_test_instruments_and_voices_unseen_and_labels_as_docume
         sources = json.loads((root / "sources.json").read_text())
         for split in ("train", "valid", "test"):
             labels = json.loads((root / f"{split}.json").read_text())
-            assert sorted(labels) == sorted(sources[split]) and len(labels) == args["clips"][("train", "valid", "test").index(split)]
+            assert sorted(labels) == sorted(sources[split])
+            assert len(labels) == dict(zip(("train", "valid", "test"), args["clips"]))[split]
             for name, source in sources[split].items():
                 assert (root / "48000" / split / name).exists()
                 if task == "instrument-family":  # the family is the program's GM family, p // 8
@@ -570,7 +571,8 @@ def test_real_tasks_keep_test_instruments_and_voices_unseen_and_labels_as_docume
                 else:
                     assert source in voices[split]
         if task != "instrument-family":
-            assert {labels[f"test_{i:04d}.wav"][0] for i in range(8)} == set(demo.KEYWORDS[:8] if "keyword" in task else demo.LANGUAGES)
+            classes = demo.KEYWORDS[:8] if "keyword" in task else demo.LANGUAGES  # in turn, as documented
+            assert {labels[f"test_{i:04d}.wav"][0] for i in range(8)} == set(classes)
         used = {split: set(sources[split].values()) for split in sources}
         assert not used["test"] & (used["train"] | used["valid"])
     assert all(sorted(programs[s]) == sorted(set(programs[s])) for s in programs)
@@ -617,7 +619,8 @@ def test_demo_real_names_the_missing_debian_package_in_one_line(tmp_path, monkey
     """Without the optional sources, demo-real says which Debian package to install, exit status 2."""
     monkeypatch.setattr(demo, "SOUNDFONT", str(tmp_path / "none.sf2"))
     with pytest.raises(SystemExit) as exit:
-        D.run_cli(D.main, ["demo-real", "--out", str(tmp_path / "out"), "--hours", "0", "--clips", "1", "1", "1"])
+        D.run_cli(D.main, ["demo-real", "--out", str(tmp_path / "out"), "--hours", "0",
+                           "--clips", "1", "1", "1"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and "fluid-soundfont-gm" in err
     assert not (tmp_path / "out").exists()
