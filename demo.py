@@ -286,7 +286,7 @@ def peak_half(x):
 
 
 def instrument_events(program, seconds, rng):
-    """One instrument-family clip: a held note, a triad or a run of 3-6 notes, MIDI pitches 48-86,
+    """One instrument-family clip: a held note, a triad or a run of 3-6 notes, MIDI pitches 36-86,
     the same pitch range for every program so that pitch does not give the family away."""
     events, end = [(0, 0xC0, program), (0, 0xB0, 7, 100)], 1000 * seconds * rng.uniform(0.6, 0.9)
     base, velocity, style = int(rng.integers(48, 80)), int(rng.integers(50, 121)), int(rng.integers(3))
