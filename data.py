@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import model
-from demo import demo_clips, make_demo_tasks, write_demo_dataset
+from demo import APT, build_real_demo, demo_clips, make_demo_tasks, missing_sources, write_demo_dataset
 from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, num_frames
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
@@ -617,7 +617,20 @@ def main(argv=None):
     tasks.add_argument("--clips", type=int, default=120, help="clips per task")
     tasks.add_argument("--seconds", type=float, default=2.0)
     tasks.add_argument("--seed", type=int, default=0)
+    real = sub.add_parser("demo-real", help="pretraining audio and three tasks from sampled instruments "
+                          "and espeak-ng voices (demo.py; needs fluidsynth, fluid-soundfont-gm, espeak-ng)")
+    real.add_argument("--out", required=True, help="writes OUT/corpus and OUT/tasks")
+    real.add_argument("--hours", type=float, default=1.5, help="pretraining audio (0: tasks only)")
+    real.add_argument("--clips", type=int, nargs=3, default=[720, 240, 480],
+                      metavar=("TRAIN", "VALID", "TEST"), help="clips per split of each task")
+    real.add_argument("--seed", type=int, default=0, help="the sounds and the program and voice splits")
     args = parser.parse_args(argv)
+    if args.command == "demo-real":
+        if args.hours < 0 or min(args.clips) < 1:
+            raise UsageError(f"--hours must be >= 0 and each --clips >= 1, got {args.hours}, {args.clips}")
+        if missing_sources():
+            raise UsageError(f"demo-real needs {'; '.join(missing_sources())}; install with: {APT}")
+        return build_real_demo(args.out, args.hours, args.clips, args.seed)
     if args.command == "demo-tasks":
         for path in make_demo_tasks(args.out, args.clips, args.seconds, args.seed):
             print(f"wrote {path}")
