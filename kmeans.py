@@ -8,19 +8,19 @@ per file, aligned frame for frame with the codec frames (T = ceil(n_samples / 32
 `python kmeans.py --bench` times our k-means against scikit-learn and faiss where installed.
 Plain torch, CPU or GPU: no scikit-learn or faiss at run time.
 """
-import argparse
 import json
 import math
 import os
 import time
+import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from data import (AudioError, file_id, list_audio, load_codec, read_audio, read_manifest, scan_audio,
-                  visits_per_file, write_atomic)
-from model import CROP_FRAMES, CROP_SAMPLES, embed_audio, load_checkpoint_model, num_frames
+from data import (AudioError, Parser, UsageError, file_id, list_audio, load_codec, read_audio, read_manifest,
+                  run_cli, scan_audio, visits_per_file, write_atomic)
+from model import CROP_FRAMES, CROP_SAMPLES, config_from_dict, embed_audio, load_checkpoint_model, num_frames
 
 
 # ---------------------------------------------------------------- k-means (plain torch)
@@ -66,7 +66,8 @@ def init_centroids(x, k, generator, sample_size=None):
     sample_size points (default 8 * k, as mini-batch k-means does with 3 * k) rather than all N.
     Draws come from the CPU generator, so a seed gives the same start on any device.
     """
-    assert len(x) >= k, f"k-means needs at least k={k} points, got {len(x)}"
+    if not 1 <= k <= len(x):
+        raise ValueError(f"k-means needs 1 <= k <= points: k={k}, {len(x)} points")
     sample_size = min(len(x), sample_size or 8 * k)
     pool = x[torch.randperm(len(x), generator=generator)[:sample_size].to(x.device)]  # (P, D)
     pool_sq = pool.square().sum(1)  # (P,)
@@ -182,7 +183,10 @@ def embed_file(model, codec, source, f, chunk=None, layer=-1):
         if chunk is None and len(wav) != source.lengths[f]:
             raise AudioError(f"{source.paths[f]}: header says {source.lengths[f]} samples, read {len(wav)}")
         return embed_audio(model, codec, wav[None].to(device), layer=layer)[0]  # (T, D)
-    feats = np.load(source.feats_files[f], mmap_mode="r")  # (T, 128) fp16
+    try:
+        feats = np.load(source.feats_files[f], mmap_mode="r")  # (T, 128) fp16
+    except (OSError, ValueError) as err:  # a cache file deleted or cut short since the build
+        raise AudioError(f"{source.paths[f]}: unreadable cached frames {source.feats_files[f]} ({err})") from err
     if chunk is not None:
         feats = feats[chunk * CROP_FRAMES:(chunk + 1) * CROP_FRAMES]
     feats = torch.from_numpy(feats.astype(np.float32)).to(device)  # (T, 128)
@@ -216,13 +220,33 @@ class Progress:
 
 
 def collect_frames(model, codec, source, clips, n_frames, layer, seed):
-    """Embed each clip and keep a random share of its frames: the k-means training set (N, D)."""
+    """Embed each clip and keep a random share of its frames: the k-means training set (N, D).
+
+    A clip whose file cannot be read is skipped with a warning naming it; the fit uses the rest.
+    """
     per_clip = math.ceil(n_frames / len(clips))
     generator, frames, progress = torch.Generator().manual_seed(seed), [], Progress("embed", len(clips))
+    bad = set()
     for i, (f, chunk) in enumerate(clips):
-        frames.append(sample_frames(embed_file(model, codec, source, f, chunk, layer), per_clip, generator))
+        try:
+            emb = embed_file(model, codec, source, f, chunk, layer)  # (T, D)
+        except AudioError as err:
+            warn_skipped(source.paths[f], err, bad)
+            continue
+        frames.append(sample_frames(emb, per_clip, generator))
         progress.update(1, f"{i + 1}/{len(clips)} clips")
+    if bad:
+        print(f"embed: skipped {len(bad)} unreadable files (see warnings)")
+    if not frames:
+        raise AudioError(f"none of the {len(clips)} sampled clips could be read")
     return torch.cat(frames)[:n_frames]  # (N, D)
+
+
+def warn_skipped(path, err, bad):
+    """One warning per bad file (err names it and the reason); `bad` collects the files for the count."""
+    if path not in bad:
+        warnings.warn(f"skipping {err}", stacklevel=2)
+    bad.add(path)
 
 
 def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1):
@@ -230,9 +254,10 @@ def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1):
 
     Resumable: a file whose .npy exists is done (each is written atomically). index.json,
     {audio path: {"npy": name, "frames": T}} as data.load_frame_store reads it, is written last.
+    A file that cannot be read is skipped with a warning, counted, and left out of index.json.
     """
     centroids = centroids.to(next(model.parameters()).device)
-    progress, index = Progress("quantize", int(source.lengths.sum())), {}
+    progress, index, bad = Progress("quantize", int(source.lengths.sum())), {}, set()
     for f, path in enumerate(source.paths):
         name = file_id(path) + ".npy"  # stable across runs
         out = os.path.join(store_dir, name)
@@ -241,13 +266,18 @@ def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1):
         if not done_before:
             try:
                 labels = assign(embed_file(model, codec, source, f, layer=layer), centroids)  # (T,)
+                if len(labels) != T:
+                    raise AudioError(f"{path}: {len(labels)} frames where the scan found {T}")
             except AudioError as err:
-                raise AudioError(f"{err}: drop it from the data and rerun (done files are kept)") from err
-            assert len(labels) == T, f"{path}: {len(labels)} labels for {T} frames"
+                warn_skipped(path, err, bad)
+                progress.update(int(source.lengths[f]), f"{f + 1}/{len(source.paths)} files")
+                continue
             write_atomic(out, lambda fh: np.save(fh, labels.cpu().numpy().astype(np.int16)))
         index[path] = {"npy": name, "frames": T}
         progress.update(int(source.lengths[f]), f"{f + 1}/{len(source.paths)} files", done_before)
     write_atomic(os.path.join(store_dir, "index.json"), lambda fh: fh.write(json.dumps(index).encode()))
+    print(f"quantize: labelled {len(index)} files, skipped {len(bad)} unreadable files"
+          + (" (see warnings; they are not in index.json)" if bad else ""))
     return index
 
 
@@ -256,7 +286,10 @@ def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=1000
     """Section 2.3 end to end: clips -> embeddings -> frames -> k-means -> labels for every file."""
     model, cfg, codec_source = load_checkpoint_model(checkpoint)
     model = model.to(device)
-    assert k <= cfg.K, f"k={k} clusters do not fit the head's K={cfg.K} classes per stream"
+    if not 1 <= k <= cfg.K:
+        raise ValueError(f"k={k} clusters do not fit the head's K={cfg.K} classes per stream")
+    if layer != -1 and not 1 <= layer <= cfg.n_enc_layers:
+        raise ValueError(f"layer={layer}: use -1 (last, normed) or 1..{cfg.n_enc_layers}")
     codec = None
     if cache_dir is None:
         codec = load_codec(codec_source).to(device)
@@ -341,8 +374,8 @@ def benchmark(n=100_000, dim=768, k=1024, iters=10, threads=2, seed=0, device="c
     return seconds, inertia
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv):
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="model whose last layer gives the embeddings (large: the "
                                         "self-trained base) [2.3]")
     source = p.add_mutually_exclusive_group()
@@ -352,7 +385,7 @@ def main(argv=None):
     p.add_argument("--n-clips", type=int, default=10000, help="4-s clips embedded [2.3]")
     p.add_argument("--n-frames", type=int, default=100000, help="frames sampled from them for the fit")
     p.add_argument("--k", type=int, default=1024, help="clusters [2.3]")
-    p.add_argument("--layer", type=int, default=-1, help="encoder layer (-1: last, normed) [2.3]")
+    p.add_argument("--layer", type=int, default=-1, help="encoder layer (-1: last, normed; or 1..layers) [2.3]")
     p.add_argument("--n-iter", type=int, default=100, help="at most this many Lloyd iterations")
     p.add_argument("--tol", type=float, default=1e-4, help="stop when inertia improves less (relative)")
     p.add_argument("--seed", type=int, default=0)
@@ -365,14 +398,55 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="benchmark runs per method (best kept)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
     args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """A user's mistake -> UsageError (one line, exit 2), before any data is read."""
+    at_least_one = ["k", "threads"] + (["n", "dim", "iters", "repeats"] if args.bench else ["n_clips", "n_iter"])
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.tol < 0:
+        raise UsageError(f"--tol {args.tol}: must be >= 0")
+    if args.bench:
+        return
+    if not (args.checkpoint and args.out and (args.data or args.cache)):
+        raise UsageError("self-training targets need --checkpoint, --out and one of --data / --cache")
+    if args.n_frames < args.k:
+        raise UsageError(f"--n-frames {args.n_frames}: k-means needs at least --k {args.k} frames")
+    if args.cache and not os.path.isfile(os.path.join(args.cache, "cache.json")):
+        raise UsageError(f"--cache {args.cache}: not a feature cache (no cache.json; run `python data.py cache`)")
+    for src in args.data or []:
+        if src != "demo" and not os.path.exists(src):
+            raise UsageError(f"--data {src}: no such folder or file list")
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+    try:  # mmap: only the config is read here, not the weights
+        cfg = config_from_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True,
+                                          mmap=True)["config"])
+    except Exception as err:  # any reason this file is not a train.py checkpoint
+        raise UsageError(f"--checkpoint {args.checkpoint}: not a train.py checkpoint ({err})") from None
+    if args.k > cfg.K:
+        raise UsageError(f"--k {args.k}: the model's head has K={cfg.K} classes per stream, so 1..{cfg.K}")
+    if args.layer != -1 and not 1 <= args.layer <= cfg.n_enc_layers:
+        raise UsageError(f"--layer {args.layer}: use -1 (last, normed) or 1..{cfg.n_enc_layers}")
+
+
+def run(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.bench:
         benchmark(args.n, args.dim, args.k, args.iters, args.threads, args.seed, args.device, args.repeats)
         return
-    if not (args.checkpoint and args.out and (args.data or args.cache)):
-        p.error("self-training targets need --checkpoint, --out and one of --data / --cache")
     build_targets(args.checkpoint, args.out, args.data, args.cache, args.n_clips, args.n_frames,
                   args.k, args.layer, args.n_iter, args.tol, args.seed, args.device, args.bf16)
+
+
+def main(argv=None):
+    """The command line: a user's mistake is one line on stderr and exit status 2."""
+    run_cli(run, argv)
 
 
 if __name__ == "__main__":

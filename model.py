@@ -29,8 +29,9 @@ RELEASED_GAMMA_Q = (0.2241, 0.1760, 0.1450, 0.1215, 0.1032, 0.0883, 0.0761, 0.06
 
 
 def num_frames(n_samples):
-    """Codec frames for a waveform of n_samples: the encoder pads the last hop."""
-    return math.ceil(n_samples / HOP)
+    """Codec frames for a waveform of n_samples, ceil(n / 320): the encoder pads the last hop.
+    Exact integer arithmetic, so it also works on a tensor of lengths."""
+    return -(-n_samples // HOP)
 
 
 # ---------------------------------------------------------------- configuration [2.2, 2.3, 3.1]
@@ -80,20 +81,32 @@ def make_config(size="base", **overrides):
 
 
 def check_config(cfg):
-    assert 1 <= cfg.Q <= 8, f"Q={cfg.Q}: the 6 kbps codec has 8 codebooks"
-    assert len(cfg.gamma_q) == cfg.Q, f"gamma_q has {len(cfg.gamma_q)} weights for Q={cfg.Q}"
-    assert abs(sum(cfg.gamma_q) - 1) < 1e-3, f"gamma_q must sum to 1, got {sum(cfg.gamma_q)}"
-    assert cfg.d_model % cfg.n_heads == 0, "d_model must be a multiple of n_heads"
-    assert 0 < cfg.M_prop < 1 and cfg.M_gap >= 1 and 0 <= cfg.delta <= 1
-    assert cfg.mask_mode in ("drop", "token"), f"mask_mode must be drop or token, not {cfg.mask_mode}"
+    """Refuse an inconsistent config with a ValueError that names the field."""
+    problems = [
+        (1 <= cfg.Q <= 8, f"Q={cfg.Q}: the 6 kbps codec has 8 codebooks, so 1 <= Q <= 8"),
+        (len(cfg.gamma_q) == cfg.Q, f"gamma_q has {len(cfg.gamma_q)} weights for Q={cfg.Q}"),
+        (abs(sum(cfg.gamma_q) - 1) < 1e-3, f"gamma_q must sum to 1, got {sum(cfg.gamma_q)}"),
+        (cfg.K >= 1 and cfg.n_kmeans_streams >= 0, f"K={cfg.K} must be >= 1, n_kmeans_streams >= 0"),
+        (cfg.n_heads >= 1 and cfg.d_model % cfg.n_heads == 0,
+         f"d_model={cfg.d_model} must be a multiple of n_heads={cfg.n_heads}"),
+        (0 < cfg.M_prop < 1, f"M_prop={cfg.M_prop} must lie strictly between 0 and 1"),
+        (cfg.M_gap >= 1, f"M_gap={cfg.M_gap} must be at least 1 frame"),
+        (0 <= cfg.delta <= 1, f"delta={cfg.delta} must lie in [0, 1]"),
+        (cfg.mask_mode in ("drop", "token"), f"mask_mode must be drop or token, not {cfg.mask_mode!r}"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise ValueError(f"model config: {message}")
 
 
 def config_from_dict(d):
     """Rebuild a ModelConfig stored in a checkpoint (tuples come back as lists)."""
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(d) - known
-    assert not unknown, f"checkpoint config has unknown fields {sorted(unknown)}"
-    return ModelConfig(**{**d, "gamma_q": tuple(d["gamma_q"])})
+    unknown = set(d) - {f.name for f in fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"checkpoint config has unknown fields {sorted(unknown)}")
+    cfg = ModelConfig(**{**d, "gamma_q": tuple(d["gamma_q"])})
+    check_config(cfg)
+    return cfg
 
 
 # ---------------------------------------------------------------- 2.1 EnCodec: inputs and targets
@@ -228,19 +241,27 @@ def fill_codebooks(quantizer, emb, n_q, generator):
 
 
 @torch.no_grad()
-def estimate_gamma(codec, clips, Q=8, batch=8):
+def estimate_gamma(codec, clips, Q=8, batch=8, lengths=None):
     """gamma_q: mean quantization error of codebook q over the clips, normalized to sum to 1 [3.1].
 
     The error of stage q is the norm of what it leaves unexplained, |r_q - e_q(r_q)|, where r_q is
     the residual entering stage q; errors shrink from stage to stage, so early codebooks weigh more.
-    Clips go through the codec a few at a time: its activations for 150 clips would not fit.
+    clips (B, n) at 24 kHz; lengths (B,) counts the real samples of each clip (all n by default):
+    the frames of zero padding past num_frames(length) are left out. Clips go through the codec
+    a few at a time: its activations for 150 clips would not fit.
     """
+    lengths = torch.full((len(clips),), clips.shape[1]) if lengths is None else torch.as_tensor(lengths)
+    if lengths.shape != (len(clips),) or not ((lengths >= 1) & (lengths <= clips.shape[1])).all():
+        raise ValueError(f"lengths must give 1..{clips.shape[1]} real samples for each of the "
+                         f"{len(clips)} clips, got {lengths.tolist()}")
     total, n_frames = torch.zeros(Q), 0
-    for part in clips.split(batch):
-        residual = codec.raw_frames(part).transpose(1, 2).reshape(-1, codec.dim)  # (b * T, 128)
+    for part, part_lengths in zip(clips.split(batch), lengths.split(batch)):
+        frames = codec.raw_frames(part).transpose(1, 2)  # (b, T, 128)
+        real = torch.arange(frames.shape[1]) < num_frames(part_lengths)[:, None]  # (b, T)
+        residual = frames[real.to(frames.device)]  # (n, 128), the real frames only
         for q, layer in enumerate(codec.quantizer.vq.layers[:Q]):
             book = layer._codebook
-            residual = residual - book.dequantize(book.quantize(residual))
+            residual = residual - book.dequantize(book.quantize(residual))  # what stage q leaves
             total[q] += residual.norm(dim=1).sum().cpu()
         n_frames += len(residual)
     errors = total / n_frames  # (Q,)
@@ -262,17 +283,26 @@ def sinusoidal_positions(T, D, device=None):
 def gap_mask(lengths, T, M_prop, M_gap, generator=None):
     """Hide exactly round(M_prop * length) frames of each clip in gaps of M_gap frames [2].
 
-    Span starts are drawn without replacement (a random ranking of all valid starts), the
-    M_gap frames after each start are hidden, and we stop once enough frames are hidden,
-    trimming the last span. Hiding whole 200-ms gaps rather than lone frames stops the model
-    from just interpolating its neighbours. Padding (t >= length) is never hidden.
+    Span starts are drawn without replacement, the M_gap frames after each start are hidden, and
+    we stop once enough frames are hidden, trimming the last span. Hiding whole 200-ms gaps rather
+    than lone frames stops the model from just interpolating its neighbours. Padding
+    (t >= length) is never hidden. For one clip, in plain Python (the draw order is the order of
+    the clip's row of torch.rand(B, T) noise over the valid starts):
+
+        n, hidden = round(M_prop * length), []
+        for s in sorted(range(max(length - M_gap, 0) + 1), key=lambda s: noise[s]):
+            hidden += [t for t in range(s, min(s + M_gap, length)) if t not in hidden]
+        mask[hidden[:n]] = True
+
+    Below, the same for all clips at once: each frame gets the first draw whose span covers it
+    (a sliding minimum of the draw ranks), and frames are hidden in that order.
     Deviation: vectorized over the batch and without replacement, as the paper says; the
     authors' code loops over examples in Python and may draw the same start twice.
     Returns mask (B, T) bool, True = hidden.
     """
     B, device = len(lengths), lengths.device
     t = torch.arange(T, device=device)
-    n_hidden = torch.round(M_prop * lengths.float()).long()  # (B,)
+    n_hidden = torch.round(M_prop * lengths.double()).long()  # (B,) as Python's round
     valid_start = t[None] <= (lengths - M_gap).clamp(min=0)[:, None]  # (B, T) span fits the clip
     noise = torch.rand(B, T, generator=generator, device=device)
     rank = noise.argsort(1).argsort(1)  # (B, T) draw order of every start, without replacement
@@ -421,6 +451,8 @@ def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None)
     of L (and of the logged figures), and the shares add up to the whole batch's values.
     """
     B, T, S, K = logits.shape
+    check_flags("mask", mask, (B, T), "True = hidden")
+    check_flags("padding", padding, (B, T), "True = not real audio")
     ce = F.cross_entropy(logits.reshape(-1, K).float(), targets.reshape(-1), reduction="none")
     ce = ce.view(B, T, S)  # C(y_q(t), z_q(t))
     hidden = (mask & ~padding)[..., None].float()  # (B, T, 1), the set M
@@ -466,8 +498,8 @@ class EnCodecMAE(nn.Module):
         The mask comes from `gap_mask`, drawn per clip by the data pipeline so that a clip's mask
         depends on the clip alone (not on the GPU count or the accumulation steps).
         """
+        check_inputs(feats, targets, mask, padding, self.cfg)
         B, T, _ = feats.shape
-        check_inputs(feats, targets, mask, self.cfg)
         padding = torch.zeros(B, T, dtype=torch.bool, device=feats.device) if padding is None else padding
         x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, feats.device)  # (B, T, D)
         if self.cfg.mask_mode == "drop":
@@ -483,6 +515,12 @@ class EnCodecMAE(nn.Module):
 
     def embed(self, feats, padding=None, layer=-1):
         """Frame features, no masking: the output of encoder layer `layer` (-1: last, normed) [3.1]."""
+        if feats.dim() != 3 or feats.shape[2] != self.cfg.d_codec:
+            raise ValueError(f"feats {tuple(feats.shape)}: expected (B, T, {self.cfg.d_codec}) codec frames")
+        if padding is not None:
+            check_flags("padding", padding, feats.shape[:2], "True = not real audio")
+        if layer != -1 and not 1 <= layer <= self.cfg.n_enc_layers:
+            raise ValueError(f"layer={layer}: use -1 (last, normed) or 1..{self.cfg.n_enc_layers}")
         T = feats.shape[1]
         x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, feats.device)
         n_layers = None if layer == -1 else layer
@@ -500,13 +538,31 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-def check_inputs(feats, targets, mask, cfg):
+def check_flags(name, flags, shape, meaning):
+    """A per-frame flag tensor must be bool of the given shape: a 0/1 integer mask would index
+    frames instead of selecting them, so we refuse it rather than guess."""
+    if not isinstance(flags, torch.Tensor) or flags.dtype != torch.bool:
+        kind = flags.dtype if isinstance(flags, torch.Tensor) else type(flags).__name__
+        raise TypeError(f"{name} must be a bool tensor ({meaning}), got {kind}; use {name}.bool()")
+    if tuple(flags.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(flags.shape)}, expected (B, T) = {tuple(shape)}")
+
+
+def check_inputs(feats, targets, mask, padding, cfg):
+    """Refuse inputs that do not fit the model with a clear TypeError / ValueError."""
+    if feats.dim() != 3 or feats.shape[2] != cfg.d_codec:
+        raise ValueError(f"feats {tuple(feats.shape)}: expected (B, T, {cfg.d_codec}) codec frames")
     B, T, _ = feats.shape
-    assert feats.shape[2] == cfg.d_codec, f"feats {tuple(feats.shape)}: expected {cfg.d_codec}-d frames"
-    assert targets.shape == (B, T, cfg.n_streams), (
-        f"targets {tuple(targets.shape)} do not match B={B} x T={T} frames x S={cfg.n_streams} streams")
-    assert mask.shape == (B, T), f"mask {tuple(mask.shape)} does not match (B, T) = {(B, T)}"
-    assert targets.min() >= 0 and targets.max() < cfg.K, "targets must lie in [0, K)"
+    if targets.shape != (B, T, cfg.n_streams):
+        raise ValueError(f"targets {tuple(targets.shape)} do not match B={B} x T={T} frames "
+                         f"x S={cfg.n_streams} streams")
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16):
+        raise TypeError(f"targets must be integer codes, got {targets.dtype}")
+    check_flags("mask", mask, (B, T), "True = hidden")
+    if padding is not None:
+        check_flags("padding", padding, (B, T), "True = not real audio")
+    if targets.min() < 0 or targets.max() >= cfg.K:
+        raise ValueError(f"targets must lie in [0, K={cfg.K}), got {int(targets.min())}..{int(targets.max())}")
 
 
 def add_kmeans_stream(model):

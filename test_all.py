@@ -89,48 +89,121 @@ def test_gap_mask_covers_every_frame_over_many_draws():
     assert rate.min() > 0.02 and rate[100:200].min() > 0.4 and abs(rate.mean().item() - 0.5) < 1e-6
 
 
-def test_visible_frames_keep_their_positions_and_restore_puts_them_back():
-    """[2.2] positions are added before masking; ids_restore undoes the shuffle."""
-    B, T, D = 4, 300, 16
-    x = torch.randn(B, T, D) + M.sinusoidal_positions(T, D)
-    mask = gap_mask(torch.full((B,), T), T, 0.5, 15, torch.Generator().manual_seed(6))
-    padding = torch.zeros(B, T, dtype=torch.bool)
-    x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)
-    assert x_visible.shape == (B, T - 150, D) and visible_padding is None  # dense, no padding
-    for b in range(B):  # the visible frames, in time order, with their own positions
-        assert torch.equal(x_visible[b], x[b][~mask[b]])
-    token = torch.full((1, 1, D), 7.0)
-    full = restore_sequence(x_visible, ids_restore, visible_padding, token)
-    assert torch.equal(full[~mask], x[~mask]) and (full[mask] == 7.0).all()
+def test_gap_mask_is_the_sequential_procedure_of_its_docstring():
+    """[2] the vectorized gap_mask equals the plain loop over span starts, on many random cases."""
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        T, M_gap = int(rng.integers(1, 70)), int(rng.integers(1, 20))
+        M_prop = float(rng.choice([0.05, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8, 0.95]))
+        lengths = torch.from_numpy(rng.integers(1, T + 1, size=3))
+        mask = gap_mask(lengths, T, M_prop, M_gap, torch.Generator().manual_seed(trial))
+        noise = torch.rand(3, T, generator=torch.Generator().manual_seed(trial))  # the same draws
+        for b, length in enumerate(lengths.tolist()):
+            n, hidden = round(M_prop * length), []
+            for s in sorted(range(max(length - M_gap, 0) + 1), key=lambda s: noise[b, s]):
+                hidden += [t for t in range(s, min(s + M_gap, length)) if t not in hidden]
+            expected = torch.zeros(T, dtype=torch.bool)
+            expected[hidden[:n]] = True
+            assert torch.equal(mask[b], expected), (T, M_gap, M_prop, length)
 
 
-def test_restore_handles_clips_of_different_lengths():
-    """[2.2] with padding, short clips' unused visible slots become mask tokens, order is restored."""
+def encoder_io(net, *args):
+    """Run net.forward and capture what its encoder receives and returns (forward hook)."""
+    seen = {}
+    hook = net.encoder.register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0], h=out))
+    out = net(*args)
+    hook.remove()
+    return out, seen["x"], seen["h"]
+
+
+def test_positions_are_added_before_masking():
+    """[2.2] each visible frame enters the encoder as embed sees it at its own time, not its slot."""
+    torch.manual_seed(0)
+    net = EnCodecMAE(make_config("tiny")).eval()
+    feats, targets = torch.randn(2, 60, 128), torch.randint(0, 1024, (2, 60, 8))
+    mask = gap_mask(torch.full((2,), 60), 60, 0.5, 5, torch.Generator().manual_seed(6))
+    _, x_visible, _ = encoder_io(net, feats, targets, mask)  # (2, 30, D)
+    with torch.no_grad():
+        seen = {}
+        hook = net.encoder.register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0]))
+        net.embed(feats)  # no masking: every frame at its own time
+        hook.remove()
+    for b in range(2):
+        assert torch.equal(x_visible[b], seen["x"][b][~mask[b]])
+    # The same visible content at other times gives another encoder output.
+    early, late = torch.arange(60) >= 30, torch.arange(60) < 30  # hide the second or the first half
+    moved = torch.cat([feats[:, 30:], feats[:, :30]], 1)  # the first half now sits at t = 30..59
+    _, _, h_early = encoder_io(net, feats, targets, early[None].expand(2, -1))
+    _, _, h_late = encoder_io(net, moved, targets, late[None].expand(2, -1))
+    assert (h_early - h_late).abs().max() > 1e-3
+
+
+def test_gather_visible_and_restore_sequence_round_trip():
+    """[2.2] visible frames come out in time order; ids_restore puts them back, tokens elsewhere."""
     B, T, D = 3, 60, 4
     x = torch.randn(B, T, D)
     padding = torch.arange(T)[None] >= torch.tensor([60, 40, 10])[:, None]
     mask = gap_mask((~padding).sum(1), T, 0.5, 5, torch.Generator().manual_seed(7))
     x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)
     assert x_visible.shape[1] == 30 and visible_padding.sum(1).tolist() == [0, 10, 25]
-    full = restore_sequence(x_visible, ids_restore, visible_padding, torch.zeros(1, 1, D))
     seen = ~mask & ~padding
-    assert torch.equal(full[seen], x[seen]) and (full[~seen] == 0).all()
+    for b in range(B):
+        assert torch.equal(x_visible[b][~visible_padding[b]], x[b][seen[b]])
+    full = restore_sequence(x_visible, ids_restore, visible_padding, torch.full((1, 1, D), 7.0))
+    assert torch.equal(full[seen], x[seen]) and (full[~seen] == 7.0).all()
+    dense = gather_visible(x[:1], mask[:1], padding[:1])
+    assert dense[0].shape == (1, 30, D) and dense[2] is None  # no padding: no attention mask
 
 
-def test_encoder_output_ignores_hidden_frames():
-    """[2.2] the encoder never sees hidden frames: changing them changes no visible output."""
-    cfg = make_config("tiny")
-    net = EnCodecMAE(cfg).eval()
-    feats = torch.randn(2, 300, 128)
-    mask = gap_mask(torch.full((2,), 300), 300, 0.5, 15, torch.Generator().manual_seed(8))
-    padding = torch.zeros(2, 300, dtype=torch.bool)
-    altered = torch.where(mask[..., None], torch.randn_like(feats), feats)
-    outs = []
-    for f in (feats, altered):
-        x = net.in_proj(f) + M.sinusoidal_positions(300, cfg.d_model)
-        x_visible, _, vp = gather_visible(x, mask, padding)
-        outs.append(net.encoder(x_visible, vp))
-    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+def test_encoder_output_ignores_hidden_and_padded_frames():
+    """[2.2] the encoder never sees hidden or padded frames: changing them changes nothing."""
+    torch.manual_seed(8)
+    net = EnCodecMAE(make_config("tiny")).eval()
+    feats, targets = torch.randn(2, 60, 128), torch.randint(0, 1024, (2, 60, 8))
+    padding = torch.arange(60)[None] >= torch.tensor([60, 37])[:, None]  # clip 1 is short
+    mask = gap_mask((~padding).sum(1), 60, 0.5, 5, torch.Generator().manual_seed(8))
+    unseen = mask | padding
+    altered = torch.where(unseen[..., None], 10 * torch.randn_like(feats), feats)
+    out, x, h = encoder_io(net, feats, targets, mask, padding)
+    out2, x2, h2 = encoder_io(net, altered, targets, mask, padding)
+    real = (torch.arange(x.shape[1])[None] < (~unseen).sum(1)[:, None])[..., None]  # (2, N, 1) used slots
+    assert torch.equal(x * real, x2 * real) and torch.allclose(h * real, h2 * real, atol=1e-5)
+    assert torch.allclose(out.loss, out2.loss, atol=1e-5)
+    assert x.shape[1] == int((~unseen).sum(1).max())  # the encoder is given the visible frames only
+
+
+def test_decoder_puts_one_learned_mask_token_at_hidden_positions_with_their_positions():
+    """[2.2] hidden positions get the same learned token plus their own position; visible ones keep h."""
+    torch.manual_seed(9)
+    net = EnCodecMAE(make_config("tiny")).eval()
+    feats, targets = torch.randn(1, 60, 128), torch.randint(0, 1024, (1, 60, 8))
+    mask = gap_mask(torch.tensor([60]), 60, 0.5, 5, torch.Generator().manual_seed(9))
+    seen = {}
+    hook = net.decoder.layers[0].register_forward_pre_hook(lambda m, inputs: seen.update(h=inputs[0]))
+    out = net(feats, targets, mask)
+    out.loss.backward()
+    h = seen["h"][0]  # (T, D) the decoder's first block input
+    assert net.decoder.mask_token.grad.abs().sum() > 0  # learned: the loss reaches it
+    assert any(p is net.decoder.mask_token for p in net.parameters())
+    with torch.no_grad():
+        net.decoder.mask_token.add_(1.0)
+        net(feats, targets, mask)
+    hook.remove()
+    change = seen["h"][0] - h  # (T, D)
+    assert torch.allclose(change[mask[0]], torch.ones_like(change[mask[0]]))  # one shared token
+    assert change[~mask[0]].abs().max() == 0  # visible positions do not hold it
+    pos = M.sinusoidal_positions(60, net.cfg.d_model)
+    hidden = mask[0].nonzero()[:, 0]
+    a, b = hidden[0], hidden[-1]  # two hidden frames differ only by their positions
+    assert torch.allclose(h[a] - h[b], pos[a] - pos[b], atol=1e-5)
+
+
+def test_sinusoidal_positions_follow_the_transformer_formula():
+    """[2.2] PE(t, 2i) = sin(t / 10000^(2i/D)), PE(t, 2i+1) = cos(t / 10000^(2i/D))."""
+    pe = M.sinusoidal_positions(50, 8)
+    for t, i in [(0, 0), (1, 0), (7, 1), (49, 3)]:
+        angle = t / 10000 ** (2 * i / 8)
+        assert abs(pe[t, 2 * i] - np.sin(angle)) < 1e-5 and abs(pe[t, 2 * i + 1] - np.cos(angle)) < 1e-5
 
 
 # ---------------------------------------------------------------- loss [2.3]
@@ -167,31 +240,90 @@ def test_with_delta_one_and_equal_gamma_the_loss_is_ce_on_hidden_frames():
 
 
 def test_masked_accuracy_counts_hidden_frames_only():
-    """[2.3] the logged masked accuracy is top-1 over hidden frames, per stream."""
-    targets = torch.zeros(1, 4, 2, dtype=torch.long)
-    logits = torch.zeros(1, 4, 2, 3)
-    logits[0, :2, 0, 0] = 5  # stream 0 right on frames 0, 1
-    logits[0, 2:, 0, 1] = 5  # and wrong on frames 2, 3
-    mask = torch.tensor([[True, False, True, False]])
-    out = M.masked_token_loss(logits, targets, mask, torch.zeros(1, 4, dtype=torch.bool),
-                              torch.tensor([0.5, 0.5]), 0.9)
-    assert out.masked_acc[0] == 0.5
+    """[2.3] the logged masked accuracy is top-1 over hidden, real frames, per stream."""
+    targets = torch.zeros(1, 6, 2, dtype=torch.long)
+    logits = torch.zeros(1, 6, 2, 3)
+    logits[..., 1] = 5  # wrong everywhere ...
+    logits[0, [0, 1, 5], 0, :] = torch.tensor([5.0, 0, 0])  # ... except stream 0 on frames 0, 1, 5
+    mask = torch.tensor([[True, True, True, False, False, True]])  # frame 5 is hidden but padding
+    padding = torch.tensor([[False, False, False, False, False, True]])
+    out = M.masked_token_loss(logits, targets, mask, padding, torch.tensor([0.5, 0.5]), 0.9)
+    assert torch.allclose(out.masked_acc, torch.tensor([2 / 3, 0.0]))  # all frames: 3/6, 0
 
 
-def test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks(codec):
-    """[3.1] gamma_q is the mean quantization error per codebook, normalized to sum to 1."""
-    from demo import demo_clips
-    gamma = M.estimate_gamma(codec, demo_clips(8, seconds=1.0, seed=11))
-    assert gamma.shape == (8,) and abs(gamma.sum().item() - 1) < 1e-6 and (gamma > 0).all()
-    assert gamma[0] > gamma[-1]  # residual stages explain less and less
-    assert abs(sum(M.RELEASED_GAMMA_Q) - 1) < 1e-3  # the released default for pretrained EnCodec
+def test_loss_weights_come_from_the_config():
+    """[2.3] forward's loss is sum_q gamma_q (delta CE_M + (1 - delta) CE_not_M), k-means stream sum(gamma_q)."""
+    torch.manual_seed(2)
+    cfg = make_config("tiny", Q=3, gamma_q=(0.6, 0.3, 0.1), delta=0.7, n_kmeans_streams=1)
+    net = EnCodecMAE(cfg)
+    feats, targets = torch.randn(2, 40, 128), torch.randint(0, 1024, (2, 40, 4))
+    mask = gap_mask(torch.full((2,), 40), 40, 0.5, 5, torch.Generator().manual_seed(2))
+    out = net(feats, targets, mask)
+    gamma = torch.tensor([0.6, 0.3, 0.1, 1.0])
+    expected = (gamma * (0.7 * out.masked_loss + 0.3 * out.unmasked_loss)).sum()
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert torch.allclose(M.stream_weights(make_config("tiny", Q=2, gamma_q=(0.7, 0.3), n_kmeans_streams=2)),
+                          torch.tensor([0.7, 0.3, 1.0, 1.0]))
 
 
-def test_kmeans_stream_gets_weight_sum_of_gamma_q():
-    """[2.3] the self-training stream Q+1 weighs sum_q gamma_q."""
-    cfg = make_config("tiny", n_kmeans_streams=1)
-    w = M.stream_weights(cfg)
-    assert w.shape == (9,) and torch.allclose(w[8], torch.tensor(sum(cfg.gamma_q)))
+def test_micro_batch_losses_add_up_to_the_whole_batch():
+    """[2.3] |M| and T - |M| of the whole batch: two one-clip calls sum to the two-clip loss."""
+    torch.manual_seed(3)
+    net = EnCodecMAE(make_config("tiny")).eval()
+    net.head.linear.weight.data *= 30  # confident logits: per-frame losses far apart
+    feats, targets = torch.randn(2, 60, 128), torch.randint(0, 1024, (2, 60, 8))
+    padding = torch.arange(60)[None] >= torch.tensor([60, 23])[:, None]  # clip 1 is short
+    mask = gap_mask((~padding).sum(1), 60, 0.5, 5, torch.Generator().manual_seed(3))
+    whole = net(feats, targets, mask, padding)
+    counts = (int((mask & ~padding).sum()), int((~mask & ~padding).sum()))  # |M|, T - |M|
+    parts = [net(feats[i:i + 1], targets[i:i + 1], mask[i:i + 1], padding[i:i + 1], counts) for i in (0, 1)]
+    for field in ("loss", "masked_loss", "unmasked_loss", "masked_acc"):
+        total = getattr(parts[0], field) + getattr(parts[1], field)
+        assert torch.allclose(total, getattr(whole, field), atol=1e-5), field
+    per_call = [net(feats[i:i + 1], targets[i:i + 1], mask[i:i + 1], padding[i:i + 1]) for i in (0, 1)]
+    assert abs(per_call[0].loss + per_call[1].loss - 2 * whole.loss) > 0.1  # counts matter here
+
+
+def test_non_bool_masks_and_misshapen_padding_are_refused():
+    """[2.2] mask and padding must be bool (B, T): 0/1 integers would index frames, not select them."""
+    net = EnCodecMAE(make_config("tiny"))
+    feats, targets = torch.randn(2, 30, 128), torch.randint(0, 1024, (2, 30, 8))
+    mask = gap_mask(torch.full((2,), 30), 30, 0.5, 5, torch.Generator().manual_seed(0))
+    for bad in (mask.to(torch.uint8), mask.long(), mask.float()):
+        with pytest.raises(TypeError, match="mask must be a bool tensor"):
+            net(feats, targets, bad)
+        with pytest.raises(TypeError, match="mask must be a bool tensor"):
+            M.masked_token_loss(torch.randn(2, 30, 8, 16), targets % 16, bad, mask, net.gamma, 0.9)
+    with pytest.raises(ValueError, match=r"padding has shape \(2, 31\)"):
+        net(feats, targets, mask, torch.zeros(2, 31, dtype=torch.bool))
+    with pytest.raises(TypeError, match="padding must be a bool tensor"):
+        net.embed(feats, torch.zeros(2, 30))
+    with pytest.raises(ValueError, match="mask has shape"):
+        net(feats, targets, mask[:, :20])
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, K=1024\)"):
+        net(feats, targets + 1024, mask)
+    with pytest.raises(ValueError, match="layer=3"):
+        net.embed(feats, layer=3)
+
+
+def test_gamma_q_is_the_error_each_stage_leaves_on_real_frames():
+    """[3.1] gamma_q ~ |r_q - e_q(r_q)| on the residual leaving stage q, over real frames only."""
+    from types import SimpleNamespace
+    from encodec.quantization.core_vq import EuclideanCodebook
+    books = [EuclideanCodebook(1, 1), EuclideanCodebook(1, 1)]  # one entry each: 0.5, then 0.4
+    for book, entry in zip(books, (0.5, 0.4)):
+        book.embed.fill_(entry)
+    stub = SimpleNamespace(dim=1, raw_frames=lambda wav: wav[:, None, ::HOP],  # a frame = its first sample
+                           quantizer=SimpleNamespace(vq=SimpleNamespace(layers=[SimpleNamespace(_codebook=b)
+                                                                                 for b in books])))
+    clips = torch.zeros(2, 4 * HOP)
+    clips[0], clips[1, : 2 * HOP] = 1.0, 1.0  # clip 1: 2 real frames, then 2 frames of zero padding
+    # Real frames (1.0) leave 0.5 then 0.1; the padding's frames (0.0) would leave 0.5 then 0.9.
+    gamma = M.estimate_gamma(stub, clips, Q=2, batch=1, lengths=torch.tensor([4 * HOP, 2 * HOP - 5]))
+    assert torch.allclose(gamma, torch.tensor([5 / 6, 1 / 6]))
+    assert torch.allclose(M.estimate_gamma(stub, clips[:1], Q=2), torch.tensor([5 / 6, 1 / 6]))
+    with pytest.raises(ValueError, match="lengths must give"):
+        M.estimate_gamma(stub, clips, Q=2, lengths=torch.tensor([4 * HOP, 0]))
 
 
 # ---------------------------------------------------------------- architecture [2.2]
@@ -234,11 +366,18 @@ def test_parameter_counts_match_table_1(size):
 
 
 def test_config_refuses_inconsistent_values():
-    """[2.3] gamma_q must have Q weights summing to 1; unknown sizes are refused."""
-    with pytest.raises(AssertionError, match="gamma_q"):
-        make_config("tiny", gamma_q=(0.5, 0.5))
+    """[2.3] gamma_q must have Q weights summing to 1, M_prop in (0, 1), ...: a ValueError naming it."""
+    for bad, field in [(dict(gamma_q=(0.5, 0.5)), "gamma_q"), (dict(Q=9), "Q=9"), (dict(M_prop=1.5), "M_prop"),
+                       (dict(M_gap=0), "M_gap"), (dict(delta=-0.1), "delta"), (dict(n_heads=3), "n_heads"),
+                       (dict(mask_mode="bert"), "mask_mode")]:
+        with pytest.raises(ValueError, match=field):
+            make_config("tiny", **bad)
     with pytest.raises(ValueError, match="unknown model size"):
         make_config("huge")
+    with pytest.raises(ValueError, match="unknown fields"):
+        M.config_from_dict({**asdict(make_config("tiny")), "dropout": 0.1})
+    with pytest.raises(ValueError, match="M_prop"):
+        M.config_from_dict({**asdict(make_config("tiny")), "M_prop": 0.0})
     assert len(make_config("tiny", Q=4).gamma_q) == 4
 
 
@@ -255,6 +394,15 @@ def test_random_codec_is_deterministic_and_uses_many_codes(codec):
     assert torch.equal(again(wav)[1], codes) and torch.allclose(again(wav)[0], feats)
     distinct = [codes[..., q].unique().numel() for q in range(8)]
     assert min(distinct) >= 100, distinct
+
+
+def test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks(codec):
+    """[3.1] on the codec, gamma_q sums to 1 and falls from the first residual stage to the last."""
+    from demo import demo_clips
+    gamma = M.estimate_gamma(codec, demo_clips(8, seconds=1.0, seed=11))
+    assert gamma.shape == (8,) and abs(gamma.sum().item() - 1) < 1e-6 and (gamma > 0).all()
+    assert gamma[0] > gamma[-1]  # residual stages explain less and less
+    assert abs(sum(M.RELEASED_GAMMA_Q) - 1) < 1e-3  # the released default for pretrained EnCodec
 
 
 def test_codec_frames_are_75_hz_for_any_length(codec):
