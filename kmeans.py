@@ -143,6 +143,7 @@ class Source(NamedTuple):
     paths: list              # absolute audio paths: the keys of the target store
     lengths: np.ndarray      # (files,) samples (raw audio) or frames (cache)
     feats_files: list = None  # cached (T, 128) frames of each file; None for raw audio
+    skipped: tuple = ()      # files whose header could not be read (already warned about)
 
 
 def open_source(data=None, cache_dir=None):
@@ -154,9 +155,7 @@ def open_source(data=None, cache_dir=None):
         return Source([e["path"] for e in entries], np.array([e["frames"] for e in entries]),
                       [os.path.join(cache_dir, e["id"] + ".feats.npy") for e in entries])
     paths, lengths, skipped = scan_audio(list_audio(data))
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable files (see warnings)")
-    return Source([os.path.abspath(p) for p in paths], lengths)
+    return Source([os.path.abspath(p) for p in paths], lengths, skipped=tuple(p for p, _ in skipped))
 
 
 def sample_clips(source, n_clips, seed):
@@ -219,14 +218,14 @@ class Progress:
               f"ETA {eta:.0f} s", flush=True)
 
 
-def collect_frames(model, codec, source, clips, n_frames, layer, seed):
+def collect_frames(model, codec, source, clips, n_frames, layer, seed, bad):
     """Embed each clip and keep a random share of its frames: the k-means training set (N, D).
 
-    A clip whose file cannot be read is skipped with a warning naming it; the fit uses the rest.
+    A clip whose file cannot be read is skipped with a warning naming it (`bad` collects the
+    files); the fit uses the rest.
     """
     per_clip = math.ceil(n_frames / len(clips))
     generator, frames, progress = torch.Generator().manual_seed(seed), [], Progress("embed", len(clips))
-    bad = set()
     for i, (f, chunk) in enumerate(clips):
         try:
             emb = embed_file(model, codec, source, f, chunk, layer)  # (T, D)
@@ -235,8 +234,6 @@ def collect_frames(model, codec, source, clips, n_frames, layer, seed):
             continue
         frames.append(sample_frames(emb, per_clip, generator))
         progress.update(1, f"{i + 1}/{len(clips)} clips")
-    if bad:
-        print(f"embed: skipped {len(bad)} unreadable files (see warnings)")
     if not frames:
         raise AudioError(f"none of the {len(clips)} sampled clips could be read")
     return torch.cat(frames)[:n_frames]  # (N, D)
@@ -249,15 +246,16 @@ def warn_skipped(path, err, bad):
     bad.add(path)
 
 
-def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1):
+def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1, bad=None):
     """Label every frame of every file with its nearest centroid: STORE/<id>.npy int16 (T_file,).
 
     Resumable: a file whose .npy exists is done (each is written atomically). index.json,
     {audio path: {"npy": name, "frames": T}} as data.load_frame_store reads it, is written last.
-    A file that cannot be read is skipped with a warning, counted, and left out of index.json.
+    A file that cannot be read is skipped with a warning (once, if `bad` already names it from the
+    fit), counted, and left out of index.json.
     """
     centroids = centroids.to(next(model.parameters()).device)
-    progress, index, bad = Progress("quantize", int(source.lengths.sum())), {}, set()
+    progress, index, bad = Progress("quantize", int(source.lengths.sum())), {}, set() if bad is None else bad
     for f, path in enumerate(source.paths):
         name = file_id(path) + ".npy"  # stable across runs
         out = os.path.join(store_dir, name)
@@ -300,6 +298,7 @@ def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=1000
             raise ValueError(f"{cache_dir} holds frames of codec {cached_with!r}, but {checkpoint} "
                              f"was trained on {codec_source!r}: rebuild the cache with that codec")
     source = open_source(data, cache_dir)
+    bad = set(source.skipped)  # unreadable files, each named once, counted at the end
     os.makedirs(store_dir, exist_ok=True)
     meta = {"checkpoint": os.path.abspath(checkpoint), "layer": layer, "k": k, "codec": codec_source}
     path = os.path.join(store_dir, "centroids.pt")
@@ -311,14 +310,14 @@ def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=1000
         print(f"reusing {path} ({len(centroids)} centroids)")
     else:
         clips = sample_clips(source, n_clips, seed)
-        frames = collect_frames(model, codec, source, clips, n_frames, layer, seed)  # (N, D)
+        frames = collect_frames(model, codec, source, clips, n_frames, layer, seed, bad)  # (N, D)
         result = fit(frames, k, n_iter, tol, seed, bf16=bf16)
         centroids, history = result.centroids, result.inertia_history
         print(f"k-means: {len(frames)} frames from {len(clips)} clips, k={k}, {len(history)} iterations, "
               f"inertia per frame {history[0] / len(frames):.4g} -> {history[-1] / len(frames):.4g}")
         save(path, centroids, {**meta, "n_clips": len(clips), "n_frames": len(frames),
                                "seed": seed, "inertia_history": history})
-    return quantize_dataset(model, codec, source, centroids, store_dir, layer)
+    return quantize_dataset(model, codec, source, centroids, store_dir, layer, bad)
 
 
 # ---------------------------------------------------------------- benchmark

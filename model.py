@@ -29,9 +29,8 @@ RELEASED_GAMMA_Q = (0.2241, 0.1760, 0.1450, 0.1215, 0.1032, 0.0883, 0.0761, 0.06
 
 
 def num_frames(n_samples):
-    """Codec frames for a waveform of n_samples, ceil(n / 320): the encoder pads the last hop.
-    Exact integer arithmetic, so it also works on a tensor of lengths."""
-    return -(-n_samples // HOP)
+    """Codec frames for a waveform of n_samples: the encoder pads the last hop."""
+    return math.ceil(n_samples / HOP)
 
 
 # ---------------------------------------------------------------- configuration [2.2, 2.3, 3.1]
@@ -257,7 +256,7 @@ def estimate_gamma(codec, clips, Q=8, batch=8, lengths=None):
     total, n_frames = torch.zeros(Q), 0
     for part, part_lengths in zip(clips.split(batch), lengths.split(batch)):
         frames = codec.raw_frames(part).transpose(1, 2)  # (b, T, 128)
-        real = torch.arange(frames.shape[1]) < num_frames(part_lengths)[:, None]  # (b, T)
+        real = torch.arange(frames.shape[1]) < -(-part_lengths[:, None] // HOP)  # (b, T) num_frames(length)
         residual = frames[real.to(frames.device)]  # (n, 128), the real frames only
         for q, layer in enumerate(codec.quantizer.vq.layers[:Q]):
             book = layer._codebook

@@ -1043,15 +1043,43 @@ def test_kmeans_inertia_never_increases():
     assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:])), history
 
 
-def test_kmeans_reseeds_an_empty_cluster_on_the_worst_served_point():
-    """[2.3] a centroid far from all data gets no points and is moved to the worst-served point."""
+def test_kmeans_reseeds_empty_clusters_on_the_worst_served_points():
+    """[2.3] centroids far from all data get no points and move to the worst-served points, one each."""
     x = torch.randn(500, 4, generator=torch.Generator().manual_seed(2))
-    start = torch.cat([x[:5], torch.full((1, 4), 1e3)])  # centroid 5 is empty from the start
-    _, dist = kmeans.nearest_centroid(x, start)
+    start = torch.cat([x[:5], torch.full((1, 4), 1e3), torch.full((1, 4), -1e3)])  # 5 and 6 are empty
+    dist = torch.cdist(x.double(), start[:5].double()).min(1).values  # (500,) to the served centroids
     one_step = kmeans.lloyd(x, start, n_iter=1)
-    torch.testing.assert_close(one_step.centroids[5], x[dist.argmax()])
+    worst = dist.topk(2).indices
+    torch.testing.assert_close(one_step.centroids[5:], x[worst])
     result = kmeans.lloyd(x, start, n_iter=20)
-    assert (torch.bincount(kmeans.assign(x, result.centroids), minlength=6) > 0).all()
+    assert (torch.bincount(kmeans.assign(x, result.centroids), minlength=7) > 0).all()
+
+
+def test_a_lloyd_step_moves_each_centroid_to_the_mean_of_its_points():
+    """[2.3] one Lloyd step: the mean of each cluster's points; the logged inertia is the start's."""
+    g = torch.Generator().manual_seed(6)
+    x, start = torch.randn(300, 3, generator=g) + 5, torch.randn(4, 3, generator=g) + 5
+    d2 = torch.cdist(x.double(), start.double()) ** 2  # (300, 4) brute force
+    labels = d2.argmin(1)
+    step = kmeans.lloyd(x, start, n_iter=1)
+    for j in range(4):
+        torch.testing.assert_close(step.centroids[j], x[labels == j].mean(0), rtol=1e-5, atol=1e-5)
+    assert abs(step.inertia_history[0] / d2.min(1).values.sum().item() - 1) < 1e-6
+
+
+def test_kmeans_plus_plus_seeds_one_centroid_in_each_separated_cluster_and_beats_random_rows():
+    """[2.3] k-means++: draws proportional to D^2 find every far cluster; its start beats random rows."""
+    g = torch.Generator().manual_seed(7)
+    centres = 20 * torch.randn(16, 8, generator=g)
+    x = centres.repeat(50, 1) + torch.randn(800, 8, generator=g)  # 16 tight, far-apart clusters
+    for seed in range(3):
+        start = kmeans.init_centroids(x, 16, torch.Generator().manual_seed(seed))
+        assert kmeans.assign(centres, start).unique().numel() == 16  # each centre has its own seed
+    y = torch.randn(2000, 2, generator=g)  # no structure: only the greedy D^2 choice helps
+    inertia = lambda c: kmeans.nearest_centroid(y, c)[1].sum().item()
+    plus = sum(inertia(kmeans.init_centroids(y, 32, torch.Generator().manual_seed(s))) for s in range(3))
+    rows = sum(inertia(y[torch.randperm(2000, generator=torch.Generator().manual_seed(s))[:32]]) for s in range(3))
+    assert plus < 0.7 * rows, (plus, rows)
 
 
 def test_chunked_distances_give_the_brute_force_assignment():
@@ -1160,6 +1188,48 @@ def test_store_from_the_feature_cache_feeds_a_nine_stream_model(stage_one):
     mask = gap_mask((~padding).sum(1), padding.shape[1], 0.5, 15)  # (B, T)
     out = stage2(feats, targets, mask, padding)
     assert out.masked_loss.shape == (9,) and torch.isfinite(out.loss)
+
+
+def test_kmeans_command_line_mistakes_are_one_line_and_exit_2(stage_one, tmp_path, capsys):
+    """[2.3] kmeans.py: a bad flag or path is one line naming it, exit status 2, before any data is read."""
+    root, paths, checkpoint = stage_one
+    audio, out = str(root / "audio"), str(tmp_path / "store")
+    base = ["--checkpoint", checkpoint, "--data", audio, "--out", out]
+    cases = [([], "need --checkpoint"), (["--k", "abc"], "--k"), (base + ["--k", "0"], "--k 0"),
+             (base + ["--k", "2000"], "--k 2000"), (base + ["--n-clips", "0"], "--n-clips 0"),
+             (base + ["--layer", "-2"], "--layer -2"), (base + ["--layer", "3"], "--layer 3: use -1"),
+             (base + ["--n-frames", "10", "--k", "16"], "--n-frames 10"),
+             (["--checkpoint", str(tmp_path / "none.pt"), "--data", audio, "--out", out], "--checkpoint"),
+             (["--checkpoint", paths[0], "--data", audio, "--out", out], "not a train.py checkpoint"),
+             (["--checkpoint", checkpoint, "--data", str(tmp_path / "nowhere"), "--out", out], "--data"),
+             (["--checkpoint", checkpoint, "--cache", str(tmp_path), "--out", out], "--cache")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            kmeans.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, (argv, err)
+    assert not os.path.exists(out)  # refused before any work
+
+
+def test_kmeans_skips_a_file_that_fails_to_read_and_names_it_once(stage_one, tmp_path, capsys):
+    """[2.3] a file whose header reads but whose audio does not is warned about once, left out of the store."""
+    root, paths, checkpoint = stage_one
+    folder = tmp_path / "audio"
+    os.makedirs(folder)
+    for p in paths:
+        os.symlink(p, folder / os.path.basename(p))
+    sf.write(folder / "cut.flac", synth_clip("note", 3.0, 5).numpy(), M.SAMPLE_RATE)
+    whole = (folder / "cut.flac").read_bytes()
+    (folder / "cut.flac").write_bytes(whole[: len(whole) // 2])  # a copy cut short: the header reads
+    with pytest.warns(UserWarning) as record:
+        kmeans.main(["--checkpoint", checkpoint, "--data", str(folder), "--out", str(tmp_path / "store"),
+                     "--k", "4", "--n-clips", "4", "--n-frames", "200"])
+    named = [str(w.message) for w in record if "cut.flac" in str(w.message)]
+    assert len(named) == 1 and "unreadable" in named[0], named
+    with open(tmp_path / "store" / "index.json") as f:
+        index = json.load(f)
+    assert sorted(index) == sorted(str(folder / os.path.basename(p)) for p in paths)
+    assert "labelled 2 files, skipped 1 unreadable" in capsys.readouterr().out
 
 
 def test_stage_one_then_kmeans_then_stage_two_runs_end_to_end(demo_cache, tmp_path):
