@@ -257,7 +257,7 @@ def test_loss_weights_come_from_the_config():
     cfg = make_config("tiny", Q=3, gamma_q=(0.6, 0.3, 0.1), delta=0.7, n_kmeans_streams=1)
     net = EnCodecMAE(cfg)
     feats, targets = torch.randn(2, 40, 128), torch.randint(0, 1024, (2, 40, 4))
-    mask = gap_mask(torch.full((2,), 40), 40, 0.5, 5, torch.Generator().manual_seed(2))
+    mask = gap_mask(torch.full((2,), 40), 40, 0.3, 5, torch.Generator().manual_seed(2))  # |M| != T - |M|
     out = net(feats, targets, mask)
     gamma = torch.tensor([0.6, 0.3, 0.1, 1.0])
     expected = (gamma * (0.7 * out.masked_loss + 0.3 * out.unmasked_loss)).sum()
@@ -435,6 +435,20 @@ def test_tiny_model_overfits_one_batch(codec):
         opt.step()
     assert out.loss < 0.5 * first.loss
     assert out.masked_acc.mean() > 0.3, out.masked_acc  # chance is 0.001
+
+
+def test_embed_layers_count_from_the_input_and_padding_is_ignored():
+    """[3.1] embed(layer=k) is block k's output (only the full stack is normed); padding changes nothing."""
+    torch.manual_seed(4)
+    net = EnCodecMAE(make_config("tiny")).eval()
+    feats = torch.randn(2, 40, 128)
+    with torch.no_grad():
+        last, top, first = net.embed(feats), net.embed(feats, layer=2), net.embed(feats, layer=1)
+        assert torch.equal(last, top) and not torch.allclose(first, top, atol=1e-2)
+        assert first.std(-1).sub(1).abs().max() > 0.1  # block 1's raw output is not layer-normed
+        padding = torch.arange(40)[None] >= torch.tensor([40, 25])[:, None]
+        padded = net.embed(torch.where(padding[..., None], 100.0, feats), padding)
+        assert torch.allclose(padded[1, :25], net.embed(feats[1:, :25])[0], atol=1e-5)
 
 
 def test_chunked_features_equal_the_concatenated_halves(codec):
@@ -1041,6 +1055,15 @@ def test_kmeans_inertia_never_increases():
     history = kmeans.fit(x, k=64, n_iter=40, tol=0.0, seed=0).inertia_history
     assert len(history) > 10
     assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:])), history
+
+
+def test_lloyd_stops_once_inertia_improves_by_less_than_tol():
+    """[2.3] Lloyd steps continue while inertia drops by more than tol (relative), then stop."""
+    x = torch.randn(2000, 4, generator=torch.Generator().manual_seed(8))
+    start = kmeans.init_centroids(x, 16, torch.Generator().manual_seed(0))
+    history = kmeans.lloyd(x, start, n_iter=100, tol=0.01).inertia_history
+    drops = [(a - b) / a for a, b in zip(history, history[1:])]
+    assert 2 <= len(history) < 100 and drops[-1] <= 0.01 and all(d > 0.01 for d in drops[:-1]), drops
 
 
 def test_kmeans_reseeds_empty_clusters_on_the_worst_served_points():

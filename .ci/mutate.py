@@ -1,0 +1,264 @@
+"""Hand-made mutation check: break the code on purpose, one change at a time, and see a test fail.
+
+Run: python .ci/mutate.py            (about 5 minutes on 2 CPU cores; --only WORD runs a subset)
+Each mutant is (file, exact original snippet, mutated snippet, what it breaks, pytest -k expression
+of the fast tests that should notice). For each, the tracked files are copied to a temporary folder,
+the snippet is replaced there (it must occur exactly once, else the mutant is reported stale), and
+`python -m pytest -q -x test_all.py -k EXPR` runs: a failing run kills the mutant, a passing one
+lets it survive. Prints a markdown table and "N mutants, K killed, S survived"; exits 0.
+"""
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads: one thread per test run, as the suite uses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LOSS = "masked_accuracy or loss_equals or loss_weights or delta_one or micro_batch"
+
+# ---------------------------------------------------------------- model.py
+MODEL_MUTANTS = [
+    ("model.py",
+     "        x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, feats.device)  # (B, T, D)\n"
+     "        if self.cfg.mask_mode == \"drop\":\n"
+     "            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # (B, N, D)\n",
+     "        x = self.in_proj(feats)  # (B, T, D)\n"
+     "        if self.cfg.mask_mode == \"drop\":\n"
+     "            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # (B, N, D)\n"
+     "            x_visible = x_visible + sinusoidal_positions(x_visible.shape[1], self.cfg.d_model, feats.device)\n",
+     "positions added after masking instead of before", "positions_are_added"),
+    ("model.py", "    dropped = mask | padding  # (B, T)", "    dropped = padding  # (B, T)",
+     "the encoder is given every frame, hidden ones included", "encoder_output"),
+    ("model.py", "            h = self.encoder(x_visible, visible_padding)  # (B, N, D)",
+     "            h = gather_visible(self.encoder(x, padding), mask, padding)[0]  # (B, N, D)",
+     "the encoder attends over all frames, then keeps the visible outputs", "encoder_output"),
+    ("model.py", "        masked_acc = (correct * hidden).sum((0, 1)) / n_hidden  # (S,)",
+     "        masked_acc = correct.mean((0, 1))  # (S,)",
+     "masked accuracy computed over all frames", "masked_accuracy"),
+    ("model.py",
+     "            residual = residual - book.dequantize(book.quantize(residual))  # what stage q leaves\n"
+     "            total[q] += residual.norm(dim=1).sum().cpu()\n",
+     "            total[q] += residual.norm(dim=1).sum().cpu()\n"
+     "            residual = residual - book.dequantize(book.quantize(residual))  # what stage q leaves\n",
+     "gamma_q measured on the residual entering each stage", "gamma_q_is_the_error"),
+    ("model.py", "        residual = frames[real.to(frames.device)]  # (n, 128), the real frames only",
+     "        residual = frames.reshape(-1, frames.shape[-1])  # (n, 128)",
+     "gamma_q counts the padding's frames", "gamma_q_is_the_error"),
+    ("model.py", "            h = self.encoder(x_visible, visible_padding)  # (B, N, D)",
+     "            h = self.encoder(x_visible, None)  # (B, N, D)",
+     "visible_padding not passed: short clips attend to unused slots", "encoder_output"),
+    ("model.py", "visible_padding = torch.arange(N, device=x.device)[None] >= n_visible[:, None]",
+     "visible_padding = torch.arange(N, device=x.device)[None] > n_visible[:, None]",
+     "visible_padding misses the first unused slot", "gather_visible or encoder_output"),
+    ("model.py", "keep = None if key_padding is None else ~key_padding[:, None, None, :]",
+     "keep = None if key_padding is None else key_padding[:, None, None, :]",
+     "attention keeps the padded keys and drops the real ones", "encoder_output or embed_layers"),
+    ("model.py", "    alpha, beta = delta / n_hidden, (1 - delta) / n_shown",
+     "    alpha, beta = (1 - delta) / n_hidden, delta / n_shown", "delta and 1 - delta swapped", LOSS),
+    ("model.py", "    alpha, beta = delta / n_hidden, (1 - delta) / n_shown",
+     "    alpha, beta = delta / n_shown, (1 - delta) / n_hidden", "|M| and T - |M| swapped", LOSS),
+    ("model.py",
+     "    n_hidden, n_shown = (hidden.sum(), shown.sum()) if counts is None else counts  # |M|, T - |M|",
+     "    n_hidden, n_shown = hidden.sum(), shown.sum()  # |M|, T - |M|",
+     "|M| counted per micro-batch, whole-batch counts ignored", "micro_batch"),
+    ("model.py", "    shown = (~mask & ~padding)[..., None].float()  # (B, T, 1), its complement",
+     "    shown = (~mask)[..., None].float()  # (B, T, 1), its complement",
+     "padded frames counted as visible in the loss", LOSS),
+    ("model.py", "    hidden = (mask & ~padding)[..., None].float()  # (B, T, 1), the set M",
+     "    hidden = mask[..., None].float()  # (B, T, 1), the set M",
+     "padded frames counted as hidden in the loss", LOSS),
+    ("model.py", "    loss = (gamma * (alpha * hidden_ce + beta * shown_ce)).sum()",
+     "    loss = (alpha * hidden_ce + beta * shown_ce).mean()", "gamma_q ignored (equal weights)", LOSS),
+    ("model.py", "self.gamma, self.cfg.delta, counts)", "self.gamma, 0.9, counts)",
+     "forward ignores the configured delta", LOSS),
+    ("model.py", "    masked_loss = hidden_ce.detach() / n_hidden  # (S,) mean CE over M, per stream",
+     "    masked_loss = hidden_ce.detach() / n_shown  # (S,) mean CE over M, per stream",
+     "logged masked loss divided by the visible count", LOSS),
+    ("model.py", "    gamma = list(cfg.gamma_q) + [sum(cfg.gamma_q)] * cfg.n_kmeans_streams",
+     "    gamma = list(cfg.gamma_q) + [cfg.gamma_q[0]] * cfg.n_kmeans_streams",
+     "k-means stream weighted gamma_1 instead of sum(gamma_q)", "loss_weights"),
+    ("model.py", "    gamma = list(cfg.gamma_q) + [sum(cfg.gamma_q)] * cfg.n_kmeans_streams",
+     "    gamma = list(cfg.gamma_q) + [1.0] * cfg.n_kmeans_streams",
+     "k-means stream weighted 1 (equivalent: gamma_q sums to 1)", "loss_weights"),
+    ("model.py", "            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))",
+     "            self.register_buffer(\"mask_token\", torch.zeros(1, 1, cfg.d_model))",
+     "mask token fixed at zero, not learned", "decoder_puts"),
+    ("model.py", "    full = torch.cat([h, mask_token.expand(B, T - N, D)], dim=1)",
+     "    full = torch.cat([h + mask_token, mask_token.expand(B, T - N, D)], dim=1)",
+     "mask token added at visible positions too", "decoder_puts or gather_visible"),
+    ("model.py", "        h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)  # where each token sits",
+     "        h = h  # where each token sits", "decoder gets no positions", "decoder_puts"),
+    ("model.py",
+     "            h = restore_sequence(h, ids_restore, visible_padding, self.mask_token)  # (B, T, D)\n"
+     "        h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)  # where each token sits\n",
+     "            h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)\n"
+     "            h = restore_sequence(h, ids_restore, visible_padding, self.mask_token)  # (B, T, D)\n",
+     "decoder positions added in shuffled order, before the restore", "decoder_puts"),
+    ("model.py", "    table[:, 1::2] = torch.cos(position * freq)", "    table[:, 1::2] = torch.sin(position * freq)",
+     "position table with sin in place of cos", "sinusoidal"),
+    ("model.py", "    for g in range(1, min(M_gap, T)):", "    for g in range(1, min(M_gap + 1, T)):",
+     "gaps of M_gap + 1 frames", "gap_mask"),
+    ("model.py", "    for g in range(1, min(M_gap, T)):", "    for g in range(1, min(M_gap - 1, T)):",
+     "gaps of M_gap - 1 frames", "gap_mask"),
+    ("model.py", "valid_start = t[None] <= (lengths - M_gap).clamp(min=0)[:, None]",
+     "valid_start = t[None] < lengths[:, None]", "spans may start too late and run off the clip", "gap_mask"),
+    ("model.py", "    return place < n_hidden[:, None]", "    return place <= n_hidden[:, None]",
+     "one frame too many hidden", "gap_mask"),
+    ("model.py", "n_hidden = torch.round(M_prop * lengths.double()).long()",
+     "n_hidden = (M_prop * lengths.double()).long()", "hidden count truncated, not rounded", "gap_mask"),
+    ("model.py", "    first_draw = torch.where(t[None] < lengths[:, None], first_draw, never)  # padding last",
+     "    first_draw = first_draw  # padding last", "padding of short clips may be hidden", "gap_mask"),
+    ("model.py", "    if not isinstance(flags, torch.Tensor) or flags.dtype != torch.bool:",
+     "    if not isinstance(flags, torch.Tensor):", "integer and float masks accepted", "non_bool"),
+    ("model.py", "        return self.norm(x) if n_layers in (None, len(self.layers)) else x",
+     "        return self.norm(x)", "intermediate layers come out layer-normed", "embed_layers"),
+    ("model.py", "        key_padding = padding if padding is not None and padding.any() else None",
+     "        key_padding = None", "embed attends to padding", "embed_layers"),
+    ("model.py", "        fresh[:rows] = state[name]  # the codec streams keep what stage 1 learned",
+     "        pass", "stage 2 forgets the stage-1 head", "adding_the_kmeans_stream"),
+    ("model.py", "(0 < cfg.M_prop < 1, ", "(0 < cfg.M_prop <= 2, ", "M_prop above 1 accepted", "config_refuses"),
+]
+
+# ---------------------------------------------------------------- kmeans.py
+KM = "kmeans_recovers or kmeans_inertia or reseeds or lloyd_st or plus_plus or chunked_distances"
+KMEANS_MUTANTS = [
+    ("kmeans.py", "c = torch.where(empty[:, None], c, sums / counts.clamp_min(1)[:, None])",
+     "c = torch.where(empty[:, None], c, sums / (counts + 1)[:, None])",
+     "centroid update divides by n + 1", KM),
+    ("kmeans.py", "            worst = dist.topk(int(empty.sum())).indices",
+     "            worst = (-dist).topk(int(empty.sum())).indices",
+     "empty clusters re-seeded on the best-served points", KM),
+    ("kmeans.py", "            worst = dist.topk(int(empty.sum())).indices",
+     "            worst = dist.argmax().repeat(int(empty.sum()))",
+     "all empty clusters re-seeded on one point", KM),
+    ("kmeans.py", "        if empty.any():", "        if False:", "empty clusters never re-seeded", KM),
+    ("kmeans.py", "        cand = torch.searchsorted(cumulative, u.to(x.device)).clamp_max(sample_size - 1)",
+     "        cand = torch.randint(sample_size, (n_trials,), generator=generator).to(x.device)",
+     "k-means++ candidates drawn uniformly, not by D^2", "plus_plus"),
+    ("kmeans.py", "        best = int(potential.double().sum(0).argmin())",
+     "        best = int(potential.double().sum(0).argmax())", "k-means++ keeps the worst candidate", "plus_plus"),
+    ("kmeans.py", "        closest = potential[:, best].contiguous()", "        closest = closest",
+     "k-means++ distances never updated", "plus_plus"),
+    ("kmeans.py", "    return KMeansResult(c + mean, history)", "    return KMeansResult(c, history)",
+     "centroids returned in centred coordinates", KM),
+    ("kmeans.py", "history.append((x_sq - 2 * (c64 * sums).sum()", "history.append((x_sq + 2 * (c64 * sums).sum()",
+     "inertia formula sign error", KM),
+    ("kmeans.py", "scores = torch.addmm(c_sq, xb.to(dtype), c_t, alpha=-2.0)",
+     "scores = torch.addmm(c_sq, xb.to(dtype), c_t, alpha=-1.0)", "distance expansion off by a factor", KM),
+    ("kmeans.py", "        if len(history) > 1 and history[-2] - history[-1] <= tol * history[-2]:",
+     "        if len(history) > 1 and history[-2] - history[-1] <= tol:",
+     "stopping tolerance absolute instead of relative", KM),
+    ("kmeans.py", "    if args.layer != -1 and not 1 <= args.layer <= cfg.n_enc_layers:",
+     "    if args.layer > cfg.n_enc_layers:", "--layer -2 accepted", "kmeans_command"),
+    ("kmeans.py", "                warn_skipped(path, err, bad)\n                progress.update(",
+     "                raise\n                progress.update(", "an unreadable file ends the run", "kmeans_skips"),
+    ("kmeans.py", "    if path not in bad:\n        warnings.warn(", "    if True:\n        warnings.warn(",
+     "a bad file is warned about at every stage", "kmeans_skips"),
+]
+
+# ---------------------------------------------------------------- evaluate.py (kept by its own owner)
+EVALUATE_MUTANTS = [
+]
+
+MUTANTS = MODEL_MUTANTS + KMEANS_MUTANTS + EVALUATE_MUTANTS
+
+
+def tracked_files():
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [p for p in out.splitlines() if os.path.isfile(os.path.join(ROOT, p))]
+
+
+def copy_tree(files, dest):
+    for rel in files:
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)) or dest, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), os.path.join(dest, rel))
+
+
+def pytest_args(expr):
+    return ["-q", "-x", "-p", "no:cacheprovider", "test_all.py", "-k", expr]
+
+
+def run_tests(folder, expr, timeout):
+    """'passed', 'failed', 'timeout' or 'no tests' (pytest's status 5) for `pytest -k expr` in folder.
+
+    Where the OS can fork, a child of this process runs pytest: torch is imported once, here, and
+    every child imports the project's (mutated) files afresh. Elsewhere, a new interpreter each time.
+    """
+    if not hasattr(os, "fork"):
+        cmd = [sys.executable, "-m", "pytest"] + pytest_args(expr)
+        try:
+            code = subprocess.run(cmd, cwd=folder, capture_output=True, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+        return {0: "passed", 5: "no tests"}.get(code, "failed")
+    pid = os.fork()
+    if pid == 0:  # the child: quiet, in the mutated copy, never returns
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1), os.dup2(null, 2)
+        os.chdir(folder)
+        sys.path.insert(0, folder)
+        import pytest
+        os._exit(int(pytest.main(pytest_args(expr))))
+    deadline = time.time() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return {0: "passed", 5: "no tests"}.get(os.waitstatus_to_exitcode(status), "failed")
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "timeout"
+        time.sleep(0.05)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="", help="run the mutants whose description contains this word")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per test run")
+    args = p.parse_args(argv)
+    import torch  # noqa: F401  loaded once; the forked test runs share it
+    files = tracked_files()
+    mutants = [m for m in MUTANTS if args.only in m[3]]
+    rows, t0 = [], time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "base")
+        copy_tree(files, base)
+        expr = " or ".join(sorted({f"({m[4]})" for m in mutants}))
+        if run_tests(base, expr, 4 * args.timeout) != "passed":  # else a "kill" would mean nothing
+            print(f"the unmutated code fails its own tests (-k {expr!r}): fix that first")
+            return 1
+        for i, (name, original, mutated, what, tests) in enumerate(mutants):
+            folder = os.path.join(tmp, f"m{i}")
+            copy_tree(files, folder)
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                text = f.read()
+            if text.count(original) != 1:
+                verdict = f"stale ({text.count(original)} matches)"
+            else:
+                with open(path, "w") as f:
+                    f.write(text.replace(original, mutated))
+                verdict = {"failed": "killed", "timeout": "killed (timeout)", "passed": "SURVIVED",
+                           "no tests": "stale (-k matches no test)"}[run_tests(folder, tests, args.timeout)]
+            shutil.rmtree(folder)
+            rows.append((name, what, tests, verdict))
+            print(f"[{i + 1}/{len(mutants)} {time.time() - t0:.0f} s] {name}: {what}: {verdict}", flush=True)
+    print("\n| file | mutant | tests run (-k) | result |\n|---|---|---|---|")
+    for name, what, tests, verdict in rows:
+        print(f"| {name} | {what} | `{tests}` | {verdict} |")
+    killed = sum(v.startswith("killed") for *_, v in rows)
+    survived = sum(v == "SURVIVED" for *_, v in rows)
+    stale = len(rows) - killed - survived
+    print(f"\n{len(rows)} mutants, {killed} killed, {survived} survived"
+          + (f", {stale} stale" if stale else "") + f" ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
