@@ -62,11 +62,11 @@ MODEL_MUTANTS = [
     ("model.py", "    alpha, beta = delta / n_hidden, (1 - delta) / n_shown",
      "    alpha, beta = (1 - delta) / n_hidden, delta / n_shown", "delta and 1 - delta swapped", LOSS),
     ("model.py", "    alpha, beta = delta / n_hidden, (1 - delta) / n_shown",
-     "    alpha, beta = delta / n_shown, (1 - delta) / n_hidden", "|M| and T - |M| swapped", LOSS),
+     "    alpha, beta = delta / n_shown, (1 - delta) / n_hidden", "hidden and visible frame counts swapped", LOSS),
     ("model.py",
      "    n_hidden, n_shown = (hidden.sum(), shown.sum()) if counts is None else counts  # |M|, T - |M|",
      "    n_hidden, n_shown = hidden.sum(), shown.sum()  # |M|, T - |M|",
-     "|M| counted per micro-batch, whole-batch counts ignored", "micro_batch"),
+     "counts taken per micro-batch, the whole batch's counts ignored", "micro_batch"),
     ("model.py", "    shown = (~mask & ~padding)[..., None].float()  # (B, T, 1), its complement",
      "    shown = (~mask)[..., None].float()  # (B, T, 1), its complement",
      "padded frames counted as visible in the loss", LOSS),
@@ -251,7 +251,7 @@ def main(argv=None):
             print(f"[{i + 1}/{len(mutants)} {time.time() - t0:.0f} s] {name}: {what}: {verdict}", flush=True)
     print("\n| file | mutant | tests run (-k) | result |\n|---|---|---|---|")
     for name, what, tests, verdict in rows:
-        print(f"| {name} | {what} | `{tests}` | {verdict} |")
+        print(f"| {name} | {what.replace('|', '/')} | `{tests}` | {verdict} |")
     killed = sum(v.startswith("killed") for *_, v in rows)
     survived = sum(v == "SURVIVED" for *_, v in rows)
     stale = len(rows) - killed - survived
