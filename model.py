@@ -555,8 +555,8 @@ def check_inputs(feats, targets, mask, padding, cfg):
     if targets.shape != (B, T, cfg.n_streams):
         raise ValueError(f"targets {tuple(targets.shape)} do not match B={B} x T={T} frames "
                          f"x S={cfg.n_streams} streams")
-    if targets.dtype not in (torch.int64, torch.int32, torch.int16):
-        raise TypeError(f"targets must be integer codes, got {targets.dtype}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must be int64 codes (cross-entropy's class indices), got {targets.dtype}")
     check_flags("mask", mask, (B, T), "True = hidden")
     if padding is not None:
         check_flags("padding", padding, (B, T), "True = not real audio")

@@ -302,6 +302,8 @@ def test_non_bool_masks_and_misshapen_padding_are_refused():
         net(feats, targets, mask[:, :20])
     with pytest.raises(ValueError, match=r"targets must lie in \[0, K=1024\)"):
         net(feats, targets + 1024, mask)
+    with pytest.raises(TypeError, match="targets must be int64"):
+        net(feats, targets.int(), mask)
     with pytest.raises(ValueError, match="layer=3"):
         net.embed(feats, layer=3)
 
