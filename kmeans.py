@@ -409,6 +409,8 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.tol < 0:
         raise UsageError(f"--tol {args.tol}: must be >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device here; use --device cpu")
     if args.bench:
         return
     if not (args.checkpoint and args.out and (args.data or args.cache)):

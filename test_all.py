@@ -1228,6 +1228,8 @@ def test_kmeans_command_line_mistakes_are_one_line_and_exit_2(stage_one, tmp_pat
              (["--checkpoint", paths[0], "--data", audio, "--out", out], "not a train.py checkpoint"),
              (["--checkpoint", checkpoint, "--data", str(tmp_path / "nowhere"), "--out", out], "--data"),
              (["--checkpoint", checkpoint, "--cache", str(tmp_path), "--out", out], "--cache")]
+    if not torch.cuda.is_available():
+        cases.append((base + ["--device", "cuda"], "--device cuda: no CUDA device"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             kmeans.main(argv)
