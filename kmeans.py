@@ -13,6 +13,7 @@ import math
 import os
 import time
 import warnings
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
@@ -424,11 +425,15 @@ def check_args(args):
             raise UsageError(f"--data {src}: no such folder or file list")
     if not os.path.isfile(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+    if not zipfile.is_zipfile(args.checkpoint):  # torch.save writes a zip archive
+        raise UsageError(f"--checkpoint {args.checkpoint}: not a train.py checkpoint "
+                         "(not a complete file written by torch.save)")
     try:  # mmap: only the config is read here, not the weights
-        cfg = config_from_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True,
-                                          mmap=True)["config"])
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        cfg = config_from_dict(ckpt["config"])
     except Exception as err:  # any reason this file is not a train.py checkpoint
-        raise UsageError(f"--checkpoint {args.checkpoint}: not a train.py checkpoint ({err})") from None
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise UsageError(f"--checkpoint {args.checkpoint}: not a train.py checkpoint ({reason})") from None
     if args.k > cfg.K:
         raise UsageError(f"--k {args.k}: the model's head has K={cfg.K} classes per stream, so 1..{cfg.K}")
     if args.layer != -1 and not 1 <= args.layer <= cfg.n_enc_layers:

@@ -1228,6 +1228,9 @@ def test_kmeans_command_line_mistakes_are_one_line_and_exit_2(stage_one, tmp_pat
              (["--checkpoint", paths[0], "--data", audio, "--out", out], "not a train.py checkpoint"),
              (["--checkpoint", checkpoint, "--data", str(tmp_path / "nowhere"), "--out", out], "--data"),
              (["--checkpoint", checkpoint, "--cache", str(tmp_path), "--out", out], "--cache")]
+    whole = open(checkpoint, "rb").read()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    cases.append((["--checkpoint", str(tmp_path / "cut.pt"), "--data", audio, "--out", out], "not a complete file"))
     if not torch.cuda.is_available():
         cases.append((base + ["--device", "cuda"], "--device cuda: no CUDA device"))
     for argv, message in cases:
