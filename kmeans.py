@@ -220,7 +220,8 @@ class Progress:
 
 
 def collect_frames(model, codec, source, clips, n_frames, layer, seed, bad):
-    """Embed each clip and keep a random share of its frames: the k-means training set (N, D).
+    """Embed each clip and keep a random share of its frames: the k-means training set (N, D)
+    and the number of clips it comes from.
 
     A clip whose file cannot be read is skipped with a warning naming it (`bad` collects the
     files); the fit uses the rest.
@@ -237,7 +238,7 @@ def collect_frames(model, codec, source, clips, n_frames, layer, seed, bad):
         progress.update(1, f"{i + 1}/{len(clips)} clips")
     if not frames:
         raise AudioError(f"none of the {len(clips)} sampled clips could be read")
-    return torch.cat(frames)[:n_frames]  # (N, D)
+    return torch.cat(frames)[:n_frames], len(frames)  # (N, D), clips used
 
 
 def warn_skipped(path, err, bad):
@@ -311,12 +312,12 @@ def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=1000
         print(f"reusing {path} ({len(centroids)} centroids)")
     else:
         clips = sample_clips(source, n_clips, seed)
-        frames = collect_frames(model, codec, source, clips, n_frames, layer, seed, bad)  # (N, D)
+        frames, n_used = collect_frames(model, codec, source, clips, n_frames, layer, seed, bad)  # (N, D)
         result = fit(frames, k, n_iter, tol, seed, bf16=bf16)
         centroids, history = result.centroids, result.inertia_history
-        print(f"k-means: {len(frames)} frames from {len(clips)} clips, k={k}, {len(history)} iterations, "
+        print(f"k-means: {len(frames)} frames from {n_used} clips, k={k}, {len(history)} iterations, "
               f"inertia per frame {history[0] / len(frames):.4g} -> {history[-1] / len(frames):.4g}")
-        save(path, centroids, {**meta, "n_clips": len(clips), "n_frames": len(frames),
+        save(path, centroids, {**meta, "n_clips": n_used, "n_frames": len(frames),
                                "seed": seed, "inertia_history": history})
     return quantize_dataset(model, codec, source, centroids, store_dir, layer, bad)
 

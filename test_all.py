@@ -1260,6 +1260,7 @@ def test_kmeans_skips_a_file_that_fails_to_read_and_names_it_once(stage_one, tmp
         index = json.load(f)
     assert sorted(index) == sorted(str(folder / os.path.basename(p)) for p in paths)
     assert "labelled 2 files, skipped 1 unreadable" in capsys.readouterr().out
+    assert kmeans.load(str(tmp_path / "store" / "centroids.pt"))[1]["n_clips"] == 3  # the clips it could read
 
 
 def test_stage_one_then_kmeans_then_stage_two_runs_end_to_end(demo_cache, tmp_path):
