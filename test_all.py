@@ -793,17 +793,58 @@ def losses(out):
 
 def test_command_line_takes_every_config_field_and_refuses_unknown_ones():
     """[3.1] --field=value for any TrainConfig/ModelConfig field; typos are errors, not ignored."""
-    cfg, mcfg = train.parse_args(["--config", "small", "--M_prop=0.3", "--steps", "7", "--data", "a", "b",
-                                  "--resume", "--betas", "0.8,0.9"])
+    cfg, mcfg, given = train.parse_args(["--config", "small", "--M_prop=0.3", "--steps", "7", "--data", "a", "b",
+                                         "--resume", "--betas", "0.8,0.9"])
     assert (mcfg.n_enc_layers, mcfg.M_prop, cfg.steps, cfg.data, cfg.resume, cfg.betas) == \
         (5, 0.3, 7, ("a", "b"), True, (0.8, 0.9))
-    with pytest.raises(SystemExit, match="unknown option --M_porp"):
+    assert {"n_enc_layers", "M_prop", "steps", "data", "resume", "betas"} <= given and "lr" not in given
+    with pytest.raises(D.UsageError, match="unknown option --M_porp"):
         train.parse_args(["--M_porp=0.3"])
     with pytest.raises(SystemExit) as done:  # --help lists every field and exits cleanly
         train.parse_args(["--help"])
     assert done.value.code == 0
-    with pytest.raises(SystemExit, match="not divisible"):
-        train.derived(train.TrainConfig(batch_size=10, grad_accum=3), world=1)
+
+
+BAD_COMMAND_LINES = [  # (flag named in the message, arguments)
+    ("--steps", ["--steps", "-1"]), ("--batch_size", ["--batch_size", "0"]), ("M_prop", ["--M_prop", "1.5"]),
+    ("--lr", ["--lr", "abc"]), ("--config", ["--config", "huge"]), ("--M_porp", ["--M_porp=0.3"]),
+    ("--keep_last", ["--keep_last", "0"]), ("--workers", ["--workers", "-2"]), ("--seed", ["--seed", "-1"]),
+    ("--betas", ["--betas", "0.9"]), ("--gamma", ["--gamma", "median"]), ("--val_every", ["--val_every", "0"]),
+    ("--batch_size", ["--batch_size", "6", "--grad_accum", "4"]), ("--data_weights", ["--data_weights", "1", "2"]),
+    ("--encodec", ["--encodec", "no/such/codec.th"]), ("--steps", ["--steps", "1.5"]),
+    ("--data", ["--data", "no/such/folder"]), ("--data", ["--data", "{empty}"]),
+    ("--init_from", ["--init_from", "{stage1}"]),  # without --kmeans_store
+    ("--init_from", ["--init_from", "no/such.pt", "--kmeans_store", "{store}"]),
+    ("--init_from", ["--init_from", "{not_a_checkpoint}", "--kmeans_store", "{store}"]),
+    ("--kmeans_store", ["--init_from", "{stage1}", "--kmeans_store", "{empty}"]),
+    ("argument", ["steps=3"]), ("--resume", ["--resume", "takes-no-value"]),
+] + ([("--device", ["--device", "cuda"])] if not torch.cuda.is_available() else [])
+
+
+def test_bad_command_lines_get_one_line_naming_the_flag_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    """[3.1] each user mistake: exit status 2, one stderr line naming the flag, before the codec loads."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "index.json").write_text("{}")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"model": {}, "config": asdict(make_config("tiny")), "encodec": "random"}, tmp_path / "s1.pt")
+    where = dict(empty=tmp_path / "empty", store=tmp_path / "store", not_a_checkpoint=tmp_path / "junk.pt",
+                 stage1=tmp_path / "s1.pt")
+
+    def expensive(*args, **kwargs):
+        raise AssertionError("the codec was loaded before the command line was checked")
+    monkeypatch.setattr(M, "load_codec", expensive)
+    for flag, argv in BAD_COMMAND_LINES:
+        argv = [a.format(**where) for a in argv] + ["--out", str(tmp_path / "run")]
+        with pytest.raises(SystemExit) as done:
+            D.run_cli(train.main, argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1 and flag in err, (argv, err)
+    assert not (tmp_path / "run").exists()  # nothing was set up
+    done = subprocess.run([sys.executable, "train.py", "--steps", "-1"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "--steps -1: must be an integer >= 1" in done.stderr, done.stderr
 
 
 def test_a_killed_run_resumes_bit_for_bit(demo_cache, tmp_path):
