@@ -845,7 +845,7 @@ def test_bad_command_lines_get_one_line_naming_the_flag_and_exit_status_2(tmp_pa
 
     def expensive(*args, **kwargs):
         raise AssertionError("the codec was loaded before the command line was checked")
-    monkeypatch.setattr(M, "load_codec", expensive)
+    monkeypatch.setattr(D, "load_codec", expensive)
     for flag, argv in BAD_COMMAND_LINES:
         argv = [a.format(**where) for a in argv] + ["--out", str(tmp_path / "run")]
         with pytest.raises(SystemExit) as done:
