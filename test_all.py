@@ -876,6 +876,8 @@ def test_a_killed_run_resumes_bit_for_bit(demo_cache, tmp_path, capsys):
     with open(tmp_path / "moved" / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]  # each step once
     assert losses(tmp_path / "straight") == losses(tmp_path / "moved")
+    assert not (tmp_path / "killed").exists()  # written where the run is now, the torn file replaced
+    assert torch.load(tmp_path / "moved" / "ckpt-00000003.pt", weights_only=True)["step"] == 3
     with pytest.raises(D.UsageError, match=r"--resume: --lr 0.001 \(the checkpoint has 0.0001\)"):
         train.main(common + ["--out", str(tmp_path / "moved"), "--steps", "5", "--resume", "--lr", "1e-3"])
 

@@ -228,6 +228,10 @@ RESUMABLE = {"steps", "log_every", "val_every", "ckpt_every", "keep_last", "work
              "compile", "resume", "grad_accum", "out", "cache", "init_from", "bench"}
 
 
+# Fields about this machine and this invocation: a resumed run never takes them from the checkpoint.
+THIS_MACHINE = {"out", "device", "workers", "compile", "resume", "bench"}
+
+
 def refuse_changes(given, old, now, flag, advice):
     """Flags given now that differ from what a checkpoint was trained with -> one UsageError."""
     same = lambda a, b: json.dumps(a) == json.dumps(b)  # tuples and lists alike
@@ -243,9 +247,9 @@ def resume_config(ckpt, cfg, mcfg, given):
                    "--resume", f"leave these flags out to continue the run in {cfg.out}, "
                    "or start a new run in another --out")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    kept = {k: tuple(v) if fields[k].type is tuple else v
-            for k, v in ckpt["train_config"].items() if k in fields and k not in given}
-    return dataclasses.replace(cfg, **kept, out=cfg.out), M.config_from_dict(ckpt["config"])
+    kept = {k: tuple(v) if fields[k].type is tuple else v for k, v in ckpt["train_config"].items()
+            if k in fields and k not in given and k not in THIS_MACHINE}
+    return dataclasses.replace(cfg, **kept), M.config_from_dict(ckpt["config"])
 
 
 def stage_two_codec(stage1, cfg, given):
