@@ -403,7 +403,9 @@ def inputs_and_targets(batch, codec, mcfg, device):
     targets = codes[..., : mcfg.Q]  # (B, T, Q)
     if mcfg.n_kmeans_streams:
         extra = item.extra.to(device)
-        assert (extra[~padding] >= 0).all(), "frames without k-means targets: check --kmeans_store"
+        if not (extra[~padding] >= 0).all():  # python -O must not remove this check
+            raise ValueError("frames without k-means targets: the --kmeans_store does not match "
+                             "these files (rerun kmeans.py on them)")
         targets = torch.cat([targets, extra.clamp(min=0)[..., None]], dim=-1)  # (B, T, Q + 1)
     return feats, targets, mask.to(device), padding
 
