@@ -950,36 +950,118 @@ def demo_cache(tmp_path_factory, codec):
     return str(root / "audio"), str(root / "cache")
 
 
-def losses(out):
+@pytest.fixture(scope="module")
+def short_cache(tmp_path_factory, codec):
+    """Six clips shorter than a crop (1-3.5 s), so every crop is padded, each by a different amount."""
+    root = tmp_path_factory.mktemp("short")
+    os.makedirs(root / "audio")
+    paths = [str(root / "audio" / f"{i}.wav") for i in range(6)]
+    for i, path in enumerate(paths):
+        sf.write(path, synth_clip(("note", "chord", "chirp")[i % 3], 1.0 + 0.5 * i, i).numpy(), SAMPLE_RATE)
+    build_cache(codec, paths, str(root / "cache"))
+    return str(root / "audio"), str(root / "cache")
+
+
+def losses(out, key="loss"):
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
 
 def test_command_line_takes_every_config_field_and_refuses_unknown_ones():
     """[3.1] --field=value for any TrainConfig/ModelConfig field; typos are errors, not ignored."""
-    cfg, mcfg = train.parse_args(["--config", "small", "--M_prop=0.3", "--steps", "7", "--data", "a", "b",
-                                  "--resume", "--betas", "0.8,0.9"])
+    cfg, mcfg, given = train.parse_args(["--config", "small", "--M_prop=0.3", "--steps", "7", "--data", "a", "b",
+                                         "--resume", "--betas", "0.8,0.9"])
     assert (mcfg.n_enc_layers, mcfg.M_prop, cfg.steps, cfg.data, cfg.resume, cfg.betas) == \
         (5, 0.3, 7, ("a", "b"), True, (0.8, 0.9))
-    with pytest.raises(SystemExit, match="unknown option --M_porp"):
+    assert {"n_enc_layers", "M_prop", "steps", "data", "resume", "betas"} <= given and "lr" not in given
+    with pytest.raises(D.UsageError, match="unknown option --M_porp"):
         train.parse_args(["--M_porp=0.3"])
     with pytest.raises(SystemExit) as done:  # --help lists every field and exits cleanly
         train.parse_args(["--help"])
     assert done.value.code == 0
-    with pytest.raises(SystemExit, match="not divisible"):
-        train.derived(train.TrainConfig(batch_size=10, grad_accum=3), world=1)
 
 
-def test_a_killed_run_resumes_bit_for_bit(demo_cache, tmp_path):
-    """[3.1] stop after step 2, resume to step 4: the same losses as a run that never stopped."""
+BAD_COMMAND_LINES = [  # (flag named in the message, arguments)
+    ("--steps", ["--steps", "-1"]), ("--batch_size", ["--batch_size", "0"]), ("M_prop", ["--M_prop", "1.5"]),
+    ("--lr", ["--lr", "abc"]), ("--config", ["--config", "huge"]), ("--M_porp", ["--M_porp=0.3"]),
+    ("--keep_last", ["--keep_last", "0"]), ("--workers", ["--workers", "-2"]), ("--seed", ["--seed", "-1"]),
+    ("--betas", ["--betas", "0.9"]), ("--gamma", ["--gamma", "median"]), ("--val_every", ["--val_every", "0"]),
+    ("--batch_size", ["--batch_size", "6", "--grad_accum", "4"]), ("--data_weights", ["--data_weights", "1", "2"]),
+    ("--encodec", ["--encodec", "no/such/codec.th"]), ("--steps", ["--steps", "1.5"]),
+    ("--data", ["--data", "no/such/folder"]), ("--data", ["--data", "{empty}"]),
+    ("--init_from", ["--init_from", "{stage1}"]),  # without --kmeans_store
+    ("--init_from", ["--init_from", "no/such.pt", "--kmeans_store", "{store}"]),
+    ("--init_from", ["--init_from", "{not_a_checkpoint}", "--kmeans_store", "{store}"]),
+    ("--kmeans_store", ["--init_from", "{stage1}", "--kmeans_store", "{empty}"]),
+    ("argument", ["steps=3"]), ("--resume", ["--resume", "takes-no-value"]),
+] + ([("--device", ["--device", "cuda"])] if not torch.cuda.is_available() else [])
+
+
+def test_bad_command_lines_get_one_line_naming_the_flag_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    """[3.1] each user mistake: exit status 2, one stderr line naming the flag, before the codec loads."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "index.json").write_text("{}")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"model": {}, "config": asdict(make_config("tiny")), "encodec": "random"}, tmp_path / "s1.pt")
+    where = dict(empty=tmp_path / "empty", store=tmp_path / "store", not_a_checkpoint=tmp_path / "junk.pt",
+                 stage1=tmp_path / "s1.pt")
+
+    def expensive(*args, **kwargs):
+        raise AssertionError("the codec was loaded before the command line was checked")
+    monkeypatch.setattr(D, "load_codec", expensive)
+    wrong = []
+    for flag, argv in BAD_COMMAND_LINES:
+        argv = [a.format(**where) for a in argv] + ["--out", str(tmp_path / "run")]
+        with pytest.raises(SystemExit) as done:  # anything else (a traceback) fails the test here
+            D.run_cli(train.main, argv)
+        err = capsys.readouterr().err
+        if not (done.value.code == 2 and err.count("\n") == 1 and flag in err):
+            wrong.append((argv, done.value.code, err))
+    with capsys.disabled():
+        print(f"\ntrain.py: {len(BAD_COMMAND_LINES)} bad command lines tried, "
+              f"{len(BAD_COMMAND_LINES) - len(wrong)} one-line errors naming the flag with exit status 2")
+    assert not wrong, wrong
+    assert not (tmp_path / "run").exists()  # nothing was set up
+    done = subprocess.run([sys.executable, "train.py", "--steps", "-1"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "--steps -1: must be an integer >= 1" in done.stderr, done.stderr
+
+
+def test_a_killed_run_resumes_bit_for_bit(demo_cache, tmp_path, capsys):
+    """[3.1] killed at step 3, its checkpoint torn, folder moved: resumes from step 2 exactly, logs once."""
     audio, cache = demo_cache
     common = TINY_RUN + ["--data", audio, "--cache", cache, "--ckpt_every", "2"]
-    train.main(common + ["--out", str(tmp_path / "straight"), "--steps", "4"])
-    train.main(common + ["--out", str(tmp_path / "killed"), "--steps", "2"])
-    (tmp_path / "killed" / "ckpt-00000003.pt.tmp").write_bytes(b"half a checkpoint")  # died mid-save
-    train.main(common + ["--out", str(tmp_path / "killed"), "--steps", "4", "--resume"])
-    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
-    assert straight == resumed and sorted(resumed) == [1, 2, 3, 4]
+    train.main(common + ["--out", str(tmp_path / "straight"), "--steps", "3"])
+    train.main(common + ["--out", str(tmp_path / "killed"), "--steps", "3"])
+    torn = tmp_path / "killed" / "ckpt-00000003.pt"  # the disk filled up while it was written
+    torn.write_bytes(torn.read_bytes()[:5000])
+    (tmp_path / "killed" / "ckpt-00000004.pt.tmp1").write_bytes(b"half a checkpoint")  # died mid-save
+    os.rename(tmp_path / "killed", tmp_path / "moved")
+    capsys.readouterr()
+    train.main(common + ["--out", str(tmp_path / "moved"), "--steps", "3", "--resume"])
+    out = capsys.readouterr().out
+    assert "ckpt-00000003.pt: not a readable checkpoint" in out and "resuming from" in out and "at step 2" in out
+    with open(tmp_path / "moved" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]  # each step once
+    assert losses(tmp_path / "straight") == losses(tmp_path / "moved")
+    assert not (tmp_path / "killed").exists()  # written where the run is now, the torn file replaced
+    assert torch.load(tmp_path / "moved" / "ckpt-00000003.pt", weights_only=True)["step"] == 3
+    with pytest.raises(D.UsageError, match=r"--resume: --lr 0.001 \(the checkpoint has 0.0001\)"):
+        train.main(common + ["--out", str(tmp_path / "moved"), "--steps", "5", "--resume", "--lr", "1e-3"])
+
+
+def test_micro_batches_and_gpus_count_M_and_T_over_the_whole_batch(short_cache, tmp_path):
+    """[2.3] padded clips: two micro-batches of 1 give the losses of one batch of 2, validation too."""
+    audio, cache = short_cache
+    args = TINY_RUN + ["--data", audio, "--cache", cache, "--steps", "2", "--batch_size", "2", "--val_every", "1"]
+    train.main(args + ["--out", str(tmp_path / "whole")])
+    train.main(args + ["--out", str(tmp_path / "micro"), "--grad_accum", "2"])
+    for key in ("loss", "val_loss"):
+        whole, micro = losses(tmp_path / "whole", key), losses(tmp_path / "micro", key)
+        assert whole.keys() == micro.keys() == {1, 2}
+        assert all(abs(whole[s] - micro[s]) < 2e-5 for s in whole), (key, whole, micro)
 
 
 def test_training_reads_raw_audio_through_the_codec_and_mixes_weighted_sources(demo_cache, tmp_path):
@@ -993,10 +1075,14 @@ def test_training_reads_raw_audio_through_the_codec_and_mixes_weighted_sources(d
         assert 6.5 < losses(tmp_path / run)[1] < 7.5  # about ln(1024) at the start
 
 
-def test_checkpoint_round_trips_the_model(demo_cache, tmp_path):
-    """[3.1] a checkpoint holds config, gamma_q and weights; loading it is strict and exact."""
+def test_checkpoint_round_trips_the_model(demo_cache, tmp_path, monkeypatch):
+    """[3.1] a checkpoint holds config, gamma_q and weights, is fsync'd before its rename, loads exactly."""
     audio, cache = demo_cache
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(os.path.basename(b)), replace(a, b))[1])
     train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "1"])
+    assert events[events.index("ckpt-00000001.pt") - 1] == "fsync"  # on disk before it has its name
     net, cfg, source = M.load_checkpoint_model(str(tmp_path / "ckpt-00000001.pt"))
     ckpt = torch.load(tmp_path / "ckpt-00000001.pt", weights_only=True)
     assert source == "random" and cfg == M.config_from_dict(ckpt["config"]) and ckpt["step"] == 1
@@ -1014,9 +1100,9 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(demo_cache, tm
         M.load_checkpoint_model(str(path))
 
 
-def test_two_gloo_processes_match_one_process_on_the_full_batch(demo_cache, tmp_path):
-    """[3.1] DDP over 2 CPU processes: the same losses as one process with the whole batch."""
-    audio, cache = demo_cache
+def test_two_gloo_processes_match_one_process_on_the_full_batch(short_cache, tmp_path):
+    """[2.3, 3.1] DDP over 2 CPU processes, padded clips: the same losses as one process."""
+    audio, cache = short_cache
     args = TINY_RUN + ["--data", audio, "--cache", cache, "--steps", "2", "--ckpt_every", "100"]
     train.main(args + ["--out", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -1026,6 +1112,48 @@ def test_two_gloo_processes_match_one_process_on_the_full_batch(demo_cache, tmp_
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys() == {1, 2}
     assert all(abs(one[s] - two[s]) < 1e-4 for s in one), (one, two)
+
+
+def test_the_start_line_counts_unreadable_files_of_both_splits(short_cache, tmp_path, capsys):
+    """[3.1] bad files among the held-out ones are counted too: one count for the whole run."""
+    audio, _ = short_cache
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for name in os.listdir(audio):
+        (folder / name).write_bytes(open(os.path.join(audio, name), "rb").read())
+    (folder / "bad0.wav").write_bytes(b"")
+    (folder / "bad1.mp3").write_bytes(bytes(range(256)) * 8)
+    (folder / "bad2.flac").write_bytes(b"fLaC")
+    train.main(TINY_RUN + ["--data", str(folder), "--val_files", "4", "--batch_size", "2", "--steps", "1",
+                           "--out", str(tmp_path / "run")])
+    assert "3 unreadable files skipped" in capsys.readouterr().out
+
+
+def test_epoch_order_depends_on_seed_and_epoch_jointly():
+    """[3.1] the data order of seed 1's first epoch is not seed 0's second epoch (no seed + epoch)."""
+    plan = lambda seed, epoch: train.epoch_plan(64, train.TrainConfig(seed=seed, batch_size=8), 8, 0, 1, epoch, 0)
+    assert plan(1, 0) != plan(0, 1) and plan(2, 0) != plan(1, 1) and plan(0, 0) != plan(0, 1)
+    assert sorted(i for step in plan(1, 0) for mb in step for i in mb) == list(range(64))
+
+
+def test_estimated_gamma_leaves_out_the_padding_of_short_crops(codec, tmp_path):
+    """[3.1] gamma_q estimated on padded crops of a 2-s clip equals gamma_q of the clip alone."""
+    (tmp_path / "audio").mkdir()
+    for i in range(3):  # three copies: whichever is held out, the estimate sees this clip only
+        sf.write(tmp_path / "audio" / f"{i}.wav", synth_clip("chord", 2.0, 3).numpy(), SAMPLE_RATE)
+    train.main(TINY_RUN + ["--data", str(tmp_path / "audio"), "--gamma", "estimate", "--val_files", "1",
+                           "--batch_size", "1", "--steps", "1", "--out", str(tmp_path / "run")])
+    gamma = torch.load(tmp_path / "run" / "ckpt-00000001.pt", weights_only=True)["gamma_q"]
+    alone = M.estimate_gamma(codec, read_audio(tmp_path / "audio" / "0.wav")[None], 8)
+    assert np.allclose(gamma, alone, atol=5e-5), (gamma, alone)  # padding moves it by ~5e-4
+
+
+def test_benchmark_utilization_cannot_exceed_100_percent():
+    """train.py --bench: a step faster than the measured GEMM peak is measured against itself, never >100%."""
+    peak, how = train.utilization_peak(120e9, [100e9, 90e9], lambda: 110e9, 11)
+    assert peak == 120e9 and "re-measured best of 10: 110" in how and "its own rate" in how
+    assert train.utilization_peak(120e9, [100e9, 90e9], lambda: 130e9, 11)[0] == 130e9
+    assert train.utilization_peak(50e9, [90e9, 100e9], lambda: 1 / 0, 11)[0] == 100e9  # no re-measure
 
 
 def test_tiny_model_learns_on_demo_data(demo_cache, tmp_path):
@@ -1264,18 +1392,25 @@ def test_kmeans_skips_a_file_that_fails_to_read_and_names_it_once(stage_one, tmp
 
 
 def test_stage_one_then_kmeans_then_stage_two_runs_end_to_end(demo_cache, tmp_path):
-    """[2.3] train.py stage 1 -> kmeans.py -> train.py stage 2: the stage-2 model predicts 9 streams."""
+    """[2.3] stage 1 -> kmeans.py -> stage 2 on stage 1's codec, resumable: the model predicts 9 streams."""
     audio, cache = demo_cache
     train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path / "s1"), "--steps", "2"])
     kmeans.main(["--checkpoint", str(tmp_path / "s1" / "ckpt-00000002.pt"), "--cache", cache,
                  "--out", str(tmp_path / "km"), "--k", "16", "--n-frames", "2000"])
-    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path / "s2"), "--steps", "2",
-                           "--init_from", str(tmp_path / "s1" / "ckpt-00000002.pt"),
-                           "--kmeans_store", str(tmp_path / "km")])
-    net, cfg, _ = M.load_checkpoint_model(str(tmp_path / "s2" / "ckpt-00000002.pt"))
-    assert cfg.n_streams == 9 and net.head.linear.out_features == 9 * 1024
+    stage2 = [a for a in TINY_RUN if a not in ("--encodec", "random")] + [  # the codec comes from stage 1
+        "--data", audio, "--cache", cache, "--out", str(tmp_path / "s2"),
+        "--init_from", str(tmp_path / "s1" / "ckpt-00000002.pt"), "--kmeans_store", str(tmp_path / "km")]
+    train.main(stage2 + ["--steps", "2"])
+    train.main(stage2 + ["--steps", "3", "--resume"])
+    net, cfg, source = M.load_checkpoint_model(str(tmp_path / "s2" / "ckpt-00000003.pt"))
+    assert source == "random" and cfg.n_streams == 9 and net.head.linear.out_features == 9 * 1024
     with open(tmp_path / "s2" / "metrics.jsonl") as f:
-        assert len(json.loads(f.readline())["masked_acc"]) == 9
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2, 3] and len(records[0]["masked_acc"]) == 9
+    with pytest.raises(D.UsageError, match="--encodec pretrained: the stage-1 checkpoint .* codec 'random'"):
+        train.main(stage2 + ["--steps", "2", "--encodec", "pretrained", "--out", str(tmp_path / "other")])
+    with pytest.raises(D.UsageError, match=r"--resume: --encodec pretrained \(the checkpoint has random\)"):
+        train.main(stage2 + ["--steps", "4", "--encodec", "pretrained", "--resume"])
 
 
 # ---------------------------------------------------------------- downstream evaluation [3.2]
