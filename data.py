@@ -56,6 +56,45 @@ def run_cli(main, argv=None):
         raise SystemExit(2) from None
 
 
+def check_range(flag, value, low, high=None):
+    """A number in [low, high] (no upper bound when high is None), else UsageError naming the flag."""
+    if not (low <= value and (high is None or value <= high)):  # NaN fails too
+        raise UsageError(f"{flag} {value}: must be " + (f"{low}..{high}" if high is not None else f">= {low}"))
+    return value
+
+
+def check_encodec(source, flag="--encodec"):
+    """pretrained, random or an existing EnCodec checkpoint file, else UsageError (before any download)."""
+    if source not in ("pretrained", "random") and not os.path.isfile(source):
+        raise UsageError(f"{flag} {source}: use pretrained, random or the path of an encodec_24khz-*.th file")
+
+
+def check_data_source(src, flag="--data"):
+    """"demo", a .txt list, or a folder holding at least one audio file (found without listing it all)."""
+    if src == "demo" or (src.endswith(".txt") and os.path.isfile(src)):
+        return
+    if not os.path.isdir(src):
+        raise UsageError(f"{flag} {src}: no such folder or .txt list (or use demo)")
+    for _, _, names in os.walk(src):
+        if any(name.lower().endswith(AUDIO_EXTS) for name in names):
+            return
+    raise UsageError(f"{flag} {src}: the folder holds no audio files ({', '.join(AUDIO_EXTS)})")
+
+
+def check_device(name):
+    """A --device this machine has, else UsageError: one line instead of torch's error mid-run."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = torch.device("meta")  # not a device name: refused below
+    have = {"cpu": True, "cuda": (device.index or 0) < torch.cuda.device_count(),
+            "mps": torch.backends.mps.is_available()}
+    if not have.get(device.type, False):
+        raise UsageError(f"--device {name}: not a device here; use cpu"
+                         + (", cuda or cuda:N" if torch.cuda.is_available() else ""))
+    return device
+
+
 # ---------------------------------------------------------------- reading audio [3.1]
 class AudioError(Exception):
     """A file that cannot be training audio; the message names the file and what is wrong."""
@@ -588,20 +627,6 @@ class CachedCropDataset(Visits):
 
 
 # ---------------------------------------------------------------- command line
-def check_device(name):
-    """A --device this machine has, else UsageError: one line instead of torch's error mid-run."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = torch.device("meta")  # not a device name: refused below
-    have = {"cpu": True, "cuda": (device.index or 0) < torch.cuda.device_count(),
-            "mps": torch.backends.mps.is_available()}
-    if not have.get(device.type, False):
-        raise UsageError(f"--device {name}: not a device here; use cpu"
-                         + (", cuda or cuda:N" if torch.cuda.is_available() else ""))
-    return device
-
-
 def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -637,11 +662,10 @@ def main(argv=None):
         return
     # Every check before the codec loads (a download, or seconds of calibration for "random").
     for flag, value in (("--batch-seconds", args.batch_seconds), ("--chunk-seconds", args.chunk_seconds)):
-        if not 0 < value < math.inf:
-            raise UsageError(f"{flag} {value}: must be a positive number of seconds")
-    if args.encodec not in ("pretrained", "random") and not os.path.isfile(args.encodec):
-        raise UsageError(f"--encodec {args.encodec!r}: no such file; use pretrained, random or "
-                         "the path of an encodec_24khz-*.th checkpoint")
+        check_range(flag, value, 0.01, 1e6)  # seconds of audio
+    check_encodec(args.encodec)
+    for src in args.data:
+        check_data_source(src)
     device = check_device(args.device)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a folder")

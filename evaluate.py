@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import (AUDIO_EXTS, AudioError, Parser, UsageError, check_device, load_codec, probe_audio,
-                  read_audio, resample_24k, run_cli, scan_audio, write_atomic)
+from data import (AUDIO_EXTS, AudioError, Parser, UsageError, check_device, check_encodec, check_range,
+                  load_codec, probe_audio, read_audio, resample_24k, run_cli, scan_audio, write_atomic)
 from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio,
-                   load_checkpoint_model, make_config)
+                   make_config)
+from train import load_checkpoint_model
 
 HEAR_RATE = 48000  # HEAR allows 16000, 22050, 32000, 44100, 48000, not 24000: we declare 48000
 
@@ -88,15 +89,11 @@ def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
             torch.manual_seed(seed)  # ECMAE-R: the same random MAE on every run (Table 1, row 2)
             mae = EnCodecMAE(make_config(spec.split(":", 1)[1]))
     else:
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"--upstream {spec!r}: not EC, ECMAE-R:<size> or a checkpoint file")
-        try:
-            mae, _, trained_with = load_checkpoint_model(spec)
-        except (RuntimeError, KeyError, AssertionError, TypeError, ValueError, EOFError,
-                pickle.UnpicklingError) as err:  # not a checkpoint, or strict loading refused it
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{spec}: not a checkpoint of this code's EnCodecMAE, or its weights "
-                             f"do not fit the config stored with them ({first})") from err
+        try:  # a missing file or one that is not a checkpoint is a UsageError naming it
+            mae, _, trained_with = load_checkpoint_model(spec, "--upstream")
+        except RuntimeError as err:  # strict loading refused the weights
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(f"--upstream {spec}: its weights do not fit the config stored with them ({first})") from err
         source = encodec or trained_with  # the codec it was trained on, unless told otherwise
         if (source == "random") != (trained_with == "random"):
             raise ValueError(f"{spec} was trained on codec {trained_with!r}, not {source!r}")
@@ -515,7 +512,8 @@ def parse_args(argv):
     args.task_dirs = find_tasks(args)
     for spec in args.upstream:
         check_upstream(spec, args.layer)
-    check_encodec(args.encodec)
+    if args.encodec:
+        check_encodec(args.encodec)
     check_range("--max-epochs", args.max_epochs, 1)
     check_range("--grid-points", args.grid_points, 1, 16)
     check_range("--batch-size", args.batch_size, 1)
@@ -561,16 +559,6 @@ def check_upstream(spec, layer):
             raise UsageError(f"--layer {layer}: {spec} has layers 1..{SIZES[size]['n_enc_layers']} (or -1)")
     elif spec != "EC" and not os.path.isfile(spec):
         raise UsageError(f"--upstream {spec}: not EC, ECMAE-R:<size> or an existing checkpoint file")
-
-
-def check_encodec(source):
-    if source not in (None, "pretrained", "random") and not os.path.isfile(source):
-        raise UsageError(f"--encodec {source}: pretrained, random or an existing EnCodec checkpoint file")
-
-
-def check_range(flag, value, low, high=None):
-    if value < low or (high is not None and value > high):
-        raise UsageError(f"{flag} {value}: must be " + (f"{low}..{high}" if high else f"at least {low}"))
 
 
 def open_upstream(spec, args):
@@ -678,7 +666,8 @@ def embed_main(argv):
     p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
     args = p.parse_args(argv)
     check_upstream(args.upstream, args.layer)
-    check_encodec(args.encodec)
+    if args.encodec:
+        check_encodec(args.encodec)
     check_device(args.device)
     plan = embed_plan(args.sources, args.out)
     check_embed_out(args)

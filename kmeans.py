@@ -13,15 +13,16 @@ import math
 import os
 import time
 import warnings
-import zipfile
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from data import (AudioError, Parser, UsageError, file_id, list_audio, load_codec, read_audio, read_manifest,
-                  run_cli, scan_audio, visits_per_file, write_atomic)
-from model import CROP_FRAMES, CROP_SAMPLES, config_from_dict, embed_audio, load_checkpoint_model, num_frames
+from data import (AudioError, Parser, UsageError, check_data_source, check_device, check_range, file_id,
+                  list_audio, load_codec, read_audio, read_manifest, run_cli, scan_audio, visits_per_file,
+                  write_atomic)
+from model import CROP_FRAMES, CROP_SAMPLES, config_from_dict, embed_audio, num_frames
+from train import load_checkpoint_model, read_checkpoint
 
 
 # ---------------------------------------------------------------- k-means (plain torch)
@@ -407,12 +408,9 @@ def check_args(args):
     """A user's mistake -> UsageError (one line, exit 2), before any data is read."""
     at_least_one = ["k", "threads"] + (["n", "dim", "iters", "repeats"] if args.bench else ["n_clips", "n_iter"])
     for name in at_least_one:
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.tol < 0:
-        raise UsageError(f"--tol {args.tol}: must be >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device here; use --device cpu")
+        check_range(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+    check_range("--tol", args.tol, 0)
+    check_device(args.device)
     if args.bench:
         return
     if not (args.checkpoint and args.out and (args.data or args.cache)):
@@ -422,19 +420,8 @@ def check_args(args):
     if args.cache and not os.path.isfile(os.path.join(args.cache, "cache.json")):
         raise UsageError(f"--cache {args.cache}: not a feature cache (no cache.json; run `python data.py cache`)")
     for src in args.data or []:
-        if src != "demo" and not os.path.exists(src):
-            raise UsageError(f"--data {src}: no such folder or file list")
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
-    if not zipfile.is_zipfile(args.checkpoint):  # torch.save writes a zip archive
-        raise UsageError(f"--checkpoint {args.checkpoint}: not a train.py checkpoint "
-                         "(not a complete file written by torch.save)")
-    try:  # mmap: only the config is read here, not the weights
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True)
-        cfg = config_from_dict(ckpt["config"])
-    except Exception as err:  # any reason this file is not a train.py checkpoint
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        raise UsageError(f"--checkpoint {args.checkpoint}: not a train.py checkpoint ({reason})") from None
+        check_data_source(src)
+    cfg = config_from_dict(read_checkpoint(args.checkpoint, "--checkpoint")["config"])
     if args.k > cfg.K:
         raise UsageError(f"--k {args.k}: the model's head has K={cfg.K} classes per stream, so 1..{cfg.K}")
     if args.layer != -1 and not 1 <= args.layer <= cfg.n_enc_layers:

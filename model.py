@@ -604,15 +604,6 @@ def codec_embed_audio(codec, wav, chunk_samples=CROP_SAMPLES):
     return chunked_frames(codec.features, wav, chunk_samples)
 
 
-def load_checkpoint_model(path, map_location="cpu"):
-    """A trained EnCodecMAE from a train.py checkpoint: (model, cfg, codec source). Strict."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    cfg = config_from_dict(ckpt["config"])
-    model = EnCodecMAE(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg, ckpt["encodec"]
-
-
 # ---------------------------------------------------------------- Table 1's #Par
 def count_parameters(cfg):
     """Feature-extractor parameters as Table 1 counts them: EnCodec encoder + input proj + encoder."""

@@ -1083,7 +1083,7 @@ def test_checkpoint_round_trips_the_model(demo_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(os.path.basename(b)), replace(a, b))[1])
     train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "1"])
     assert events[events.index("ckpt-00000001.pt") - 1] == "fsync"  # on disk before it has its name
-    net, cfg, source = M.load_checkpoint_model(str(tmp_path / "ckpt-00000001.pt"))
+    net, cfg, source = train.load_checkpoint_model(str(tmp_path / "ckpt-00000001.pt"))
     ckpt = torch.load(tmp_path / "ckpt-00000001.pt", weights_only=True)
     assert source == "random" and cfg == M.config_from_dict(ckpt["config"]) and ckpt["step"] == 1
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in net.state_dict().items())
@@ -1097,7 +1097,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(demo_cache, tm
         train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "20",
                                "--ckpt_every", "1", "--lr", "1e30"])
     for path in tmp_path.glob("ckpt-*.pt"):
-        M.load_checkpoint_model(str(path))
+        train.load_checkpoint_model(str(path))
 
 
 def test_two_gloo_processes_match_one_process_on_the_full_batch(short_cache, tmp_path):
@@ -1298,7 +1298,7 @@ def test_store_labels_every_audio_frame_and_the_crops_read_them(stage_one):
     store = str(root / "store_audio")
     kmeans.main(["--checkpoint", checkpoint, "--data", str(root / "audio"), "--out", store,
                  "--k", "8", "--n-clips", "3", "--n-frames", "300"])
-    net, _, _ = M.load_checkpoint_model(checkpoint)
+    net, _, _ = train.load_checkpoint_model(checkpoint)
     codec = D.load_codec("random")
     centroids, meta = kmeans.load(os.path.join(store, "centroids.pt"))
     assert centroids.shape == (8, 128) and meta["n_clips"] == 3
@@ -1331,7 +1331,7 @@ def test_store_from_the_feature_cache_feeds_a_nine_stream_model(stage_one):
     batch = [data[i] for i in range(len(data))]
     for crop in batch:
         assert ((crop.extra >= 0) == ~crop.padding).all() and crop.extra.max() < 8
-    net, _, _ = M.load_checkpoint_model(checkpoint)
+    net, _, _ = train.load_checkpoint_model(checkpoint)
     stage2 = M.add_kmeans_stream(net)
     assert stage2.cfg.n_streams == 9 and stage2.head.linear.out_features == 9 * stage2.cfg.K
     feats = torch.stack([c.feats for c in batch])  # (B, T, 128)
@@ -1353,14 +1353,14 @@ def test_kmeans_command_line_mistakes_are_one_line_and_exit_2(stage_one, tmp_pat
              (base + ["--layer", "-2"], "--layer -2"), (base + ["--layer", "3"], "--layer 3: use -1"),
              (base + ["--n-frames", "10", "--k", "16"], "--n-frames 10"),
              (["--checkpoint", str(tmp_path / "none.pt"), "--data", audio, "--out", out], "--checkpoint"),
-             (["--checkpoint", paths[0], "--data", audio, "--out", out], "not a train.py checkpoint"),
+             (["--checkpoint", paths[0], "--data", audio, "--out", out], "not a readable checkpoint"),
              (["--checkpoint", checkpoint, "--data", str(tmp_path / "nowhere"), "--out", out], "--data"),
              (["--checkpoint", checkpoint, "--cache", str(tmp_path), "--out", out], "--cache")]
     whole = open(checkpoint, "rb").read()
     (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])  # a copy cut short
-    cases.append((["--checkpoint", str(tmp_path / "cut.pt"), "--data", audio, "--out", out], "not a complete file"))
+    cases.append((["--checkpoint", str(tmp_path / "cut.pt"), "--data", audio, "--out", out], "truncated"))
     if not torch.cuda.is_available():
-        cases.append((base + ["--device", "cuda"], "--device cuda: no CUDA device"))
+        cases.append((base + ["--device", "cuda"], "--device cuda: not a device here"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             kmeans.main(argv)
@@ -1402,7 +1402,7 @@ def test_stage_one_then_kmeans_then_stage_two_runs_end_to_end(demo_cache, tmp_pa
         "--init_from", str(tmp_path / "s1" / "ckpt-00000002.pt"), "--kmeans_store", str(tmp_path / "km")]
     train.main(stage2 + ["--steps", "2"])
     train.main(stage2 + ["--steps", "3", "--resume"])
-    net, cfg, source = M.load_checkpoint_model(str(tmp_path / "s2" / "ckpt-00000003.pt"))
+    net, cfg, source = train.load_checkpoint_model(str(tmp_path / "s2" / "ckpt-00000003.pt"))
     assert source == "random" and cfg.n_streams == 9 and net.head.linear.out_features == 9 * 1024
     with open(tmp_path / "s2" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -1490,8 +1490,8 @@ def test_kfold_bookkeeping_and_mean_over_folds():
     folds = E.kfold_splits(meta)
     assert folds[0] == (["fold02", "fold03"], ["fold01"], ["fold00"])
     assert folds[3] == (["fold01", "fold02"], ["fold00"], ["fold03"])
-    for train, valid, test in folds:
-        assert sorted(train + valid + test) == ["fold00", "fold01", "fold02", "fold03"]
+    for trains, valid, test in folds:
+        assert sorted(trains + valid + test) == ["fold00", "fold01", "fold02", "fold03"]
     assert E.kfold_splits({"split_mode": "trainvaltest"}) == [(["train"], ["valid"], ["test"])]
     X, Y = separable_data(n=200)
     data = {f"fold0{i}": (X[i::4], Y[i::4]) for i in range(4)}
@@ -1854,7 +1854,7 @@ def test_embed_command_writes_embed_audio_frames_mirrors_folders_resumes_and_ski
     assert len([w for w in caught if "skipping" in str(w.message)]) == 1
     out = capsys.readouterr().out
     assert "embed: 3/3 files" in out and "x real time, ETA 0 s" in out and "1 skipped" in out
-    mae, _, _ = M.load_checkpoint_model(ckpt)
+    mae, _, _ = train.load_checkpoint_model(ckpt)
     codec = D.load_codec("random")
     for name in ("short.wav", "long.flac", "sub/stereo.wav"):
         wav = read_audio(src / name)

@@ -148,8 +148,6 @@ def check_flags(cfg, world):
         ("keep_last", cfg.keep_last >= 1, "an integer >= 1 (checkpoints kept on disk)"),
         ("workers", cfg.workers >= 0, "an integer >= 0"),
         ("seed", cfg.seed >= 0, "an integer >= 0"),
-        ("device", cfg.device in ("auto", "cpu") or (cfg.device == "cuda" and torch.cuda.is_available()),
-         "auto, cpu or cuda (cuda only where a GPU is visible)"),
         ("data_weights", not cfg.data_weights or (len(cfg.data_weights) == len(cfg.data)
                                                    and all(w > 0 for w in cfg.data_weights)),
          f"one weight > 0 per --data entry ({len(cfg.data)})"),
@@ -158,28 +156,17 @@ def check_flags(cfg, world):
         ("init_from", not cfg.init_from or cfg.kmeans_store, "given with --kmeans_store (from kmeans.py)"),
         ("kmeans_store", not cfg.kmeans_store or os.path.isfile(os.path.join(cfg.kmeans_store, "index.json")),
          "a folder written by kmeans.py (with index.json)"),
-        ("encodec", cfg.encodec in ("pretrained", "random") or os.path.isfile(cfg.encodec),
-         "pretrained, random or an existing EnCodec .th file"),
     ]
     for name, ok, allowed in rules:
         if not ok:
             value = getattr(cfg, name)
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             raise data.UsageError(f"--{name} {shown}: must be {allowed}")
+    if cfg.device != "auto":
+        data.check_device(cfg.device)
+    data.check_encodec(cfg.encodec)
     for src in cfg.data:
-        check_data_source(src)
-
-
-def check_data_source(src):
-    """"demo", a .txt list, or a folder holding at least one audio file (found without listing it all)."""
-    if src == "demo" or (src.endswith(".txt") and os.path.isfile(src)):
-        return
-    if not os.path.isdir(src):
-        raise data.UsageError(f"--data {src}: no such folder or .txt list (or use demo)")
-    for _, _, names in os.walk(src):
-        if any(name.lower().endswith(data.AUDIO_EXTS) for name in names):
-            return
-    raise data.UsageError(f"--data {src}: the folder holds no audio files ({', '.join(data.AUDIO_EXTS)})")
+        data.check_data_source(src)
 
 
 def derived(cfg, world):
@@ -206,6 +193,15 @@ def read_checkpoint(path, flag, keys=("model", "config", "encodec")):
     except (ValueError, TypeError) as err:
         raise data.UsageError(f"{flag} {path}: its model config is unusable ({err})") from None
     return ckpt
+
+
+def load_checkpoint_model(path, flag="--checkpoint"):
+    """A trained EnCodecMAE from a train.py checkpoint: (model, cfg, codec source). Strict."""
+    ckpt = read_checkpoint(path, flag)
+    cfg = M.config_from_dict(ckpt["config"])
+    model = M.EnCodecMAE(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg, ckpt["encodec"]
 
 
 RESUME_KEYS = ("model", "config", "encodec", "optimizer", "scaler", "step", "train_config", "rng")
