@@ -7,6 +7,7 @@ synthetic demo set of demo.py. `load_codec` gives the frozen EnCodec (pretrained
 seeded random). Crops carry `padding`: True where a frame is not real audio.
 """
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -159,18 +160,32 @@ def source_span(start, stop, rate, n_src):
     return p0 * o, min(n_src, (stop // q + 1 + m) * o), start - p0 * q
 
 
+@functools.lru_cache(maxsize=None)
+def resampler(rate):
+    """torchaudio's windowed-sinc resampler from `rate` to 24 kHz, its kernel computed once per rate:
+    torchaudio.functional.resample recomputes it on every call, which costs as much as applying it."""
+    import torchaudio.transforms as AT  # lazy: torchaudio is heavy and only needed off 24 kHz
+    return AT.Resample(rate, SAMPLE_RATE)
+
+
 def resample_24k(x, rate):
-    """(n,) at `rate` -> (resampled_length(n, rate),) at 24 kHz with torchaudio's sinc resampler."""
-    import torchaudio.functional as AF  # lazy: torchaudio is heavy and only needed off 24 kHz
-    g = math.gcd(rate, SAMPLE_RATE)
-    # Trailing zeros change nothing (torchaudio pads with zeros) and leave room to cut the exact length.
-    pad = rate // g * math.ceil(64 / (SAMPLE_RATE // g))
-    return AF.resample(F.pad(x, (0, pad)), rate, SAMPLE_RATE)[: resampled_length(len(x), rate)]
+    """(..., n) at `rate` -> (..., resampled_length(n, rate)) at 24 kHz with torchaudio's sinc kernel."""
+    r, g = resampler(rate), math.gcd(rate, SAMPLE_RATE)
+    o = rate // g  # the kernel's stride: o source samples give SAMPLE_RATE // g output samples
+    # torchaudio's polyphase step in one pad and one conv; trailing zeros change nothing (torchaudio
+    # pads with zeros too) and leave room to cut the exact length.
+    pad = o * math.ceil(64 / (SAMPLE_RATE // g))
+    flat = x.reshape(-1, 1, x.shape[-1])  # (B, 1, n)
+    y = F.conv1d(F.pad(flat, (r.width, r.width + o + pad)), r.kernel, stride=o)  # (B, q, n / o)
+    return y.transpose(1, 2).reshape(x.shape[:-1] + (-1,))[..., : resampled_length(x.shape[-1], rate)]
 
 
-def read_audio(path, start=0, frames=None):
-    """Samples [start, start + frames) of a file (24-kHz units) as mono float32 at 24 kHz -> (n,)."""
-    rate, n_src = read_header(path)
+def read_audio(path, start=0, frames=None, header=None):
+    """Samples [start, start + frames) of a file (24-kHz units) as mono float32 at 24 kHz -> (n,).
+
+    `header` = (sample rate, samples) when already known (the file index), so only the span is opened.
+    """
+    rate, n_src = read_header(path) if header is None else (int(header[0]), int(header[1]))
     n = resampled_length(n_src, rate)
     stop = n if frames is None else min(n, start + frames)
     s0, s1, offset = source_span(start, stop, rate, n_src)
@@ -187,7 +202,7 @@ def read_audio(path, start=0, frames=None):
     if peak > MAX_PEAK:
         raise AudioError(f"{path}: samples beyond +-{MAX_PEAK:g} (peak {peak:.3g}); audio should "
                          "lie in [-1, 1] (integer PCM stored as float?)")
-    wav = torch.from_numpy(x.mean(axis=1))  # downmix to mono (n_read,)
+    wav = torch.from_numpy(x[:, 0] if x.shape[1] == 1 else x.mean(axis=1))  # downmix to mono (n_read,)
     if rate != SAMPLE_RATE:
         wav = resample_24k(wav, rate)
     return wav[offset: offset + stop - start]  # (stop - start,)
