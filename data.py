@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -251,19 +252,199 @@ class CachedCrop(NamedTuple):
     extra: torch.Tensor    # (T,) int64 k-means targets, -1 where absent or padded
 
 
+# ---------------------------------------------------------------- the file index [3.1]
+# The paper's data is 1.7 million files. Reading every header at every start (and on every DDP
+# rank and resume) costs minutes, so (path, sample rate, length) is read once, in parallel, into
+# one .npz file that every later run loads in a second. Datasets keep files as arrays, not lists
+# of Python objects, so DataLoader workers share them instead of copying them.
 def scan_audio(paths):
     """Read every header; bad files get one warning each -> (paths kept, lengths, [(path, reason)])."""
-    kept, lengths, skipped = [], [], []
+    files, skipped = scan_files(paths)
+    for path, reason in skipped:
+        warnings.warn(f"skipping {reason}", stacklevel=2)
+    return files.paths.tolist(), files.lengths, skipped
+
+
+def scan_files(paths):
+    """Headers of `paths` in this process -> (Files of the readable ones, [(path, reason)])."""
+    kept, header, skipped = [], [], []
     for path in paths:
         try:
-            lengths.append(probe_audio(path))
+            header.append(read_header(path))
             kept.append(path)
         except AudioError as err:
             skipped.append((path, str(err)))
-            warnings.warn(f"skipping {err}", stacklevel=2)
-    return kept, np.array(lengths, dtype=np.int64), skipped
+    rates, frames = np.array(header, dtype=np.int64).reshape(-1, 2).T
+    return Files(PathArray.from_list(kept), rates, frames), skipped
 
 
+class PathArray:
+    """Paths as one byte buffer plus offsets: two arrays whatever the number of files."""
+
+    def __init__(self, buf, offsets):
+        self.buf, self.offsets = buf, offsets  # (bytes,) uint8, (F + 1,) int64
+
+    @classmethod
+    def from_list(cls, paths):
+        raw = [os.fsencode(p) for p in paths]
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in raw], dtype=np.int64)]).astype(np.int64)
+        return cls(np.frombuffer(b"".join(raw), np.uint8), offsets)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return os.fsdecode(self.buf[self.offsets[i]: self.offsets[i + 1]].tobytes())
+
+    def tolist(self):
+        return [self[i] for i in range(len(self))]
+
+    def take(self, idx):
+        """The paths at positions idx (an int array), gathered without a Python loop."""
+        sizes = np.diff(self.offsets)[idx]  # (n,)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        gather = np.repeat(self.offsets[:-1][idx] - offsets[:-1], sizes) + np.arange(offsets[-1])
+        return PathArray(self.buf[gather], offsets)
+
+
+class Files:
+    """Audio files as arrays: paths, source sample rate and samples, which --data source (F,) each."""
+
+    def __init__(self, paths, rates, frames, source=None, n_skipped=0):
+        self.paths, self.rates, self.frames = paths, rates, frames
+        self.source = np.zeros(len(rates), np.int64) if source is None else source
+        self.n_skipped = n_skipped  # unreadable files left out when the headers were read
+
+    lengths = property(lambda self: resampled_length(self.frames, self.rates))  # (F,) at 24 kHz
+
+    def __len__(self):
+        return len(self.rates)
+
+    def take(self, idx, n_skipped=0):
+        return Files(self.paths.take(idx), self.rates[idx], self.frames[idx], self.source[idx], n_skipped)
+
+
+def source_names(sources):
+    """--data entries as the index records them: absolute paths, or "demo"."""
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else sources
+    return [str(s) if str(s) == "demo" else os.path.abspath(s) for s in sources]
+
+
+def default_index(sources):
+    """Where an index lives unless --index says otherwise: runs/index/<sha1 of the sources>.npz."""
+    key = hashlib.sha1(json.dumps(source_names(sources)).encode()).hexdigest()[:12]
+    return os.path.join("runs", "index", f"{key}.npz")
+
+
+def stamp(source):
+    """A source's modification time: a folder's changes when files are added to or removed from it."""
+    return 0 if source == "demo" else os.stat(source).st_mtime_ns
+
+
+def index_shard(task):
+    """Read one shard's headers and store them atomically (run in a pool worker) -> shard path."""
+    path, paths = task
+    files, skipped = scan_files(paths)
+    reasons = json.dumps(skipped).encode()
+    write_atomic(path, lambda f: np.savez(f, buf=files.paths.buf, offsets=files.paths.offsets, rates=files.rates,
+                                          frames=files.frames, skipped=np.frombuffer(reasons, np.uint8)))
+    return path
+
+
+def read_shard(path):
+    with np.load(path) as z:
+        files = Files(PathArray(z["buf"], z["offsets"]), z["rates"], z["frames"])
+        return files, json.loads(z["skipped"].tobytes())
+
+
+def build_index(sources, out, workers=None, shard_files=2000, demo_dir="demo_audio"):
+    """Read every header of every source once, in parallel and resumably -> Files; writes `out`.
+
+    Shards of shard_files headers are written atomically to OUT.parts/ as they finish; a killed
+    build rerun with the same sources keeps its finished shards. Bad files: one warning each.
+    """
+    names, t0 = source_names(sources), time.time()
+    per_source = [list_audio([s], demo_dir) for s in names]
+    parts = out + ".parts"
+    os.makedirs(parts, exist_ok=True)
+    tasks = []
+    for s, paths in enumerate(per_source):
+        for i in range(0, len(paths), shard_files):
+            chunk = paths[i: i + shard_files]  # a shard is named by its paths, so a changed source redoes it
+            key = hashlib.sha1("\n".join(chunk).encode()).hexdigest()[:12]
+            tasks.append((os.path.join(parts, f"{s:03d}-{i // shard_files:06d}-{key}.npz"), chunk))
+    todo = [t for t in tasks if not os.path.exists(t[0])]
+    n_files = sum(map(len, per_source))
+    print(f"index: {n_files} files in {len(names)} sources, {len(tasks) - len(todo)} of {len(tasks)} "
+          f"shards done before; reading {sum(len(c) for _, c in todo)} headers with "
+          f"{workers or os.cpu_count()} processes -> {out}", flush=True)
+    if todo:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(workers or os.cpu_count()) as pool:
+            for _ in pool.imap_unordered(index_shard, todo):
+                pass
+    files = merge_shards(tasks, names, out)
+    took = time.time() - t0
+    print(f"index: {len(files)} files, {files.n_skipped} unreadable skipped, "
+          f"{files.lengths.sum() / SAMPLE_RATE / 3600:.2f} h, in {took:.1f} s "
+          f"({n_files / max(took, 1e-9):.0f} files/s) -> {out}", flush=True)
+    return files
+
+
+def merge_shards(tasks, names, out):
+    """Concatenate the shards into one index file (atomically), warn once per bad file, drop the shards."""
+    shards, skipped_per_source = [], np.zeros(len(names), np.int64)
+    for path, _ in tasks:
+        files, skipped = read_shard(path)
+        s = int(os.path.basename(path)[:3])
+        files.source[:] = s
+        shards.append(files)
+        skipped_per_source[s] += len(skipped)
+        for _, reason in skipped:
+            warnings.warn(f"skipping {reason}", stacklevel=3)
+    sizes = [len(f.paths.buf) for f in shards]
+    shift = np.repeat(np.cumsum([0] + sizes[:-1]), [len(f) for f in shards]).astype(np.int64)
+    offsets = np.concatenate([np.concatenate([f.paths.offsets[:-1] for f in shards]) + shift, [sum(sizes)]])
+    meta = json.dumps({"sources": names, "stamps": [stamp(s) for s in names],
+                       "skipped": skipped_per_source.tolist()}).encode()
+    cat = lambda key: np.concatenate([getattr(f, key) for f in shards]).astype(np.int64)
+    files = Files(PathArray(np.concatenate([f.paths.buf for f in shards]), offsets.astype(np.int64)),
+                  cat("rates"), cat("frames"), cat("source"), int(skipped_per_source.sum()))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_atomic(out, lambda f: np.savez(f, buf=files.paths.buf, offsets=files.paths.offsets, rates=files.rates,
+                                         frames=files.frames, source=files.source, meta=np.frombuffer(meta, np.uint8)))
+    shutil.rmtree(out + ".parts")
+    return files
+
+
+def read_index(out, sources):
+    """The index at `out` -> (Files, unreadable files per source); it must list exactly these sources.
+
+    Only the sources' own modification times are checked (no per-file stat, so this takes a second
+    for millions of files): files added deep inside a folder need `python data.py index` again.
+    """
+    with np.load(out) as z:
+        meta = json.loads(z["meta"].tobytes())
+        files = Files(PathArray(z["buf"], z["offsets"]), z["rates"], z["frames"], z["source"], sum(meta["skipped"]))
+    names = source_names(sources)
+    if meta["sources"] != names:
+        raise ValueError(f"index {out} lists the sources {meta['sources']}, not {names}: pass another "
+                         f"--index or rebuild it with `python data.py index --data ... --out {out}`")
+    changed = [s for s, t in zip(names, meta["stamps"]) if stamp(s) != t]
+    if changed:
+        warnings.warn(f"{changed} changed since the index {out} was built; added files are not used until "
+                      f"`python data.py index --data {' '.join(names)} --out {out}` rebuilds it")
+    return files, meta["skipped"]
+
+
+def open_index(sources, out, workers=None):
+    """Load the index at `out`, building it first if it is missing -> (Files, skipped per source)."""
+    if not os.path.exists(out):
+        build_index(sources, out, workers)
+    return read_index(out, sources)
+
+
+# ---------------------------------------------------------------- crops of indexed files [3.1]
 def load_frame_store(store_dir, paths):
     """Each path's k-means target file, from STORE/index.json ({audio path: {"npy", "frames"}}).
 
@@ -314,49 +495,61 @@ def visits_per_file(lengths, crop):
 class Visits(Dataset):
     """Items over files: a file counts ceil(length / crop) times, so long audio is seen more [3.1].
 
-    The crop of an item depends on (seed, epoch, index) only: call set_epoch(e) every epoch
-    (DataLoader workers copy the dataset at each epoch unless persistent_workers=True).
+    Item i belongs to the file whose cumulative visit count first exceeds i (a binary search),
+    so the dataset holds (F,) arrays only, never one entry per item. The crop of an item depends
+    on (seed, epoch, index) only: call set_epoch(e) every epoch (DataLoader workers copy the
+    dataset at each epoch unless persistent_workers=True).
     """
 
     def __init__(self, lengths, crop, seed):
-        self.file_of_item = np.repeat(np.arange(len(lengths)), visits_per_file(lengths, crop))
+        self.ends = np.cumsum(visits_per_file(lengths, crop))  # (F,) items of files 0..f together
         self.lengths, self.crop, self.seed, self.epoch = lengths, crop, seed, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.file_of_item)
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def file_of(self, item):
+        """The file (or files, for an array of items) that an item crops."""
+        return np.searchsorted(self.ends, item, side="right")
 
     def crop_start(self, item, step):
         """A random start on a multiple of `step` with the crop inside the file (0 if shorter)."""
-        room = max(0, int(self.lengths[self.file_of_item[item]]) - self.crop) // step
+        room = max(0, int(self.lengths[self.file_of(item)]) - self.crop) // step
         return step * int(np.random.default_rng([self.seed, self.epoch, item]).integers(room + 1))
 
 
 class CropDataset(Visits):
-    """Random 4-s crops of raw audio files -> Crop(wav, padding, extra)."""
+    """Random 4-s crops of raw audio files -> Crop(wav, padding, extra).
+
+    `paths`: a list (every header is read now) or the Files of an index (nothing is read now).
+    """
 
     def __init__(self, paths, crop_samples=CROP_SAMPLES, seed=0, extra_store=None):
         assert crop_samples % HOP == 0, "crops must be whole codec frames"
-        self.paths, lengths, self.skipped = scan_audio(paths)
+        self.files, self.skipped = (paths, []) if isinstance(paths, Files) else scan_files(paths)
+        for _, reason in self.skipped:
+            warnings.warn(f"skipping {reason}", stacklevel=2)
         self.store = None
         if extra_store is not None:
-            kept, self.store, unlabelled = load_frame_store(extra_store, self.paths)
-            self.paths, lengths = [self.paths[i] for i in kept], lengths[kept]
-            self.skipped += unlabelled
-        if not self.paths:
+            kept, store, unlabelled = load_frame_store(extra_store, self.files.paths.tolist())
+            self.files = self.files.take(np.array(kept, dtype=np.int64), self.files.n_skipped)
+            self.store, self.skipped = PathArray.from_list(store), self.skipped + unlabelled
+        if not len(self.files):
             raise ValueError(f"no readable audio among {len(paths)} files")
-        super().__init__(lengths, crop_samples, seed)
+        super().__init__(self.files.lengths, crop_samples, seed)
         self.failed = {}  # path -> reason: files that passed the scan but broke when read (this process)
 
-    n_skipped = property(lambda self: len(self.skipped) + len(self.failed))
+    n_skipped = property(lambda self: len(self.skipped) + len(self.failed) + self.files.n_skipped)
+    paths = property(lambda self: self.files.paths)
 
     def __getitem__(self, index):
         """The crop for `index`; if its file breaks at read time, the next item whose file reads."""
         for k in range(len(self)):
             item = (index + k) % len(self)
-            path = self.paths[self.file_of_item[item]]
+            path = self.files.paths[self.file_of(item)]
             if path not in self.failed:
                 try:
                     return self.read_crop(item)
@@ -364,14 +557,14 @@ class CropDataset(Visits):
                     self.failed[path] = str(err)
                     warnings.warn(f"skipping {err}; using another item ({len(self.failed)} files "
                                   "failed when read so far)")
-        raise AudioError(f"none of the {len(set(self.paths))} files of the dataset could be read")
+        raise AudioError(f"none of the {len(self.files)} files of the dataset could be read")
 
     def read_crop(self, item):
-        f, T = self.file_of_item[item], num_frames(self.crop)
+        f, T = self.file_of(item), num_frames(self.crop)
         # Deviation: crops start on a codec hop (13 ms grid), not any sample, so frame-level
         # stores (k-means targets, the cache) line up with them.
         start = self.crop_start(item, HOP)
-        wav = read_audio(self.paths[f], start, self.crop)  # (n_valid,)
+        wav = read_audio(self.files.paths[f], start, self.crop, (self.files.rates[f], self.files.frames[f]))
         padding = torch.arange(T) >= num_frames(len(wav))  # (T,) a partly filled frame is real
         extra = torch.full((T,), -1, dtype=torch.int64)
         if self.store is not None:
@@ -391,24 +584,32 @@ class MixedDataset(Dataset):
     n_skipped = property(lambda self: sum(d.n_skipped for d in self.datasets))
 
     def set_epoch(self, epoch):
-        """Pass the epoch on and redraw which items of each dataset fill its share."""
-        sizes = [len(d) for d in self.datasets]
-        counts = sizes if self.weights is None else [
-            round(sum(sizes) * w / sum(self.weights)) for w in self.weights]
+        """Pass the epoch on and redraw which items of each dataset fill its share.
+
+        Dataset i fills items [ends[i-1], ends[i]): whole passes in order, then a random part of
+        one more pass. Only that part is stored, so memory follows the datasets, not the epoch.
+        """
+        self.sizes = np.array([len(d) for d in self.datasets], dtype=np.int64)
+        counts = self.sizes if self.weights is None else np.array(
+            [round(int(self.sizes.sum()) * w / sum(self.weights)) for w in self.weights], dtype=np.int64)
         rng = np.random.default_rng([self.seed, epoch])
-        self.which = np.repeat(np.arange(len(sizes)), counts)
-        inner = []
-        for size, count in zip(sizes, counts):  # whole passes, then a random part of one more
-            inner += [np.arange(size)] * (count // size) + [rng.permutation(size)[: count % size]]
-        self.inner = np.concatenate(inner)
+        self.ends, self.whole = np.cumsum(counts), counts // self.sizes * self.sizes  # (S,) each
+        self.part = [rng.permutation(size)[: count % size] for size, count in zip(self.sizes, counts)]
         for d in self.datasets:
             d.set_epoch(epoch)
 
     def __len__(self):
-        return len(self.which)
+        return int(self.ends[-1])
+
+    def locate(self, index):
+        """(dataset, item of that dataset) behind an item of the mix."""
+        i = int(np.searchsorted(self.ends, index, side="right"))  # the dataset filling this item
+        j = index - (int(self.ends[i - 1]) if i else 0)  # its position within the share
+        return i, int(j % self.sizes[i] if j < self.whole[i] else self.part[i][j - self.whole[i]])
 
     def __getitem__(self, index):
-        return self.datasets[self.which[index]][int(self.inner[index])]
+        i, inner = self.locate(index)
+        return self.datasets[i][inner]
 
 
 def mix_datasets(datasets, weights=None, seed=0):
@@ -416,14 +617,21 @@ def mix_datasets(datasets, weights=None, seed=0):
     return MixedDataset(datasets, weights, seed)
 
 
+def holdout(n_files, n_or_fraction, seed=0):
+    """A fixed validation subset of n_files: n files (int) or a fraction (float) -> (train, valid)
+    positions, each sorted."""
+    n = round(n_files * n_or_fraction) if isinstance(n_or_fraction, float) else int(n_or_fraction)
+    if not 0 < n < n_files:
+        raise ValueError(f"hold-out {n_or_fraction} of {n_files} files leaves a side empty")
+    valid = np.zeros(n_files, bool)
+    valid[np.random.default_rng(seed).permutation(n_files)[:n]] = True
+    return np.flatnonzero(~valid), np.flatnonzero(valid)
+
+
 def split_holdout(paths, n_or_fraction, seed=0):
-    """A fixed validation subset: n files (int) or a fraction (float) -> (train_paths, valid_paths)."""
-    n = round(len(paths) * n_or_fraction) if isinstance(n_or_fraction, float) else int(n_or_fraction)
-    if not 0 < n < len(paths):
-        raise ValueError(f"hold-out {n_or_fraction} of {len(paths)} files leaves a side empty")
-    valid = set(np.random.default_rng(seed).permutation(len(paths))[:n].tolist())
-    return ([p for i, p in enumerate(paths) if i not in valid],
-            [p for i, p in enumerate(paths) if i in valid])
+    """A fixed validation subset of a list of paths -> (train_paths, valid_paths)."""
+    train, valid = holdout(len(paths), n_or_fraction, seed)
+    return [paths[i] for i in train], [paths[i] for i in valid]
 
 
 # ---------------------------------------------------------------- the frozen codec, by source [2.1]
@@ -602,11 +810,15 @@ def build_cache(codec, paths, cache_dir, batch_seconds=240.0, chunk_seconds=60.0
 
 
 class CachedCropDataset(Visits):
-    """Random 4-s crops read at frame level from the cache (memory-mapped) -> CachedCrop."""
+    """Random 4-s crops read at frame level from the cache (memory-mapped) -> CachedCrop.
+
+    `paths`: the audio files to use (a list or a PathArray), or None for every cached file.
+    """
 
     def __init__(self, cache_dir, crop_frames=CROP_FRAMES, seed=0, extra_store=None, paths=None):
         done = read_manifest(cache_dir)
-        keys = sorted(done) if paths is None else [os.path.abspath(p) for p in paths]
+        keys = sorted(done) if paths is None else [os.path.abspath(p) for p in (
+            paths.tolist() if isinstance(paths, PathArray) else paths)]
         self.skipped = [(k, f"{k}: not in the cache {cache_dir}") for k in keys if k not in done]
         if self.skipped:  # one line: the build named each file it skipped, with the reason
             warnings.warn(f"{cache_dir}: {len(self.skipped)} of {len(keys)} files are not in the cache, "
@@ -615,21 +827,23 @@ class CachedCropDataset(Visits):
         keys = [k for k in keys if k in done]
         self.store = None
         if extra_store is not None:
-            kept, self.store, unlabelled = load_frame_store(extra_store, keys)
+            kept, store, unlabelled = load_frame_store(extra_store, keys)
             keys, self.skipped = [keys[i] for i in kept], self.skipped + unlabelled
+            self.store = PathArray.from_list(store)
         if not keys:
             raise ValueError(f"{cache_dir}: none of the {len(self.skipped)} files asked for is usable "
                              "(run `python data.py cache` on them)")
-        self.dir, self.entries = cache_dir, [done[k] for k in keys]
-        frames = np.array([e["frames"] for e in self.entries], dtype=np.int64)
+        # (F,) arrays: ids as fixed-width bytes (16 hex digits), frames as int64
+        self.dir, self.ids = cache_dir, np.array([done[k]["id"] for k in keys], dtype="S16")
+        frames = np.array([done[k]["frames"] for k in keys], dtype=np.int64)
         super().__init__(frames, crop_frames, seed)
 
     n_skipped = property(lambda self: len(self.skipped))
 
     def __getitem__(self, item):
-        f, T = self.file_of_item[item], self.crop
+        f, T = self.file_of(item), self.crop
         start, n = self.crop_start(item, 1), int(self.lengths[f])
-        base = os.path.join(self.dir, self.entries[f]["id"])
+        base = os.path.join(self.dir, self.ids[f].decode())
         feats = np.load(base + ".feats.npy", mmap_mode="r")  # (n, 128) fp16, nothing read yet
         codes = np.load(base + ".codes.npy", mmap_mode="r")  # (n, Q) int16
         assert len(feats) == len(codes) == n, f"{base}: cached arrays do not match the manifest"

@@ -594,7 +594,7 @@ def test_long_files_are_visited_in_proportion_to_length_at_hop_aligned_starts(tm
     ramp = np.arange(30 * SAMPLE_RATE) / 2 ** 20  # a sample's value encodes its index, exact in float32
     ds = D.CropDataset([write(tmp_path, "long.wav", ramp, subtype="FLOAT"),
                         write(tmp_path, "four.wav", tone(4.0))])
-    assert len(ds) == 9 and list(ds.file_of_item).count(0) == 8
+    assert len(ds) == 9 and list(ds.file_of(np.arange(9))).count(0) == 8
     starts = [round(ds[i].wav[0].item() * 2 ** 20) for i in range(8)]
     assert all(s % HOP == 0 and s + CROP_SAMPLES <= len(ramp) for s in starts) and len(set(starts)) > 4
     assert not ds[0].padding.any()
@@ -668,8 +668,9 @@ def test_mixing_follows_weights_and_holdout_is_fixed(tmp_path):
     b = D.CropDataset([write(tmp_path, "b.wav", tone(8.0))])  # 2 items
     assert len(D.mix_datasets([a, b])) == 12
     mixed = D.mix_datasets([a, b], weights=[1, 3])
-    assert len(mixed) == 12 and list(mixed.which).count(1) == 9 and len(mixed[11].wav) == CROP_SAMPLES
-    assert (mixed.inner[mixed.which == 1] < 2).all() and len(set(mixed.inner[mixed.which == 0])) == 3
+    where = np.array([mixed.locate(k) for k in range(len(mixed))])  # (12, 2) dataset, item
+    assert len(mixed) == 12 and (where[:, 0] == 1).sum() == 9 and len(mixed[11].wav) == CROP_SAMPLES
+    assert (where[where[:, 0] == 1, 1] < 2).all() and len(set(where[where[:, 0] == 0, 1])) == 3
     paths = [f"f{i}.wav" for i in range(20)]
     train, valid = D.split_holdout(paths, 0.2, seed=0)
     assert len(valid) == 4 and sorted(train + valid) == sorted(paths)
@@ -814,10 +815,10 @@ def test_cache_chunks_long_files_and_pads_short_ones(tmp_path):
     paths = [write(tmp_path, "long.wav", tone(9.1)), write(tmp_path, "short.wav", tone(1.0))]
     D.build_cache(codec, paths, tmp_path / "cache", chunk_seconds=4.0)
     ds = D.CachedCropDataset(tmp_path / "cache", paths=paths[::-1])
-    assert [e["frames"] for e in ds.entries] == [75, num_frames(round(9.1 * SAMPLE_RATE))]
+    assert ds.lengths.tolist() == [75, num_frames(round(9.1 * SAMPLE_RATE))]
     assert len(ds) == 1 + 3
     assert ds[0].padding.sum() == CROP_FRAMES - 75 and (ds[0].codes[75:] == 0).all()
-    head = np.load(tmp_path / "cache" / (ds.entries[1]["id"] + ".codes.npy"))[:CROP_FRAMES]
+    head = np.load(tmp_path / "cache" / (ds.ids[1].decode() + ".codes.npy"))[:CROP_FRAMES]
     first_chunk = torch.from_numpy(tone(4.0)).float()[None]  # (1, 96000)
     assert torch.equal(torch.from_numpy(head).long(), codec(first_chunk)[1][0])
 

@@ -34,6 +34,8 @@ class TrainConfig:
     data: tuple = ("demo",)          # audio folders, .txt file lists, or "demo" (synthetic) [3.1]
     data_weights: tuple = ()         # optional mixing weight per --data entry [3.1]
     cache: str = ""                  # codec cache folder: built (resumably) if incomplete, then read
+    index: str = ""                  # file index (path, rate, length per file): built once if missing,
+                                     # then only read; "" = runs/index/<sha1 of --data>.npz
     encodec: str = "pretrained"      # "pretrained", a local .th checkpoint, or "random" [2.1]
     out: str = "runs/encodecmae"     # checkpoints and metrics.jsonl
     steps: int = 500_000             # optimizer steps: 500k stage 1, 150k stage 2 [2.3, 3.1]
@@ -324,26 +326,38 @@ class MaskedCrops(Dataset):
 
 
 def build_datasets(cfg, mcfg, codec, rank):
-    """Audio files -> held-out split -> raw crops or cached crops, with masks [3.1]."""
-    if rank == 0 and "demo" in cfg.data:
-        data.list_audio(["demo"])  # rank 0 writes ./demo_audio once; kmeans.py finds the same files
+    """Indexed audio files -> held-out split -> raw crops or cached crops, with masks [3.1].
+
+    The file index (path, sample rate, length of every file) is built once, by rank 0, and then
+    only loaded: a start reads no audio header, whatever the number of files.
+    """
+    index = cfg.index or data.default_index(cfg.data)
+    if rank == 0:
+        if "demo" in cfg.data:
+            data.list_audio(["demo"])  # rank 0 writes ./demo_audio once; kmeans.py finds the same files
+        print(f"file index {index} (rebuild: python data.py index --data {' '.join(cfg.data)} "
+              f"--out {index})", flush=True)
+        data.open_index(cfg.data, index)
     barrier()
-    sources = [[s] for s in cfg.data] if cfg.data_weights else [list(cfg.data)]
-    splits = [data.split_holdout(data.list_audio(s), cfg.val_files, cfg.seed) for s in sources]
+    files, skipped = data.read_index(index, cfg.data)
+    groups = ([np.flatnonzero(files.source == s) for s in range(len(cfg.data))] if cfg.data_weights
+              else [np.arange(len(files))])  # file positions of each mixed source
+    splits = [[g[part] for part in data.holdout(len(g), cfg.val_files, cfg.seed)] for g in groups]
     if cfg.cache and rank == 0:
-        data.build_cache(codec, [p for train, valid in splits for p in train + valid], cfg.cache)
+        data.build_cache(codec, files.paths.take(np.concatenate([i for s in splits for i in s])).tolist(), cfg.cache)
     barrier()
 
-    def crops(paths, seed):
-        store = cfg.kmeans_store or None
+    def crops(positions, seed, n_skipped=0):
+        store, chosen = cfg.kmeans_store or None, files.take(positions, n_skipped)
         if cfg.cache:
-            return data.CachedCropDataset(cfg.cache, seed=seed, extra_store=store, paths=paths)
-        return data.CropDataset(paths, seed=seed, extra_store=store)
-    train = [crops(train, cfg.seed) for train, _ in splits]
+            return data.CachedCropDataset(cfg.cache, seed=seed, extra_store=store, paths=chosen.paths)
+        return data.CropDataset(chosen, seed=seed, extra_store=store)
+    n_skipped = [sum(skipped)] if not cfg.data_weights else skipped
+    train = [crops(train, cfg.seed, k) for (train, _), k in zip(splits, n_skipped)]
     train = data.mix_datasets(train, cfg.data_weights or None, cfg.seed) if cfg.data_weights else train[0]
-    valid = crops([p for _, valid in splits for p in valid], cfg.seed + 1)
-    train_paths = [p for train_paths, _ in splits for p in train_paths]
-    return MaskedCrops(train, mcfg, cfg.seed), MaskedCrops(valid, mcfg, cfg.seed + 1), train_paths
+    valid = crops(np.concatenate([valid for _, valid in splits]), cfg.seed + 1)
+    train_files = files.take(np.concatenate([train for train, _ in splits]))
+    return MaskedCrops(train, mcfg, cfg.seed), MaskedCrops(valid, mcfg, cfg.seed + 1), train_files
 
 
 def epoch_plan(n_items, cfg, micro_batch, rank, world, epoch, first_step):
