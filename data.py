@@ -5,6 +5,8 @@ once per file and stores its 128-d frames (fp16) and 8 RVQ codes (int16) as memo
 Reads whatever libsndfile reads (wav, flac, ogg, mp3); `--data demo` writes and reads the
 synthetic demo set of demo.py. `load_codec` gives the frozen EnCodec (pretrained, a local file, or
 seeded random). Crops carry `padding`: True where a frame is not real audio.
+`python data.py index --data DIR [DIR ...] --out INDEX.npz` reads every header once (train.py does
+it when the index is missing); `python data.py bench` prints a loader worker's crops/s by format.
 """
 import argparse
 import functools
@@ -161,24 +163,59 @@ def source_span(start, stop, rate, n_src):
     return p0 * o, min(n_src, (stop // q + 1 + m) * o), start - p0 * q
 
 
+class Resampler(NamedTuple):
+    kernel: torch.Tensor  # (m * q, 1, W) windowed-sinc filters, one per output phase
+    width: int            # left context in source samples
+    stride: int           # m * o source samples per step of the convolution
+
+
 @functools.lru_cache(maxsize=None)
 def resampler(rate):
-    """torchaudio's windowed-sinc resampler from `rate` to 24 kHz, its kernel computed once per rate:
-    torchaudio.functional.resample recomputes it on every call, which costs as much as applying it."""
+    """torchaudio's windowed-sinc resampler from `rate` to 24 kHz, its kernel computed once per rate
+    (torchaudio.functional.resample recomputes it on every call, which costs as much as applying it).
+
+    torchaudio maps o source samples to q outputs with q filters; we stack m shifted copies so
+    one convolution step makes at least 16 outputs (48 -> 24 kHz has q = 1, and a one-filter
+    convolution runs 3x slower per output). Same filters, same sums: the output is unchanged.
+    """
     import torchaudio.transforms as AT  # lazy: torchaudio is heavy and only needed off 24 kHz
-    return AT.Resample(rate, SAMPLE_RATE)
+    r, g = AT.Resample(rate, SAMPLE_RATE), math.gcd(rate, SAMPLE_RATE)
+    o, q, W = rate // g, SAMPLE_RATE // g, r.kernel.shape[-1]
+    m = math.ceil(16 / q)
+    kernel = torch.zeros(m * q, 1, W + (m - 1) * o)
+    for j in range(m):  # step j of the m: its q filters start j * o source samples later
+        kernel[j * q: (j + 1) * q, :, j * o: j * o + W] = r.kernel
+    return Resampler(kernel, r.width, m * o)
 
 
 def resample_24k(x, rate):
-    """(..., n) at `rate` -> (..., resampled_length(n, rate)) at 24 kHz with torchaudio's sinc kernel."""
+    """(..., n) at `rate` -> (..., resampled_length(n, rate)) at 24 kHz with torchaudio's sinc filters."""
     r, g = resampler(rate), math.gcd(rate, SAMPLE_RATE)
-    o = rate // g  # the kernel's stride: o source samples give SAMPLE_RATE // g output samples
-    # torchaudio's polyphase step in one pad and one conv; trailing zeros change nothing (torchaudio
-    # pads with zeros too) and leave room to cut the exact length.
-    pad = o * math.ceil(64 / (SAMPLE_RATE // g))
+    # Trailing zeros change nothing (torchaudio pads with zeros too) and leave room to cut the
+    # exact length.
+    pad = r.stride + rate // g * math.ceil(64 / (SAMPLE_RATE // g))
     flat = x.reshape(-1, 1, x.shape[-1])  # (B, 1, n)
-    y = F.conv1d(F.pad(flat, (r.width, r.width + o + pad)), r.kernel, stride=o)  # (B, q, n / o)
+    y = F.conv1d(F.pad(flat, (r.width, r.width + pad)), r.kernel, stride=r.stride)  # (B, m q, n / (m o))
     return y.transpose(1, 2).reshape(x.shape[:-1] + (-1,))[..., : resampled_length(x.shape[-1], rate)]
+
+
+INT_SUBTYPES = {"PCM_S8": np.int16, "PCM_U8": np.int16, "PCM_16": np.int16, "PCM_24": np.int32,
+                "PCM_32": np.int32}
+
+
+def read_span(path, s0, s1):
+    """Source samples [s0, s1) as float32 (n, C), in [-1, 1) as libsndfile scales them.
+
+    Integer files are read as integers and scaled here by a power of two (exact, so the values
+    are libsndfile's own): its int-to-float conversion costs more than reading a wav.
+    """
+    with sf.SoundFile(str(path)) as f:
+        f.seek(s0)
+        dtype = INT_SUBTYPES.get(f.subtype, np.float32)
+        x = f.read(s1 - s0, dtype=dtype.__name__, always_2d=True)
+    if dtype is np.float32:
+        return x
+    return x.astype(np.float32) * np.float32(1.0 / (-np.iinfo(dtype).min))
 
 
 def read_audio(path, start=0, frames=None, header=None):
@@ -191,7 +228,7 @@ def read_audio(path, start=0, frames=None, header=None):
     stop = n if frames is None else min(n, start + frames)
     s0, s1, offset = source_span(start, stop, rate, n_src)
     try:
-        x, _ = sf.read(str(path), start=s0, stop=s1, dtype="float32", always_2d=True)  # (n_read, C)
+        x = read_span(path, s0, s1)  # (n_read, C)
     except (RuntimeError, OSError) as err:
         raise AudioError(f"{path}: corrupt audio data between samples {s0} and {s1} ({err})") from err
     if len(x) < s1 - s0:  # so every read of a file agrees on its length, or fails
@@ -855,6 +892,57 @@ class CachedCropDataset(Visits):
                           cut_frames(codes, start, T, 0, np.int64), padding, extra)  # (T, Q)
 
 
+# ---------------------------------------------------------------- loader benchmark
+BENCH_FORMATS = (("wav", "PCM_16"), ("flac", "PCM_16"), ("ogg", "VORBIS"), ("mp3", "MPEG_LAYER_III"))
+GPU_CROPS_PER_S = 1920  # 15 steps/s x 128 crops: what one fast GPU takes [3.1]
+
+
+def bench_signal(seconds, rate, seed):
+    """Music-like test audio (n,): a new harmonic note every 0.5 s over soft noise, so lossy codecs
+    and flac work as hard as on real recordings (a pure tone or silence would flatter them)."""
+    rng, t = np.random.default_rng(seed), np.arange(round(seconds * rate)) / rate
+    f0 = 110 * 2 ** (rng.integers(0, 36, int(2 * seconds) + 1) / 12)[(2 * t).astype(int)]  # (n,) Hz
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    x = sum(np.sin(k * phase) / k for k in range(1, 6)) * np.exp(-3 * (t % 0.5))
+    x = x + 0.05 * np.convolve(rng.standard_normal(len(t)), np.ones(8) / 8, "same")
+    return 0.3 * x / np.abs(x).max()
+
+
+def crops_per_second(dataset, seconds):
+    """Crops one process reads per second of its own CPU time (so other programs on a shared machine
+    do not count), over random items for about `seconds` of CPU."""
+    order = np.random.default_rng(0).permutation(len(dataset))
+    dataset[int(order[0])]  # warm-up: imports, resampling kernels
+    n, t0 = 0, time.process_time()
+    while time.process_time() - t0 < seconds or n < 3:
+        dataset[int(order[n % len(order)])]
+        n += 1
+    return n / (time.process_time() - t0)
+
+
+def bench(out_dir, seconds=30.0, n_files=2, per_case=2.0, encodec="random"):
+    """Print crops per CPU-second of one DataLoader worker (one thread) per format and rate, raw and
+    cached, and the workers (cores) that feed one GPU taking GPU_CROPS_PER_S."""
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"bench: {n_files} files of {seconds:.0f} s per case, 4-s crops, 1 thread, CPU time, in {out_dir}\n"
+          f"| source | rate | crops/s per worker (core) | workers for {GPU_CROPS_PER_S} crops/s |\n|---|---|---|---|")
+    row = lambda name, rate, r: print(f"| {name} | {rate} | {r:.0f} | {math.ceil(GPU_CROPS_PER_S / r)} |", flush=True)
+    for ext, subtype in BENCH_FORMATS:
+        if ext.upper() not in sf.available_formats():
+            print(f"| {ext} | - | not supported by this libsndfile | - |")
+            continue
+        for rate in (16000, 44100, 48000):
+            paths = [os.path.join(out_dir, f"{ext}{rate}-{i}.{ext}") for i in range(n_files)]
+            for i, path in enumerate(paths):
+                if not os.path.exists(path):
+                    sf.write(path, bench_signal(seconds, rate, i), rate, subtype=subtype)
+            row(ext, rate, crops_per_second(CropDataset(paths), per_case))
+    cache = os.path.join(out_dir, "cache")
+    build_cache(load_codec(encodec), [os.path.join(out_dir, "wav16000-0.wav")], cache, log_every=1e9)
+    row(f"cache ({encodec} codec)", "75 Hz", crops_per_second(CachedCropDataset(cache), per_case))
+
+
 # ---------------------------------------------------------------- command line
 def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
@@ -878,6 +966,17 @@ def main(argv=None):
     real.add_argument("--clips", type=int, nargs=3, default=[720, 240, 480],
                       metavar=("TRAIN", "VALID", "TEST"), help="clips per split of each task")
     real.add_argument("--seed", type=int, default=0, help="the sounds and the program and voice splits")
+    index = sub.add_parser("index", help="read every file's header once (parallel, resumable)")
+    index.add_argument("--data", nargs="+", required=True, help="folders, .txt lists, or demo")
+    index.add_argument("--out", help="index file (default: runs/index/<sha1 of --data>.npz, "
+                                     "where train.py looks unless given --index)")
+    index.add_argument("--workers", type=int, default=os.cpu_count(), help="processes reading headers")
+    index.add_argument("--shard-files", type=int, default=2000, help="headers per resumable shard")
+    bench_ = sub.add_parser("bench", help="crops/s of one loader worker per format and rate")
+    bench_.add_argument("--out", default=os.path.join("runs", "bench"), help="folder for the test files")
+    bench_.add_argument("--seconds", type=float, default=30.0, help="length of each test file")
+    bench_.add_argument("--per-case", type=float, default=2.0, help="seconds of reading per case")
+    bench_.add_argument("--encodec", default="random", help="codec for the cached case")
     args = parser.parse_args(argv)
     if args.command == "demo-real":
         if args.hours < 0 or min(args.clips) < 1:
@@ -889,6 +988,19 @@ def main(argv=None):
         for path in make_demo_tasks(args.out, args.clips, args.seconds, args.seed):
             print(f"wrote {path}")
         return
+    if args.command == "index":
+        if args.workers < 1 or args.shard_files < 1:
+            raise UsageError(f"--workers {args.workers} and --shard-files {args.shard_files} must be >= 1")
+        missing = [d for d in args.data if d != "demo" and not os.path.exists(d)]
+        if missing:
+            raise UsageError(f"--data {missing[0]}: no such folder or .txt list")
+        out = args.out or default_index(args.data)
+        print(f"index: (re)building {out}; train.py reads it for the same --data, or with --index {out}")
+        if os.path.exists(out):
+            os.remove(out)  # asked for explicitly: a fresh index; finished shards of a killed build are kept
+        return build_index(args.data, out, args.workers, args.shard_files)
+    if args.command == "bench":
+        return bench(args.out, args.seconds, per_case=args.per_case, encodec=args.encodec)
     # Every check before the codec loads (a download, or seconds of calibration for "random").
     for flag, value in (("--batch-seconds", args.batch_seconds), ("--chunk-seconds", args.chunk_seconds)):
         check_range(flag, value, 0.01, 1e6)  # seconds of audio
