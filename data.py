@@ -379,13 +379,13 @@ def stamp(source):
 
 
 def index_shard(task):
-    """Read one shard's headers and store them atomically (run in a pool worker) -> shard path."""
-    path, paths = task
+    """Read one shard's headers and store them atomically (run in a pool worker) -> CPU seconds."""
+    path, paths, cpu = task[0], task[1], time.process_time()
     files, skipped = scan_files(paths)
     reasons = json.dumps(skipped).encode()
     write_atomic(path, lambda f: np.savez(f, buf=files.paths.buf, offsets=files.paths.offsets, rates=files.rates,
                                           frames=files.frames, skipped=np.frombuffer(reasons, np.uint8)))
-    return path
+    return time.process_time() - cpu
 
 
 def read_shard(path):
@@ -415,16 +415,16 @@ def build_index(sources, out, workers=None, shard_files=2000, demo_dir="demo_aud
     print(f"index: {n_files} files in {len(names)} sources, {len(tasks) - len(todo)} of {len(tasks)} "
           f"shards done before; reading {sum(len(c) for _, c in todo)} headers with "
           f"{workers or os.cpu_count()} processes -> {out}", flush=True)
+    cpu = 0.0  # CPU seconds of the readers: the rate per core, whatever else the machine runs
     if todo:
-        import multiprocessing
+        import multiprocessing  # fork: the workers need this module, not a fresh interpreter
         with multiprocessing.get_context("fork").Pool(workers or os.cpu_count()) as pool:
-            for _ in pool.imap_unordered(index_shard, todo):
-                pass
+            cpu = sum(pool.imap_unordered(index_shard, todo))
     files = merge_shards(tasks, names, out)
-    took = time.time() - t0
+    took, n_read = time.time() - t0, sum(len(c) for _, c in todo)
     print(f"index: {len(files)} files, {files.n_skipped} unreadable skipped, "
-          f"{files.lengths.sum() / SAMPLE_RATE / 3600:.2f} h, in {took:.1f} s "
-          f"({n_files / max(took, 1e-9):.0f} files/s) -> {out}", flush=True)
+          f"{files.lengths.sum() / SAMPLE_RATE / 3600:.2f} h, in {took:.1f} s ({n_files / max(took, 1e-9):.0f} "
+          f"files/s; {n_read / max(cpu, 1e-9):.0f} headers per CPU-second) -> {out}", flush=True)
     return files
 
 
