@@ -512,6 +512,15 @@ def test_read_audio_handles_mono_stereo_8bit_and_float(tmp_path):
     assert torch.allclose(u8, flt, atol=1 / 64) and torch.allclose(mono, flt, atol=1e-4)
 
 
+def test_integer_audio_reads_exactly_as_libsndfile_scales_it(tmp_path):
+    """[3.1] 8-, 16- and 24-bit files, read as integers for speed, give libsndfile's float values."""
+    x = np.random.default_rng(0).uniform(-1, 1, (5000, 2))
+    for name, subtype in [("u8.wav", "PCM_U8"), ("s16.wav", "PCM_16"), ("s16.flac", "PCM_16"),
+                          ("s24.flac", "PCM_24"), ("s32.wav", "PCM_32")]:
+        path = write(tmp_path, name, x, subtype=subtype)
+        assert torch.equal(D.read_audio(path), torch.from_numpy(sf.read(path, dtype="float32")[0].mean(1))), name
+
+
 def test_other_sample_rates_are_resampled_to_24k_keeping_duration_and_pitch(tmp_path):
     """[3.1] 16 kHz and 44.1 kHz files come out at 24 kHz with the same duration and frequency."""
     for rate in (16000, 44100):
@@ -671,6 +680,7 @@ def test_mixing_follows_weights_and_holdout_is_fixed(tmp_path):
     where = np.array([mixed.locate(k) for k in range(len(mixed))])  # (12, 2) dataset, item
     assert len(mixed) == 12 and (where[:, 0] == 1).sum() == 9 and len(mixed[11].wav) == CROP_SAMPLES
     assert (where[where[:, 0] == 1, 1] < 2).all() and len(set(where[where[:, 0] == 0, 1])) == 3
+    assert where[3:11].tolist() == [[1, 0], [1, 1]] * 4  # whole passes in order, then a random part
     paths = [f"f{i}.wav" for i in range(20)]
     train, valid = D.split_holdout(paths, 0.2, seed=0)
     assert len(valid) == 4 and sorted(train + valid) == sorted(paths)
