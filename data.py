@@ -374,8 +374,9 @@ def default_index(sources):
 
 
 def stamp(source):
-    """A source's modification time: a folder's changes when files are added to or removed from it."""
-    return 0 if source == "demo" else os.stat(source).st_mtime_ns
+    """A source's modification time (a folder's changes when files are added to or removed from
+    it); -1 once it is gone, so a moved source warns instead of failing."""
+    return 0 if source == "demo" else os.stat(source).st_mtime_ns if os.path.exists(source) else -1
 
 
 def index_shard(task):
@@ -389,6 +390,7 @@ def index_shard(task):
 
 
 def read_shard(path):
+    """A finished shard -> (Files, [(path, reason)] of its unreadable files)."""
     with np.load(path) as z:
         files = Files(PathArray(z["buf"], z["offsets"]), z["rates"], z["frames"])
         return files, json.loads(z["skipped"].tobytes())
