@@ -476,9 +476,20 @@ def read_index(out, sources):
     return files, meta["skipped"]
 
 
+def changed_sources(out, sources):
+    """The sources whose modification time differs from the one stored in the index at `out`."""
+    with np.load(out) as z:
+        meta = json.loads(z["meta"].tobytes())
+    return [s for s, t in zip(meta["sources"], meta["stamps"]) if s in source_names(sources) and stamp(s) != t]
+
+
 def open_index(sources, out, workers=None):
-    """Load the index at `out`, building it first if it is missing -> (Files, skipped per source)."""
-    if not os.path.exists(out):
+    """Load the index at `out`, built first if it is missing or a source changed since it was built
+    -> (Files, unreadable files per source)."""
+    changed = changed_sources(out, sources) if os.path.exists(out) else []
+    if changed or not os.path.exists(out):
+        print(f"index {out}: {'missing' if not changed else f'{changed} changed since it was built'}; "
+              "building it", flush=True)
         build_index(sources, out, workers)
     return read_index(out, sources)
 

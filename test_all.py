@@ -1041,7 +1041,8 @@ def test_a_worker_holds_arrays_not_one_python_object_per_file(tmp_path, cached):
 
 
 def test_training_starts_from_the_index_without_reading_a_header(tmp_path, monkeypatch, capsys):
-    """[3.1] with an index, a start (every rank, every resume) lists no folder and reads no header."""
+    """[3.1] with an index, a start (every rank, every resume) lists no folder and reads no header;
+    a changed folder rebuilds it."""
     tiny_wavs(tmp_path / "audio", 30)
     sf.write(tmp_path / "audio" / "long.flac", tone(9.0, 16000), 16000)  # 3 crops
     cfg = train.TrainConfig(data=(str(tmp_path / "audio"),), index=str(tmp_path / "index.npz"), val_files=4)
@@ -1058,9 +1059,14 @@ def test_training_starts_from_the_index_without_reading_a_header(tmp_path, monke
     long = int(np.flatnonzero(train_set.crops.lengths == 9 * SAMPLE_RATE)[0])
     item, mask = train_set[int(train_set.crops.ends[long]) - 1]  # reads 4 s of long.flac, no header
     assert item.wav.abs().max() > 0.4 and mask.shape == (CROP_FRAMES,)
-    tiny_wavs(tmp_path / "audio", 1, first=99)  # the folder changes: say how to rebuild
-    with pytest.warns(UserWarning, match="changed since the index"):
-        train.build_datasets(cfg, make_config("tiny"), None, 0)
+    monkeypatch.undo()
+    tiny_wavs(tmp_path / "audio", 1, first=99)  # the folder changes: the next start rebuilds the index
+    again = train.build_datasets(cfg, make_config("tiny"), None, 0)
+    assert "changed since it was built; building it" in capsys.readouterr().out
+    assert len(again[2]) + len(again[1].crops.files) == 32
+    with pytest.warns(UserWarning, match="changed since the index"):  # a reader of an old index is told
+        os.remove(tmp_path / "audio" / "00099.wav")
+        D.read_index(cfg.index, cfg.data)
 
 
 # ---------------------------------------------------------------- training [3.1]
