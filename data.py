@@ -195,7 +195,8 @@ def resample_24k(x, rate):
     # exact length.
     pad = r.stride + rate // g * math.ceil(64 / (SAMPLE_RATE // g))
     flat = x.reshape(-1, 1, x.shape[-1])  # (B, 1, n)
-    y = F.conv1d(F.pad(flat, (r.width, r.width + pad)), r.kernel, stride=r.stride)  # (B, m q, n / (m o))
+    kernel = r.kernel.to(x.device, x.dtype)  # a no-op on CPU float32; HEAR audio may sit on a GPU
+    y = F.conv1d(F.pad(flat, (r.width, r.width + pad)), kernel, stride=r.stride)  # (B, m q, n / (m o))
     return y.transpose(1, 2).reshape(x.shape[:-1] + (-1,))[..., : resampled_length(x.shape[-1], rate)]
 
 
