@@ -432,21 +432,20 @@ def build_index(sources, out, workers=None, shard_files=2000, demo_dir="demo_aud
 
 
 def merge_shards(tasks, names, out):
-    """Concatenate the shards into one index file (atomically), warn once per bad file, drop the shards."""
-    shards, skipped_per_source = [], np.zeros(len(names), np.int64)
+    """Concatenate the shards into one index file (atomically), with the reasons for the bad files."""
+    shards, bad, skipped_per_source = [], [], np.zeros(len(names), np.int64)
     for path, _ in tasks:
         files, skipped = read_shard(path)
         s = int(os.path.basename(path)[:3])
         files.source[:] = s
         shards.append(files)
         skipped_per_source[s] += len(skipped)
-        for _, reason in skipped:
-            warnings.warn(f"skipping {reason}", stacklevel=3)
+        bad += [reason for _, reason in skipped]
     sizes = [len(f.paths.buf) for f in shards]
     shift = np.repeat(np.cumsum([0] + sizes[:-1]), [len(f) for f in shards]).astype(np.int64)
     offsets = np.concatenate([np.concatenate([f.paths.offsets[:-1] for f in shards]) + shift, [sum(sizes)]])
     meta = json.dumps({"sources": names, "stamps": [stamp(s) for s in names],
-                       "skipped": skipped_per_source.tolist()}).encode()
+                       "skipped": skipped_per_source.tolist(), "bad": bad}).encode()
     cat = lambda key: np.concatenate([getattr(f, key) for f in shards]).astype(np.int64)
     files = Files(PathArray(np.concatenate([f.paths.buf for f in shards]), offsets.astype(np.int64)),
                   cat("rates"), cat("frames"), cat("source"), int(skipped_per_source.sum()))
@@ -458,7 +457,8 @@ def merge_shards(tasks, names, out):
 
 
 def read_index(out, sources):
-    """The index at `out` -> (Files, unreadable files per source); it must list exactly these sources.
+    """The index at `out` -> (Files, unreadable files per source), each of those named in a warning;
+    it must list exactly these sources.
 
     Only the sources' own modification times are checked (no per-file stat, so this takes a second
     for millions of files): files added deep inside a folder need `python data.py index` again.
@@ -470,6 +470,8 @@ def read_index(out, sources):
     if meta["sources"] != names:
         raise ValueError(f"index {out} lists the sources {meta['sources']}, not {names}: pass another "
                          f"--index or rebuild it with `python data.py index --data ... --out {out}`")
+    for reason in meta["bad"]:  # every run names what it leaves out, as a header scan did
+        warnings.warn(f"skipping {reason}", stacklevel=2)
     changed = [s for s, t in zip(names, meta["stamps"]) if stamp(s) != t]
     if changed:
         warnings.warn(f"{changed} changed since the index {out} was built; added files are not used until "
@@ -484,15 +486,13 @@ def changed_sources(out, sources):
     return [s for s, t in zip(meta["sources"], meta["stamps"]) if s in source_names(sources) and stamp(s) != t]
 
 
-def open_index(sources, out, workers=None):
-    """Load the index at `out`, built first if it is missing or a source changed since it was built
-    -> (Files, unreadable files per source)."""
+def ensure_index(sources, out, workers=None):
+    """Build the index at `out` if it is missing or a source changed since it was built."""
     changed = changed_sources(out, sources) if os.path.exists(out) else []
     if changed or not os.path.exists(out):
         print(f"index {out}: {'missing' if not changed else f'{changed} changed since it was built'}; "
               "building it", flush=True)
         build_index(sources, out, workers)
-    return read_index(out, sources)
 
 
 # ---------------------------------------------------------------- crops of indexed files [3.1]
@@ -677,6 +677,24 @@ def holdout(n_files, n_or_fraction, seed=0):
     valid = np.zeros(n_files, bool)
     valid[np.random.default_rng(seed).permutation(n_files)[:n]] = True
     return np.flatnonzero(~valid), np.flatnonzero(valid)
+
+
+def readable_holdout(files, group, n_or_fraction, seed=0):
+    """Split the files at positions `group` into (train, valid) positions, holding out files whose
+    first 4 s read: validation crops are fixed, so a held-out file that fails when read would fail
+    every validation. One that fails is warned about, left out of both sides, and replaced."""
+    while True:
+        train, valid = (group[part] for part in holdout(len(group), n_or_fraction, seed))
+        bad = []
+        for f in valid:
+            try:
+                read_audio(files.paths[f], 0, CROP_SAMPLES, (files.rates[f], files.frames[f]))
+            except AudioError as err:
+                warnings.warn(f"skipping {err}", stacklevel=2)
+                bad.append(f)
+        if not bad:
+            return train, valid
+        group = np.setdiff1d(group, bad)
 
 
 def split_holdout(paths, n_or_fraction, seed=0):
@@ -1012,7 +1030,8 @@ def main(argv=None):
         print(f"index: (re)building {out}; train.py reads it for the same --data, or with --index {out}")
         if os.path.exists(out):
             os.remove(out)  # asked for explicitly: a fresh index; finished shards of a killed build are kept
-        return build_index(args.data, out, args.workers, args.shard_files)
+        build_index(args.data, out, args.workers, args.shard_files)
+        return read_index(out, args.data)  # names each unreadable file
     if args.command == "bench":
         return bench(args.out, args.seconds, per_case=args.per_case, encodec=args.encodec)
     # Every check before the codec loads (a download, or seconds of calibration for "random").

@@ -1877,9 +1877,6 @@ def test_fuzz_training_on_raw_audio_and_from_the_cache_finishes(fuzz, tmp_path):
               f"{sum(v > 0 for v in named.values())} named in warnings, 2 steps, crashes 0")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="train.build_datasets holds out files before "
-                   "the header scan: a bad held-out file leaves validation empty ('no readable audio among 1 "
-                   "files'); it should hold out among the files that scan")
 def test_fuzz_training_when_the_held_out_file_is_bad(fuzz, tmp_path):
     """[3.1] with --seed 2 the one held-out file is b_zero_bytes.ogg: training still runs, naming it once."""
     root, good, bad, _ = fuzz

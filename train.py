@@ -337,12 +337,12 @@ def build_datasets(cfg, mcfg, codec, rank):
             data.list_audio(["demo"])  # rank 0 writes ./demo_audio once; kmeans.py finds the same files
         print(f"file index {index} (rebuild: python data.py index --data {' '.join(cfg.data)} "
               f"--out {index})", flush=True)
-        data.open_index(cfg.data, index)
+        data.ensure_index(cfg.data, index)
     barrier()
     files, skipped = data.read_index(index, cfg.data)
     groups = ([np.flatnonzero(files.source == s) for s in range(len(cfg.data))] if cfg.data_weights
               else [np.arange(len(files))])  # file positions of each mixed source
-    splits = [[g[part] for part in data.holdout(len(g), cfg.val_files, cfg.seed)] for g in groups]
+    splits = [data.readable_holdout(files, g, cfg.val_files, cfg.seed) for g in groups]
     if cfg.cache and rank == 0:
         data.build_cache(codec, files.paths.take(np.concatenate([i for s in splits for i in s])).tolist(), cfg.cache)
     barrier()
