@@ -297,10 +297,12 @@ class CachedCrop(NamedTuple):
 # of Python objects, so DataLoader workers share them instead of copying them.
 def scan_audio(paths):
     """Read every header; bad files get one warning each -> (paths kept, lengths, [(path, reason)])."""
+    paths = list(paths)
     files, skipped = scan_files(paths)
     for path, reason in skipped:
         warnings.warn(f"skipping {reason}", stacklevel=2)
-    return files.paths.tolist(), files.lengths, skipped
+    bad = {str(path) for path, _ in skipped}
+    return [p for p in paths if str(p) not in bad], files.lengths, skipped  # the callers' path objects
 
 
 def scan_files(paths):
