@@ -5,6 +5,7 @@ codec stands in for EnCodec's pretrained weights, and clips are short).
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -1242,7 +1243,10 @@ def test_two_gloo_processes_match_one_process_on_the_full_batch(short_cache, tmp
     args = TINY_RUN + ["--data", audio, "--cache", cache, "--steps", "2", "--ckpt_every", "100"]
     train.main(args + ["--out", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    with socket.socket() as s:  # a free port: a fixed one clashes with any other run of this test
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     "train.py", *args, "--out", str(tmp_path / "two")], check=True, env=env,
                    cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")

@@ -220,10 +220,10 @@ def newest_checkpoint(out, rank=0):
 
 
 # Fields that may differ between a run and its resumption: they do not change what it computes.
-# A run folder may move (out), so may a cache (same frames) and the stage-1 file (read only at
-# the start of stage 2).
+# A run folder may move (out), so may a cache (same frames), the file index and the stage-1
+# file (read only at the start of stage 2).
 RESUMABLE = {"steps", "log_every", "val_every", "ckpt_every", "keep_last", "workers", "device",
-             "compile", "resume", "grad_accum", "out", "cache", "init_from", "bench"}
+             "compile", "resume", "grad_accum", "out", "cache", "index", "init_from", "bench"}
 
 
 # Fields about this machine and this invocation: a resumed run never takes them from the checkpoint.
