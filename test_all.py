@@ -930,6 +930,8 @@ def test_the_cache_command_checks_its_flags_before_loading_the_codec(tmp_path, m
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and flag in err, (flag, err)
     assert not (tmp_path / "out").exists()
+    with capsys.disabled():
+        print(f"\ndata.py: {len(cases)} bad command lines tried, {len(cases)} one-line errors with exit status 2")
 
 
 def test_cached_crops_are_cheap_to_load(tmp_path):
@@ -1507,6 +1509,8 @@ def test_kmeans_command_line_mistakes_are_one_line_and_exit_2(stage_one, tmp_pat
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, (argv, err)
     assert not os.path.exists(out)  # refused before any work
+    with capsys.disabled():
+        print(f"\nkmeans.py: {len(cases)} bad command lines tried, {len(cases)} one-line errors with exit status 2")
 
 
 def test_kmeans_skips_a_file_that_fails_to_read_and_names_it_once(stage_one, tmp_path, capsys):
@@ -1969,6 +1973,9 @@ def test_bad_evaluate_command_lines_give_one_line_and_exit_2_before_loading_a_mo
         D.run_cli(E.main, tasks + ["--upstream", ckpt, "--encodec", "random", "--layer", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert done.value.code == 2 and len(err) == 1 and "--layer 3" in err[0]
+    with capsys.disabled():
+        print(f"\nevaluate.py: {len(cases) + 1} bad command lines tried, {len(cases) + 1} one-line errors "
+              "with exit status 2")
 
 
 def test_embed_command_writes_embed_audio_frames_mirrors_folders_resumes_and_skips_bad_files(
