@@ -465,13 +465,11 @@ def read_index(out, sources):
     Only the sources' own modification times are checked (no per-file stat, so this takes a second
     for millions of files): files added deep inside a folder need `python data.py index` again.
     """
+    check_index(out, sources)
     with np.load(out) as z:
         meta = json.loads(z["meta"].tobytes())
         files = Files(PathArray(z["buf"], z["offsets"]), z["rates"], z["frames"], z["source"], sum(meta["skipped"]))
     names = source_names(sources)
-    if meta["sources"] != names:
-        raise ValueError(f"index {out} lists the sources {meta['sources']}, not {names}: pass another "
-                         f"--index or rebuild it with `python data.py index --data ... --out {out}`")
     for reason in meta["bad"]:  # every run names what it leaves out, as a header scan did
         warnings.warn(f"skipping {reason}", stacklevel=2)
     changed = [s for s, t in zip(names, meta["stamps"]) if stamp(s) != t]
@@ -479,6 +477,19 @@ def read_index(out, sources):
         warnings.warn(f"{changed} changed since the index {out} was built; added files are not used until "
                       f"`python data.py index --data {' '.join(names)} --out {out}` rebuilds it")
     return files, meta["skipped"]
+
+
+def check_index(out, sources):
+    """An index file that lists exactly these --data sources, else UsageError naming --index."""
+    try:
+        with np.load(out) as z:
+            listed = json.loads(z["meta"].tobytes())["sources"]
+    except Exception as err:  # not an .npz, cut short, another kind of .npz: the file, not the code
+        raise UsageError(f"--index {out}: not a file index written by `python data.py index` "
+                         f"({type(err).__name__})") from None
+    if listed != source_names(sources):
+        raise UsageError(f"--index {out}: lists the sources {listed}, not {source_names(sources)}; pass "
+                         f"another --index or rebuild it with `python data.py index --data ... --out {out}`")
 
 
 def changed_sources(out, sources):

@@ -982,7 +982,7 @@ def test_file_index_reads_thousands_of_headers_in_parallel_and_skips_bad_files(t
     i = np.arange(2000)
     assert (files.frames == i % 50 + 1).all() and (files.rates == np.where(i % 2, 24000, 16000)).all()
     assert (files.source == (i >= 1200)).all() and not os.path.exists(out + ".parts")
-    with pytest.raises(ValueError, match="lists the sources"):  # an index is for its own sources only
+    with pytest.raises(D.UsageError, match="lists the sources"):  # an index is for its own sources only
         D.read_index(out, [tmp_path / "a"])
 
 
@@ -1133,6 +1133,8 @@ BAD_COMMAND_LINES = [  # (flag named in the message, arguments)
     ("--init_from", ["--init_from", "{not_a_checkpoint}", "--kmeans_store", "{store}"]),
     ("--kmeans_store", ["--init_from", "{stage1}", "--kmeans_store", "{empty}"]),
     ("argument", ["steps=3"]), ("--resume", ["--resume", "takes-no-value"]),
+    ("--index", ["--index", "{not_a_checkpoint}"]),  # not an index
+    ("--index", ["--index", "{index}"]),  # an index of other sources than --data demo
 ] + ([("--device", ["--device", "cuda"])] if not torch.cuda.is_available() else [])
 
 
@@ -1143,8 +1145,11 @@ def test_bad_command_lines_get_one_line_naming_the_flag_and_exit_status_2(tmp_pa
     (tmp_path / "store" / "index.json").write_text("{}")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"model": {}, "config": asdict(make_config("tiny")), "encodec": "random"}, tmp_path / "s1.pt")
+    (tmp_path / "audio").mkdir()
+    write(tmp_path / "audio", "a.wav", tone(0.1))
+    D.build_index([str(tmp_path / "audio")], str(tmp_path / "index.npz"), workers=1)
     where = dict(empty=tmp_path / "empty", store=tmp_path / "store", not_a_checkpoint=tmp_path / "junk.pt",
-                 stage1=tmp_path / "s1.pt")
+                 stage1=tmp_path / "s1.pt", index=tmp_path / "index.npz")
 
     def expensive(*args, **kwargs):
         raise AssertionError("the codec was loaded before the command line was checked")

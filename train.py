@@ -169,6 +169,8 @@ def check_flags(cfg, world):
     data.check_encodec(cfg.encodec)
     for src in cfg.data:
         data.check_data_source(src)
+    if cfg.index and os.path.exists(cfg.index):
+        data.check_index(cfg.index, cfg.data)
 
 
 def derived(cfg, world):
