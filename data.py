@@ -99,6 +99,29 @@ def check_device(name):
     return device
 
 
+class Progress:
+    """One progress line at most every `every` seconds, and at the end: the share done, the speed
+    (when `unit` names it) and an ETA. Work found already done (a resume) counts as done but not
+    in the speed. The cache build, kmeans.py and evaluate.py embed all report this way."""
+
+    def __init__(self, stage, total, every=10.0, unit=None):
+        self.stage, self.total, self.every, self.unit, self.done, self.resumed = stage, total, every, unit, 0, 0
+        self.t0 = self.last = time.time()
+
+    def update(self, amount, detail, resumed=False):
+        self.done += amount
+        self.resumed += amount if resumed else 0  # instant work would inflate the speed
+        now = time.time()
+        if now - self.last < self.every and self.done < self.total:
+            return
+        self.last, elapsed = now, now - self.t0
+        speed = (self.done - self.resumed) / max(elapsed, 1e-9)
+        eta = (self.total - self.done) / max(speed, 1e-9)
+        rate = f", {speed:.1f}{self.unit}" if self.unit else ""
+        print(f"{self.stage}: {detail}, {self.done / max(self.total, 1e-9):.1%} in {elapsed:.0f} s{rate}, "
+              f"ETA {eta:.0f} s", flush=True)
+
+
 # ---------------------------------------------------------------- reading audio [3.1]
 class AudioError(Exception):
     """A file that cannot be training audio; the message names the file and what is wrong."""
@@ -874,7 +897,7 @@ def build_cache(codec, paths, cache_dir, batch_seconds=240.0, chunk_seconds=60.0
     hours = lengths.sum() / SAMPLE_RATE / 3600
     print(f"cache: {len(done)} files done, {len(todo)} to encode ({hours:.2f} h), {len(skipped)} skipped;"
           f" codec {codec.source} -> {cache_dir}", flush=True)
-    t0, last, n_new = time.time(), time.time(), 0
+    t0, n_new, progress = time.time(), 0, Progress("cache", max(1, len(todo)), every=log_every)
     for n, same in itertools.groupby(sorted(zip(lengths.tolist(), todo)), key=lambda x: x[0]):
         same, per = [p for _, p in same], max(1, int(batch_seconds * SAMPLE_RATE) // n)
         for group in (same[i: i + per] for i in range(0, len(same), per)):  # equal lengths: no padding
@@ -883,9 +906,7 @@ def build_cache(codec, paths, cache_dir, batch_seconds=240.0, chunk_seconds=60.0
             for path, wav, f, c in encoded:
                 done[os.path.abspath(path)] = store_entry(cache_dir, path, len(wav), f, c)
             n_new += len(encoded)
-            if time.time() - last > log_every:
-                last = time.time()
-                print(f"cache: {n_new}/{len(todo)} files in {last - t0:.0f} s", flush=True)
+            progress.update(len(group), f"{n_new}/{len(todo)} files cached")
     print(f"cache: {len(done)} files cached ({n_new} new) in {time.time() - t0:.0f} s, "
           f"{len(skipped)} skipped", flush=True)
     return len(done), skipped

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import (AUDIO_EXTS, AudioError, Parser, UsageError, check_device, check_encodec, check_range,
-                  load_codec, probe_audio, read_audio, resample_24k, run_cli, scan_audio, write_atomic)
+from data import (AUDIO_EXTS, AudioError, Parser, Progress, UsageError, check_device, check_encodec,
+                  check_range, load_codec, probe_audio, read_audio, resample_24k, run_cli, scan_audio,
+                  write_atomic)
 from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio,
                    make_config)
 from train import load_checkpoint_model
@@ -628,7 +629,8 @@ def embed_file(upstream, path, n):
 def embed_files(upstream, todo, lengths, scene, log_every=5.0):
     """Embed [(path, dest)] of lengths (24-kHz samples) into dest.npy (T, D) (and dest.scene.npy (D,)),
     with a progress line every log_every seconds -> [(path, reason)] of the files skipped."""
-    skipped, total, done_s, t0, last = [], lengths.sum() / SAMPLE_RATE, 0.0, time.time(), time.time()
+    skipped, total, done_s = [], lengths.sum() / SAMPLE_RATE, 0.0
+    progress = Progress("embed", total, every=log_every, unit="x real time")
     for k, ((path, dest), n) in enumerate(zip(todo, lengths.tolist())):
         try:
             frames, n = embed_file(upstream, path, n)
@@ -642,10 +644,7 @@ def embed_files(upstream, todo, lengths, scene, log_every=5.0):
                 write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled.numpy()))
             write_atomic(f"{dest}.npy", lambda f: np.save(f, frames.numpy()))  # last: marks the file done
         done_s += lengths[k] / SAMPLE_RATE
-        if time.time() - last >= log_every or k + 1 == len(todo):
-            last, speed = time.time(), done_s / max(time.time() - t0, 1e-9)
-            print(f"embed: {k + 1}/{len(todo)} files, {done_s:.1f}/{total:.1f} s of audio, "
-                  f"{speed:.1f}x real time, ETA {(total - done_s) / max(speed, 1e-9):.0f} s", flush=True)
+        progress.update(lengths[k] / SAMPLE_RATE, f"{k + 1}/{len(todo)} files, {done_s:.1f}/{total:.1f} s of audio")
     return skipped
 
 

@@ -18,9 +18,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data import (AudioError, Parser, UsageError, check_data_source, check_device, check_range, file_id,
-                  list_audio, load_codec, read_audio, read_manifest, run_cli, scan_audio, visits_per_file,
-                  write_atomic)
+from data import (AudioError, Parser, Progress, UsageError, check_data_source, check_device, check_range,
+                  file_id, list_audio, load_codec, read_audio, read_manifest, run_cli, scan_audio,
+                  visits_per_file, write_atomic)
 from model import CROP_FRAMES, CROP_SAMPLES, config_from_dict, embed_audio, num_frames
 from train import load_checkpoint_model, read_checkpoint
 
@@ -199,25 +199,6 @@ def embed_file(model, codec, source, f, chunk=None, layer=-1):
 def sample_frames(emb, n, generator):
     """n random frames of one clip (n, D), all of them if it has fewer."""
     return emb[torch.randperm(len(emb), generator=generator)[:n].to(emb.device)]
-
-
-class Progress:
-    """Prints the share done and an ETA at most every `every` seconds, and at the end."""
-
-    def __init__(self, stage, total, every=10.0):
-        self.stage, self.total, self.every, self.done, self.skipped = stage, total, every, 0, 0
-        self.t0 = self.last = time.time()
-
-    def update(self, amount, detail, skipped=False):
-        self.done += amount
-        self.skipped += amount if skipped else 0  # resumed work: instant, so not in the rate
-        now = time.time()
-        if now - self.last < self.every and self.done < self.total:
-            return
-        self.last, elapsed = now, now - self.t0
-        eta = elapsed / max(self.done - self.skipped, 1) * (self.total - self.done)
-        print(f"{self.stage}: {detail}, {self.done / self.total:.1%} in {elapsed:.0f} s, "
-              f"ETA {eta:.0f} s", flush=True)
 
 
 def collect_frames(model, codec, source, clips, n_frames, layer, seed, bad):
