@@ -207,15 +207,78 @@ def read_clips(paths, batch, bad):
     return [(same, torch.stack([wavs[j] for j in same])) for same in (list(g) for _, g in by_length)]
 
 
+def slug(text):
+    """A safe folder name for an upstream, a codec or a task."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[-80:]
+
+
+def read_codec_frames(path, source, paths):
+    """Codec frames kept by an earlier run for the same codec and clips -> (frames (sum T, 128),
+    offsets (N + 1,), samples (N,), {clip: why skipped}), or None."""
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        if str(z["codec"]) != source or z["files"].tolist() != [str(p) for p in paths]:
+            return None
+        skipped = dict(zip(z["skipped_at"].tolist(), z["skipped"].tolist()))
+        return z["frames"], z["offsets"], z["samples"], skipped
+
+
 @torch.no_grad()
-def embed_split(upstreams, task, split, files, cache_dir, batch_size=16):
+def codec_batches(codec, paths, batch_size, bad, keep=None):
+    """(clip indices, samples at 24 kHz, codec frames (B, T, 128)) over the clips of a split, clips of
+    equal length together; unreadable clips go to `bad`. With `keep` (an .npz path) the frames are
+    stored there, and a later run for the same codec and clips reads them instead of the audio and
+    the codec, most of the cost of an evaluation (float32: 38 KB per second of audio)."""
+    device = next(codec.parameters()).device
+    cached = read_codec_frames(keep, codec.source, paths) if keep is not None else None
+    if cached is not None:
+        frames, offsets, samples, skipped = cached
+        bad.update(skipped)
+        order = sorted((j for j in range(len(paths)) if j not in skipped), key=lambda j: samples[j])
+        for n, same in groupby(order, key=lambda j: samples[j]):
+            same = list(same)
+            for at in range(0, len(same), batch_size):
+                part = same[at: at + batch_size]
+                yield part, int(n), torch.stack([torch.from_numpy(frames[offsets[j]: offsets[j + 1]])
+                                                 for j in part]).to(device)
+        return
+    lengths = {}  # clip -> 24-kHz samples from the header
+    for j, p in enumerate(paths):
+        try:
+            if not p.is_file():
+                raise AudioError(f"{p}: named in {p.parent.name}.json but missing")
+            lengths[j] = probe_audio(p)
+        except AudioError as err:
+            bad[j] = str(err)
+    kept = {}  # clip -> (samples, frames (T, 128)), when keeping them
+    order = sorted(lengths, key=lambda j: lengths[j])
+    for at in range(0, len(order), batch_size):
+        for same, wav in read_clips(paths, order[at: at + batch_size], bad):  # (B, n)
+            feats = codec_embed_audio(codec, wav.to(device))  # (B, T, 128)
+            if keep is not None:
+                kept.update((j, (wav.shape[1], f.float().cpu().numpy())) for j, f in zip(same, feats))
+            yield same, wav.shape[1], feats
+    if keep is not None:
+        none = (0, np.zeros((0, codec.dim), np.float32))  # a skipped clip: no frames
+        clips = [kept.get(j, none) for j in range(len(paths))]
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(keep, lambda f: np.savez(
+            f, codec=np.array(codec.source), files=np.array([str(p) for p in paths]),
+            frames=np.concatenate([c[1] for c in clips]), offsets=np.cumsum([0] + [len(c[1]) for c in clips]),
+            samples=np.array([c[0] for c in clips], dtype=np.int64),
+            skipped_at=np.array(sorted(bad), dtype=np.int64), skipped=np.array([bad[j] for j in sorted(bad)], dtype=str)))
+
+
+@torch.no_grad()
+def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_cache=None):
     """Scene embeddings of a split for each upstream, cached per (upstream, task, split) -> a list
     of (X (N', D), kept), kept indexing `files`: the label rows to keep with X.
 
     A file that cannot be read or gives NaN/inf is skipped with one warning naming it. The frozen
-    codec is most of the cost, so upstreams on the same codec share its pass.
+    codec is most of the cost, so upstreams on the same codec share its pass, and with
+    `codec_cache` (a folder) its frames are kept for later runs (`--codec-cache`).
     """
-    slug = lambda text: re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[-80:]  # a safe folder name
     caches = [Path(cache_dir) / slug(u.key) / slug(task.name) / f"{split}.npz" for u in upstreams]
     out = [read_cache(c, u.key, files) for c, u in zip(caches, upstreams)]
     todo = [i for i, cached in enumerate(out) if cached is None]
@@ -224,25 +287,15 @@ def embed_split(upstreams, task, split, files, cache_dir, batch_size=16):
     if task.audio_dir is None:
         raise FileNotFoundError(f"{task.path}: no <sample_rate>/ audio folder")
     paths = [task.audio_dir / split / name for name in files]
-    bad, lengths = {}, {}  # file index -> why it is skipped; 24-kHz samples from the header
-    for j, p in enumerate(paths):
-        try:
-            if not p.is_file():
-                raise AudioError(f"{p}: named in {split}.json but missing")
-            lengths[j] = probe_audio(p)
-        except AudioError as err:
-            bad[j] = str(err)
+    bad = {}  # file index -> why it is skipped
     X = {i: torch.zeros(len(paths), upstreams[i].scene_embedding_size) for i in todo}  # (N, D)
-    # Clips of equal length share a batch: no padding, so a clip's embedding never depends on others.
-    order = sorted(lengths, key=lambda j: lengths[j])
-    for at in range(0, len(order), batch_size):
-        for same, wav in read_clips(paths, order[at: at + batch_size], bad):  # (B, n)
-            feats = {}  # codec source -> codec frames (B, T, 128)
-            for i in todo:
-                u = upstreams[i]
-                if u.codec.source not in feats:
-                    feats[u.codec.source] = codec_embed_audio(u.codec, wav.to(next(u.parameters()).device))
-                X[i][same] = scene_embedding(u.frames_from_codec(feats[u.codec.source]), wav.shape[1]).float().cpu()
+    for source in dict.fromkeys(upstreams[i].codec.source for i in todo):  # one codec pass per codec
+        users = [i for i in todo if upstreams[i].codec.source == source]
+        keep = None if codec_cache is None else Path(codec_cache) / slug(source) / slug(task.name) / f"{split}.npz"
+        # Clips of equal length share a batch: no padding, so a clip's embedding never depends on others.
+        for same, n, feats in codec_batches(upstreams[users[0]].codec, paths, batch_size, bad, keep):
+            for i in users:
+                X[i][same] = scene_embedding(upstreams[i].frames_from_codec(feats), n).float().cpu()
     for j in sorted(bad):
         warnings.warn(f"skipping {bad[j]}")
     for i in todo:
@@ -392,19 +445,23 @@ def probe_task(data, task, grid, device="cpu", seed=42):
         _, probe, valid_score, epoch = winner if i == 0 else (winner[0], *fit(train, valid, winner[0]))
         Xt, Yt = (torch.cat([data[s][j] for s in test]) for j in (0, 1))
         test_score = METRICS[task.metric](predict(probe, Xt.to(device), task.multilabel).cpu(), Yt)
-        folds.append(dict(test=test, valid=valid_score, epoch=epoch, test_score=test_score))
-    return dict(metric=task.metric, test=float(np.mean([f["test_score"] for f in folds])),
+        folds.append(dict(test=test, valid=valid_score, epoch=epoch, test_score=test_score, n_test=len(Yt)))
+    mean, n = float(np.mean([f["test_score"] for f in folds])), sum(f["n_test"] for f in folds)
+    # The binomial standard error of an accuracy over all test clips (none for mAP): two upstreams
+    # whose scores differ by less than about 2 * sqrt(2) of it are not told apart by this task.
+    se = math.sqrt(mean * (1 - mean) / n) if METRICS[task.metric] is top1_accuracy else None
+    return dict(metric=task.metric, test=mean, se=se, n_test=n,
                 best=asdict(winner[0]), folds=folds,
                 grid=[dict(config=asdict(c), valid=v, epoch=e) for c, _, v, e in searched])
 
 
 # ---------------------------------------------------------------- Table 1 and the CLI
 def format_table(results, tasks):
-    """Upstreams as rows, tasks as columns; mAP as .xxx, accuracy in percent (Table 1's style)."""
+    """Upstreams as rows, tasks as columns; mAP as .xxx, accuracy in percent ± its standard error."""
     lines = ["| upstream | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for name, row in results.items():
         cells = [f"{r['test']:.3f}".lstrip("0") if r["metric"] == "mAP" else f"{100 * r['test']:.1f}"
-                 for r in (row[t] for t in tasks)]
+                 + (f" ± {100 * r['se']:.1f}" if r.get("se") is not None else "") for r in (row[t] for t in tasks)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -425,7 +482,8 @@ def evaluate(args):
             data = {u.name: {} for u in upstreams}
             for split in splits:
                 files, Y = read_split(task, split)
-                Xs = embed_split(upstreams, task, split, files, Path(args.out) / "embeddings", args.batch_size)
+                Xs = embed_split(upstreams, task, split, files, Path(args.out) / "embeddings", args.batch_size,
+                                 args.codec_cache)
                 for u, (X, kept) in zip(upstreams, Xs):
                     data[u.name][split] = (X, Y[kept])  # a skipped file takes its label row with it
                     skipped.update(f"{task.name}/{split}/{files[j]}" for j in set(range(len(files))) - set(kept))
@@ -508,6 +566,8 @@ def parse_args(argv):
     p.add_argument("--probe-threads", type=int, default=1, help="CPU threads while training probes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--heareval-embeddings", help="probe heareval's embeddings/<module> folder instead")
+    p.add_argument("--codec-cache", help="keep the codec's frames of the task clips in this folder; later "
+                   "runs with the same codec (other checkpoints, layers, seeds) skip the audio and the codec")
     p.add_argument("--out", default="eval_out")
     args = p.parse_args(argv)
     args.task_dirs = find_tasks(args)
@@ -520,6 +580,8 @@ def parse_args(argv):
     check_range("--batch-size", args.batch_size, 1)
     check_range("--probe-threads", args.probe_threads, 1)
     check_device(args.device)
+    if args.codec_cache and os.path.exists(args.codec_cache) and not os.path.isdir(args.codec_cache):
+        raise UsageError(f"--codec-cache {args.codec_cache}: exists and is not a folder")
     return args
 
 

@@ -4,6 +4,7 @@ Run: python -m pytest -q test_all.py   (CPU, a few minutes, no downloads: the se
 codec stands in for EnCodec's pretrained weights, and clips are short).
 """
 import json
+import math
 import os
 import socket
 import subprocess
@@ -1732,7 +1733,9 @@ def test_hear_tasks_run_end_to_end_for_EC_ECMAE_R_and_a_checkpoint(tmp_path, cap
     saved = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     sounds = saved["EC"]["three-sounds"]
     assert sounds["metric"] == "top1_acc" and sounds["test"] >= 0.75  # chance is 1/3
-    assert f"| EC | {100 * sounds['test']:.1f} | {saved['EC']['demo-mix']['test']:.3f}".replace("| 0.", "| .") in table
+    assert sounds["n_test"] == 30 and sounds["se"] == pytest.approx(math.sqrt(sounds["test"] * (1 - sounds["test"]) / 30))
+    assert (f"| EC | {100 * sounds['test']:.1f} ± {100 * sounds['se']:.1f} | "  # accuracy ± its SE, mAP alone
+            f"{saved['EC']['demo-mix']['test']:.3f}".replace("| 0.", "| .") + " |") in table
     assert [f["test"] for f in sounds["folds"]] == [[f"fold{i:02d}"] for i in range(5)]
     assert sounds["test"] == pytest.approx(np.mean([f["test_score"] for f in sounds["folds"]]))
     assert sounds["best"] == max(sounds["grid"], key=lambda g: g["valid"])["config"]
@@ -1750,6 +1753,36 @@ def test_hear_tasks_run_end_to_end_for_EC_ECMAE_R_and_a_checkpoint(tmp_path, cap
     again = E.main(argv)  # a rerun reads the cache and gives the same scores
     assert [os.path.getmtime(c) for c in caches] == stamps
     assert again["EC"]["three-sounds"]["test"] == results["EC"]["three-sounds"]["test"]
+
+
+def test_codec_cache_embeds_as_without_it_and_later_runs_read_no_audio(tmp_path, monkeypatch):
+    """[3.2] --codec-cache keeps the frozen codec's frames of the task clips: the embeddings equal an
+    evaluation without it, and a later run (another --out) reads no audio and runs no codec, yet
+    still names the clip it skipped."""
+    clips = {s: [(torch.randn(9600 + 4800 * (i % 2)) * 0.1, ["a" if i % 2 else "b"]) for i in range(4)]
+             for s in ("train", "valid", "test")}
+    path = demo.write_task(tmp_path, "lengths", clips, False, False, 0.2)
+    (path / "48000" / "train" / "train_0001.wav").write_bytes(os.urandom(300))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    argv = lambda out, *cache: ["--tasks-dir", str(tmp_path), "--upstream", "EC", "--upstream", ckpt, "--encodec",
+                                "random", "--grid-points", "1", "--max-epochs", "3", "--out", str(tmp_path / out), *cache]
+    embedded = lambda out: {c.relative_to(tmp_path / out): np.load(c)["X"]
+                            for c in sorted((tmp_path / out / "embeddings").rglob("*.npz"))}
+    with pytest.warns(UserWarning, match="train_0001.wav"):
+        E.main(argv("plain"))
+        E.main(argv("kept", "--codec-cache", str(tmp_path / "frames")))
+    plain, kept = embedded("plain"), embedded("kept")
+    assert len(plain) == 6 and list(plain) == list(kept)  # per upstream: train, valid, test
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(plain.values(), kept.values()))
+    assert len(list((tmp_path / "frames").rglob("*.npz"))) == 3  # one codec: train, valid, test
+
+    def no_audio(*args, **kwargs):
+        raise AssertionError("read audio or ran the codec despite --codec-cache")
+    for name in ("read_audio", "probe_audio", "codec_embed_audio"):
+        monkeypatch.setattr(E, name, no_audio)
+    with pytest.warns(UserWarning, match="train_0001.wav"):
+        E.main(argv("later", "--codec-cache", str(tmp_path / "frames")))
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(plain.values(), embedded("later").values()))
 
 
 def test_unreadable_hear_clips_are_skipped_with_their_label_rows(tmp_path, monkeypatch):
