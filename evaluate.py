@@ -1,12 +1,12 @@
 """Downstream evaluation, section 3.2: frozen embeddings, HEAR tasks, MLP probes, Table 1.
 
 `python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
-`python evaluate.py embed --upstream ckpt.pt --out EMB AUDIO_DIR` writes frame embeddings of your audio;
-`python data.py demo-tasks --out TASKS` writes small labelled demo tasks in the HEAR layout;
+`python evaluate.py embed --upstream ckpt.pt --out EMB AUDIO_DIR` writes frame embeddings of your audio.
 Reads HEAR 2021 task folders (task_metadata.json, labelvocabulary.csv, <split>.json,
-<rate>/<split>/*.wav); writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun),
-OUT/results.json (every grid point's validation score, every fold's test score) and prints a
-markdown table shaped like Table 1. It is also a HEAR module: `hear-validator evaluate --model ckpt.pt`.
+<rate>/<split>/*.wav); writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun; with
+--codec-cache DIR the codec's frames too), OUT/results.json (every grid point's validation score,
+every fold's test score) and prints a markdown table shaped like Table 1, accuracies with their
+standard errors. It is also a HEAR module: `hear-validator evaluate --model ckpt.pt`.
 """
 import argparse
 import copy
