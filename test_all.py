@@ -1995,6 +1995,7 @@ def test_bad_evaluate_command_lines_give_one_line_and_exit_2_before_loading_a_mo
              (tasks + ec + ["--device", "tpu"], "--device"),
              (tasks + ec + ["--device", "cuda:9"], "--device"),
              (tasks + ec + ["--encodec", str(tmp_path / "nope.th")], "--encodec"),
+             (tasks + ec + ["--codec-cache", str(tmp_path / "audio" / "x.wav")], "--codec-cache"),
              (["embed", "--upstream", "EC", str(tmp_path / "audio")], "--out"),
              (["embed", "--upstream", "EC", "--out", str(tmp_path / "o"), str(tmp_path / "no.wav")], "no.wav"),
              (["embed", "--upstream", "EC", "--out", str(tmp_path / "o"), str(tmp_path / "empty")], "empty"),
