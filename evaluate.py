@@ -3,10 +3,10 @@
 `python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
 `python evaluate.py embed --upstream ckpt.pt --out EMB AUDIO_DIR` writes frame embeddings of your audio.
 Reads HEAR 2021 task folders (task_metadata.json, labelvocabulary.csv, <split>.json,
-<rate>/<split>/*.wav); writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun; with
---codec-cache DIR the codec's frames too), OUT/results.json (every grid point's validation score,
-every fold's test score) and prints a markdown table shaped like Table 1, accuracies with their
-standard errors. It is also a HEAR module: `hear-validator evaluate --model ckpt.pt`.
+<rate>/<split>/*.wav); writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun),
+OUT/results.json (every grid point's validation score, every fold's test score) and prints a
+markdown table shaped like Table 1, accuracies with their standard errors. It is also a HEAR
+module (`hear-validator evaluate --model ckpt.pt`), and `load_upstream` + `embed_file` embed a file.
 """
 import argparse
 import copy
@@ -28,12 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import (AUDIO_EXTS, AudioError, Parser, Progress, UsageError, check_device, check_encodec,
-                  check_range, load_codec, probe_audio, read_audio, resample_24k, run_cli, scan_audio,
-                  write_atomic)
+import data as D
+from data import AUDIO_EXTS, AudioError, UsageError, at_least, probe_audio, read_audio, resample_24k, write_atomic
 from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio,
-                   make_config)
-from train import load_checkpoint_model
+                   make_config, num_frames)
 
 HEAR_RATE = 48000  # HEAR allows 16000, 22050, 32000, 44100, 48000, not 24000: we declare 48000
 
@@ -90,18 +88,14 @@ def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
             torch.manual_seed(seed)  # ECMAE-R: the same random MAE on every run (Table 1, row 2)
             mae = EnCodecMAE(make_config(spec.split(":", 1)[1]))
     else:
-        try:  # a missing file or one that is not a checkpoint is a UsageError naming it
-            mae, _, trained_with = load_checkpoint_model(spec, "--upstream")
-        except RuntimeError as err:  # strict loading refused the weights
-            first = str(err).strip().splitlines()[0]
-            raise ValueError(f"--upstream {spec}: its weights do not fit the config stored with them ({first})") from err
-        source = encodec or trained_with  # the codec it was trained on, unless told otherwise
+        mae, ckpt = D.load_checkpoint(spec)  # a ValueError naming the file and what is wrong with it
+        source, trained_with = encodec or ckpt["encodec"], ckpt["encodec"]  # the codec it was trained on, unless told otherwise
         if (source == "random") != (trained_with == "random"):
             raise ValueError(f"{spec} was trained on codec {trained_with!r}, not {source!r}")
         key = f"{os.path.getsize(spec)}-{int(os.path.getmtime(spec))}"  # a rewritten file re-embeds
     if mae is not None and not (layer == -1 or 1 <= layer <= mae.cfg.n_enc_layers):
         raise ValueError(f"--layer {layer}: choose -1 (last) or 1..{mae.cfg.n_enc_layers}")
-    codec = load_codec(source)
+    codec = D.load_codec(source)
     name = spec if layer == -1 or mae is None else f"{spec}@layer{layer}"
     # "real-frames": the scene embedding pools frames centred inside the audio (older caches: all)
     return Upstream(name, codec, mae, layer, key=f"{name}|{source}|{key}|real-frames").to(device)
@@ -212,37 +206,12 @@ def slug(text):
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[-80:]
 
 
-def read_codec_frames(path, source, paths):
-    """Codec frames kept by an earlier run for the same codec and clips -> (frames (sum T, 128),
-    offsets (N + 1,), samples (N,), {clip: why skipped}), or None."""
-    if not path.exists():
-        return None
-    with np.load(path) as z:
-        if str(z["codec"]) != source or z["files"].tolist() != [str(p) for p in paths]:
-            return None
-        skipped = dict(zip(z["skipped_at"].tolist(), z["skipped"].tolist()))
-        return z["frames"], z["offsets"], z["samples"], skipped
-
-
 @torch.no_grad()
-def codec_batches(codec, paths, batch_size, bad, keep=None):
+def codec_batches(codec, paths, batch_size, bad):
     """(clip indices, samples at 24 kHz, codec frames (B, T, 128)) over the clips of a split, clips of
-    equal length together; unreadable clips go to `bad`. With `keep` (an .npz path) the frames are
-    stored there, and a later run for the same codec and clips reads them instead of the audio and
-    the codec, most of the cost of an evaluation (float32: 38 KB per second of audio)."""
+    equal length together (no padding: a clip's embedding never depends on others); unreadable clips
+    go to `bad`."""
     device = next(codec.parameters()).device
-    cached = read_codec_frames(keep, codec.source, paths) if keep is not None else None
-    if cached is not None:
-        frames, offsets, samples, skipped = cached
-        bad.update(skipped)
-        order = sorted((j for j in range(len(paths)) if j not in skipped), key=lambda j: samples[j])
-        for n, same in groupby(order, key=lambda j: samples[j]):
-            same = list(same)
-            for at in range(0, len(same), batch_size):
-                part = same[at: at + batch_size]
-                yield part, int(n), torch.stack([torch.from_numpy(frames[offsets[j]: offsets[j + 1]])
-                                                 for j in part]).to(device)
-        return
     lengths = {}  # clip -> 24-kHz samples from the header
     for j, p in enumerate(paths):
         try:
@@ -251,23 +220,10 @@ def codec_batches(codec, paths, batch_size, bad, keep=None):
             lengths[j] = probe_audio(p)
         except AudioError as err:
             bad[j] = str(err)
-    kept = {}  # clip -> (samples, frames (T, 128)), when keeping them
     order = sorted(lengths, key=lambda j: lengths[j])
     for at in range(0, len(order), batch_size):
         for same, wav in read_clips(paths, order[at: at + batch_size], bad):  # (B, n)
-            feats = codec_embed_audio(codec, wav.to(device))  # (B, T, 128)
-            if keep is not None:
-                kept.update((j, (wav.shape[1], f.float().cpu().numpy())) for j, f in zip(same, feats))
-            yield same, wav.shape[1], feats
-    if keep is not None:
-        none = (0, np.zeros((0, codec.dim), np.float32))  # a skipped clip: no frames
-        clips = [kept.get(j, none) for j in range(len(paths))]
-        keep.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(keep, lambda f: np.savez(
-            f, codec=np.array(codec.source), files=np.array([str(p) for p in paths]),
-            frames=np.concatenate([c[1] for c in clips]), offsets=np.cumsum([0] + [len(c[1]) for c in clips]),
-            samples=np.array([c[0] for c in clips], dtype=np.int64),
-            skipped_at=np.array(sorted(bad), dtype=np.int64), skipped=np.array([bad[j] for j in sorted(bad)], dtype=str)))
+            yield same, wav.shape[1], codec_embed_audio(codec, wav.to(device))  # (B, T, 128)
 
 
 @torch.no_grad()
@@ -291,9 +247,12 @@ def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_c
     X = {i: torch.zeros(len(paths), upstreams[i].scene_embedding_size) for i in todo}  # (N, D)
     for source in dict.fromkeys(upstreams[i].codec.source for i in todo):  # one codec pass per codec
         users = [i for i in todo if upstreams[i].codec.source == source]
-        keep = None if codec_cache is None else Path(codec_cache) / slug(source) / slug(task.name) / f"{split}.npz"
-        # Clips of equal length share a batch: no padding, so a clip's embedding never depends on others.
-        for same, n, feats in codec_batches(upstreams[users[0]].codec, paths, batch_size, bad, keep):
+        batches = codec_batches(upstreams[users[0]].codec, paths, batch_size, bad)
+        if codec_cache is not None:  # --codec-cache: the frames of an earlier run, or kept for a later one
+            from extras.codec_frames import kept_batches
+            keep = Path(codec_cache) / slug(source) / slug(task.name) / f"{split}.npz"
+            batches = kept_batches(keep, upstreams[users[0]].codec, paths, batch_size, bad, batches)
+        for same, n, feats in batches:
             for i in users:
                 X[i][same] = scene_embedding(upstreams[i].frames_from_codec(feats), n).float().cpu()
     for j in sorted(bad):
@@ -520,7 +479,7 @@ def read_heareval_split(task, split):
     return torch.tensor(np.array(X)), Y
 
 
-# ---------------------------------------------------------------- the HEAR module API (HEAR.md)
+# ---------------------------------------------------------------- the HEAR module API
 def load_model(model_file_path="", **kwargs):
     """HEAR: a checkpoint path, "EC" or "ECMAE-R:<size>"; empty: $ENCODECMAE_UPSTREAM, else
     "ECMAE-R:base". The codec: kwarg encodec, else $ENCODECMAE_ENCODEC, else "pretrained" for
@@ -550,21 +509,18 @@ def get_scene_embeddings(audio, model):
 
 
 def parse_args(argv):
-    p = Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks-dir", help="folder of HEAR task folders")
     p.add_argument("--task", action="append", help="a task folder name (default: all)")
     p.add_argument("--upstream", action="append", default=[], help="EC, ECMAE-R:<size> or checkpoint; repeat")
-    p.add_argument("--encodec", help="pretrained | random | PATH (default: pretrained, or the checkpoint's)")
-    p.add_argument("--layer", type=int, default=-1, help="encoder layer for features (-1: last)")
+    upstream_args(p)
     p.add_argument("--probe", choices=("mlp", "linear"), default="mlp")
-    p.add_argument("--grid-points", type=int, default=8, help="heareval keeps 8 of its 16 points")
-    p.add_argument("--max-epochs", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0, help="seed of the ECMAE-R random init")
+    p.add_argument("--grid-points", type=at_least(1, int, 16), default=8, help="heareval keeps 8 of its 16 points")
+    p.add_argument("--max-epochs", type=at_least(1), default=500)
     p.add_argument("--probe-seed", type=int, default=42,
                    help="probe init, dropout, shuffle, and which 8 grid points (heareval: 42)")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per embedding batch")
-    p.add_argument("--probe-threads", type=int, default=1, help="CPU threads while training probes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="clips per embedding batch")
+    p.add_argument("--probe-threads", type=at_least(1), default=1, help="CPU threads while training probes")
     p.add_argument("--heareval-embeddings", help="probe heareval's embeddings/<module> folder instead")
     p.add_argument("--codec-cache", help="keep the codec's frames of the task clips in this folder; later "
                    "runs with the same codec (other checkpoints, layers, seeds) skip the audio and the codec")
@@ -573,13 +529,6 @@ def parse_args(argv):
     args.task_dirs = find_tasks(args)
     for spec in args.upstream:
         check_upstream(spec, args.layer)
-    if args.encodec:
-        check_encodec(args.encodec)
-    check_range("--max-epochs", args.max_epochs, 1)
-    check_range("--grid-points", args.grid_points, 1, 16)
-    check_range("--batch-size", args.batch_size, 1)
-    check_range("--probe-threads", args.probe_threads, 1)
-    check_device(args.device)
     if args.codec_cache and os.path.exists(args.codec_cache) and not os.path.isdir(args.codec_cache):
         raise UsageError(f"--codec-cache {args.codec_cache}: exists and is not a folder")
     return args
@@ -607,6 +556,15 @@ def find_tasks(args):
         except (ValueError, KeyError, OSError) as err:
             raise UsageError(f"{root}/{name}: cannot evaluate this task ({type(err).__name__}: {err})") from None
     return [Path(root) / name for name in args.task or found]
+
+
+def upstream_args(p):
+    """The flags that choose an upstream, shared by the evaluation and embed."""
+    p.add_argument("--encodec", type=D.encodec_source,
+                   help="pretrained | random | PATH (default: pretrained, or the checkpoint's)")
+    p.add_argument("--layer", type=int, default=-1, help="encoder layer for features (-1: last)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the ECMAE-R random init")
+    p.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_upstream(spec, layer):
@@ -671,10 +629,16 @@ def check_embed_out(args):
 EMBED_SEGMENT = 15 * CROP_SAMPLES  # a minute of audio read at once: whole 4-s chunks
 
 
+def embed_file(upstream, path):
+    """One audio file's frame embeddings (T, D) float32 at 75 Hz, any length, rate or channels [3.1]:
+    frames, _ = evaluate.embed_file(evaluate.load_upstream("ckpt.pt"), "clip.wav")."""
+    return read_and_embed(upstream, path, probe_audio(path))
+
+
 @torch.no_grad()
-def embed_file(upstream, path, n):
-    """One file's frames (T, D) float32 at 75 Hz, read a minute at a time so memory stays bounded;
-    segments are whole 4-s chunks, so this equals embedding the file at once (model.embed_audio)."""
+def read_and_embed(upstream, path, n):
+    """(frames (T, D), samples read) of a file of n samples at 24 kHz, read a minute at a time so memory
+    stays bounded; segments are whole 4-s chunks, so this equals embedding the file at once."""
     device = next(upstream.parameters()).device
     pieces, read = [], 0
     for start in range(0, n, EMBED_SEGMENT):
@@ -692,10 +656,10 @@ def embed_files(upstream, todo, lengths, scene, log_every=5.0):
     """Embed [(path, dest)] of lengths (24-kHz samples) into dest.npy (T, D) (and dest.scene.npy (D,)),
     with a progress line every log_every seconds -> [(path, reason)] of the files skipped."""
     skipped, total, done_s = [], lengths.sum() / SAMPLE_RATE, 0.0
-    progress = Progress("embed", total, every=log_every, unit="x real time")
+    progress = D.Progress("embed", total, every=log_every, unit="x real time")
     for k, ((path, dest), n) in enumerate(zip(todo, lengths.tolist())):
         try:
-            frames, n = embed_file(upstream, path, n)
+            frames, n = read_and_embed(upstream, path, n)
         except AudioError as err:
             skipped.append((path, str(err)))
             warnings.warn(f"skipping {err}")
@@ -711,7 +675,7 @@ def embed_files(upstream, todo, lengths, scene, log_every=5.0):
 
 
 def embed_main(argv):
-    p = Parser(prog="evaluate.py embed", description=(
+    p = D.Parser(prog="evaluate.py embed", description=(
         "Frame embeddings (T, D) float32 at 75 Hz of every audio file given or found under the folders "
         "given, as OUT/<path>.npy mirroring the folders (OUT/x.wav.npy for a file given by itself). "
         "Resumable: files already written are skipped."))
@@ -720,27 +684,21 @@ def embed_main(argv):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--scene", action="store_true",
                    help="also write <path>.scene.npy (D,): the mean of the frames centred inside the audio")
-    p.add_argument("--layer", type=int, default=-1, help="encoder layer (-1: last)")
-    p.add_argument("--encodec", help="pretrained | random | PATH (default: pretrained, or the checkpoint's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the ECMAE-R random init")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    upstream_args(p)
+    p.add_argument("--log-every", type=at_least(0.0, float), default=5.0, help="seconds between progress lines")
     args = p.parse_args(argv)
     check_upstream(args.upstream, args.layer)
-    if args.encodec:
-        check_encodec(args.encodec)
-    check_device(args.device)
     plan = embed_plan(args.sources, args.out)
     check_embed_out(args)
     finished = lambda dest: os.path.exists(f"{dest}.npy") and (not args.scene or os.path.exists(f"{dest}.scene.npy"))
     todo = [(path, dest) for path, dest in plan if not finished(dest)]
     print(f"embed: {len(plan)} files, {len(plan) - len(todo)} already done; {args.upstream} -> {args.out}",
           flush=True)
-    readable, lengths, skipped = scan_audio([path for path, _ in todo])  # bad headers: warned here
+    files, skipped = D.scan_audio([path for path, _ in todo])  # bad headers: warned here
+    bad = {str(p) for p, _ in skipped}
+    readable = [(path, dest) for path, dest in todo if str(path) not in bad]
     if readable:  # the model loads only when there is something to embed
-        dest = dict(todo)
-        skipped += embed_files(open_upstream(args.upstream, args), [(p, dest[p]) for p in readable], lengths,
-                               args.scene, args.log_every)
+        skipped += embed_files(open_upstream(args.upstream, args), readable, files.lengths, args.scene, args.log_every)
     print(f"embed: {len(todo) - len(skipped)} files written, {len(plan) - len(todo)} were done, "
           f"{len(skipped)} skipped (named above)", flush=True)
     return skipped
@@ -755,4 +713,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    D.run_cli(main)

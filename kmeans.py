@@ -5,24 +5,20 @@ It embeds --n-clips random 4-s clips with the checkpoint's model and codec (no m
 k-means on a random sample of their frames, and quantizes every file at 75 Hz into STORE:
 centroids.pt, index.json (file -> .npy name, frame count) and one int16 .npy of cluster ids
 per file, aligned frame for frame with the codec frames (T = ceil(n_samples / 320)).
-`python kmeans.py --bench` times our k-means against scikit-learn and faiss where installed.
-Plain torch, CPU or GPU: no scikit-learn or faiss at run time.
+Plain torch, CPU or GPU; `--bench` compares it with scikit-learn and faiss (extras/bench.py).
 """
 import json
 import math
 import os
-import time
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from data import (AudioError, Parser, Progress, UsageError, check_data_source, check_device, check_range,
-                  file_id, list_audio, load_codec, read_audio, read_manifest, run_cli, scan_audio,
-                  visits_per_file, write_atomic)
-from model import CROP_FRAMES, CROP_SAMPLES, config_from_dict, embed_audio, num_frames
-from train import load_checkpoint_model, read_checkpoint
+import data as D
+from data import AudioError, UsageError, at_least, write_atomic
+from model import CROP_FRAMES, CROP_SAMPLES, embed_audio, num_frames
 
 
 # ---------------------------------------------------------------- k-means (plain torch)
@@ -141,7 +137,7 @@ def load(path):
 
 # ---------------------------------------------------------------- 2.3 self-training targets
 class Source(NamedTuple):
-    """The pretraining set, as raw audio files or as the codec feature cache (data.py)."""
+    """The pretraining set, as raw audio files or as the codec feature cache (extras/cache.py)."""
     paths: list              # absolute audio paths: the keys of the target store
     lengths: np.ndarray      # (files,) samples (raw audio) or frames (cache)
     feats_files: list = None  # cached (T, 128) frames of each file; None for raw audio
@@ -149,15 +145,17 @@ class Source(NamedTuple):
 
 
 def open_source(data=None, cache_dir=None):
-    """Raw audio (folders, .txt lists, demo) or a cache built by `python data.py cache`."""
+    """Raw audio (folders, .txt lists, demo) or a cache built by `python extras/cache.py`."""
     if cache_dir is not None:
+        from extras.cache import read_manifest
         entries = sorted(read_manifest(cache_dir).values(), key=lambda e: e["path"])
         if not entries:
-            raise ValueError(f"{cache_dir}: empty or missing cache manifest (run `python data.py cache`)")
+            raise ValueError(f"{cache_dir}: empty or missing cache manifest (run `python extras/cache.py`)")
         return Source([e["path"] for e in entries], np.array([e["frames"] for e in entries]),
                       [os.path.join(cache_dir, e["id"] + ".feats.npy") for e in entries])
-    paths, lengths, skipped = scan_audio(list_audio(data))
-    return Source([os.path.abspath(p) for p in paths], lengths, skipped=tuple(p for p, _ in skipped))
+    files, skipped = D.scan_audio(D.list_audio(data))
+    return Source([os.path.abspath(os.fsdecode(p)) for p in files.paths], files.lengths,
+                  skipped=tuple(p for p, _ in skipped))
 
 
 def sample_clips(source, n_clips, seed):
@@ -168,7 +166,7 @@ def sample_clips(source, n_clips, seed):
     (LibriLight books) cost no more than AudioSet clips.
     """
     crop = CROP_SAMPLES if source.feats_files is None else CROP_FRAMES
-    file_of_item = np.repeat(np.arange(len(source.paths)), visits_per_file(source.lengths, crop))
+    file_of_item = np.repeat(np.arange(len(source.paths)), D.visits_per_file(source.lengths, crop))
     items = np.random.default_rng(seed).permutation(len(file_of_item))[:n_clips]
     first_item = np.searchsorted(file_of_item, file_of_item[items])  # each file's first chunk
     return [(int(f), int(c)) for f, c in zip(file_of_item[items], items - first_item)]
@@ -180,7 +178,7 @@ def embed_file(model, codec, source, f, chunk=None, layer=-1):
     device = next(model.parameters()).device
     if source.feats_files is None:  # raw audio: embed_audio cuts it into 4-s chunks
         start, size = (0, None) if chunk is None else (chunk * CROP_SAMPLES, CROP_SAMPLES)
-        wav = read_audio(source.paths[f], start, size)  # (n,)
+        wav = D.read_audio(source.paths[f], start, size)  # (n,)
         if chunk is None and len(wav) != source.lengths[f]:
             raise AudioError(f"{source.paths[f]}: header says {source.lengths[f]} samples, read {len(wav)}")
         return embed_audio(model, codec, wav[None].to(device), layer=layer)[0]  # (T, D)
@@ -209,7 +207,7 @@ def collect_frames(model, codec, source, clips, n_frames, layer, seed, bad):
     files); the fit uses the rest.
     """
     per_clip = math.ceil(n_frames / len(clips))
-    generator, frames, progress = torch.Generator().manual_seed(seed), [], Progress("embed", len(clips))
+    generator, frames, progress = torch.Generator().manual_seed(seed), [], D.Progress("embed", len(clips))
     for i, (f, chunk) in enumerate(clips):
         try:
             emb = embed_file(model, codec, source, f, chunk, layer)  # (T, D)
@@ -239,9 +237,9 @@ def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1, bad=N
     fit), counted, and left out of index.json.
     """
     centroids = centroids.to(next(model.parameters()).device)
-    progress, index, bad = Progress("quantize", int(source.lengths.sum())), {}, set() if bad is None else bad
+    progress, index, bad = D.Progress("quantize", int(source.lengths.sum())), {}, set() if bad is None else bad
     for f, path in enumerate(source.paths):
-        name = file_id(path) + ".npy"  # stable across runs
+        name = D.file_id(path) + ".npy"  # stable across runs
         out = os.path.join(store_dir, name)
         done_before = os.path.exists(out)
         T = num_frames(source.lengths[f]) if source.feats_files is None else int(source.lengths[f])
@@ -266,15 +264,15 @@ def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1, bad=N
 def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=10000, n_frames=100000,
                   k=1024, layer=-1, n_iter=100, tol=1e-4, seed=0, device="cpu", bf16=False):
     """Section 2.3 end to end: clips -> embeddings -> frames -> k-means -> labels for every file."""
-    model, cfg, codec_source = load_checkpoint_model(checkpoint)
-    model = model.to(device)
+    model, ckpt = D.load_checkpoint(checkpoint)
+    model, cfg, codec_source = model.to(device), model.cfg, ckpt["encodec"]
     if not 1 <= k <= cfg.K:
         raise ValueError(f"k={k} clusters do not fit the head's K={cfg.K} classes per stream")
     if layer != -1 and not 1 <= layer <= cfg.n_enc_layers:
         raise ValueError(f"layer={layer}: use -1 (last, normed) or 1..{cfg.n_enc_layers}")
     codec = None
     if cache_dir is None:
-        codec = load_codec(codec_source).to(device)
+        codec = D.load_codec(codec_source).to(device)
     else:
         with open(os.path.join(cache_dir, "cache.json")) as f:
             cached_with = json.load(f)["codec"]
@@ -304,105 +302,47 @@ def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=1000
     return quantize_dataset(model, codec, source, centroids, store_dir, layer, bad)
 
 
-# ---------------------------------------------------------------- benchmark
-def benchmark(n=100_000, dim=768, k=1024, iters=10, threads=2, seed=0, device="cpu", repeats=2):
-    """Ours vs scikit-learn and faiss: same start, same Lloyd iterations; best wall time of repeats."""
-    torch.set_num_threads(threads)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=generator)  # (N, D) random "embeddings"
-    start = init_centroids(x, k, generator)  # (K, D) k-means++, shared by every method
-    x_dev, x_np, start_np = x.to(device), x.numpy(), start.numpy()
-    methods = {f"ours fp32 ({device})": lambda: lloyd(x_dev, start, iters, tol=0.0).centroids,
-               f"ours bf16 matmul ({device})": lambda: lloyd(x_dev, start, iters, tol=0.0, bf16=True).centroids}
-    try:
-        from sklearn.cluster import KMeans
-        from threadpoolctl import threadpool_limits
-
-        def sklearn_fit():  # note: it ends with one more label pass, iters + 1 distance passes
-            with threadpool_limits(threads):
-                return KMeans(k, init=start_np, n_init=1, max_iter=iters, tol=0.0,
-                              algorithm="lloyd").fit(x_np).cluster_centers_
-        methods["scikit-learn KMeans lloyd (cpu)"] = sklearn_fit
-    except ImportError:
-        print("scikit-learn is not installed: skipped (pip install scikit-learn)")
-    try:
-        import faiss
-        faiss.omp_set_num_threads(threads)
-
-        def faiss_fit():
-            km = faiss.Kmeans(dim, k, niter=iters, seed=seed, max_points_per_centroid=n)  # all points
-            km.train(x_np, init_centroids=start_np)
-            return km.centroids
-        methods["faiss Kmeans (cpu)"] = faiss_fit
-    except ImportError:
-        print("faiss is not installed: skipped (pip install faiss-cpu)")
-    seconds, cpu_seconds, inertia = {}, {}, {}
-    for _ in range(repeats):  # interleaved, so a busy moment of a shared machine hits every method
-        for name, run in methods.items():
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            centroids = torch.as_tensor(run()).to(device)
-            if x_dev.is_cuda:
-                torch.cuda.synchronize()
-            if time.perf_counter() - t0 < seconds.get(name, math.inf):
-                seconds[name], cpu_seconds[name] = time.perf_counter() - t0, time.process_time() - cpu0
-            inertia[name] = nearest_centroid(x_dev, centroids)[1].double().sum().item()
-    print(f"N={n} D={dim} K={k}, {iters} Lloyd iterations from one k-means++ start, {threads} threads "
-          f"({os.cpu_count()} CPUs), best of {repeats}")
-    print("| method | wall s | s / iteration | CPU s | final inertia | wall / ours fp32 | inertia / ours fp32 |")
-    print("|---|---|---|---|---|---|---|")
-    ref = next(iter(methods))
-    for name in methods:
-        print(f"| {name} | {seconds[name]:.1f} | {seconds[name] / iters:.2f} | {cpu_seconds[name]:.1f} | "
-              f"{inertia[name]:.6g} | {seconds[name] / seconds[ref]:.2f} | {inertia[name] / inertia[ref]:.5f} |")
-    return seconds, inertia
-
-
 def parse_args(argv):
-    p = Parser(description=__doc__.splitlines()[0])
+    p = D.Parser(prog="kmeans.py", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="model whose last layer gives the embeddings (large: the "
                                         "self-trained base) [2.3]")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", nargs="+", help="audio folders, .txt lists, or demo")
-    source.add_argument("--cache", help="feature cache from `python data.py cache`")
+    source.add_argument("--data", nargs="+", type=D.data_source, help="audio folders, .txt lists, or demo")
+    source.add_argument("--cache", help="codec cache from `python extras/cache.py`")
     p.add_argument("--out", help="target store folder (resumable)")
-    p.add_argument("--n-clips", type=int, default=10000, help="4-s clips embedded [2.3]")
-    p.add_argument("--n-frames", type=int, default=100000, help="frames sampled from them for the fit")
-    p.add_argument("--k", type=int, default=1024, help="clusters [2.3]")
+    p.add_argument("--n-clips", type=at_least(1), default=10000, help="4-s clips embedded [2.3]")
+    p.add_argument("--n-frames", type=at_least(1), default=100000, help="frames sampled from them for the fit")
+    p.add_argument("--k", type=at_least(1), default=1024, help="clusters [2.3]")
     p.add_argument("--layer", type=int, default=-1, help="encoder layer (-1: last, normed; or 1..layers) [2.3]")
-    p.add_argument("--n-iter", type=int, default=100, help="at most this many Lloyd iterations")
-    p.add_argument("--tol", type=float, default=1e-4, help="stop when inertia improves less (relative)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-iter", type=at_least(1), default=100, help="at most this many Lloyd iterations")
+    p.add_argument("--tol", type=at_least(0.0, float), default=1e-4, help="stop when inertia improves less (relative)")
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--bf16", action="store_true", help="bfloat16 distance matmul in the fit (faster; near-ties may differ)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bench", action="store_true", help="time our k-means against sklearn / faiss")
-    p.add_argument("--n", type=int, default=100_000, help="benchmark points")
-    p.add_argument("--dim", type=int, default=768, help="benchmark dimension")
-    p.add_argument("--iters", type=int, default=10, help="benchmark iterations")
-    p.add_argument("--repeats", type=int, default=2, help="benchmark runs per method (best kept)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--bench", action="store_true", help="time our k-means against sklearn / faiss (extras/bench.py)")
+    p.add_argument("--n", type=at_least(1), default=100_000, help="benchmark points")
+    p.add_argument("--dim", type=at_least(1), default=768, help="benchmark dimension")
+    p.add_argument("--iters", type=at_least(1), default=10, help="benchmark iterations")
+    p.add_argument("--repeats", type=at_least(1), default=2, help="benchmark runs per method (best kept)")
     args = p.parse_args(argv)
-    check_args(args)
+    if not args.bench:
+        check_args(args)
     return args
 
 
 def check_args(args):
     """A user's mistake -> UsageError (one line, exit 2), before any data is read."""
-    at_least_one = ["k", "threads"] + (["n", "dim", "iters", "repeats"] if args.bench else ["n_clips", "n_iter"])
-    for name in at_least_one:
-        check_range(f"--{name.replace('_', '-')}", getattr(args, name), 1)
-    check_range("--tol", args.tol, 0)
-    check_device(args.device)
-    if args.bench:
-        return
     if not (args.checkpoint and args.out and (args.data or args.cache)):
         raise UsageError("self-training targets need --checkpoint, --out and one of --data / --cache")
     if args.n_frames < args.k:
         raise UsageError(f"--n-frames {args.n_frames}: k-means needs at least --k {args.k} frames")
     if args.cache and not os.path.isfile(os.path.join(args.cache, "cache.json")):
-        raise UsageError(f"--cache {args.cache}: not a feature cache (no cache.json; run `python data.py cache`)")
-    for src in args.data or []:
-        check_data_source(src)
-    cfg = config_from_dict(read_checkpoint(args.checkpoint, "--checkpoint")["config"])
+        raise UsageError(f"--cache {args.cache}: not a codec cache (no cache.json; run `python extras/cache.py`)")
+    try:
+        cfg = D.load_checkpoint(args.checkpoint)[0].cfg
+    except ValueError as err:
+        raise UsageError(f"--checkpoint {err}") from None
     if args.k > cfg.K:
         raise UsageError(f"--k {args.k}: the model's head has K={cfg.K} classes per stream, so 1..{cfg.K}")
     if args.layer != -1 and not 1 <= args.layer <= cfg.n_enc_layers:
@@ -413,15 +353,15 @@ def run(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.bench:
-        benchmark(args.n, args.dim, args.k, args.iters, args.threads, args.seed, args.device, args.repeats)
-        return
+        from extras.bench import kmeans_benchmark
+        return kmeans_benchmark(args.n, args.dim, args.k, args.iters, args.threads, args.seed, args.device, args.repeats)
     build_targets(args.checkpoint, args.out, args.data, args.cache, args.n_clips, args.n_frames,
                   args.k, args.layer, args.n_iter, args.tol, args.seed, args.device, args.bf16)
 
 
 def main(argv=None):
     """The command line: a user's mistake is one line on stderr and exit status 2."""
-    run_cli(run, argv)
+    D.run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 """EnCodecMAE, the network and its loss: sections 2, 2.1, 2.2 and 2.3 of the paper (Fig. 1).
 
-Read top to bottom it follows the figure: frozen EnCodec encoder -> sinusoidal positions ->
-gap masking -> encoder on the visible frames -> decoder with mask tokens -> per-codebook head ->
-weighted cross-entropy. `python model.py` prints the parameter counts next to Table 1.
-Reads the EnCodec checkpoint (torch hub cache or a local file); writes nothing.
-Conventions: `mask` is True where a frame is hidden, `padding` is True where a frame is not
-real audio. Shapes use B batch, T frames, N visible frames, D width, S target streams
-(Q codec codebooks plus the k-means stream after self-training), K codebook size.
+Top to bottom it follows the figure: frozen EnCodec encoder -> sinusoidal positions -> gap
+masking -> encoder on the visible frames -> decoder with mask tokens -> per-codebook head ->
+weighted cross-entropy -> features. `python model.py` prints the parameter counts of Table 1.
+`mask` is True where a frame is hidden, `padding` True where a frame is not real audio. Shapes:
+B batch, T frames, N visible frames, D width, S target streams (Q codebooks, plus the k-means
+stream after self-training), K codebook size.
 """
 import contextlib
 import math
@@ -24,7 +23,7 @@ FRAME_RATE = SAMPLE_RATE // HOP
 CROP_SECONDS = 4.0                  # training crops [3.1]
 CROP_SAMPLES = int(CROP_SECONDS * SAMPLE_RATE)
 CROP_FRAMES = CROP_SAMPLES // HOP   # T = 300
-# gamma_q released by the authors for the pretrained 24 kHz EnCodec (SPEC.md) [3.1]
+# gamma_q as the authors released them for the pretrained 24 kHz EnCodec [3.1]
 RELEASED_GAMMA_Q = (0.2241, 0.1760, 0.1450, 0.1215, 0.1032, 0.0883, 0.0761, 0.0659)
 
 
@@ -43,7 +42,7 @@ class ModelConfig:
     n_enc_layers: int = 10           # 5 small, 10 base, 20 large [2.2]
     n_dec_layers: int = 2            # "only 2 layers in the decoder" [2.2]
     n_heads: int = 12                # attention heads (not in the paper; 64-d heads)
-    ff_dim: int = 4096               # feed-forward width (SPEC.md; gives Table 1's #Par)
+    ff_dim: int = 4096               # feed-forward width (not in the paper; gives Table 1's #Par)
     M_prop: float = 0.5              # proportion of frames hidden, M_prop [2, 3.1]
     M_gap: int = 15                  # frames hidden after each sampled start, M_gap (200 ms) [2, 3.1]
     delta: float = 0.9               # weight of hidden vs visible frames in the loss, delta [2.3]
@@ -51,9 +50,24 @@ class ModelConfig:
     n_kmeans_streams: int = 0        # 1 after self-training: stream Q+1 [2.3]
     mask_mode: str = "drop"          # "drop" (MAE, the paper) or "token" (BERT/HuBERT ablation) [2.2]
 
-    @property
-    def n_streams(self):
-        return self.Q + self.n_kmeans_streams
+    n_streams = property(lambda self: self.Q + self.n_kmeans_streams)
+
+    def __post_init__(self):
+        """Refuse an inconsistent config with a ValueError that names the field."""
+        self.gamma_q = tuple(self.gamma_q)  # a checkpoint stores it as a list
+        rules = [(1 <= self.Q <= 8, f"Q={self.Q}: the 6 kbps codec has 8 codebooks, so 1 <= Q <= 8"),
+                 (len(self.gamma_q) == self.Q, f"gamma_q has {len(self.gamma_q)} weights for Q={self.Q}"),
+                 (abs(sum(self.gamma_q) - 1) < 1e-3, f"gamma_q must sum to 1, got {sum(self.gamma_q)}"),
+                 (self.K >= 1 and self.n_kmeans_streams >= 0, f"K={self.K} must be >= 1, n_kmeans_streams >= 0"),
+                 (self.n_heads >= 1 and self.d_model % self.n_heads == 0,
+                  f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}"),
+                 (0 < self.M_prop < 1, f"M_prop={self.M_prop} must lie strictly between 0 and 1"),
+                 (self.M_gap >= 1, f"M_gap={self.M_gap} must be at least 1 frame"),
+                 (0 <= self.delta <= 1, f"delta={self.delta} must lie in [0, 1]"),
+                 (self.mask_mode in ("drop", "token"), f"mask_mode must be drop or token, not {self.mask_mode!r}")]
+        for ok, message in rules:
+            if not ok:
+                raise ValueError(f"model config: {message}")
 
 
 # Model sizes as in section 2.2 (tiny is ours, for CPU demos and tests).
@@ -74,38 +88,7 @@ def make_config(size="base", **overrides):
     if "Q" in overrides and "gamma_q" not in overrides:
         head = RELEASED_GAMMA_Q[: overrides["Q"]]
         overrides["gamma_q"] = tuple(g / sum(head) for g in head)
-    cfg = ModelConfig(**{**SIZES[size], **overrides})
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg):
-    """Refuse an inconsistent config with a ValueError that names the field."""
-    problems = [
-        (1 <= cfg.Q <= 8, f"Q={cfg.Q}: the 6 kbps codec has 8 codebooks, so 1 <= Q <= 8"),
-        (len(cfg.gamma_q) == cfg.Q, f"gamma_q has {len(cfg.gamma_q)} weights for Q={cfg.Q}"),
-        (abs(sum(cfg.gamma_q) - 1) < 1e-3, f"gamma_q must sum to 1, got {sum(cfg.gamma_q)}"),
-        (cfg.K >= 1 and cfg.n_kmeans_streams >= 0, f"K={cfg.K} must be >= 1, n_kmeans_streams >= 0"),
-        (cfg.n_heads >= 1 and cfg.d_model % cfg.n_heads == 0,
-         f"d_model={cfg.d_model} must be a multiple of n_heads={cfg.n_heads}"),
-        (0 < cfg.M_prop < 1, f"M_prop={cfg.M_prop} must lie strictly between 0 and 1"),
-        (cfg.M_gap >= 1, f"M_gap={cfg.M_gap} must be at least 1 frame"),
-        (0 <= cfg.delta <= 1, f"delta={cfg.delta} must lie in [0, 1]"),
-        (cfg.mask_mode in ("drop", "token"), f"mask_mode must be drop or token, not {cfg.mask_mode!r}"),
-    ]
-    for ok, message in problems:
-        if not ok:
-            raise ValueError(f"model config: {message}")
-
-
-def config_from_dict(d):
-    """Rebuild a ModelConfig stored in a checkpoint (tuples come back as lists)."""
-    unknown = set(d) - {f.name for f in fields(ModelConfig)}
-    if unknown:
-        raise ValueError(f"checkpoint config has unknown fields {sorted(unknown)}")
-    cfg = ModelConfig(**{**d, "gamma_q": tuple(d["gamma_q"])})
-    check_config(cfg)
-    return cfg
+    return ModelConfig(**{**SIZES[size], **overrides})
 
 
 # ---------------------------------------------------------------- 2.1 EnCodec: inputs and targets
@@ -119,12 +102,10 @@ class Codec(nn.Module):
         super().__init__()
         self.encoder = encodec_model.encoder
         self.quantizer = encodec_model.quantizer
-        self.source = source
-        # Standardization of the frames fed to the MAE; identity for the real codec.
-        self.register_buffer("feat_mean", torch.zeros(self.dim))
-        self.register_buffer("feat_std", torch.ones(self.dim))
-        self.requires_grad_(False)
-        self.eval()
+        self.source = source  # "pretrained", a checkpoint path or "random": stored with every run
+        self.register_buffer("feat_mean", torch.zeros(self.dim))  # standardization of the frames:
+        self.register_buffer("feat_std", torch.ones(self.dim))  # identity for the real codec
+        self.requires_grad_(False).eval()
 
     def train(self, mode=True):
         return super().train(False)  # frozen: never leaves eval mode [3.1]
@@ -139,7 +120,6 @@ class Codec(nn.Module):
         """(B, 128, T) encoder output -> (B, T, 128) frames as the MAE sees them."""
         return (emb.transpose(1, 2) - self.feat_mean) / self.feat_std
 
-    @torch.no_grad()
     def features(self, wav):
         """The MAE's input: encoder output frames (B, T, 128)."""
         return self.standardize(self.raw_frames(wav))
@@ -155,116 +135,28 @@ class Codec(nn.Module):
 
 @contextlib.contextmanager
 def flush_denormals(device):
-    """The codec's LSTM produces denormal floats, which make x86 CPUs about 3x slower (measured
-    here: 3.7 s -> 1.2 s for 8 s of audio); flushing them to zero changes nothing we can measure."""
+    """The codec's LSTM makes denormal floats, about 3x slower on x86 CPUs; flushing them to zero
+    changes nothing measurable (8 s of audio: 3.7 s -> 1.2 s on a 2-core CPU)."""
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        if flush:
-            torch.set_flush_denormal(False)
+        torch.set_flush_denormal(False) if flush else None
 
 
-def build_encodec(pretrained):
-    """The codec package's 24 kHz model (its old-style weight norm warns; we fold it away)."""
+def build_encodec(pretrained, state=None):
+    """The codec package's 24 kHz model, its weights from torch hub or `state`, with its weight norm
+    folded into plain weights (frozen: g * v / |v| is a constant)."""
     from encodec import EncodecModel
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return EncodecModel.encodec_model_24khz(pretrained=pretrained)
-
-
-def fold_weight_norm(model):
-    """Fold weight norm into plain weights: the codec is frozen, so g * v / |v| is a constant."""
-    for module in model.encoder.modules():
-        if hasattr(module, "weight_g"):
-            torch.nn.utils.remove_weight_norm(module)
+        warnings.simplefilter("ignore", FutureWarning)  # the package's old-style weight norm
+        model = EncodecModel.encodec_model_24khz(pretrained=pretrained)
+        if state is not None:
+            model.load_state_dict(state)
+        for module in model.encoder.modules():
+            if hasattr(module, "weight_g"):
+                torch.nn.utils.remove_weight_norm(module)
     return model
-
-
-def random_codec(seed, audio):
-    """A seeded random EnCodec with non-degenerate codebooks, for tests and offline smoke runs.
-
-    With random weights the package's codebooks are all zeros (they are k-means-initialised on the
-    codec's first training batch), so every target would be 0. SPEC.md's recipe, step by step,
-    calibrated on `audio` (B, n), varied 24 kHz clips: rescale each conv to unit output variance
-    (LSUV), fill every RVQ stage from the residuals that audio leaves, and standardize the 128-d
-    frames per dimension. A random codec is a weak front end whatever one does: it tests the
-    machinery only (data.load_codec("random") is the way in: it supplies the audio and says so).
-    """
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = fold_weight_norm(build_encodec(pretrained=False))
-        generator = torch.Generator().manual_seed(seed)
-        unit_variance_convs(model.encoder, audio[:8])
-        codec = Codec(model, "random")
-        emb = codec.raw_frames(audio).transpose(1, 2).reshape(-1, codec.dim)  # (B * T, 128)
-        fill_codebooks(codec.quantizer, emb, codec.n_q, generator)
-        codec.feat_mean.copy_(emb.mean(0))
-        codec.feat_std.copy_(emb.std(0).clamp(min=1e-5))
-    return codec
-
-
-@torch.no_grad()
-def unit_variance_convs(encoder, audio):
-    """LSUV-style init: each conv, in forward order, is rescaled so its output has unit variance."""
-    def rescale(conv, inputs, output):
-        std = output.std().clamp(min=1e-8)
-        conv.weight.div_(std)
-        if conv.bias is not None:
-            conv.bias.div_(std)
-        return output / std  # later layers see the rescaled output in this same pass
-    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv1d)]
-    hooks = [conv.register_forward_hook(rescale) for conv in convs]
-    with flush_denormals(audio.device):
-        encoder(audio[:, None])
-    for hook in hooks:
-        hook.remove()
-
-
-@torch.no_grad()
-def fill_codebooks(quantizer, emb, n_q, generator):
-    """Residual VQ init from data: stage q's entries are built from residuals of stages 1..q-1.
-
-    Each entry is the midpoint of two random residuals. Deviation: SPEC.md suggests the residuals
-    themselves plus jitter, but then every picked frame's residual drops to ~0 and the later
-    stages collapse (measured on 8 clips: 280 -> 57 distinct codes from stage 1 to 8; with
-    midpoints 276-382 in every stage).
-    """
-    residual = emb  # (N, 128)
-    for layer in quantizer.vq.layers[:n_q]:
-        book = layer._codebook
-        a, b = (torch.randperm(len(residual), generator=generator)[: book.codebook_size] for _ in "ab")
-        book.embed.copy_(0.5 * (residual[a] + residual[b]))
-        book.inited.fill_(1)
-        residual = residual - book.dequantize(book.quantize(residual))
-
-
-@torch.no_grad()
-def estimate_gamma(codec, clips, Q=8, batch=8, lengths=None):
-    """gamma_q: mean quantization error of codebook q over the clips, normalized to sum to 1 [3.1].
-
-    The error of stage q is the norm of what it leaves unexplained, |r_q - e_q(r_q)|, where r_q is
-    the residual entering stage q; errors shrink from stage to stage, so early codebooks weigh more.
-    clips (B, n) at 24 kHz; lengths (B,) counts the real samples of each clip (all n by default):
-    the frames of zero padding past num_frames(length) are left out. Clips go through the codec
-    a few at a time: its activations for 150 clips would not fit.
-    """
-    lengths = torch.full((len(clips),), clips.shape[1]) if lengths is None else torch.as_tensor(lengths)
-    if lengths.shape != (len(clips),) or not ((lengths >= 1) & (lengths <= clips.shape[1])).all():
-        raise ValueError(f"lengths must give 1..{clips.shape[1]} real samples for each of the "
-                         f"{len(clips)} clips, got {lengths.tolist()}")
-    total, n_frames = torch.zeros(Q), 0
-    for part, part_lengths in zip(clips.split(batch), lengths.split(batch)):
-        frames = codec.raw_frames(part).transpose(1, 2)  # (b, T, 128)
-        real = torch.arange(frames.shape[1]) < -(-part_lengths[:, None] // HOP)  # (b, T) num_frames(length)
-        residual = frames[real.to(frames.device)]  # (n, 128), the real frames only
-        for q, layer in enumerate(codec.quantizer.vq.layers[:Q]):
-            book = layer._codebook
-            residual = residual - book.dequantize(book.quantize(residual))  # what stage q leaves
-            total[q] += residual.norm(dim=1).sum().cpu()
-        n_frames += len(residual)
-    errors = total / n_frames  # (Q,)
-    return errors / errors.sum()
 
 
 # ---------------------------------------------------------------- 2.2 positions, before masking
@@ -280,51 +172,33 @@ def sinusoidal_positions(T, D, device=None):
 
 # ---------------------------------------------------------------- 2. masking (M_prop, M_gap)
 def gap_mask(lengths, T, M_prop, M_gap, generator=None):
-    """Hide exactly round(M_prop * length) frames of each clip in gaps of M_gap frames [2].
+    """Hide exactly round(M_prop * length) frames of each clip, in gaps of M_gap frames [2].
 
-    Span starts are drawn without replacement, the M_gap frames after each start are hidden, and
-    we stop once enough frames are hidden, trimming the last span. Hiding whole 200-ms gaps rather
-    than lone frames stops the model from just interpolating its neighbours. Padding
-    (t >= length) is never hidden. For one clip, in plain Python (the draw order is the order of
-    the clip's row of torch.rand(B, T) noise over the valid starts):
-
-        n, hidden = round(M_prop * length), []
-        for s in sorted(range(max(length - M_gap, 0) + 1), key=lambda s: noise[s]):
-            hidden += [t for t in range(s, min(s + M_gap, length)) if t not in hidden]
-        mask[hidden[:n]] = True
-
-    Below, the same for all clips at once: each frame gets the first draw whose span covers it
-    (a sliding minimum of the draw ranks), and frames are hidden in that order.
-    Deviation: vectorized over the batch and without replacement, as the paper says; the
-    authors' code loops over examples in Python and may draw the same start twice.
-    Returns mask (B, T) bool, True = hidden.
+    Span starts are drawn without replacement and the M_gap frames after each are hidden until
+    enough are; the last span is trimmed. Whole 200-ms gaps stop the model from just interpolating
+    neighbours. Padding (t >= length) is never hidden, and one frame always stays visible
+    (attention over none is undefined). lengths (B,) real frames -> mask (B, T) bool, True = hidden.
+    Deviation: starts without replacement, as the paper says; the authors' loop may draw one twice.
     """
-    B, device = len(lengths), lengths.device
-    t = torch.arange(T, device=device)
-    n_hidden = torch.round(M_prop * lengths.double()).long()  # (B,) as Python's round
-    valid_start = t[None] <= (lengths - M_gap).clamp(min=0)[:, None]  # (B, T) span fits the clip
-    noise = torch.rand(B, T, generator=generator, device=device)
-    rank = noise.argsort(1).argsort(1)  # (B, T) draw order of every start, without replacement
-    never = T  # a rank larger than any draw
-    rank = torch.where(valid_start, rank, never)
-    # first_draw[t]: the earliest draw whose span covers t, i.e. min rank over starts in (t-M_gap, t]
-    first_draw = rank.clone()
-    for g in range(1, min(M_gap, T)):
-        first_draw[:, g:] = torch.minimum(first_draw[:, g:], rank[:, :-g])
-    first_draw = torch.where(t[None] < lengths[:, None], first_draw, never)  # padding last
-    # Hide frames in draw order (position breaks ties inside a span) until n_hidden are hidden.
-    hide_order = (first_draw * T + t).argsort(1)  # (B, T)
-    place = hide_order.argsort(1)  # (B, T) each frame's place in that order
-    return place < n_hidden[:, None]
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for b, length in enumerate(lengths.tolist()):
+        n_hidden, hidden, row = min(round(M_prop * length), max(length - 1, 0)), 0, [False] * T
+        for start in torch.randperm(max(length - M_gap, 0) + 1, generator=generator).tolist():
+            for t in range(start, min(start + M_gap, length)):
+                if not row[t] and hidden < n_hidden:
+                    row[t], hidden = True, hidden + 1
+            if hidden == n_hidden:
+                break
+        mask[b] = torch.tensor(row)
+    return mask.to(lengths.device)
 
 
 def gather_visible(x, mask, padding):
     """Drop the hidden frames: x (B, T, D) -> x_visible (B, N, D), MAE style [2.2].
 
     A stable sort of the hide flags lists visible frames first, in time order (ids_shuffle);
-    sorting that permutation again gives its inverse, ids_restore, which puts frames back.
-    Every clip hides the same count when none is padded, so x_visible is dense; otherwise
-    visible_padding (B, N) marks the slots of shorter clips (None when there are none).
+    sorting that permutation again gives its inverse, ids_restore, which puts frames back. Without
+    padding x_visible is dense; else visible_padding (B, N) marks the unused slots (None if none).
     """
     dropped = mask | padding  # (B, T)
     ids_shuffle = dropped.int().argsort(dim=1, stable=True)  # (B, T)
@@ -352,9 +226,7 @@ def restore_sequence(h, ids_restore, visible_padding, mask_token):
 # ---------------------------------------------------------------- 2.2 the transformer
 class Block(nn.Module):
     """A pre-norm transformer layer; attention through scaled_dot_product_attention.
-
-    Deviation: plain pre-norm; the authors' code uses ResiDual normalization, which the paper
-    does not mention.
+    Deviation: plain pre-norm; the authors use ResiDual normalization, which the paper does not mention.
     """
 
     def __init__(self, D, n_heads, ff_dim):
@@ -410,8 +282,9 @@ class Decoder(nn.Module):
         if ids_restore is not None:  # "drop" mode: re-insert the hidden positions
             h = restore_sequence(h, ids_restore, visible_padding, self.mask_token)  # (B, T, D)
         h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)  # where each token sits
+        key_padding = padding if padding.any() else None
         for layer in self.layers:
-            h = layer(h, padding if padding.any() else None)
+            h = layer(h, key_padding)
         return self.norm(h)
 
 
@@ -444,14 +317,12 @@ def stream_weights(cfg):
 def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None):
     """L = sum_q gamma_q [alpha sum_{t in M} C + beta sum_{t not in M} C] [2.3].
 
-    alpha = delta / |M| and beta = (1 - delta) / (T - |M|), with |M| and T counted over the
-    whole batch; padded frames are in neither set. A batch split into micro-batches (or over
-    GPUs) passes counts = (|M|, T - |M|) of the whole batch: each part then returns its share
-    of L (and of the logged figures), and the shares add up to the whole batch's values.
+    alpha = delta / |M| and beta = (1 - delta) / (T - |M|), |M| and T counted over the whole batch;
+    padded frames are in neither set. A micro-batch (or one GPU's part) passes counts = (|M|, T - |M|)
+    of the whole batch and returns its share of L and of the logged figures: the shares add up.
+    logits (B, T, S, K), targets (B, T, S), mask and padding (B, T) bool, gamma (S,) -> LossOut.
     """
     B, T, S, K = logits.shape
-    check_flags("mask", mask, (B, T), "True = hidden")
-    check_flags("padding", padding, (B, T), "True = not real audio")
     ce = F.cross_entropy(logits.reshape(-1, K).float(), targets.reshape(-1), reduction="none")
     ce = ce.view(B, T, S)  # C(y_q(t), z_q(t))
     hidden = (mask & ~padding)[..., None].float()  # (B, T, 1), the set M
@@ -474,7 +345,6 @@ def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None)
 class EnCodecMAE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        check_config(cfg)
         self.cfg = cfg
         self.in_proj = nn.Linear(cfg.d_codec, cfg.d_model)  # codec frames -> D
         self.encoder = Encoder(cfg)
@@ -492,10 +362,9 @@ class EnCodecMAE(nn.Module):
     def forward(self, feats, targets, mask, padding=None, counts=None):
         """feats (B, T, 128), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1].
 
-        counts: (|M|, T - |M|) of the whole batch when this is one micro-batch of it [2.3].
-
-        The mask comes from `gap_mask`, drawn per clip by the data pipeline so that a clip's mask
-        depends on the clip alone (not on the GPU count or the accumulation steps).
+        feats and targets come from one codec pass (`Codec.forward`, or the cache); the mask from
+        `gap_mask`, drawn per clip by the data pipeline (train.MaskedCrops), so it depends on the
+        clip alone. counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3].
         """
         check_inputs(feats, targets, mask, padding, self.cfg)
         B, T, _ = feats.shape
@@ -514,17 +383,12 @@ class EnCodecMAE(nn.Module):
 
     def embed(self, feats, padding=None, layer=-1):
         """Frame features, no masking: the output of encoder layer `layer` (-1: last, normed) [3.1]."""
-        if feats.dim() != 3 or feats.shape[2] != self.cfg.d_codec:
-            raise ValueError(f"feats {tuple(feats.shape)}: expected (B, T, {self.cfg.d_codec}) codec frames")
-        if padding is not None:
-            check_flags("padding", padding, feats.shape[:2], "True = not real audio")
+        check_inputs(feats, None, None, padding, self.cfg)
         if layer != -1 and not 1 <= layer <= self.cfg.n_enc_layers:
             raise ValueError(f"layer={layer}: use -1 (last, normed) or 1..{self.cfg.n_enc_layers}")
-        T = feats.shape[1]
-        x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, feats.device)
-        n_layers = None if layer == -1 else layer
+        x = self.in_proj(feats) + sinusoidal_positions(feats.shape[1], self.cfg.d_model, feats.device)
         key_padding = padding if padding is not None and padding.any() else None
-        return self.encoder(x, key_padding, n_layers)  # (B, T, D)
+        return self.encoder(x, key_padding, None if layer == -1 else layer)  # (B, T, D)
 
 
 def init_weights(module):
@@ -537,29 +401,23 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-def check_flags(name, flags, shape, meaning):
-    """A per-frame flag tensor must be bool of the given shape: a 0/1 integer mask would index
-    frames instead of selecting them, so we refuse it rather than guess."""
-    if not isinstance(flags, torch.Tensor) or flags.dtype != torch.bool:
-        kind = flags.dtype if isinstance(flags, torch.Tensor) else type(flags).__name__
-        raise TypeError(f"{name} must be a bool tensor ({meaning}), got {kind}; use {name}.bool()")
-    if tuple(flags.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(flags.shape)}, expected (B, T) = {tuple(shape)}")
-
-
 def check_inputs(feats, targets, mask, padding, cfg):
-    """Refuse inputs that do not fit the model with a clear TypeError / ValueError."""
+    """Refuse inputs that do not fit the model with a clear TypeError / ValueError. Masks must be
+    bool: a 0/1 integer mask would index frames instead of selecting them."""
     if feats.dim() != 3 or feats.shape[2] != cfg.d_codec:
         raise ValueError(f"feats {tuple(feats.shape)}: expected (B, T, {cfg.d_codec}) codec frames")
     B, T, _ = feats.shape
-    if targets.shape != (B, T, cfg.n_streams):
-        raise ValueError(f"targets {tuple(targets.shape)} do not match B={B} x T={T} frames "
-                         f"x S={cfg.n_streams} streams")
-    if targets.dtype != torch.int64:
-        raise TypeError(f"targets must be int64 codes (cross-entropy's class indices), got {targets.dtype}")
-    check_flags("mask", mask, (B, T), "True = hidden")
-    if padding is not None:
-        check_flags("padding", padding, (B, T), "True = not real audio")
+    for name, flags in (("mask", mask), ("padding", padding)):
+        if flags is not None and (not isinstance(flags, torch.Tensor) or flags.dtype != torch.bool):
+            raise TypeError(f"{name} must be a bool tensor (True = {'hidden' if name == 'mask' else 'not real audio'}),"
+                            f" got {getattr(flags, 'dtype', type(flags).__name__)}; use {name}.bool()")
+        if flags is not None and tuple(flags.shape) != (B, T):
+            raise ValueError(f"{name} has shape {tuple(flags.shape)}, expected (B, T) = {(B, T)}")
+    if targets is None:  # embed: features only
+        return
+    if targets.shape != (B, T, cfg.n_streams) or targets.dtype != torch.int64:
+        raise TypeError(f"targets {tuple(targets.shape)} {targets.dtype}: expected int64 codes "
+                        f"(B={B}, T={T}, S={cfg.n_streams})")
     if targets.min() < 0 or targets.max() >= cfg.K:
         raise ValueError(f"targets must lie in [0, K={cfg.K}), got {int(targets.min())}..{int(targets.max())}")
 

@@ -1,7 +1,8 @@
-"""The paper's claims as tests: masking, loss, codec targets, data, training, k-means, evaluation.
+"""The paper's claims as tests, section by section (2, 2.1, 2.2, 2.3, 3.1, 3.2), then one end-to-end test per stage.
 
-Run: python -m pytest -q test_all.py   (CPU, a few minutes, no downloads: the seeded random
-codec stands in for EnCodec's pretrained weights, and clips are short).
+Run: python -m pytest -q test_all.py extras/   (CPU, a few minutes, no downloads: the seeded random
+codec stands in for EnCodec's pretrained weights, and clips are short). The tests of what the paper
+does not need (demo audio, codec cache, file index, bad input, benchmarks) live in extras/.
 """
 import json
 import math
@@ -23,25 +24,26 @@ import evaluate as E
 import kmeans
 import model as M
 import train
-import demo
-from data import CachedCropDataset, CropDataset, build_cache, read_audio
-from demo import synth_clip
+from extras import cache, random_codec
+from extras import demo_audio as demo
 from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, EnCodecMAE, gap_mask, gather_visible,
                    make_config, num_frames, restore_sequence)
 
 # One thread: small tensors gain nothing from a second one, and on a busy 2-core machine two
 # OpenMP threads were measured 30x slower (0.07 s -> 2.2 s per tiny training step).
 torch.set_num_threads(1)
+# Tests run on the CPU even on a GPU machine, in fp32, whatever the machine has.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(scope="module")
 def codec():
-    D._RANDOM_CODECS.clear()
+    random_codec._BUILT.clear()
     with pytest.warns(UserWarning, match="NOT the paper's"):  # it says so, once
-        return D.load_codec("random", seed=0)
+        return D.load_codec("random")
 
 
-# ---------------------------------------------------------------- masking [2]
+# ---------------------------------------------------------------- 2. masking (M_prop, M_gap)
 def test_gap_mask_hides_exactly_M_prop_of_frames():
     """[2] every clip hides exactly round(M_prop * T) frames."""
     g = torch.Generator().manual_seed(0)
@@ -91,24 +93,40 @@ def test_gap_mask_covers_every_frame_over_many_draws():
     assert rate.min() > 0.02 and rate[100:200].min() > 0.4 and abs(rate.mean().item() - 0.5) < 1e-6
 
 
-def test_gap_mask_is_the_sequential_procedure_of_its_docstring():
-    """[2] the vectorized gap_mask equals the plain loop over span starts, on many random cases."""
+def test_gap_mask_hides_spans_in_the_order_randperm_draws_their_starts_reference():
+    """[2] reference check of this implementation (its RNG stream): each clip's starts come from one
+    torch.randperm draw, the spans after them are hidden in that order, the last one trimmed."""
     rng = np.random.default_rng(0)
     for trial in range(150):
         T, M_gap = int(rng.integers(1, 70)), int(rng.integers(1, 20))
         M_prop = float(rng.choice([0.05, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8, 0.95]))
         lengths = torch.from_numpy(rng.integers(1, T + 1, size=3))
         mask = gap_mask(lengths, T, M_prop, M_gap, torch.Generator().manual_seed(trial))
-        noise = torch.rand(3, T, generator=torch.Generator().manual_seed(trial))  # the same draws
+        g = torch.Generator().manual_seed(trial)  # the same draws, clip after clip
         for b, length in enumerate(lengths.tolist()):
-            n, hidden = round(M_prop * length), []
-            for s in sorted(range(max(length - M_gap, 0) + 1), key=lambda s: noise[b, s]):
+            n, hidden = min(round(M_prop * length), length - 1), []
+            for s in torch.randperm(max(length - M_gap, 0) + 1, generator=g).tolist():
                 hidden += [t for t in range(s, min(s + M_gap, length)) if t not in hidden]
             expected = torch.zeros(T, dtype=torch.bool)
             expected[hidden[:n]] = True
             assert torch.equal(mask[b], expected), (T, M_gap, M_prop, length)
 
 
+# ---------------------------------------------------------------- 2.1 EnCodec: inputs and targets
+def test_codec_frames_are_75_hz_for_any_length(codec):
+    """[2.1] 24 kHz audio gives ceil(n / 320) frames, also for lengths that are not whole hops."""
+    for n in (320, 321, 24000, 33333):
+        feats, codes = codec(torch.randn(1, n) * 0.1)
+        assert feats.shape[1] == codes.shape[1] == M.num_frames(n)
+
+
+def test_offline_pretrained_codec_fails_loudly_with_the_alternatives(tmp_path):
+    """[3.1] a missing local checkpoint is an error that names the file, never a random fallback."""
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        D.load_codec(str(tmp_path / "missing.th"))
+
+
+# ---------------------------------------------------------------- 2.2 the masked autoencoder
 def encoder_io(net, *args):
     """Run net.forward and capture what its encoder receives and returns (forward hook)."""
     seen = {}
@@ -138,6 +156,14 @@ def test_positions_are_added_before_masking():
     _, _, h_early = encoder_io(net, feats, targets, early[None].expand(2, -1))
     _, _, h_late = encoder_io(net, moved, targets, late[None].expand(2, -1))
     assert (h_early - h_late).abs().max() > 1e-3
+
+
+def test_sinusoidal_positions_follow_the_transformer_formula():
+    """[2.2] PE(t, 2i) = sin(t / 10000^(2i/D)), PE(t, 2i+1) = cos(t / 10000^(2i/D))."""
+    pe = M.sinusoidal_positions(50, 8)
+    for t, i in [(0, 0), (1, 0), (7, 1), (49, 3)]:
+        angle = t / 10000 ** (2 * i / 8)
+        assert abs(pe[t, 2 * i] - np.sin(angle)) < 1e-5 and abs(pe[t, 2 * i + 1] - np.cos(angle)) < 1e-5
 
 
 def test_gather_visible_and_restore_sequence_round_trip():
@@ -200,15 +226,74 @@ def test_decoder_puts_one_learned_mask_token_at_hidden_positions_with_their_posi
     assert torch.allclose(h[a] - h[b], pos[a] - pos[b], atol=1e-5)
 
 
-def test_sinusoidal_positions_follow_the_transformer_formula():
-    """[2.2] PE(t, 2i) = sin(t / 10000^(2i/D)), PE(t, 2i+1) = cos(t / 10000^(2i/D))."""
-    pe = M.sinusoidal_positions(50, 8)
-    for t, i in [(0, 0), (1, 0), (7, 1), (49, 3)]:
-        angle = t / 10000 ** (2 * i / 8)
-        assert abs(pe[t, 2 * i] - np.sin(angle)) < 1e-5 and abs(pe[t, 2 * i + 1] - np.cos(angle)) < 1e-5
+@pytest.mark.parametrize("n_kmeans_streams", [0, 1])
+def test_head_predicts_K_logits_for_each_stream(n_kmeans_streams):
+    """[2.2] the head outputs (B, T, S, 1024) with S = 8 codec streams (+1 after self-training)."""
+    net = EnCodecMAE(make_config("tiny", n_kmeans_streams=n_kmeans_streams))
+    h = torch.randn(2, 300, net.cfg.d_model)
+    assert net.head(h).shape == (2, 300, 8 + n_kmeans_streams, 1024)
 
 
-# ---------------------------------------------------------------- loss [2.3]
+def test_non_bool_masks_and_misshapen_padding_are_refused():
+    """[2.2] mask and padding must be bool (B, T): 0/1 integers would index frames, not select them."""
+    net = EnCodecMAE(make_config("tiny"))
+    feats, targets = torch.randn(2, 30, 128), torch.randint(0, 1024, (2, 30, 8))
+    mask = gap_mask(torch.full((2,), 30), 30, 0.5, 5, torch.Generator().manual_seed(0))
+    for bad in (mask.to(torch.uint8), mask.long(), mask.float()):
+        with pytest.raises(TypeError, match="mask must be a bool tensor"):
+            net(feats, targets, bad)
+    with pytest.raises(ValueError, match=r"padding has shape \(2, 31\)"):
+        net(feats, targets, mask, torch.zeros(2, 31, dtype=torch.bool))
+    with pytest.raises(TypeError, match="padding must be a bool tensor"):
+        net.embed(feats, torch.zeros(2, 30))
+    with pytest.raises(ValueError, match="mask has shape"):
+        net(feats, targets, mask[:, :20])
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, K=1024\)"):
+        net(feats, targets + 1024, mask)
+    with pytest.raises(TypeError, match="expected int64 codes"):
+        net(feats, targets.int(), mask)
+    with pytest.raises(ValueError, match="layer=3"):
+        net.embed(feats, layer=3)
+
+
+@pytest.mark.parametrize("overrides", [dict(mask_mode="token"), dict(Q=4), dict(M_prop=0.3, M_gap=5, delta=1.0)])
+def test_ablation_switches_train(overrides):
+    """[2.2, 3.1] BERT-style token masking, fewer codebooks, other M_prop/M_gap/delta: a step runs."""
+    cfg = make_config("tiny", **overrides)
+    net = EnCodecMAE(cfg)
+    feats, targets = torch.randn(2, 300, 128), torch.randint(0, 1024, (2, 300, cfg.Q))
+    mask = gap_mask(torch.full((2,), 300), 300, cfg.M_prop, cfg.M_gap, torch.Generator().manual_seed(0))
+    out = net(feats, targets, mask)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.masked_acc.shape == (cfg.Q,)
+    assert mask.sum(1).tolist() == [round(cfg.M_prop * 300)] * 2
+    assert all(p.grad is not None for p in net.parameters())  # no dead weights (DDP would refuse them)
+
+
+@pytest.mark.parametrize("size", ["small", "base", "large"])
+def test_parameter_counts_match_table_1(size):
+    """[Table 1] EnCodec encoder + input projection + MAE encoder within 5% of 51M / 94M / 269M."""
+    n = M.count_parameters(make_config(size))
+    assert abs(n / M.TABLE1_PARAMS[size] - 1) < 0.05, n
+
+
+def test_config_refuses_inconsistent_values():
+    """[2.3] gamma_q must have Q weights summing to 1, M_prop in (0, 1), ...: a ValueError naming it."""
+    for bad, field in [(dict(gamma_q=(0.5, 0.5)), "gamma_q"), (dict(Q=9), "Q=9"), (dict(M_prop=1.5), "M_prop"),
+                       (dict(M_gap=0), "M_gap"), (dict(delta=-0.1), "delta"), (dict(n_heads=3), "n_heads"),
+                       (dict(mask_mode="bert"), "mask_mode")]:
+        with pytest.raises(ValueError, match=field):
+            make_config("tiny", **bad)
+    with pytest.raises(ValueError, match="unknown model size"):
+        make_config("huge")
+    with pytest.raises(TypeError, match="dropout"):
+        M.ModelConfig(**{**asdict(make_config("tiny")), "dropout": 0.1})
+    with pytest.raises(ValueError, match="M_prop"):
+        M.ModelConfig(**{**asdict(make_config("tiny")), "M_prop": 0.0})
+    assert len(make_config("tiny", Q=4).gamma_q) == 4
+
+
+# ---------------------------------------------------------------- 2.3 the loss
 def test_loss_equals_the_equation_term_by_term():
     """[2.3] the vectorised loss equals a naive loop over q, t and the batch."""
     torch.manual_seed(0)
@@ -283,31 +368,7 @@ def test_micro_batch_losses_add_up_to_the_whole_batch():
         total = getattr(parts[0], field) + getattr(parts[1], field)
         assert torch.allclose(total, getattr(whole, field), atol=1e-5), field
     per_call = [net(feats[i:i + 1], targets[i:i + 1], mask[i:i + 1], padding[i:i + 1]) for i in (0, 1)]
-    assert abs(per_call[0].loss + per_call[1].loss - 2 * whole.loss) > 0.1  # counts matter here
-
-
-def test_non_bool_masks_and_misshapen_padding_are_refused():
-    """[2.2] mask and padding must be bool (B, T): 0/1 integers would index frames, not select them."""
-    net = EnCodecMAE(make_config("tiny"))
-    feats, targets = torch.randn(2, 30, 128), torch.randint(0, 1024, (2, 30, 8))
-    mask = gap_mask(torch.full((2,), 30), 30, 0.5, 5, torch.Generator().manual_seed(0))
-    for bad in (mask.to(torch.uint8), mask.long(), mask.float()):
-        with pytest.raises(TypeError, match="mask must be a bool tensor"):
-            net(feats, targets, bad)
-        with pytest.raises(TypeError, match="mask must be a bool tensor"):
-            M.masked_token_loss(torch.randn(2, 30, 8, 16), targets % 16, bad, mask, net.gamma, 0.9)
-    with pytest.raises(ValueError, match=r"padding has shape \(2, 31\)"):
-        net(feats, targets, mask, torch.zeros(2, 31, dtype=torch.bool))
-    with pytest.raises(TypeError, match="padding must be a bool tensor"):
-        net.embed(feats, torch.zeros(2, 30))
-    with pytest.raises(ValueError, match="mask has shape"):
-        net(feats, targets, mask[:, :20])
-    with pytest.raises(ValueError, match=r"targets must lie in \[0, K=1024\)"):
-        net(feats, targets + 1024, mask)
-    with pytest.raises(TypeError, match="targets must be int64"):
-        net(feats, targets.int(), mask)
-    with pytest.raises(ValueError, match="layer=3"):
-        net.embed(feats, layer=3)
+    assert abs(per_call[0].loss + per_call[1].loss - 2 * whole.loss) > 1e-3  # counts matter here
 
 
 def test_gamma_q_is_the_error_each_stage_leaves_on_real_frames():
@@ -323,111 +384,25 @@ def test_gamma_q_is_the_error_each_stage_leaves_on_real_frames():
     clips = torch.zeros(2, 4 * HOP)
     clips[0], clips[1, : 2 * HOP] = 1.0, 1.0  # clip 1: 2 real frames, then 2 frames of zero padding
     # Real frames (1.0) leave 0.5 then 0.1; the padding's frames (0.0) would leave 0.5 then 0.9.
-    gamma = M.estimate_gamma(stub, clips, Q=2, batch=1, lengths=torch.tensor([4 * HOP, 2 * HOP - 5]))
+    gamma = train.estimate_gamma(stub, clips, Q=2, batch=1, lengths=torch.tensor([4 * HOP, 2 * HOP - 5]))
     assert torch.allclose(gamma, torch.tensor([5 / 6, 1 / 6]))
-    assert torch.allclose(M.estimate_gamma(stub, clips[:1], Q=2), torch.tensor([5 / 6, 1 / 6]))
+    assert torch.allclose(train.estimate_gamma(stub, clips[:1], Q=2), torch.tensor([5 / 6, 1 / 6]))
     with pytest.raises(ValueError, match="lengths must give"):
-        M.estimate_gamma(stub, clips, Q=2, lengths=torch.tensor([4 * HOP, 0]))
-
-
-# ---------------------------------------------------------------- architecture [2.2]
-@pytest.mark.parametrize("n_kmeans_streams", [0, 1])
-def test_head_predicts_K_logits_for_each_stream(n_kmeans_streams):
-    """[2.2] the head outputs (B, T, S, 1024) with S = 8 codec streams (+1 after self-training)."""
-    net = EnCodecMAE(make_config("tiny", n_kmeans_streams=n_kmeans_streams))
-    h = torch.randn(2, 300, net.cfg.d_model)
-    assert net.head(h).shape == (2, 300, 8 + n_kmeans_streams, 1024)
-
-
-def test_adding_the_kmeans_stream_keeps_stage_one_weights():
-    """[2.3] self-training starts from the stage-1 weights; only the new head rows are new."""
-    net = EnCodecMAE(make_config("tiny"))
-    new = M.add_kmeans_stream(net)
-    assert new.cfg.n_streams == 9
-    assert torch.equal(new.head.linear.weight[: 8 * 1024], net.head.linear.weight)
-    assert torch.equal(new.encoder.layers[0].qkv.weight, net.encoder.layers[0].qkv.weight)
-
-
-@pytest.mark.parametrize("overrides", [dict(mask_mode="token"), dict(Q=4), dict(M_prop=0.3, M_gap=5, delta=1.0)])
-def test_ablation_switches_train(overrides):
-    """[2.2, 3.1] BERT-style token masking, fewer codebooks, other M_prop/M_gap/delta: a step runs."""
-    cfg = make_config("tiny", **overrides)
-    net = EnCodecMAE(cfg)
-    feats, targets = torch.randn(2, 300, 128), torch.randint(0, 1024, (2, 300, cfg.Q))
-    mask = gap_mask(torch.full((2,), 300), 300, cfg.M_prop, cfg.M_gap, torch.Generator().manual_seed(0))
-    out = net(feats, targets, mask)
-    out.loss.backward()
-    assert torch.isfinite(out.loss) and out.masked_acc.shape == (cfg.Q,)
-    assert mask.sum(1).tolist() == [round(cfg.M_prop * 300)] * 2
-    assert all(p.grad is not None for p in net.parameters())  # no dead weights (DDP would refuse them)
-
-
-@pytest.mark.parametrize("size", ["small", "base", "large"])
-def test_parameter_counts_match_table_1(size):
-    """[Table 1] EnCodec encoder + input projection + MAE encoder within 5% of 51M / 94M / 269M."""
-    n = M.count_parameters(make_config(size))
-    assert abs(n / M.TABLE1_PARAMS[size] - 1) < 0.05, n
-
-
-def test_config_refuses_inconsistent_values():
-    """[2.3] gamma_q must have Q weights summing to 1, M_prop in (0, 1), ...: a ValueError naming it."""
-    for bad, field in [(dict(gamma_q=(0.5, 0.5)), "gamma_q"), (dict(Q=9), "Q=9"), (dict(M_prop=1.5), "M_prop"),
-                       (dict(M_gap=0), "M_gap"), (dict(delta=-0.1), "delta"), (dict(n_heads=3), "n_heads"),
-                       (dict(mask_mode="bert"), "mask_mode")]:
-        with pytest.raises(ValueError, match=field):
-            make_config("tiny", **bad)
-    with pytest.raises(ValueError, match="unknown model size"):
-        make_config("huge")
-    with pytest.raises(ValueError, match="unknown fields"):
-        M.config_from_dict({**asdict(make_config("tiny")), "dropout": 0.1})
-    with pytest.raises(ValueError, match="M_prop"):
-        M.config_from_dict({**asdict(make_config("tiny")), "M_prop": 0.0})
-    assert len(make_config("tiny", Q=4).gamma_q) == 4
-
-
-# ---------------------------------------------------------------- the codec [2.1]
-def test_random_codec_is_deterministic_and_uses_many_codes(codec):
-    """[2.1] the seeded random codec gives the same targets twice and many distinct codes per stream."""
-    from demo import demo_clips
-    wav = demo_clips(8, seconds=1.0, seed=21)
-    feats, codes = codec(wav)
-    assert feats.shape == (8, 75, 128) and codes.shape == (8, 75, 8)
-    D._RANDOM_CODECS.clear()  # rebuild it from the seed alone
-    with pytest.warns(UserWarning):
-        again = D.load_codec("random", seed=0)
-    assert torch.equal(again(wav)[1], codes) and torch.allclose(again(wav)[0], feats)
-    distinct = [codes[..., q].unique().numel() for q in range(8)]
-    assert min(distinct) >= 100, distinct
+        train.estimate_gamma(stub, clips, Q=2, lengths=torch.tensor([4 * HOP, 0]))
 
 
 def test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks(codec):
     """[3.1] on the codec, gamma_q sums to 1 and falls from the first residual stage to the last."""
-    from demo import demo_clips
-    gamma = M.estimate_gamma(codec, demo_clips(8, seconds=1.0, seed=11))
+    gamma = train.estimate_gamma(codec, demo.demo_clips(8, seconds=1.0, seed=11))
     assert gamma.shape == (8,) and abs(gamma.sum().item() - 1) < 1e-6 and (gamma > 0).all()
     assert gamma[0] > gamma[-1]  # residual stages explain less and less
     assert abs(sum(M.RELEASED_GAMMA_Q) - 1) < 1e-3  # the released default for pretrained EnCodec
 
 
-def test_codec_frames_are_75_hz_for_any_length(codec):
-    """[2.1] 24 kHz audio gives ceil(n / 320) frames, also for lengths that are not whole hops."""
-    for n in (320, 321, 24000, 33333):
-        feats, codes = codec(torch.randn(1, n) * 0.1)
-        assert feats.shape[1] == codes.shape[1] == M.num_frames(n)
-
-
-def test_offline_pretrained_codec_fails_loudly_with_the_alternatives(tmp_path):
-    """[3.1] a missing local checkpoint is an error that names the file, never a random fallback."""
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        D.load_codec(str(tmp_path / "missing.th"))
-
-
-# ---------------------------------------------------------------- learning and features
 def test_tiny_model_overfits_one_batch(codec):
     """[2.3] on one fixed batch and mask, masked top-1 accuracy climbs far above chance (1/1024)."""
-    from demo import demo_clips
     torch.manual_seed(0)
-    feats, codes = codec(demo_clips(2, seconds=2.0, seed=31))
+    feats, codes = codec(demo.demo_clips(2, seconds=2.0, seed=31))
     mask = gap_mask(torch.full((2,), 150), 150, 0.5, 15, torch.Generator().manual_seed(0))
     net = EnCodecMAE(make_config("tiny"))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
@@ -441,881 +416,7 @@ def test_tiny_model_overfits_one_batch(codec):
     assert out.masked_acc.mean() > 0.3, out.masked_acc  # chance is 0.001
 
 
-def test_embed_layers_count_from_the_input_and_padding_is_ignored():
-    """[3.1] embed(layer=k) is block k's output (only the full stack is normed); padding changes nothing."""
-    torch.manual_seed(4)
-    net = EnCodecMAE(make_config("tiny")).eval()
-    feats = torch.randn(2, 40, 128)
-    with torch.no_grad():
-        last, top, first = net.embed(feats), net.embed(feats, layer=2), net.embed(feats, layer=1)
-        assert torch.equal(last, top) and not torch.allclose(first, top, atol=1e-2)
-        assert first.std(-1).sub(1).abs().max() > 0.1  # block 1's raw output is not layer-normed
-        padding = torch.arange(40)[None] >= torch.tensor([40, 25])[:, None]
-        padded = net.embed(torch.where(padding[..., None], 100.0, feats), padding)
-        assert torch.allclose(padded[1, :25], net.embed(feats[1:, :25])[0], atol=1e-5)
-
-
-def test_chunked_features_equal_the_concatenated_halves(codec):
-    """[3.1] an 8-s clip is embedded as two 4-s chunks whose frames are concatenated."""
-    from demo import demo_clips
-    net = EnCodecMAE(make_config("tiny")).eval()
-    wav = demo_clips(1, seconds=8.0, seed=41)
-    whole = M.embed_audio(net, codec, wav)
-    halves = [net.embed(codec.features(h)) for h in wav.split(M.CROP_SAMPLES, dim=1)]
-    assert whole.shape == (1, 600, net.cfg.d_model)
-    assert torch.allclose(whole, torch.cat(halves, 1), atol=1e-5)
-    tail = M.embed_audio(net, codec, wav[:, : M.CROP_SAMPLES + 5000])  # a partial last chunk
-    assert tail.shape[1] == M.num_frames(M.CROP_SAMPLES + 5000)
-
-
-# ---------------------------------------------------------------- data: reading audio, crops, the cache [3.1]
-class StandInCodec(torch.nn.Module):
-    """A tiny causal stand-in for EnCodec with its forward: (B, n) -> (B, T, 128), (B, T, 8)."""
-    n_q, dim, source = 8, 128, "stand-in"
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.proj = torch.nn.Parameter(torch.randn(HOP, 128, generator=g) / HOP ** 0.5)
-        self.books = torch.nn.Parameter(torch.randn(128, 8 * 1024, generator=g))
-
-    @torch.no_grad()
-    def forward(self, wav):
-        B, n = wav.shape
-        T = num_frames(n)
-        frames = F.pad(wav, (0, T * HOP - n)).view(B, T, HOP)
-        feats = torch.tanh(frames @ self.proj * 10)  # (B, T, 128)
-        feats = feats + feats.cumsum(1) / torch.arange(1, T + 1)[:, None]  # causal context (LSTM)
-        return feats, (feats @ self.books).view(B, T, 8, 1024).argmax(-1)  # (B, T, 128), (B, T, 8)
-
-
-def tone(seconds, rate=SAMPLE_RATE, freq=440.0, channels=1):
-    t = np.arange(round(seconds * rate)) / rate
-    x = 0.5 * np.sin(2 * np.pi * freq * t)
-    return np.stack([x * (c + 1) / channels for c in range(channels)], 1) if channels > 1 else x
-
-
-def write(tmp_path, name, x, rate=SAMPLE_RATE, subtype=None):
-    path = str(tmp_path / name)
-    sf.write(path, x, rate, subtype=subtype)
-    return path
-
-
-
-def test_read_audio_handles_mono_stereo_8bit_and_float(tmp_path):
-    """[3.1] every format becomes mono float32 at 24 kHz; stereo is the mean of its channels."""
-    mono = D.read_audio(write(tmp_path, "mono.wav", tone(1.0)))
-    stereo = D.read_audio(write(tmp_path, "stereo.flac", tone(1.0, channels=2)))
-    u8 = D.read_audio(write(tmp_path, "u8.wav", tone(1.0), subtype="PCM_U8"))
-    flt = D.read_audio(write(tmp_path, "float.wav", tone(1.0), subtype="FLOAT"))
-    assert all(x.dtype == torch.float32 and x.shape == (24000,) for x in (mono, stereo, u8, flt))
-    expected = 0.75 * torch.from_numpy(tone(1.0)).float()  # (0.5 x + 1.0 x) / 2
-    assert torch.allclose(stereo, expected, atol=1e-3)
-    assert torch.allclose(u8, flt, atol=1 / 64) and torch.allclose(mono, flt, atol=1e-4)
-
-
-def test_integer_audio_reads_exactly_as_libsndfile_scales_it(tmp_path):
-    """[3.1] 8-, 16- and 24-bit files, read as integers for speed, give libsndfile's float values."""
-    x = np.random.default_rng(0).uniform(-1, 1, (5000, 2))
-    for name, subtype in [("u8.wav", "PCM_U8"), ("s16.wav", "PCM_16"), ("s16.flac", "PCM_16"),
-                          ("s24.flac", "PCM_24"), ("s32.wav", "PCM_32")]:
-        path = write(tmp_path, name, x, subtype=subtype)
-        assert torch.equal(D.read_audio(path), torch.from_numpy(sf.read(path, dtype="float32")[0].mean(1))), name
-
-
-def test_other_sample_rates_are_resampled_to_24k_keeping_duration_and_pitch(tmp_path):
-    """[3.1] 16 kHz and 44.1 kHz files come out at 24 kHz with the same duration and frequency."""
-    for rate in (16000, 44100):
-        wav = D.read_audio(write(tmp_path, f"r{rate}.wav", tone(2.5, rate, freq=1000.0), rate, "FLOAT"))
-        assert wav.shape == (60000,)
-        spectrum = torch.fft.rfft(wav).abs()
-        assert abs(spectrum.argmax().item() * SAMPLE_RATE / len(wav) - 1000) < 1
-
-
-def test_partial_reads_equal_slices_of_the_whole_file(tmp_path):
-    """[3.1] reading only a crop (wav at 3 rates, mp3) equals reading the file and slicing it."""
-    rng = np.random.default_rng(0)
-    for rate, name in ((24000, "a.wav"), (44100, "b.wav"), (16000, "c.wav"), (24000, "d.mp3")):
-        subtype = None if name.endswith("mp3") else "FLOAT"
-        path = write(tmp_path, name, 0.1 * rng.standard_normal(3 * rate), rate, subtype)
-        whole = D.read_audio(path)  # an mp3 decoder needs a warm-up after a seek: read_audio pre-rolls
-        for start in (0, 320, 20480, 70000):
-            part = D.read_audio(path, start, 1000)
-            assert torch.allclose(part, whole[start: start + 1000], atol=1e-6), (name, start)
-
-
-def test_bad_files_raise_audio_error_and_silence_is_valid(tmp_path):
-    """[3.1] corrupt, empty, cut-short, NaN, huge and absurd-rate files fail loudly; silence is audio."""
-    corrupt = tmp_path / "corrupt.wav"
-    corrupt.write_bytes(np.random.default_rng(0).bytes(4000))
-    (tmp_path / "empty.wav").write_bytes(b"")
-    nan = tone(1.0)
-    nan[100] = np.nan
-    (tmp_path / "random.mp3").write_bytes(np.random.default_rng(1).bytes(4000))  # libsndfile: "not a regular file"
-    (tmp_path / "folder.wav").mkdir()
-    huge = tone(1.0)
-    huge[100] = 1e30
-    bad = {"corrupt.wav": "not an audio file libsndfile can decode", "empty.wav": "empty file",
-           "random.mp3": "not an audio file libsndfile can decode", "folder.wav": "a folder",
-           write(tmp_path, "zero.wav", np.zeros(0)): "empty",
-           write(tmp_path, "nan.wav", nan, subtype="FLOAT"): "NaN",
-           write(tmp_path, "huge.wav", huge, subtype="FLOAT"): "beyond",
-           write(tmp_path, "slow.wav", tone(1.0, 100), 100): "absurd sample rate"}
-    for ext in ("mp3", "flac"):  # cut short: the header still promises the whole second
-        whole = (tmp_path / write(tmp_path, f"whole.{ext}", tone(1.0))).read_bytes()
-        (tmp_path / f"cut.{ext}").write_bytes(whole[: len(whole) // 3])
-        bad[f"cut.{ext}"] = "truncated"
-    with pytest.raises(D.AudioError, match="truncated"):  # flac: already the cheap header scan
-        D.probe_audio(tmp_path / "cut.flac")
-    for name, reason in bad.items():
-        with pytest.raises(D.AudioError, match=reason) as err:
-            D.read_audio(tmp_path / name)
-        assert os.path.basename(name) in str(err.value)  # the message names the file
-    assert D.read_audio(write(tmp_path, "silence.wav", np.zeros(8000))).abs().max() == 0
-
-
-def test_list_audio_walks_folders_and_reads_relative_file_lists(tmp_path):
-    """[3.1] datasets come from folders (recursive, sorted) and .txt lists relative to the list."""
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    paths = [write(tmp_path / "a", "2.wav", tone(0.1)), write(tmp_path / "a" / "b", "1.flac", tone(0.1))]
-    (tmp_path / "a" / "notes.txt").write_text("ignored")
-    assert D.list_audio(tmp_path / "a") == sorted(paths)
-    (tmp_path / "list.txt").write_text("# a comment\na/2.wav\n\n" + paths[1] + "\n")
-    assert D.list_audio([str(tmp_path / "list.txt")]) == [str(tmp_path / "a" / "2.wav"), paths[1]]
-    with pytest.raises(FileNotFoundError, match="missing"):
-        D.list_audio([str(tmp_path / "missing")])
-    (tmp_path / "a" / "x.wav").mkdir()  # a folder named like audio: searched, and said so
-    with pytest.warns(UserWarning, match="x.wav: a folder named like an audio file"):
-        assert D.list_audio(tmp_path / "a") == sorted(paths)
-
-
-# ---------------------------------------------------------------- crops [3.1]
-def test_short_clips_are_padded_with_a_frame_mask(tmp_path):
-    """[3.1] a clip shorter than 4 s is zero-padded and its padded frames are marked True."""
-    ds = D.CropDataset([write(tmp_path, "short.wav", tone(1.5))])
-    crop = ds[0]
-    assert len(ds) == 1 and crop.wav.shape == (CROP_SAMPLES,) and crop.padding.shape == (CROP_FRAMES,)
-    assert crop.wav[36000:].abs().max() == 0 and crop.wav[:36000].abs().max() > 0.4
-    assert crop.padding.sum() == CROP_FRAMES - num_frames(36000) and not crop.padding[:113].any()
-    assert (crop.extra == -1).all()
-
-
-def test_long_files_are_visited_in_proportion_to_length_at_hop_aligned_starts(tmp_path):
-    """[3.1] a 30-s file counts ceil(30 / 4) = 8 crops per epoch, each starting on a codec hop."""
-    ramp = np.arange(30 * SAMPLE_RATE) / 2 ** 20  # a sample's value encodes its index, exact in float32
-    ds = D.CropDataset([write(tmp_path, "long.wav", ramp, subtype="FLOAT"),
-                        write(tmp_path, "four.wav", tone(4.0))])
-    assert len(ds) == 9 and list(ds.file_of(np.arange(9))).count(0) == 8
-    starts = [round(ds[i].wav[0].item() * 2 ** 20) for i in range(8)]
-    assert all(s % HOP == 0 and s + CROP_SAMPLES <= len(ramp) for s in starts) and len(set(starts)) > 4
-    assert not ds[0].padding.any()
-    assert torch.allclose(ds[8].wav, torch.from_numpy(tone(4.0)).float(), atol=1e-4)
-
-
-def test_crops_are_deterministic_given_seed_epoch_and_index(tmp_path):
-    """[3.1] the same (seed, epoch, index) gives the same crop; a new epoch or seed gives new crops."""
-    paths = [write(tmp_path, "noise.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 20 * SAMPLE_RATE))]
-    a, b, c = D.CropDataset(paths, seed=1), D.CropDataset(paths, seed=1), D.CropDataset(paths, seed=2)
-    crops = lambda ds: torch.stack([ds[i].wav[:HOP] for i in range(len(ds))])  # noqa: E731
-    assert torch.equal(crops(a), crops(b)) and not torch.equal(crops(a), crops(c))
-    b.set_epoch(1)
-    assert not torch.equal(crops(a), crops(b))
-
-
-def test_bad_files_are_skipped_counted_and_never_crash_a_dataloader(tmp_path):
-    """[3.1] bad files get one warning each and a count; a file failing at read time is replaced."""
-    (tmp_path / "corrupt.wav").write_bytes(np.random.default_rng(0).bytes(4000))
-    (tmp_path / "empty.wav").write_bytes(b"")
-    write(tmp_path, "zero.wav", np.zeros(0))
-    nan = tone(5.0)
-    nan[::1000] = np.inf  # passes the header scan, fails when read
-    write(tmp_path, "nan.wav", nan, subtype="FLOAT")
-    write(tmp_path, "good.wav", tone(6.0))
-    write(tmp_path, "silence.wav", np.zeros(SAMPLE_RATE))
-    with pytest.warns(UserWarning) as caught:
-        ds = D.CropDataset(D.list_audio(tmp_path))
-    assert ds.n_skipped == 3 and len(caught) == 3 and all("skipping" in str(w.message) for w in caught)
-    with pytest.warns(UserWarning, match="NaN or inf"):
-        batches = list(DataLoader(ds, batch_size=2))
-    assert sum(len(b.wav) for b in batches) == len(ds) == 5  # nan 2 + good 2 + silence 1
-    assert all(torch.isfinite(b.wav).all() for b in batches) and len(ds.failed) == 1
-    assert ds.n_skipped == 4  # 3 at the scan, 1 when read
-
-
-def test_default_collate_batches_crops_as_named_tuples(tmp_path):
-    """[3.1] torch's default collate keeps the Crop fields, batch-first."""
-    ds = D.CropDataset([write(tmp_path, "a.wav", tone(9.0))])
-    batch = next(iter(DataLoader(ds, batch_size=3)))
-    assert isinstance(batch, D.Crop) and batch.wav.shape == (3, CROP_SAMPLES)
-    assert batch.padding.shape == batch.extra.shape == (3, CROP_FRAMES)
-    assert batch.padding.dtype == torch.bool and batch.extra.dtype == torch.int64
-
-
-def test_kmeans_store_labels_line_up_with_crop_frames(tmp_path):
-    """[2.3] stored k-means targets are cut at the crop's frames; a frame-count mismatch fails."""
-    paths = [write(tmp_path, "a.wav", np.arange(10 * SAMPLE_RATE) / 2 ** 20, subtype="FLOAT"),
-             write(tmp_path, "b.wav", tone(2.0))]
-    store = tmp_path / "store"
-    store.mkdir()
-    for i, (path, T) in enumerate(zip(paths, (750, 150))):
-        np.save(store / f"{i}.npy", (np.arange(T) % 1024).astype(np.int16))
-    (store / "index.json").write_text(json.dumps({p: {"npy": f"{i}.npy", "frames": T}
-                                                  for i, (p, T) in enumerate(zip(paths, (750, 150)))}))
-    ds = D.CropDataset(paths, extra_store=str(store))
-    for i in range(len(ds)):
-        crop = ds[i]
-        first = round(crop.wav[0].item() * 2 ** 20) // HOP if i < 3 else 0
-        real = (~crop.padding).sum()
-        assert torch.equal(crop.extra[:real], torch.arange(first, first + real) % 1024)
-        assert (crop.extra[real:] == -1).all()
-    np.save(store / "1.npy", np.zeros(149, np.int16))
-    with pytest.raises(AssertionError, match="149 labels for 150 frames"):
-        D.CropDataset(paths, extra_store=str(store))[3]
-
-
-def test_mixing_follows_weights_and_holdout_is_fixed(tmp_path):
-    """[3.1] mixed datasets fill shares set by their weights; the validation split is seeded."""
-    a = D.CropDataset([write(tmp_path, "a.wav", tone(40.0))])  # 10 items
-    b = D.CropDataset([write(tmp_path, "b.wav", tone(8.0))])  # 2 items
-    assert len(D.mix_datasets([a, b])) == 12
-    mixed = D.mix_datasets([a, b], weights=[1, 3])
-    where = np.array([mixed.locate(k) for k in range(len(mixed))])  # (12, 2) dataset, item
-    assert len(mixed) == 12 and (where[:, 0] == 1).sum() == 9 and len(mixed[11].wav) == CROP_SAMPLES
-    assert (where[where[:, 0] == 1, 1] < 2).all() and len(set(where[where[:, 0] == 0, 1])) == 3
-    assert where[3:11].tolist() == [[1, 0], [1, 1]] * 4  # whole passes in order, then a random part
-    paths = [f"f{i}.wav" for i in range(20)]
-    train, valid = D.split_holdout(paths, 0.2, seed=0)
-    assert len(valid) == 4 and sorted(train + valid) == sorted(paths)
-    assert D.split_holdout(paths, 4, seed=0) == (train, valid) != D.split_holdout(paths, 4, seed=1)
-
-
-# ---------------------------------------------------------------- demo audio
-def test_demo_clips_are_deterministic_varied_and_not_clipped():
-    """Demo audio: same seed, same clips; every clip is audible, peaks at 0.5, and kinds differ."""
-    clips = demo.demo_clips(10, seconds=1.0, seed=3)
-    assert clips.shape == (10, SAMPLE_RATE) and torch.equal(clips, demo.demo_clips(10, seconds=1.0, seed=3))
-    assert torch.allclose(clips.abs().amax(1), torch.full((10,), 0.5)) and (clips.std(1) > 0.02).all()
-    assert not torch.equal(clips, demo.demo_clips(10, seconds=1.0, seed=4))
-    spectra = torch.fft.rfft(clips).abs()
-    centroid = (spectra * torch.arange(spectra.shape[1])).sum(1) / spectra.sum(1)  # (10,)
-    assert len(set(centroid.round().tolist())) == 10
-    with pytest.raises(ValueError, match="unknown synthetic kind"):
-        demo.synth_clip("drum", 1.0, 0)
-
-
-def test_demo_dataset_has_varied_lengths_and_trains_through_crops(tmp_path):
-    """Demo data set: 16-bit wavs shorter and longer than 4 s, written once, read as crops."""
-    paths = demo.write_demo_dataset(tmp_path, n_files=6, seed=0)
-    assert demo.write_demo_dataset(tmp_path, n_files=6, seed=0) == paths
-    durations = [sf.info(p).duration for p in paths]
-    assert min(durations) < 4 < max(durations) and sf.info(paths[0]).subtype == "PCM_16"
-    listed = D.list_audio(["demo"], demo_dir=str(tmp_path / "demo"))  # what --data demo reads
-    assert len(listed) == 64
-    assert [os.path.basename(p) for p in listed[:6]] == [os.path.basename(p) for p in paths]
-    ds = D.CropDataset(paths)
-    assert len(ds) >= 6 and ds.n_skipped == 0 and ds[0].wav.abs().max() > 0.1
-
-
-MISSING_SOURCES = demo.missing_sources()  # fluidsynth, its soundfont, espeak-ng: optional Debian packages
-needs_real_sources = pytest.mark.skipif(bool(MISSING_SOURCES), reason="real demo sources not installed: "
-                                        + "; ".join(MISSING_SOURCES) + f" ({demo.APT})")
-
-
-def task_files(root):
-    """{relative path: bytes} of every file under root."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@needs_real_sources
-def test_real_tasks_keep_test_instruments_and_voices_unseen_and_labels_as_documented(tmp_path):
-    """Real demo tasks: same bytes for a seed; test programs and voices never in train or valid."""
-    args = dict(seed=5, clips=(4, 1, 8), seconds=(0.5, 0.5, 0.5))
-    demo.make_real_tasks(tmp_path / "a", **args)
-    demo.make_real_tasks(tmp_path / "b", **args)
-    assert task_files(tmp_path / "a") == task_files(tmp_path / "b")
-    programs, voices = demo.program_split(5), demo.voice_split(5)
-    for task in ("instrument-family", "spoken-keyword", "spoken-language"):
-        root = tmp_path / "a" / task
-        sources = json.loads((root / "sources.json").read_text())
-        for split in ("train", "valid", "test"):
-            labels = json.loads((root / f"{split}.json").read_text())
-            assert sorted(labels) == sorted(sources[split])
-            assert len(labels) == dict(zip(("train", "valid", "test"), args["clips"]))[split]
-            for name, source in sources[split].items():
-                assert (root / "48000" / split / name).exists()
-                if task == "instrument-family":  # the family is the program's GM family, p // 8
-                    assert source in programs[split] and labels[name] == [demo.GM_FAMILIES[source // 8]]
-                else:
-                    assert source in voices[split]
-        if task != "instrument-family":
-            classes = demo.KEYWORDS[:8] if "keyword" in task else demo.LANGUAGES  # in turn, as documented
-            assert {labels[f"test_{i:04d}.wav"][0] for i in range(8)} == set(classes)
-        used = {split: set(sources[split].values()) for split in sources}
-        assert not used["test"] & (used["train"] | used["valid"])
-    assert all(sorted(programs[s]) == sorted(set(programs[s])) for s in programs)
-    assert sorted(sum(programs.values(), [])) == list(range(128)) and len(programs["test"]) == 32
-    families = lambda split: {p // 8 for p in programs[split]}
-    assert families("train") == families("valid") == families("test") == set(range(16))  # every family in each
-    groups = {v: g for g in demo.VOICE_GROUPS for v in g.split()}
-    assert sorted(sum(voices.values(), [])) == sorted(groups)
-    for a, b in [("train", "test"), ("train", "valid"), ("valid", "test")]:  # alike variants stay together
-        assert not {groups[v] for v in voices[a]} & {groups[v] for v in voices[b]}
-    assert demo.program_split(6) != programs and demo.voice_split(6) != voices
-
-
-@needs_real_sources
-def test_real_corpus_is_deterministic_varied_and_never_plays_valid_or_test_programs_or_voices(tmp_path):
-    """Real demo corpus: same bytes for a seed, every kind present, only train programs and voices."""
-    paths = demo.write_real_corpus(tmp_path / "a", hours=0.004, seed=2, seconds=(1.0, 1.5))
-    demo.write_real_corpus(tmp_path / "b", hours=0.004, seed=2, seconds=(1.0, 1.5))
-    assert task_files(tmp_path / "a") == task_files(tmp_path / "b")
-    assert D.list_audio([str(tmp_path / "a")]) == sorted(paths) and len(paths) >= 10
-    manifest = json.loads((tmp_path / "a" / "corpus.json").read_text())
-    kinds = {info["kind"] for info in manifest.values()}  # music, speech, ambience alone and mixed, a crowd
-    assert {part for kind in kinds for part in kind.split("+")} == {"music", "speech", "ambience", "babble"}
-    assert {"music", "speech", "ambience"} <= kinds and any("+" in kind for kind in kinds)
-    programs = {p for info in manifest.values() for p in info.get("programs", [])}
-    voices = {v for info in manifest.values() for v in info.get("voices", [])}
-    assert programs and programs <= set(demo.program_split(2)["train"])
-    assert voices and voices <= set(demo.voice_split(2)["train"])
-    for path in paths:
-        wav, rate = sf.read(path)
-        assert rate == SAMPLE_RATE and wav.std() > 0.01 and 0.45 < np.abs(wav).max() <= 0.5
-
-
-@needs_real_sources
-def test_a_missing_espeak_voice_variant_is_reported_not_silently_replaced(monkeypatch):
-    """espeak-ng would speak an unknown variant in its default voice, merging speakers: refuse."""
-    monkeypatch.setattr(demo, "VOICE_GROUPS", demo.VOICE_GROUPS + ("nosuchvoice",))
-    assert [m for m in demo.missing_sources() if "nosuchvoice" in m]
-    with pytest.raises(FileNotFoundError, match="nosuchvoice"):
-        demo.require_sources()
-
-
-def test_demo_real_names_the_missing_debian_package_in_one_line(tmp_path, monkeypatch, capsys):
-    """Without the optional sources, demo-real says which Debian package to install, exit status 2."""
-    monkeypatch.setattr(demo, "SOUNDFONT", str(tmp_path / "none.sf2"))
-    with pytest.raises(SystemExit) as exit:
-        D.run_cli(D.main, ["demo-real", "--out", str(tmp_path / "out"), "--hours", "0",
-                           "--clips", "1", "1", "1"])
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and "fluid-soundfont-gm" in err
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(FileNotFoundError, match="apt-get install fluidsynth fluid-soundfont-gm espeak-ng"):
-        demo.make_real_tasks(tmp_path / "out")
-
-
-# ---------------------------------------------------------------- the feature cache
-def test_cache_round_trip_equals_the_codec_on_the_fly(tmp_path):
-    """[2.1] cached frames (fp16) and codes of a 4-s clip equal the frozen codec run directly."""
-    codec = StandInCodec()
-    wav = demo.demo_clips(1, seconds=4.0, seed=5)  # (1, 96000)
-    path = write(tmp_path, "clip.wav", wav[0].numpy(), subtype="FLOAT")
-    n, skipped = D.build_cache(codec, [path], tmp_path / "cache")
-    assert n == 1 and skipped == []
-    crop = D.CachedCropDataset(tmp_path / "cache")[0]
-    feats, codes = codec(wav)
-    assert crop.feats.shape == (CROP_FRAMES, 128) and crop.codes.dtype == torch.int64
-    assert torch.allclose(crop.feats, feats[0], atol=2e-3, rtol=1e-3)  # fp16 storage
-    assert torch.equal(crop.codes, codes[0])
-    assert not crop.padding.any() and (crop.extra == -1).all()
-
-
-def test_cache_chunks_long_files_and_pads_short_ones(tmp_path):
-    """[3.1] long files keep ceil(n / HOP) frames across chunks; short cached clips are padded."""
-    codec = StandInCodec()
-    paths = [write(tmp_path, "long.wav", tone(9.1)), write(tmp_path, "short.wav", tone(1.0))]
-    D.build_cache(codec, paths, tmp_path / "cache", chunk_seconds=4.0)
-    ds = D.CachedCropDataset(tmp_path / "cache", paths=paths[::-1])
-    assert ds.lengths.tolist() == [75, num_frames(round(9.1 * SAMPLE_RATE))]
-    assert len(ds) == 1 + 3
-    assert ds[0].padding.sum() == CROP_FRAMES - 75 and (ds[0].codes[75:] == 0).all()
-    head = np.load(tmp_path / "cache" / (ds.ids[1].decode() + ".codes.npy"))[:CROP_FRAMES]
-    first_chunk = torch.from_numpy(tone(4.0)).float()[None]  # (1, 96000)
-    assert torch.equal(torch.from_numpy(head).long(), codec(first_chunk)[1][0])
-
-
-def test_a_killed_cache_build_keeps_finished_files_and_a_rerun_completes_it(tmp_path):
-    """[3.1] a crash keeps finished files, half-written files are never read, a rerun finishes."""
-    paths = [write(tmp_path, f"{i}.wav", tone(1.0 + i)) for i in range(3)]
-    D.build_cache(StandInCodec(), paths, tmp_path / "straight")
-    straight = D.CachedCropDataset(tmp_path / "straight")
-    codec, calls, cache = StandInCodec(), [], tmp_path / "cache"
-
-    def crash_on_second_file(wav):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the power goes out mid-run
-        return StandInCodec.forward(codec, wav)
-    codec.forward = crash_on_second_file
-    with pytest.raises(KeyboardInterrupt):
-        D.build_cache(codec, paths, cache)
-    assert len(D.read_manifest(cache)) == 1
-    second = D.read_manifest(tmp_path / "straight")[os.path.abspath(paths[1])]["id"]
-    (cache / f"{second}.feats.npy").write_bytes(b"half")  # as if killed before its manifest line
-    (cache / f"{second}.codes.npy.tmp99").write_bytes(b"half")
-    with open(cache / "manifest.jsonl", "a") as f:
-        f.write('{"path": "' + os.path.abspath(paths[1]) + '", "id"')  # a torn line
-    assert len(D.CachedCropDataset(cache)) == 1
-    n, _ = D.build_cache(StandInCodec(), paths, cache)
-    assert n == 3 and not [p for p in os.listdir(cache) if ".tmp" in p]
-    again = D.CachedCropDataset(cache)
-    assert len(again) == len(straight) == 3
-    assert all(torch.equal(again[i].feats, straight[i].feats) for i in range(3))
-    with pytest.raises(ValueError, match="another codec"):
-        D.build_cache(type("Other", (StandInCodec,), {"source": "random"})(), paths, cache)
-
-
-def test_a_bad_file_is_skipped_by_name_and_never_costs_its_batch(tmp_path):
-    """[3.1] cut-short, huge and codec-breaking files are skipped, named once; batch-mates are cached."""
-    mp3 = (tmp_path / write(tmp_path, "0good.mp3", tone(1.0))).read_bytes()
-    (tmp_path / "1cut.mp3").write_bytes(mp3[: len(mp3) // 3])  # its header still says 1 s
-    huge, loud = tone(1.0), tone(1.0)
-    huge[5] = 1e30
-    loud[5] = 900.0  # within MAX_PEAK, but our codec below overflows fp16 on it
-    paths = [str(tmp_path / "0good.mp3"), str(tmp_path / "1cut.mp3"), write(tmp_path, "2good.wav", tone(1.0)),
-             write(tmp_path, "3huge.wav", huge, subtype="FLOAT"), write(tmp_path, "4loud.wav", loud, subtype="FLOAT")]
-
-    class Overflowing(StandInCodec):
-        def forward(self, wav):
-            feats, codes = super().forward(wav)
-            return feats * wav.abs().amax(1)[:, None, None] ** 2, codes  # frames grow with loudness
-
-    with pytest.warns(UserWarning) as caught:
-        n, skipped = D.build_cache(Overflowing(), paths, tmp_path / "cache", batch_seconds=10)
-    assert n == 2 and [os.path.basename(p) for p, _ in skipped] == ["1cut.mp3", "3huge.wav", "4loud.wav"]
-    messages = [str(w.message) for w in caught]
-    for name, reason in (("1cut.mp3", "truncated"), ("3huge.wav", "beyond"), ("4loud.wav", "fp16")):
-        assert sum(name in m for m in messages) == 1 and reason in next(m for m in messages if name in m)
-    with pytest.warns(UserWarning) as caught:
-        ds = D.CachedCropDataset(tmp_path / "cache", paths=paths)  # what train.py --cache asks for
-    assert len(ds) == 2 and ds.n_skipped == 3 and len(caught) == 1  # named by the build, counted here
-    assert "3 of 5 files are not in the cache" in str(caught[0].message)
-
-
-def test_files_without_kmeans_targets_are_skipped_and_counted(tmp_path):
-    """[2.3] a file the target store lacks is dropped with a warning and a count, not a KeyError."""
-    paths = [write(tmp_path, f"{i}.wav", tone(1.0)) for i in range(3)]
-    store = tmp_path / "store"
-    store.mkdir()
-    np.save(store / "a.npy", np.zeros(75, np.int16))
-    (store / "index.json").write_text(json.dumps({os.path.abspath(paths[0]): {"npy": "a.npy", "frames": 75}}))
-    D.build_cache(StandInCodec(), paths, tmp_path / "cache")
-    for make in (lambda: D.CropDataset(paths, extra_store=store),
-                 lambda: D.CachedCropDataset(tmp_path / "cache", paths=paths, extra_store=store)):
-        with pytest.warns(UserWarning, match="no k-means targets") as caught:
-            ds = make()
-        assert len(ds) == 1 and ds.n_skipped == 2 and len(caught) == 2
-        assert (ds[0].extra[:75] == 0).all()
-
-
-def test_the_cache_command_checks_its_flags_before_loading_the_codec(tmp_path, monkeypatch, capsys):
-    """[3.1] a bad data.py flag or path: one line naming it, exit status 2, and no codec is loaded."""
-    def no_codec(*args, **kwargs):
-        raise AssertionError("the codec loaded before the flags were checked")
-    monkeypatch.setattr(D, "load_codec", no_codec)
-    (tmp_path / "empty").mkdir()
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    write(audio, "a.wav", tone(0.1))
-    ok = ["cache", "--data", str(audio), "--out", str(tmp_path / "out"), "--encodec", "random", "--device", "cpu"]
-    cases = {"--data": ok[:2] + [str(tmp_path / "missing")] + ok[3:],
-             "no audio files": ok[:2] + [str(tmp_path / "empty")] + ok[3:],
-             "--encodec": ok[:-3] + ["nowhere.th"] + ok[-2:],
-             "--device": ok[:-1] + ["cuda:7"],
-             "--batch-seconds": ok + ["--batch-seconds", "0"],
-             "--chunk-seconds": ok + ["--chunk-seconds", "-1"]}
-    for flag, argv in cases.items():
-        with pytest.raises(SystemExit) as exit_:
-            D.run_cli(D.main, argv)
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and err.count("\n") == 1 and flag in err, (flag, err)
-    assert not (tmp_path / "out").exists()
-    with capsys.disabled():
-        print(f"\ndata.py: {len(cases)} bad command lines tried, {len(cases)} one-line errors with exit status 2")
-
-
-def test_cached_crops_are_cheap_to_load(tmp_path):
-    """[3.1] a cached crop loads in about a millisecond, far below a training step."""
-    import time
-    paths = [write(tmp_path, f"{i}.wav", tone(10.0, freq=200.0 + i)) for i in range(4)]
-    D.build_cache(StandInCodec(), paths, tmp_path / "cache")
-    ds = D.CachedCropDataset(tmp_path / "cache")
-    t0 = time.perf_counter()
-    crops = [ds[i] for i in range(len(ds))]
-    per_crop = (time.perf_counter() - t0) / len(ds)
-    batch = next(iter(DataLoader(ds, batch_size=8, shuffle=True)))
-    assert isinstance(batch, D.CachedCrop) and batch.feats.shape == (8, CROP_FRAMES, 128)
-    assert crops[0].feats.dtype == torch.float32 and per_crop < 0.01, per_crop
-
-
-# ---------------------------------------------------------------- the file index: the paper's 1.7M files [3.1]
-def tiny_wavs(folder, n, first=0):
-    """n tiny 16-bit wavs, written as bytes (sf.write costs ~5 ms a file): file i has i % 50 + 1
-    samples at 16 or 24 kHz -> paths."""
-    import struct
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i in range(first, first + n):
-        size, rate = 2 * (i % 50 + 1), (16000, 24000)[i % 2]
-        path = os.path.join(folder, f"{i:05d}.wav")
-        with open(path, "wb") as f:
-            f.write(b"RIFF" + struct.pack("<I", 36 + size) + b"WAVEfmt " +
-                    struct.pack("<IHHIIHH", 16, 1, 1, rate, 2 * rate, 2, 16) + b"data" +
-                    struct.pack("<I", size) + bytes(size))
-        paths.append(path)
-    return paths
-
-
-def test_file_index_reads_thousands_of_headers_in_parallel_and_skips_bad_files(tmp_path, capsys):
-    """[3.1] one index over every --data source: rate and length of each file, bad files warned once."""
-    a, b = tiny_wavs(tmp_path / "a", 1200), tiny_wavs(tmp_path / "b", 800, first=1200)
-    (tmp_path / "a" / "corrupt.wav").write_bytes(b"RIFF not really")
-    (tmp_path / "b" / "empty.flac").write_bytes(b"")
-    out = str(tmp_path / "index.npz")
-    with pytest.warns(UserWarning, match="skipping") as caught:
-        D.main(["index", "--data", str(tmp_path / "a"), str(tmp_path / "b"), "--out", out,
-                "--workers", "2", "--shard-files", "300"])
-    assert len(caught) == 2 and f"-> {out}" in capsys.readouterr().out
-    with pytest.warns(UserWarning, match="skipping") as again:  # every later start names them too
-        files, skipped = D.read_index(out, [tmp_path / "a", tmp_path / "b"])
-    assert files.paths.tolist() == a + b and skipped == [1, 1] and files.n_skipped == 2 and len(again) == 2
-    i = np.arange(2000)
-    assert (files.frames == i % 50 + 1).all() and (files.rates == np.where(i % 2, 24000, 16000)).all()
-    assert (files.source == (i >= 1200)).all() and not os.path.exists(out + ".parts")
-    with pytest.raises(D.UsageError, match="lists the sources"):  # an index is for its own sources only
-        D.read_index(out, [tmp_path / "a"])
-
-
-def test_a_killed_index_build_keeps_finished_shards_and_a_rerun_completes_it(tmp_path, monkeypatch):
-    """[3.1] a crash keeps finished shards; the rerun reads only the rest and gives the same index."""
-    paths = tiny_wavs(tmp_path / "audio", 500)
-    straight = D.build_index([tmp_path / "audio"], str(tmp_path / "straight.npz"), workers=1, shard_files=100)
-    read_header = D.read_header
-
-    def power_cut(path):  # the machine dies while the last shard is read
-        if path == paths[450]:
-            raise RuntimeError("power cut")
-        return read_header(path)
-    monkeypatch.setattr(D, "read_header", power_cut)
-    out = str(tmp_path / "index.npz")
-    with pytest.raises(RuntimeError, match="power cut"):
-        D.build_index([tmp_path / "audio"], out, workers=1, shard_files=100)
-    monkeypatch.undo()
-    assert not os.path.exists(out) and len(os.listdir(out + ".parts")) == 4
-    with open(paths[10], "wb") as f:  # in a finished shard: a rerun that re-read it would skip it
-        f.write(b"garbage")
-    files = D.build_index([tmp_path / "audio"], out, workers=1, shard_files=100)
-    assert files.paths.tolist() == straight.paths.tolist() == paths and files.n_skipped == 0
-    assert (files.frames == straight.frames).all() and (files.rates == straight.rates).all()
-
-
-def reachable_objects(root):
-    """Python objects reachable from root, numpy arrays counted once each (their data is one buffer)."""
-    import gc
-    seen, todo = set(), [root]
-    while todo:
-        obj = todo.pop()
-        if id(obj) not in seen and not isinstance(obj, type):
-            seen.add(id(obj))
-            if not isinstance(obj, np.ndarray):
-                todo += gc.get_referents(obj)
-    return len(seen)
-
-
-@pytest.mark.parametrize("cached", [False, True])
-def test_a_worker_holds_arrays_not_one_python_object_per_file(tmp_path, cached):
-    """[3.1] a dataset (as pickled into each DataLoader worker) holds the same few objects for 1k or
-    10k files, and under 100 bytes per file."""
-    sizes, objects = [], []
-    for n in (1000, 10000):
-        names = [f"/data/fma/full/{i:06d}.mp3" for i in range(n)]  # never opened
-        frames = np.random.default_rng(n).integers(44100, 44100 * 30, n)
-        if cached:
-            with open(tmp_path / "manifest.jsonl", "w") as f:
-                f.writelines(json.dumps({"path": p, "id": D.file_id(p), "samples": int(k), "frames": int(k) // HOP})
-                             + "\n" for p, k in zip(names, frames))
-            ds = D.CachedCropDataset(tmp_path)
-        else:
-            ds = D.CropDataset(D.Files(D.PathArray.from_list(names), np.full(n, 44100), frames))
-        mixed = D.mix_datasets([ds, ds], weights=[1, 2])
-        sizes.append(len(__import__("pickle").dumps(ds)) / n)
-        objects.append(reachable_objects(mixed))
-    assert objects[0] == objects[1] < 100, objects
-    assert sizes[1] < 100 and abs(sizes[1] - sizes[0]) < 0.1 * sizes[0], sizes
-
-
-def test_training_starts_from_the_index_without_reading_a_header(tmp_path, monkeypatch, capsys):
-    """[3.1] with an index, a start (every rank, every resume) lists no folder and reads no header;
-    a changed folder rebuilds it."""
-    tiny_wavs(tmp_path / "audio", 30)
-    sf.write(tmp_path / "audio" / "long.flac", tone(9.0, 16000), 16000)  # 3 crops
-    cfg = train.TrainConfig(data=(str(tmp_path / "audio"),), index=str(tmp_path / "index.npz"), val_files=4)
-    first = train.build_datasets(cfg, make_config("tiny"), None, 0)
-    assert f"file index {cfg.index} (rebuild: python data.py index --data" in capsys.readouterr().out
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a header or folder was read at start-up")
-    for module, name in [(D.sf, "info"), (D.os, "walk"), (D, "read_header"), (D, "list_audio")]:
-        monkeypatch.setattr(module, name, forbidden)
-    train_set, val_set, train_files = train.build_datasets(cfg, make_config("tiny"), None, 0)
-    assert len(train_set) == len(first[0]) > 25 and len(val_set) == len(first[1]) >= 4
-    assert train_files.paths.tolist() == first[2].paths.tolist()
-    long = int(np.flatnonzero(train_set.crops.lengths == 9 * SAMPLE_RATE)[0])
-    item, mask = train_set[int(train_set.crops.ends[long]) - 1]  # reads 4 s of long.flac, no header
-    assert item.wav.abs().max() > 0.4 and mask.shape == (CROP_FRAMES,)
-    monkeypatch.undo()
-    tiny_wavs(tmp_path / "audio", 1, first=99)  # the folder changes: the next start rebuilds the index
-    again = train.build_datasets(cfg, make_config("tiny"), None, 0)
-    assert "changed since it was built; building it" in capsys.readouterr().out
-    assert len(again[2]) + len(again[1].crops.files) == 32
-    with pytest.warns(UserWarning, match="changed since the index"):  # a reader of an old index is told
-        os.remove(tmp_path / "audio" / "00099.wav")
-        D.read_index(cfg.index, cfg.data)
-
-
-# ---------------------------------------------------------------- training [3.1]
-TINY_RUN = ["--config", "tiny", "--encodec", "random", "--batch_size", "4", "--workers", "0",
-            "--val_files", "2", "--gamma", "uniform", "--log_every", "1", "--val_every", "1000"]
-
-
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory, codec):
-    """Ten short demo files and their codec cache, shared by the training tests."""
-    from data import build_cache
-    from demo import write_demo_dataset
-    root = tmp_path_factory.mktemp("demo")
-    paths = write_demo_dataset(str(root / "audio"), n_files=10, seed=0, seconds=(4.0, 6.0))
-    build_cache(codec, paths, str(root / "cache"))
-    return str(root / "audio"), str(root / "cache")
-
-
-@pytest.fixture(scope="module")
-def short_cache(tmp_path_factory, codec):
-    """Six clips shorter than a crop (1-3.5 s), so every crop is padded, each by a different amount."""
-    root = tmp_path_factory.mktemp("short")
-    os.makedirs(root / "audio")
-    paths = [str(root / "audio" / f"{i}.wav") for i in range(6)]
-    for i, path in enumerate(paths):
-        sf.write(path, synth_clip(("note", "chord", "chirp")[i % 3], 1.0 + 0.5 * i, i).numpy(), SAMPLE_RATE)
-    build_cache(codec, paths, str(root / "cache"))
-    return str(root / "audio"), str(root / "cache")
-
-
-def losses(out, key="loss"):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
-
-
-def test_command_line_takes_every_config_field_and_refuses_unknown_ones():
-    """[3.1] --field=value for any TrainConfig/ModelConfig field; typos are errors, not ignored."""
-    cfg, mcfg, given = train.parse_args(["--config", "small", "--M_prop=0.3", "--steps", "7", "--data", "a", "b",
-                                         "--resume", "--betas", "0.8,0.9"])
-    assert (mcfg.n_enc_layers, mcfg.M_prop, cfg.steps, cfg.data, cfg.resume, cfg.betas) == \
-        (5, 0.3, 7, ("a", "b"), True, (0.8, 0.9))
-    assert {"n_enc_layers", "M_prop", "steps", "data", "resume", "betas"} <= given and "lr" not in given
-    with pytest.raises(D.UsageError, match="unknown option --M_porp"):
-        train.parse_args(["--M_porp=0.3"])
-    with pytest.raises(SystemExit) as done:  # --help lists every field and exits cleanly
-        train.parse_args(["--help"])
-    assert done.value.code == 0
-
-
-BAD_COMMAND_LINES = [  # (flag named in the message, arguments)
-    ("--steps", ["--steps", "-1"]), ("--batch_size", ["--batch_size", "0"]), ("M_prop", ["--M_prop", "1.5"]),
-    ("--lr", ["--lr", "abc"]), ("--config", ["--config", "huge"]), ("--M_porp", ["--M_porp=0.3"]),
-    ("--keep_last", ["--keep_last", "0"]), ("--workers", ["--workers", "-2"]), ("--seed", ["--seed", "-1"]),
-    ("--betas", ["--betas", "0.9"]), ("--gamma", ["--gamma", "median"]), ("--val_every", ["--val_every", "0"]),
-    ("--batch_size", ["--batch_size", "6", "--grad_accum", "4"]), ("--data_weights", ["--data_weights", "1", "2"]),
-    ("--encodec", ["--encodec", "no/such/codec.th"]), ("--steps", ["--steps", "1.5"]),
-    ("--data", ["--data", "no/such/folder"]), ("--data", ["--data", "{empty}"]),
-    ("--init_from", ["--init_from", "{stage1}"]),  # without --kmeans_store
-    ("--init_from", ["--init_from", "no/such.pt", "--kmeans_store", "{store}"]),
-    ("--init_from", ["--init_from", "{not_a_checkpoint}", "--kmeans_store", "{store}"]),
-    ("--kmeans_store", ["--init_from", "{stage1}", "--kmeans_store", "{empty}"]),
-    ("argument", ["steps=3"]), ("--resume", ["--resume", "takes-no-value"]),
-    ("--index", ["--index", "{not_a_checkpoint}"]),  # not an index
-    ("--index", ["--index", "{index}"]),  # an index of other sources than --data demo
-] + ([("--device", ["--device", "cuda"])] if not torch.cuda.is_available() else [])
-
-
-def test_bad_command_lines_get_one_line_naming_the_flag_and_exit_status_2(tmp_path, monkeypatch, capsys):
-    """[3.1] each user mistake: exit status 2, one stderr line naming the flag, before the codec loads."""
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "store").mkdir()
-    (tmp_path / "store" / "index.json").write_text("{}")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    torch.save({"model": {}, "config": asdict(make_config("tiny")), "encodec": "random"}, tmp_path / "s1.pt")
-    (tmp_path / "audio").mkdir()
-    write(tmp_path / "audio", "a.wav", tone(0.1))
-    D.build_index([str(tmp_path / "audio")], str(tmp_path / "index.npz"), workers=1)
-    where = dict(empty=tmp_path / "empty", store=tmp_path / "store", not_a_checkpoint=tmp_path / "junk.pt",
-                 stage1=tmp_path / "s1.pt", index=tmp_path / "index.npz")
-
-    def expensive(*args, **kwargs):
-        raise AssertionError("the codec was loaded before the command line was checked")
-    monkeypatch.setattr(D, "load_codec", expensive)
-    wrong = []
-    for flag, argv in BAD_COMMAND_LINES:
-        argv = [a.format(**where) for a in argv] + ["--out", str(tmp_path / "run")]
-        with pytest.raises(SystemExit) as done:  # anything else (a traceback) fails the test here
-            D.run_cli(train.main, argv)
-        err = capsys.readouterr().err
-        if not (done.value.code == 2 and err.count("\n") == 1 and flag in err):
-            wrong.append((argv, done.value.code, err))
-    with capsys.disabled():
-        print(f"\ntrain.py: {len(BAD_COMMAND_LINES)} bad command lines tried, "
-              f"{len(BAD_COMMAND_LINES) - len(wrong)} one-line errors naming the flag with exit status 2")
-    assert not wrong, wrong
-    assert not (tmp_path / "run").exists()  # nothing was set up
-    done = subprocess.run([sys.executable, "train.py", "--steps", "-1"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    assert "--steps -1: must be an integer >= 1" in done.stderr, done.stderr
-
-
-def test_a_killed_run_resumes_bit_for_bit(demo_cache, tmp_path, capsys):
-    """[3.1] killed at step 3, its checkpoint torn, folder moved: resumes from step 2 exactly, logs once."""
-    audio, cache = demo_cache
-    common = TINY_RUN + ["--data", audio, "--cache", cache, "--ckpt_every", "2"]
-    train.main(common + ["--out", str(tmp_path / "straight"), "--steps", "3"])
-    train.main(common + ["--out", str(tmp_path / "killed"), "--steps", "3"])
-    torn = tmp_path / "killed" / "ckpt-00000003.pt"  # the disk filled up while it was written
-    torn.write_bytes(torn.read_bytes()[:5000])
-    (tmp_path / "killed" / "ckpt-00000004.pt.tmp1").write_bytes(b"half a checkpoint")  # died mid-save
-    os.rename(tmp_path / "killed", tmp_path / "moved")
-    capsys.readouterr()
-    train.main(common + ["--out", str(tmp_path / "moved"), "--steps", "3", "--resume"])
-    out = capsys.readouterr().out
-    assert "ckpt-00000003.pt: not a readable checkpoint" in out and "resuming from" in out and "at step 2" in out
-    with open(tmp_path / "moved" / "metrics.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]  # each step once
-    assert losses(tmp_path / "straight") == losses(tmp_path / "moved")
-    assert not (tmp_path / "killed").exists()  # written where the run is now, the torn file replaced
-    assert torch.load(tmp_path / "moved" / "ckpt-00000003.pt", weights_only=True)["step"] == 3
-    with pytest.raises(D.UsageError, match=r"--resume: --lr 0.001 \(the checkpoint has 0.0001\)"):
-        train.main(common + ["--out", str(tmp_path / "moved"), "--steps", "5", "--resume", "--lr", "1e-3"])
-
-
-def test_micro_batches_and_gpus_count_M_and_T_over_the_whole_batch(short_cache, tmp_path):
-    """[2.3] padded clips: two micro-batches of 1 give the losses of one batch of 2, validation too."""
-    audio, cache = short_cache
-    args = TINY_RUN + ["--data", audio, "--cache", cache, "--steps", "2", "--batch_size", "2", "--val_every", "1"]
-    train.main(args + ["--out", str(tmp_path / "whole")])
-    train.main(args + ["--out", str(tmp_path / "micro"), "--grad_accum", "2"])
-    for key in ("loss", "val_loss"):
-        whole, micro = losses(tmp_path / "whole", key), losses(tmp_path / "micro", key)
-        assert whole.keys() == micro.keys() == {1, 2}
-        assert all(abs(whole[s] - micro[s]) < 2e-5 for s in whole), (key, whole, micro)
-
-
-def test_training_reads_raw_audio_through_the_codec_and_mixes_weighted_sources(demo_cache, tmp_path):
-    """[3.1] without a cache the codec runs on each crop; several --data sources mix by weight."""
-    audio, _ = demo_cache
-    train.main(TINY_RUN + ["--data", audio, "--out", str(tmp_path / "raw"), "--steps", "1"])
-    other = demo.write_demo_dataset(str(tmp_path / "other"), n_files=3, seed=5, seconds=(4.0, 4.5))
-    train.main(TINY_RUN + ["--data", audio, os.path.dirname(other[0]), "--data_weights", "1", "3",
-                           "--val_files", "1", "--out", str(tmp_path / "mixed"), "--steps", "1"])
-    for run in ("raw", "mixed"):
-        assert 6.5 < losses(tmp_path / run)[1] < 7.5  # about ln(1024) at the start
-
-
-def test_checkpoint_round_trips_the_model(demo_cache, tmp_path, monkeypatch):
-    """[3.1] a checkpoint holds config, gamma_q and weights, is fsync'd before its rename, loads exactly."""
-    audio, cache = demo_cache
-    events, fsync, replace = [], os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(os.path.basename(b)), replace(a, b))[1])
-    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "1"])
-    assert events[events.index("ckpt-00000001.pt") - 1] == "fsync"  # on disk before it has its name
-    net, cfg, source = train.load_checkpoint_model(str(tmp_path / "ckpt-00000001.pt"))
-    ckpt = torch.load(tmp_path / "ckpt-00000001.pt", weights_only=True)
-    assert source == "random" and cfg == M.config_from_dict(ckpt["config"]) and ckpt["step"] == 1
-    assert all(torch.equal(v, ckpt["model"][k]) for k, v in net.state_dict().items())
-    assert ckpt["gamma_q"] == [0.125] * 8 and "optimizer" in ckpt
-
-
-def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(demo_cache, tmp_path):
-    """[3.1] a non-finite loss stops the run with a clear message; saved checkpoints stay valid."""
-    audio, cache = demo_cache
-    with pytest.raises(SystemExit, match="loss is (nan|inf)"):
-        train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "20",
-                               "--ckpt_every", "1", "--lr", "1e30"])
-    for path in tmp_path.glob("ckpt-*.pt"):
-        train.load_checkpoint_model(str(path))
-
-
-def test_two_gloo_processes_match_one_process_on_the_full_batch(short_cache, tmp_path):
-    """[2.3, 3.1] DDP over 2 CPU processes, padded clips: the same losses as one process."""
-    audio, cache = short_cache
-    args = TINY_RUN + ["--data", audio, "--cache", cache, "--steps", "2", "--ckpt_every", "100"]
-    train.main(args + ["--out", str(tmp_path / "one")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port: a fixed one clashes with any other run of this test
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                    "train.py", *args, "--out", str(tmp_path / "two")], check=True, env=env,
-                   cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert one.keys() == two.keys() == {1, 2}
-    assert all(abs(one[s] - two[s]) < 1e-4 for s in one), (one, two)
-
-
-def test_the_start_line_counts_unreadable_files_of_both_splits(short_cache, tmp_path, capsys):
-    """[3.1] bad files among the held-out ones are counted too: one count for the whole run."""
-    audio, _ = short_cache
-    folder = tmp_path / "audio"
-    folder.mkdir()
-    for name in os.listdir(audio):
-        (folder / name).write_bytes(open(os.path.join(audio, name), "rb").read())
-    (folder / "bad0.wav").write_bytes(b"")
-    (folder / "bad1.mp3").write_bytes(bytes(range(256)) * 8)
-    (folder / "bad2.flac").write_bytes(b"fLaC")
-    train.main(TINY_RUN + ["--data", str(folder), "--val_files", "4", "--batch_size", "2", "--steps", "1",
-                           "--out", str(tmp_path / "run")])
-    assert "3 unreadable files skipped" in capsys.readouterr().out
-
-
-def test_epoch_order_depends_on_seed_and_epoch_jointly():
-    """[3.1] the data order of seed 1's first epoch is not seed 0's second epoch (no seed + epoch)."""
-    plan = lambda seed, epoch: train.epoch_plan(64, train.TrainConfig(seed=seed, batch_size=8), 8, 0, 1, epoch, 0)
-    assert plan(1, 0) != plan(0, 1) and plan(2, 0) != plan(1, 1) and plan(0, 0) != plan(0, 1)
-    assert sorted(i for step in plan(1, 0) for mb in step for i in mb) == list(range(64))
-
-
-def test_estimated_gamma_leaves_out_the_padding_of_short_crops(codec, tmp_path):
-    """[3.1] gamma_q estimated on padded crops of a 2-s clip equals gamma_q of the clip alone."""
-    (tmp_path / "audio").mkdir()
-    for i in range(3):  # three copies: whichever is held out, the estimate sees this clip only
-        sf.write(tmp_path / "audio" / f"{i}.wav", synth_clip("chord", 2.0, 3).numpy(), SAMPLE_RATE)
-    train.main(TINY_RUN + ["--data", str(tmp_path / "audio"), "--gamma", "estimate", "--val_files", "1",
-                           "--batch_size", "1", "--steps", "1", "--out", str(tmp_path / "run")])
-    gamma = torch.load(tmp_path / "run" / "ckpt-00000001.pt", weights_only=True)["gamma_q"]
-    alone = M.estimate_gamma(codec, read_audio(tmp_path / "audio" / "0.wav")[None], 8)
-    assert np.allclose(gamma, alone, atol=5e-5), (gamma, alone)  # padding moves it by ~5e-4
-
-
-def test_benchmark_utilization_cannot_exceed_100_percent():
-    """train.py --bench: a step faster than the measured GEMM peak is measured against itself, never >100%."""
-    peak, how = train.utilization_peak(120e9, [100e9, 90e9], lambda: 110e9, 11)
-    assert peak == 120e9 and "re-measured best of 10: 110" in how and "its own rate" in how
-    assert train.utilization_peak(120e9, [100e9, 90e9], lambda: 130e9, 11)[0] == 130e9
-    assert train.utilization_peak(50e9, [90e9, 100e9], lambda: 1 / 0, 11)[0] == 100e9  # no re-measure
-
-
-def test_tiny_model_learns_on_demo_data(demo_cache, tmp_path):
-    """[2.3] on demo audio the loss falls and masked accuracy rises far above chance (1/1024)."""
-    audio, cache = demo_cache
-    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "30",
-                           "--lr", "2e-3", "--batch_size", "8", "--log_every", "10"])
-    with open(tmp_path / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    assert records[-1]["loss"] < records[0]["loss"] - 0.5
-    assert max(records[-1]["masked_acc"]) > 0.02, records[-1]["masked_acc"]
-
-
-# ---------------------------------------------------------------- k-means [2.3]
+# ---------------------------------------------------------------- 2.3 self-training: k-means and stream Q+1
 def test_kmeans_recovers_well_separated_gaussian_clusters():
     """[2.3] k-means finds the centres of well-separated Gaussian clusters (up to a permutation)."""
     g = torch.Generator().manual_seed(0)
@@ -1422,7 +523,6 @@ def test_centroids_save_load_round_trip(tmp_path):
     assert os.listdir(tmp_path) == ["centroids.pt"]  # no temporary file left behind
 
 
-# ---------------------------------------------------------------- the target store [2.3]
 @pytest.fixture(scope="module")
 def stage_one(tmp_path_factory):
     """A tiny untrained "stage 1" checkpoint on the random codec, and two clips: 2 s and 5 s."""
@@ -1431,7 +531,7 @@ def stage_one(tmp_path_factory):
     paths = []
     for i, (kind, seconds) in enumerate([("note", 2.0), ("chord", 5.0)]):
         paths.append(str(root / "audio" / f"{i}_{kind}.wav"))
-        sf.write(paths[-1], synth_clip(kind, seconds, i).numpy(), M.SAMPLE_RATE)
+        sf.write(paths[-1], demo.synth_clip(kind, seconds, i).numpy(), M.SAMPLE_RATE)
     torch.manual_seed(0)
     cfg = M.make_config("tiny")
     checkpoint = str(root / "stage1.pt")
@@ -1446,7 +546,7 @@ def test_store_labels_every_audio_frame_and_the_crops_read_them(stage_one):
     store = str(root / "store_audio")
     kmeans.main(["--checkpoint", checkpoint, "--data", str(root / "audio"), "--out", store,
                  "--k", "8", "--n-clips", "3", "--n-frames", "300"])
-    net, _, _ = train.load_checkpoint_model(checkpoint)
+    net = D.load_checkpoint(checkpoint)[0]
     codec = D.load_codec("random")
     centroids, meta = kmeans.load(os.path.join(store, "centroids.pt"))
     assert centroids.shape == (8, 128) and meta["n_clips"] == 3
@@ -1457,113 +557,350 @@ def test_store_labels_every_audio_frame_and_the_crops_read_them(stage_one):
         labels = np.load(os.path.join(store, entry["npy"]))
         assert labels.dtype == np.int16 and labels.shape == (entry["frames"],)
         assert entry["frames"] == -(-sf.info(path).frames // M.HOP)  # T = ceil(n / 320) at 24 kHz
-        emb = M.embed_audio(net, codec, read_audio(path)[None])[0]  # (T, D), 4-s chunks
+        emb = M.embed_audio(net, codec, D.read_audio(path)[None])[0]  # (T, D), 4-s chunks
         assert torch.equal(torch.from_numpy(labels).long(), kmeans.assign(emb, centroids))
-    crop = CropDataset(paths[:1], extra_store=store)[0]  # the 2-s file: its crop starts at 0
+    crop = D.CropDataset(paths[:1], extra_store=store)[0]  # the 2-s file: its crop starts at 0
     labels = np.load(os.path.join(store, index[os.path.abspath(paths[0])]["npy"]))
     assert torch.equal(crop.extra[~crop.padding], torch.from_numpy(labels).long())
     assert (crop.extra[crop.padding] == -1).all()
 
 
-def test_store_from_the_feature_cache_feeds_a_nine_stream_model(stage_one):
-    """[2.3] labels from cached frames line up with the cache; stage 2 trains on Q + 1 = 9 streams."""
-    root, paths, checkpoint = stage_one
-    cache, store = str(root / "cache"), str(root / "store_cache")
-    build_cache(D.load_codec("random"), paths, cache)
-    kmeans.main(["--checkpoint", checkpoint, "--cache", cache, "--out", store,
-                 "--k", "8", "--n-clips", "3", "--n-frames", "300"])
-    mtime = os.path.getmtime(os.path.join(store, "index.json"))
-    kmeans.main(["--checkpoint", checkpoint, "--cache", cache, "--out", store, "--k", "8"])  # resumes
-    assert os.path.getmtime(os.path.join(store, "index.json")) >= mtime
-    data = CachedCropDataset(cache, extra_store=store)
-    batch = [data[i] for i in range(len(data))]
-    for crop in batch:
-        assert ((crop.extra >= 0) == ~crop.padding).all() and crop.extra.max() < 8
-    net, _, _ = train.load_checkpoint_model(checkpoint)
-    stage2 = M.add_kmeans_stream(net)
-    assert stage2.cfg.n_streams == 9 and stage2.head.linear.out_features == 9 * stage2.cfg.K
-    feats = torch.stack([c.feats for c in batch])  # (B, T, 128)
-    targets = torch.cat([torch.stack([c.codes for c in batch]),
-                         torch.stack([c.extra for c in batch]).clamp_min(0)[..., None]], -1)  # (B, T, 9)
-    padding = torch.stack([c.padding for c in batch])  # (B, T)
-    mask = gap_mask((~padding).sum(1), padding.shape[1], 0.5, 15)  # (B, T)
-    out = stage2(feats, targets, mask, padding)
-    assert out.masked_loss.shape == (9,) and torch.isfinite(out.loss)
+def test_adding_the_kmeans_stream_keeps_stage_one_weights():
+    """[2.3] self-training starts from the stage-1 weights; only the new head rows are new."""
+    net = EnCodecMAE(make_config("tiny"))
+    new = M.add_kmeans_stream(net)
+    assert new.cfg.n_streams == 9
+    assert torch.equal(new.head.linear.weight[: 8 * 1024], net.head.linear.weight)
+    assert torch.equal(new.encoder.layers[0].qkv.weight, net.encoder.layers[0].qkv.weight)
 
 
-def test_kmeans_command_line_mistakes_are_one_line_and_exit_2(stage_one, tmp_path, capsys):
-    """[2.3] kmeans.py: a bad flag or path is one line naming it, exit status 2, before any data is read."""
-    root, paths, checkpoint = stage_one
-    audio, out = str(root / "audio"), str(tmp_path / "store")
-    base = ["--checkpoint", checkpoint, "--data", audio, "--out", out]
-    cases = [([], "need --checkpoint"), (["--k", "abc"], "--k"), (base + ["--k", "0"], "--k 0"),
-             (base + ["--k", "2000"], "--k 2000"), (base + ["--n-clips", "0"], "--n-clips 0"),
-             (base + ["--layer", "-2"], "--layer -2"), (base + ["--layer", "3"], "--layer 3: use -1"),
-             (base + ["--n-frames", "10", "--k", "16"], "--n-frames 10"),
-             (["--checkpoint", str(tmp_path / "none.pt"), "--data", audio, "--out", out], "--checkpoint"),
-             (["--checkpoint", paths[0], "--data", audio, "--out", out], "not a readable checkpoint"),
-             (["--checkpoint", checkpoint, "--data", str(tmp_path / "nowhere"), "--out", out], "--data"),
-             (["--checkpoint", checkpoint, "--cache", str(tmp_path), "--out", out], "--cache")]
-    whole = open(checkpoint, "rb").read()
-    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])  # a copy cut short
-    cases.append((["--checkpoint", str(tmp_path / "cut.pt"), "--data", audio, "--out", out], "truncated"))
-    if not torch.cuda.is_available():
-        cases.append((base + ["--device", "cuda"], "--device cuda: not a device here"))
-    for argv, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            kmeans.main(argv)
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, (argv, err)
-    assert not os.path.exists(out)  # refused before any work
-    with capsys.disabled():
-        print(f"\nkmeans.py: {len(cases)} bad command lines tried, {len(cases)} one-line errors with exit status 2")
+def test_kmeans_store_labels_line_up_with_crop_frames(tmp_path):
+    """[2.3] stored k-means targets are cut at the crop's frames; a frame-count mismatch fails."""
+    paths = [write(tmp_path, "a.wav", np.arange(10 * SAMPLE_RATE) / 2 ** 20, subtype="FLOAT"),
+             write(tmp_path, "b.wav", tone(2.0))]
+    store = tmp_path / "store"
+    store.mkdir()
+    for i, (path, T) in enumerate(zip(paths, (750, 150))):
+        np.save(store / f"{i}.npy", (np.arange(T) % 1024).astype(np.int16))
+    (store / "index.json").write_text(json.dumps({p: {"npy": f"{i}.npy", "frames": T}
+                                                  for i, (p, T) in enumerate(zip(paths, (750, 150)))}))
+    ds = D.CropDataset(paths, extra_store=str(store))
+    for i in range(len(ds)):
+        crop = ds[i]
+        first = round(crop.wav[0].item() * 2 ** 20) // HOP if i < 3 else 0
+        real = (~crop.padding).sum()
+        assert torch.equal(crop.extra[:real], torch.arange(first, first + real) % 1024)
+        assert (crop.extra[real:] == -1).all()
+    np.save(store / "1.npy", np.zeros(149, np.int16))
+    with pytest.raises(AssertionError, match="149 labels for 150 frames"):
+        D.CropDataset(paths, extra_store=str(store))[3]
 
 
-def test_kmeans_skips_a_file_that_fails_to_read_and_names_it_once(stage_one, tmp_path, capsys):
-    """[2.3] a file whose header reads but whose audio does not is warned about once, left out of the store."""
-    root, paths, checkpoint = stage_one
-    folder = tmp_path / "audio"
-    os.makedirs(folder)
-    for p in paths:
-        os.symlink(p, folder / os.path.basename(p))
-    wav = synth_clip("note", 3.0, 5).numpy()
-    wav[30000] = np.nan  # the header and the last sample read fine: it fails only when read whole
-    sf.write(folder / "nan.wav", wav, M.SAMPLE_RATE, subtype="FLOAT")
-    with pytest.warns(UserWarning) as record:
-        kmeans.main(["--checkpoint", checkpoint, "--data", str(folder), "--out", str(tmp_path / "store"),
-                     "--k", "4", "--n-clips", "4", "--n-frames", "200"])
-    named = [str(w.message) for w in record if "nan.wav" in str(w.message)]
-    assert len(named) == 1 and "NaN" in named[0], named
-    with open(tmp_path / "store" / "index.json") as f:
-        index = json.load(f)
-    assert sorted(index) == sorted(str(folder / os.path.basename(p)) for p in paths)
-    assert "labelled 2 files, skipped 1 unreadable" in capsys.readouterr().out
-    assert kmeans.load(str(tmp_path / "store" / "centroids.pt"))[1]["n_clips"] == 3  # the clips it could read
+# ---------------------------------------------------------------- 3.1 data: audio, 4-s crops
+def tone(seconds, rate=SAMPLE_RATE, freq=440.0, channels=1):
+    t = np.arange(round(seconds * rate)) / rate
+    x = 0.5 * np.sin(2 * np.pi * freq * t)
+    return np.stack([x * (c + 1) / channels for c in range(channels)], 1) if channels > 1 else x
 
 
-def test_stage_one_then_kmeans_then_stage_two_runs_end_to_end(demo_cache, tmp_path):
-    """[2.3] stage 1 -> kmeans.py -> stage 2 on stage 1's codec, resumable: the model predicts 9 streams."""
+def write(tmp_path, name, x, rate=SAMPLE_RATE, subtype=None):
+    path = str(tmp_path / name)
+    sf.write(path, x, rate, subtype=subtype)
+    return path
+
+
+def test_read_audio_handles_mono_stereo_8bit_and_float(tmp_path):
+    """[3.1] every format becomes mono float32 at 24 kHz; stereo is the mean of its channels."""
+    mono = D.read_audio(write(tmp_path, "mono.wav", tone(1.0)))
+    stereo = D.read_audio(write(tmp_path, "stereo.flac", tone(1.0, channels=2)))
+    u8 = D.read_audio(write(tmp_path, "u8.wav", tone(1.0), subtype="PCM_U8"))
+    flt = D.read_audio(write(tmp_path, "float.wav", tone(1.0), subtype="FLOAT"))
+    assert all(x.dtype == torch.float32 and x.shape == (24000,) for x in (mono, stereo, u8, flt))
+    expected = 0.75 * torch.from_numpy(tone(1.0)).float()  # (0.5 x + 1.0 x) / 2
+    assert torch.allclose(stereo, expected, atol=1e-3)
+    assert torch.allclose(u8, flt, atol=1 / 64) and torch.allclose(mono, flt, atol=1e-4)
+
+
+def test_integer_audio_reads_exactly_as_libsndfile_scales_it(tmp_path):
+    """[3.1] 8-, 16- and 24-bit files, read as integers for speed, give libsndfile's float values."""
+    x = np.random.default_rng(0).uniform(-1, 1, (5000, 2))
+    for name, subtype in [("u8.wav", "PCM_U8"), ("s16.wav", "PCM_16"), ("s16.flac", "PCM_16"),
+                          ("s24.flac", "PCM_24"), ("s32.wav", "PCM_32")]:
+        path = write(tmp_path, name, x, subtype=subtype)
+        assert torch.equal(D.read_audio(path), torch.from_numpy(sf.read(path, dtype="float32")[0].mean(1))), name
+
+
+def test_other_sample_rates_are_resampled_to_24k_keeping_duration_and_pitch(tmp_path):
+    """[3.1] 16 kHz and 44.1 kHz files come out at 24 kHz with the same duration and frequency."""
+    for rate in (16000, 44100):
+        wav = D.read_audio(write(tmp_path, f"r{rate}.wav", tone(2.5, rate, freq=1000.0), rate, "FLOAT"))
+        assert wav.shape == (60000,)
+        spectrum = torch.fft.rfft(wav).abs()
+        assert abs(spectrum.argmax().item() * SAMPLE_RATE / len(wav) - 1000) < 1
+
+
+def test_partial_reads_equal_slices_of_the_whole_file(tmp_path):
+    """[3.1] reading only a crop (wav at 3 rates, mp3) equals reading the file and slicing it."""
+    rng = np.random.default_rng(0)
+    for rate, name in ((24000, "a.wav"), (44100, "b.wav"), (16000, "c.wav"), (24000, "d.mp3")):
+        subtype = None if name.endswith("mp3") else "FLOAT"
+        path = write(tmp_path, name, 0.1 * rng.standard_normal(3 * rate), rate, subtype)
+        whole = D.read_audio(path)  # an mp3 decoder needs a warm-up after a seek: read_audio pre-rolls
+        for start in (0, 320, 20480, 70000):
+            part = D.read_audio(path, start, 1000)
+            assert torch.allclose(part, whole[start: start + 1000], atol=1e-6), (name, start)
+
+
+def test_list_audio_walks_folders_and_reads_relative_file_lists(tmp_path):
+    """[3.1] datasets come from folders (recursive, sorted) and .txt lists relative to the list."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    paths = [write(tmp_path / "a", "2.wav", tone(0.1)), write(tmp_path / "a" / "b", "1.flac", tone(0.1))]
+    (tmp_path / "a" / "notes.txt").write_text("ignored")
+    assert D.list_audio(tmp_path / "a") == sorted(paths)
+    (tmp_path / "list.txt").write_text("# a comment\na/2.wav\n\n" + paths[1] + "\n")
+    assert D.list_audio([str(tmp_path / "list.txt")]) == [str(tmp_path / "a" / "2.wav"), paths[1]]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        D.list_audio([str(tmp_path / "missing")])
+    (tmp_path / "a" / "x.wav").mkdir()  # a folder named like audio: searched, and said so
+    with pytest.warns(UserWarning, match="x.wav: a folder named like an audio file"):
+        assert D.list_audio(tmp_path / "a") == sorted(paths)
+
+
+def test_short_clips_are_padded_with_a_frame_mask(tmp_path):
+    """[3.1] a clip shorter than 4 s is zero-padded and its padded frames are marked True."""
+    ds = D.CropDataset([write(tmp_path, "short.wav", tone(1.5))])
+    crop = ds[0]
+    assert len(ds) == 1 and crop.wav.shape == (CROP_SAMPLES,) and crop.padding.shape == (CROP_FRAMES,)
+    assert crop.wav[36000:].abs().max() == 0 and crop.wav[:36000].abs().max() > 0.4
+    assert crop.padding.sum() == CROP_FRAMES - num_frames(36000) and not crop.padding[:113].any()
+    assert (crop.extra == -1).all()
+
+
+def test_long_files_are_visited_in_proportion_to_length_at_hop_aligned_starts(tmp_path):
+    """[3.1] a 30-s file counts ceil(30 / 4) = 8 crops per epoch, each starting on a codec hop."""
+    ramp = np.arange(30 * SAMPLE_RATE) / 2 ** 20  # a sample's value encodes its index, exact in float32
+    ds = D.CropDataset([write(tmp_path, "long.wav", ramp, subtype="FLOAT"),
+                        write(tmp_path, "four.wav", tone(4.0))])
+    assert len(ds) == 9 and list(ds.file_of(np.arange(9))).count(0) == 8
+    starts = [round(ds[i].wav[0].item() * 2 ** 20) for i in range(8)]
+    assert all(s % HOP == 0 and s + CROP_SAMPLES <= len(ramp) for s in starts) and len(set(starts)) > 4
+    assert not ds[0].padding.any()
+    assert torch.allclose(ds[8].wav, torch.from_numpy(tone(4.0)).float(), atol=1e-4)
+
+
+def test_crops_are_deterministic_given_seed_epoch_and_index(tmp_path):
+    """[3.1] the same (seed, epoch, index) gives the same crop; a new epoch or seed gives new crops."""
+    paths = [write(tmp_path, "noise.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 20 * SAMPLE_RATE))]
+    a, b, c = D.CropDataset(paths, seed=1), D.CropDataset(paths, seed=1), D.CropDataset(paths, seed=2)
+    crops = lambda ds: torch.stack([ds[i].wav[:HOP] for i in range(len(ds))])  # noqa: E731
+    assert torch.equal(crops(a), crops(b)) and not torch.equal(crops(a), crops(c))
+    b.set_epoch(1)
+    assert not torch.equal(crops(a), crops(b))
+
+
+def test_default_collate_batches_crops_as_named_tuples(tmp_path):
+    """[3.1] torch's default collate keeps the Crop fields, batch-first."""
+    ds = D.CropDataset([write(tmp_path, "a.wav", tone(9.0))])
+    batch = next(iter(DataLoader(ds, batch_size=3)))
+    assert isinstance(batch, D.Crop) and batch.wav.shape == (3, CROP_SAMPLES)
+    assert batch.padding.shape == batch.extra.shape == (3, CROP_FRAMES)
+    assert batch.padding.dtype == torch.bool and batch.extra.dtype == torch.int64
+
+
+# ---------------------------------------------------------------- 3.1 pretraining
+TINY_RUN = ["--config", "tiny", "--encodec", "random", "--batch_size", "4", "--workers", "0",
+            "--val_files", "2", "--gamma", "uniform", "--log_every", "1", "--val_every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory, codec):
+    """Ten short demo files and their codec cache, shared by the training tests."""
+    root = tmp_path_factory.mktemp("demo")
+    paths = demo.write_demo_dataset(str(root / "audio"), n_files=10, seed=0, seconds=(4.0, 6.0))
+    cache.build_cache(codec, paths, str(root / "cache"))
+    return str(root / "audio"), str(root / "cache")
+
+
+@pytest.fixture(scope="module")
+def short_cache(tmp_path_factory, codec):
+    """Six clips shorter than a crop (1-3.5 s), so every crop is padded, each by a different amount."""
+    root = tmp_path_factory.mktemp("short")
+    os.makedirs(root / "audio")
+    paths = [str(root / "audio" / f"{i}.wav") for i in range(6)]
+    for i, path in enumerate(paths):
+        sf.write(path, demo.synth_clip(("note", "chord", "chirp")[i % 3], 1.0 + 0.5 * i, i).numpy(), SAMPLE_RATE)
+    cache.build_cache(codec, paths, str(root / "cache"))
+    return str(root / "audio"), str(root / "cache")
+
+
+def losses(out, key="loss"):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+
+
+def test_command_line_takes_every_config_field_and_refuses_unknown_ones(tmp_path):
+    """[3.1] --field=value for any TrainConfig/ModelConfig field; typos are errors, not ignored."""
+    a, b = str(tmp_path), "demo"
+    cfg, mcfg, given = train.parse_args(["--config", "small", "--M_prop=0.3", "--steps", "7", "--data", a, b,
+                                         "--resume", "--betas", "0.8,0.9", "--data_weights", "1", "2"])
+    assert (mcfg.n_enc_layers, mcfg.M_prop, cfg.steps, cfg.data, cfg.resume, cfg.betas, cfg.data_weights) == \
+        (5, 0.3, 7, (a, b), True, (0.8, 0.9), (1.0, 2.0))
+    assert {"n_enc_layers", "M_prop", "steps", "data", "resume", "betas"} <= given and "lr" not in given
+    assert train.parse_args(["--betas", "0.8", "0.9"])[0].betas == (0.8, 0.9)
+    with pytest.raises(D.UsageError, match="unrecognized arguments: --M_porp"):
+        train.parse_args(["--M_porp=0.3"])
+    with pytest.raises(SystemExit) as done:  # --help lists every field and exits cleanly
+        train.parse_args(["--help"])
+    assert done.value.code == 0
+
+
+def test_a_killed_run_resumes_bit_for_bit(demo_cache, tmp_path, capsys):
+    """[3.1] killed at step 3, its checkpoint torn, folder moved: resumes from step 2 exactly, logs once."""
     audio, cache = demo_cache
-    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path / "s1"), "--steps", "2"])
-    kmeans.main(["--checkpoint", str(tmp_path / "s1" / "ckpt-00000002.pt"), "--cache", cache,
-                 "--out", str(tmp_path / "km"), "--k", "16", "--n-frames", "2000"])
-    stage2 = [a for a in TINY_RUN if a not in ("--encodec", "random")] + [  # the codec comes from stage 1
-        "--data", audio, "--cache", cache, "--out", str(tmp_path / "s2"),
-        "--init_from", str(tmp_path / "s1" / "ckpt-00000002.pt"), "--kmeans_store", str(tmp_path / "km")]
-    train.main(stage2 + ["--steps", "2"])
-    train.main(stage2 + ["--steps", "3", "--resume"])
-    net, cfg, source = train.load_checkpoint_model(str(tmp_path / "s2" / "ckpt-00000003.pt"))
-    assert source == "random" and cfg.n_streams == 9 and net.head.linear.out_features == 9 * 1024
-    with open(tmp_path / "s2" / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == [1, 2, 3] and len(records[0]["masked_acc"]) == 9
-    with pytest.raises(D.UsageError, match="--encodec pretrained: the stage-1 checkpoint .* codec 'random'"):
-        train.main(stage2 + ["--steps", "2", "--encodec", "pretrained", "--out", str(tmp_path / "other")])
-    with pytest.raises(D.UsageError, match=r"--resume: --encodec pretrained \(the checkpoint has random\)"):
-        train.main(stage2 + ["--steps", "4", "--encodec", "pretrained", "--resume"])
+    common = TINY_RUN + ["--data", audio, "--cache", cache, "--ckpt_every", "2"]
+    train.main(common + ["--out", str(tmp_path / "straight"), "--steps", "3"])
+    train.main(common + ["--out", str(tmp_path / "killed"), "--steps", "3"])
+    torn = tmp_path / "killed" / "ckpt-00000003.pt"  # the disk filled up while it was written
+    torn.write_bytes(torn.read_bytes()[:5000])
+    (tmp_path / "killed" / "ckpt-00000004.pt.tmp1").write_bytes(b"half a checkpoint")  # died mid-save
+    os.rename(tmp_path / "killed", tmp_path / "moved")
+    capsys.readouterr()
+    train.main(common + ["--out", str(tmp_path / "moved"), "--steps", "3", "--resume"])
+    out = capsys.readouterr().out
+    assert "ckpt-00000003.pt: not a readable checkpoint" in out and "resuming from" in out and "at step 2" in out
+    with open(tmp_path / "moved" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]  # each step once
+    assert losses(tmp_path / "straight") == losses(tmp_path / "moved")
+    assert not (tmp_path / "killed").exists()  # written where the run is now, the torn file replaced
+    assert torch.load(tmp_path / "moved" / "ckpt-00000003.pt", weights_only=True)["step"] == 3
+    with pytest.raises(D.UsageError, match=r"--resume: --lr 0.001 \(the checkpoint has 0.0001\)"):
+        train.main(common + ["--out", str(tmp_path / "moved"), "--steps", "5", "--resume", "--lr", "1e-3"])
 
 
-# ---------------------------------------------------------------- downstream evaluation [3.2]
+def test_micro_batches_and_gpus_count_M_and_T_over_the_whole_batch(short_cache, tmp_path):
+    """[2.3] padded clips: two micro-batches of 1 give the losses of one batch of 2, validation too."""
+    audio, cache = short_cache
+    args = TINY_RUN + ["--data", audio, "--cache", cache, "--steps", "2", "--batch_size", "2", "--val_every", "1"]
+    train.main(args + ["--out", str(tmp_path / "whole")])
+    train.main(args + ["--out", str(tmp_path / "micro"), "--grad_accum", "2"])
+    for key in ("loss", "val_loss"):
+        whole, micro = losses(tmp_path / "whole", key), losses(tmp_path / "micro", key)
+        assert whole.keys() == micro.keys() == {1, 2}
+        assert all(abs(whole[s] - micro[s]) < 2e-5 for s in whole), (key, whole, micro)
+
+
+def test_training_reads_raw_audio_through_the_codec_and_mixes_weighted_sources(demo_cache, tmp_path):
+    """[3.1] without a cache the codec runs on each crop; several --data sources mix by weight."""
+    audio, _ = demo_cache
+    train.main(TINY_RUN + ["--data", audio, "--out", str(tmp_path / "raw"), "--steps", "1"])
+    other = demo.write_demo_dataset(str(tmp_path / "other"), n_files=3, seed=5, seconds=(4.0, 4.5))
+    train.main(TINY_RUN + ["--data", audio, os.path.dirname(other[0]), "--data_weights", "1", "3",
+                           "--val_files", "1", "--out", str(tmp_path / "mixed"), "--steps", "1"])
+    for run in ("raw", "mixed"):
+        assert 6.5 < losses(tmp_path / run)[1] < 7.5  # about ln(1024) at the start
+
+
+def test_checkpoint_round_trips_the_model(demo_cache, tmp_path, monkeypatch):
+    """[3.1] a checkpoint holds config, gamma_q and weights, is fsync'd before its rename, loads exactly."""
+    audio, cache = demo_cache
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(os.path.basename(b)), replace(a, b))[1])
+    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "1"])
+    assert events[events.index("ckpt-00000001.pt") - 1] == "fsync"  # on disk before it has its name
+    net, loaded = D.load_checkpoint(str(tmp_path / "ckpt-00000001.pt"))
+    cfg, source = net.cfg, loaded["encodec"]
+    ckpt = torch.load(tmp_path / "ckpt-00000001.pt", weights_only=True)
+    assert source == "random" and cfg == M.ModelConfig(**ckpt["config"]) and ckpt["step"] == 1
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in net.state_dict().items())
+    assert ckpt["gamma_q"] == [0.125] * 8 and "optimizer" in ckpt
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(demo_cache, tmp_path):
+    """[3.1] a non-finite loss stops the run with a clear message; saved checkpoints stay valid."""
+    audio, cache = demo_cache
+    with pytest.raises(SystemExit, match="loss is (nan|inf)"):
+        train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "20",
+                               "--ckpt_every", "1", "--lr", "1e30"])
+    for path in tmp_path.glob("ckpt-*.pt"):
+        D.load_checkpoint(str(path))
+
+
+def test_two_gloo_processes_match_one_process_on_the_full_batch(short_cache, tmp_path):
+    """[2.3, 3.1] DDP over 2 CPU processes, padded clips: the same losses as one process."""
+    audio, cache = short_cache
+    args = TINY_RUN + ["--data", audio, "--cache", cache, "--steps", "2", "--ckpt_every", "100"]
+    train.main(args + ["--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free port: a fixed one clashes with any other run of this test
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    "train.py", *args, "--out", str(tmp_path / "two")], check=True, env=env,
+                   cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2}
+    assert all(abs(one[s] - two[s]) < 1e-4 for s in one), (one, two)
+
+
+def test_epoch_order_depends_on_seed_and_epoch_jointly():
+    """[3.1] the data order of seed 1's first epoch is not seed 0's second epoch (no seed + epoch)."""
+    plan = lambda seed, epoch: train.epoch_plan(64, train.TrainConfig(seed=seed, batch_size=8), 8, 0, 1, epoch, 0)
+    assert plan(1, 0) != plan(0, 1) and plan(2, 0) != plan(1, 1) and plan(0, 0) != plan(0, 1)
+    assert sorted(i for step in plan(1, 0) for mb in step for i in mb) == list(range(64))
+
+
+def test_estimated_gamma_leaves_out_the_padding_of_short_crops(codec, tmp_path):
+    """[3.1] gamma_q estimated on padded crops of a 2-s clip equals gamma_q of the clip alone."""
+    (tmp_path / "audio").mkdir()
+    for i in range(3):  # three copies: whichever is held out, the estimate sees this clip only
+        sf.write(tmp_path / "audio" / f"{i}.wav", demo.synth_clip("chord", 2.0, 3).numpy(), SAMPLE_RATE)
+    train.main(TINY_RUN + ["--data", str(tmp_path / "audio"), "--gamma", "estimate", "--val_files", "1",
+                           "--batch_size", "1", "--steps", "1", "--out", str(tmp_path / "run")])
+    gamma = torch.load(tmp_path / "run" / "ckpt-00000001.pt", weights_only=True)["gamma_q"]
+    alone = train.estimate_gamma(codec, D.read_audio(tmp_path / "audio" / "0.wav")[None], 8)
+    assert np.allclose(gamma, alone, atol=5e-5), (gamma, alone)  # padding moves it by ~5e-4
+
+
+# ---------------------------------------------------------------- 3.1 features: last layer, 4-s chunks
+def test_embed_layers_count_from_the_input_and_padding_is_ignored():
+    """[3.1] embed(layer=k) is block k's output (only the full stack is normed); padding changes nothing."""
+    torch.manual_seed(4)
+    net = EnCodecMAE(make_config("tiny")).eval()
+    feats = torch.randn(2, 40, 128)
+    with torch.no_grad():
+        last, top, first = net.embed(feats), net.embed(feats, layer=2), net.embed(feats, layer=1)
+        assert torch.equal(last, top) and not torch.allclose(first, top, atol=1e-2)
+        assert first.std(-1).sub(1).abs().max() > 0.1  # block 1's raw output is not layer-normed
+        padding = torch.arange(40)[None] >= torch.tensor([40, 25])[:, None]
+        padded = net.embed(torch.where(padding[..., None], 100.0, feats), padding)
+        assert torch.allclose(padded[1, :25], net.embed(feats[1:, :25])[0], atol=1e-5)
+
+
+def test_chunked_features_equal_the_concatenated_halves(codec):
+    """[3.1] an 8-s clip is embedded as two 4-s chunks whose frames are concatenated."""
+    net = EnCodecMAE(make_config("tiny")).eval()
+    wav = demo.demo_clips(1, seconds=8.0, seed=41)
+    whole = M.embed_audio(net, codec, wav)
+    halves = [net.embed(codec.features(h)) for h in wav.split(M.CROP_SAMPLES, dim=1)]
+    assert whole.shape == (1, 600, net.cfg.d_model)
+    assert torch.allclose(whole, torch.cat(halves, 1), atol=1e-5)
+    tail = M.embed_audio(net, codec, wav[:, : M.CROP_SAMPLES + 5000])  # a partial last chunk
+    assert tail.shape[1] == M.num_frames(M.CROP_SAMPLES + 5000)
+
+
+def test_chunked_embedding_equals_concatenated_chunks():
+    """[3.2] audio longer than 4 s is cut into 4-s chunks, each embedded alone, frames concatenated."""
+    model = E.load_model("ECMAE-R:tiny", encodec="random")
+    wav = torch.randn(1, int(4.5 * 24000)) * 0.1  # one full 4-s chunk and a shorter one
+    frames = model.frames(wav)
+    pieces = torch.cat([model.frames(wav[:, s:s + 96000]) for s in range(0, wav.shape[1], 96000)], 1)
+    assert frames.shape == (1, M.num_frames(wav.shape[1]), 128)
+    assert torch.allclose(frames, pieces, atol=1e-5)
+    assert torch.allclose(frames, M.embed_audio(model.mae, model.codec, wav), atol=1e-5)
+
+
+# ---------------------------------------------------------------- 3.2 downstream evaluation
 def separable_data(n=240, D=16, C=4, seed=0):
     """Tight Gaussian clusters around C far-apart centres: linearly separable in practice."""
     g = torch.Generator().manual_seed(seed)
@@ -1694,17 +1031,6 @@ def test_hear_api_shapes_dtypes_and_timestamps():
             assert torch.allclose(emb, M.codec_embed_audio(model.codec, wav)[:, : emb.shape[1]], atol=1e-5)
 
 
-def test_chunked_embedding_equals_concatenated_chunks():
-    """[3.2] audio longer than 4 s is cut into 4-s chunks, each embedded alone, frames concatenated."""
-    model = E.load_model("ECMAE-R:tiny", encodec="random")
-    wav = torch.randn(1, int(4.5 * 24000)) * 0.1  # one full 4-s chunk and a shorter one
-    frames = model.frames(wav)
-    pieces = torch.cat([model.frames(wav[:, s:s + 96000]) for s in range(0, wav.shape[1], 96000)], 1)
-    assert frames.shape == (1, M.num_frames(wav.shape[1]), 128)
-    assert torch.allclose(frames, pieces, atol=1e-5)
-    assert torch.allclose(frames, M.embed_audio(model.mae, model.codec, wav), atol=1e-5)
-
-
 def three_sounds_task(root, clips_per_fold=6):
     """A 5-fold task any upstream separates: a tone, loud noise and near-silence (chance: 1/3)."""
     g = torch.Generator().manual_seed(0)
@@ -1715,6 +1041,41 @@ def three_sounds_task(root, clips_per_fold=6):
     kinds = [list(sound)[i % 3] for i in torch.randperm(5 * clips_per_fold, generator=g).tolist()]  # no pattern
     folds = {f"fold{f:02d}": [(sound[k](i), [k]) for i, k in enumerate(kinds) if i % 5 == f] for f in range(5)}
     return demo.write_task(root, "three-sounds", folds, False, True, 0.5)
+
+
+# ---------------------------------------------------------------- end to end, one test per stage
+def test_tiny_model_learns_on_demo_data(demo_cache, tmp_path):
+    """[2.3] on demo audio the loss falls and masked accuracy rises far above chance (1/1024)."""
+    audio, cache = demo_cache
+    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path), "--steps", "30",
+                           "--lr", "2e-3", "--batch_size", "8", "--log_every", "10"])
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    assert max(records[-1]["masked_acc"]) > 0.02, records[-1]["masked_acc"]
+
+
+def test_stage_one_then_kmeans_then_stage_two_runs_end_to_end(demo_cache, tmp_path):
+    """[2.3] stage 1 -> kmeans.py -> stage 2 on stage 1's codec, resumable: the model predicts 9 streams."""
+    audio, cache = demo_cache
+    train.main(TINY_RUN + ["--data", audio, "--cache", cache, "--out", str(tmp_path / "s1"), "--steps", "2"])
+    kmeans.main(["--checkpoint", str(tmp_path / "s1" / "ckpt-00000002.pt"), "--cache", cache,
+                 "--out", str(tmp_path / "km"), "--k", "16", "--n-frames", "2000"])
+    stage2 = [a for a in TINY_RUN if a not in ("--encodec", "random")] + [  # the codec comes from stage 1
+        "--data", audio, "--cache", cache, "--out", str(tmp_path / "s2"),
+        "--init_from", str(tmp_path / "s1" / "ckpt-00000002.pt"), "--kmeans_store", str(tmp_path / "km")]
+    train.main(stage2 + ["--steps", "2"])
+    train.main(stage2 + ["--steps", "3", "--resume"])
+    net, loaded = D.load_checkpoint(str(tmp_path / "s2" / "ckpt-00000003.pt"))
+    cfg, source = net.cfg, loaded["encodec"]
+    assert source == "random" and cfg.n_streams == 9 and net.head.linear.out_features == 9 * 1024
+    with open(tmp_path / "s2" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2, 3] and len(records[0]["masked_acc"]) == 9
+    with pytest.raises(D.UsageError, match="--encodec pretrained: the stage-1 checkpoint .* codec 'random'"):
+        train.main(stage2 + ["--steps", "2", "--encodec", "pretrained", "--out", str(tmp_path / "other")])
+    with pytest.raises(D.UsageError, match=r"--resume: --encodec pretrained \(the checkpoint has random\)"):
+        train.main(stage2 + ["--steps", "4", "--encodec", "pretrained", "--resume"])
 
 
 def test_hear_tasks_run_end_to_end_for_EC_ECMAE_R_and_a_checkpoint(tmp_path, capsys):
@@ -1755,268 +1116,6 @@ def test_hear_tasks_run_end_to_end_for_EC_ECMAE_R_and_a_checkpoint(tmp_path, cap
     assert again["EC"]["three-sounds"]["test"] == results["EC"]["three-sounds"]["test"]
 
 
-def test_codec_cache_embeds_as_without_it_and_later_runs_read_no_audio(tmp_path, monkeypatch):
-    """[3.2] --codec-cache keeps the frozen codec's frames of the task clips: the embeddings equal an
-    evaluation without it, and a later run (another --out) reads no audio and runs no codec, yet
-    still names the clip it skipped."""
-    clips = {s: [(torch.randn(9600 + 4800 * (i % 2)) * 0.1, ["a" if i % 2 else "b"]) for i in range(4)]
-             for s in ("train", "valid", "test")}
-    path = demo.write_task(tmp_path, "lengths", clips, False, False, 0.2)
-    (path / "48000" / "train" / "train_0001.wav").write_bytes(os.urandom(300))
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    argv = lambda out, *cache: ["--tasks-dir", str(tmp_path), "--upstream", "EC", "--upstream", ckpt, "--encodec",
-                                "random", "--grid-points", "1", "--max-epochs", "3", "--out", str(tmp_path / out), *cache]
-    embedded = lambda out: {c.relative_to(tmp_path / out): np.load(c)["X"]
-                            for c in sorted((tmp_path / out / "embeddings").rglob("*.npz"))}
-    with pytest.warns(UserWarning, match="train_0001.wav"):
-        E.main(argv("plain"))
-        E.main(argv("kept", "--codec-cache", str(tmp_path / "frames")))
-    plain, kept = embedded("plain"), embedded("kept")
-    assert len(plain) == 6 and list(plain) == list(kept)  # per upstream: train, valid, test
-    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(plain.values(), kept.values()))
-    assert len(list((tmp_path / "frames").rglob("*.npz"))) == 3  # one codec: train, valid, test
-
-    def no_audio(*args, **kwargs):
-        raise AssertionError("read audio or ran the codec despite --codec-cache")
-    for name in ("read_audio", "probe_audio", "codec_embed_audio"):
-        monkeypatch.setattr(E, name, no_audio)
-    with pytest.warns(UserWarning, match="train_0001.wav"):
-        E.main(argv("later", "--codec-cache", str(tmp_path / "frames")))
-    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(plain.values(), embedded("later").values()))
-
-
-def test_unreadable_hear_clips_are_skipped_with_their_label_rows(tmp_path, monkeypatch):
-    """[3.2] a missing or corrupt clip is skipped with one warning naming it; its label goes with it."""
-    clips = {s: [(torch.randn(4800) * 0.1, ["a" if i % 2 else "b"]) for i in range(4)]
-             for s in ("train", "valid", "test")}
-    path = demo.write_task(tmp_path, "bad", clips, False, False, 0.2)
-    (path / "48000" / "train" / "train_0001.wav").write_bytes(os.urandom(300))  # random bytes
-    os.remove(path / "48000" / "valid" / "valid_0002.wav")
-    seen = {}
-    real_probe_task = E.probe_task
-    monkeypatch.setattr(E, "probe_task", lambda data, *a, **k: seen.update(data) or real_probe_task(data, *a, **k))
-    argv = ["--tasks-dir", str(tmp_path), "--upstream", "EC", "--encodec", "random", "--grid-points", "1",
-            "--max-epochs", "3", "--out", str(tmp_path / "out")]
-    for run in range(2):  # the rerun reads cached embeddings and names the files again
-        with pytest.warns(UserWarning) as caught:
-            E.main(argv)
-        named = [str(w.message) for w in caught if "skipping" in str(w.message)]
-        assert len(named) == 2 and "train_0001.wav: " in named[0] and "valid_0002.wav: named in valid.json" in named[1]
-        X, Y = seen["train"]  # the split -> (X, Y) that the probes get
-        assert X.shape[0] == 3 and Y.argmax(1).tolist() == [1, 1, 0]  # b, (a skipped), b, a
-        assert seen["valid"][1].argmax(1).tolist() == [1, 0, 0]  # b, a, (b skipped), a
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["skipped"] == ["bad/train/train_0001.wav", "bad/valid/valid_0002.wav"]
-
-
-def test_bad_inputs_get_clear_errors(tmp_path):
-    """[3.2] an unknown label, an empty split, a mismatched checkpoint."""
-    clips = {s: [(torch.randn(2400) * 0.1, ["a"]), (torch.randn(2400) * 0.1, ["b"])]
-             for s in ("train", "valid", "test")}
-    path = demo.write_task(tmp_path, "bad", clips, False, False, 0.1)
-    task = E.read_task(path)
-    files, _ = E.read_split(task, "train")
-    (path / "valid.json").write_text(json.dumps({files[0]: ["zebra"]}))
-    with pytest.raises(ValueError, match="label 'zebra' of train_0000.wav is not in labelvocabulary"):
-        E.read_split(task, "valid")
-    (path / "test.json").write_text("{}")
-    with pytest.raises(ValueError, match="test.json: the split is empty"):
-        E.read_split(task, "test")
-    ckpt = tiny_checkpoint(tmp_path / "other.pt", d_model=64, n_heads=4)
-    with pytest.raises(ValueError, match="do not fit the config stored with them"):
-        E.load_upstream(ckpt, encodec="random")
-
-
-# ---------------------------------------------------------------- the files' layering
-LAYERS = ["model", "demo", "data", "train", "kmeans", "evaluate"]  # each may import only those before it
-
-
-def test_each_file_imports_only_the_files_below_it():
-    """model.py is the leaf; demo <- data <- train <- kmeans <- evaluate, no import upwards or sideways."""
-    import ast
-    here = os.path.dirname(os.path.abspath(__file__))
-    for level, name in enumerate(LAYERS):
-        tree = ast.parse(open(os.path.join(here, f"{name}.py")).read())
-        imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.module}
-        upward = imported & set(LAYERS[level:])
-        assert not upward, f"{name}.py imports {sorted(upward)}, which stand at or above it in {LAYERS}"
-
-
-# ---------------------------------------------------------------- bad input never stops a run
-def warned(run, good, bad):
-    """Run one stage: (its result, how often its warnings name each bad file, the good files they name)."""
-    import warnings
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = run()
-    said = [str(w.message) for w in caught]
-    return result, {b: sum(b in m for m in said) for b in bad}, [g for g in good if any(g in m for m in said)]
-
-
-@pytest.fixture(scope="module")
-def fuzz(tmp_path_factory, codec):
-    """A folder of good audio at odd rates, channel counts, lengths and names mixed with every kind
-    of bad file, its cache build (result and warnings), and an untrained tiny stage-1 checkpoint."""
-    root = tmp_path_factory.mktemp("fuzz")
-    audio, rng = root / "audio", np.random.default_rng(0)
-    (audio / "x.wav").mkdir(parents=True)  # a folder named like audio: warned about, searched
-    good = [write(audio, "g_24k.wav", tone(0.8)), write(audio, "g_8k.wav", tone(0.5, 8000), 8000),
-            write(audio, "g_22k.flac", tone(1.2, 22050), 22050), write(audio, "g_96k.wav", tone(0.3, 96000), 96000),
-            write(audio, "g_11k.mp3", tone(1.0, 11025), 11025),
-            write(audio, "g_six_channels.wav", tone(0.7, channels=6)),
-            write(audio, "g_ünïcødé_音.flac", tone(0.6)), write(audio, "g_one_sample.wav", np.full(1, 0.1)),
-            write(audio, "g_silence.ogg", np.zeros(9000)), write(audio, "g_float.wav", tone(1.5), subtype="FLOAT"),
-            write(audio, "g_cut_short.wav", tone(1.0))]
-    wav = (audio / "g_cut_short.wav").read_bytes()
-    (audio / "g_cut_short.wav").write_bytes(wav[: len(wav) // 2])  # libsndfile reads the half that is there
-    bad = {}
-    for ext in ("wav", "flac", "mp3", "ogg"):
-        bad[f"b_random.{ext}"], bad[f"b_zero_bytes.{ext}"] = rng.bytes(3000), b""
-    for ext in ("flac", "mp3"):
-        whole = (audio / write(audio, f"b_cut.{ext}", tone(1.0))).read_bytes()
-        bad[f"b_cut.{ext}"] = whole[: len(whole) // 3]  # the header still promises 1 s
-        bad[f"b_header_only.{ext}"] = whole[:120]
-    bad["b_header_only.wav"] = (audio / write(audio, "b_header_only.wav", np.zeros(0))).read_bytes()
-    for name, content in bad.items():
-        (audio / name).write_bytes(content)
-    for name, value in (("b_nan.wav", np.nan), ("b_inf.wav", np.inf), ("b_huge.wav", 1e30)):
-        x = tone(1.0)
-        x[500] = value  # passes the header scan, fails when read
-        bad[name] = write(audio, name, x, subtype="FLOAT")
-    paths, listed, _ = warned(lambda: D.list_audio(audio), good, ["x.wav"])
-    assert sorted(paths) == sorted(good + [str(audio / b) for b in bad]) and listed == {"x.wav": 1}
-    built = warned(lambda: build_cache(codec, paths, root / "cache"), good, bad)
-    torch.manual_seed(0)
-    cfg = M.make_config("tiny")
-    torch.save({"model": M.EnCodecMAE(cfg).state_dict(), "config": asdict(cfg), "encodec": "random", "step": 0},
-               root / "stage1.pt")
-    return root, good, sorted(bad), built
-
-
-def test_fuzz_cache_build_skips_each_bad_file_once_and_caches_every_good_one(fuzz):
-    """[3.1] every bad file is skipped with one warning naming it; every good one is cached."""
-    root, good, bad, ((n, skipped), named, good_named) = fuzz
-    assert n == len(good) and sorted(os.path.basename(p) for p, _ in skipped) == bad
-    assert named == {b: 1 for b in bad} and good_named == []
-    cached = D.read_manifest(root / "cache")
-    assert sorted(cached) == sorted(os.path.abspath(g) for g in good)
-    assert 0.49 * SAMPLE_RATE < cached[os.path.abspath(good[-1])]["samples"] < 0.5 * SAMPLE_RATE  # what is there
-    print(f"\nfuzz cache build: {len(good) + len(bad)} files tried, {len(skipped)} skipped with a message, "
-          f"{n} cached, crashes 0")
-
-
-def test_fuzz_training_on_raw_audio_and_from_the_cache_finishes(fuzz, tmp_path):
-    """[3.1] train.py runs on the folder, raw and cached: bad files left out, no good file named."""
-    root, good, bad, _ = fuzz
-    run = ["--config", "tiny", "--encodec", "random", "--batch_size", "2", "--workers", "0", "--val_files", "1",
-           "--gamma", "uniform", "--log_every", "1", "--val_every", "1000", "--steps", "2",
-           "--data", str(root / "audio")]
-    for out, extra in (("raw", []), ("cached", ["--cache", str(root / "cache")])):
-        _, named, good_named = warned(lambda: train.main(run + ["--out", str(tmp_path / out)] + extra), good, bad)
-        assert os.path.exists(tmp_path / out / "ckpt-00000002.pt") and good_named == [], out
-        # Each bad file is named once: by the cache build, or by the raw scan, except that a file
-        # failing only when read (NaN, inf, huge samples, a cut mp3) is named when a crop reads it.
-        read_only = ("b_nan.wav", "b_inf.wav", "b_huge.wav", "b_cut.mp3") if out == "raw" else ()
-        assert all(named[b] == 1 or (b in read_only and named[b] == 0) for b in bad), (out, named)
-        print(f"\nfuzz training ({out}): {len(good) + len(bad)} files tried, "
-              f"{sum(v > 0 for v in named.values())} named in warnings, 2 steps, crashes 0")
-
-
-def test_fuzz_training_when_the_held_out_file_is_bad(fuzz, tmp_path):
-    """[3.1] with --seed 2 the one held-out file is b_zero_bytes.ogg: training still runs, naming it once."""
-    root, good, bad, _ = fuzz
-    run = ["--config", "tiny", "--encodec", "random", "--batch_size", "2", "--workers", "0", "--val_files", "1",
-           "--gamma", "uniform", "--val_every", "1000", "--steps", "1", "--seed", "2", "--data", str(root / "audio"),
-           "--out", str(tmp_path / "run")]
-    _, named, good_named = warned(lambda: train.main(run), good, bad)
-    assert os.path.exists(tmp_path / "run" / "ckpt-00000001.pt")
-    assert good_named == [] and named["b_zero_bytes.ogg"] == 1
-
-
-def test_fuzz_kmeans_labels_every_cached_good_file(fuzz, tmp_path):
-    """[2.3] kmeans.py over the fuzz folder's cache labels exactly the good files."""
-    root, good, bad, _ = fuzz
-    index, _, good_named = warned(lambda: kmeans.build_targets(
-        str(root / "stage1.pt"), str(tmp_path / "km"), cache_dir=str(root / "cache"), n_clips=8, n_frames=200, k=4),
-        good, bad)
-    assert sorted(index) == sorted(os.path.abspath(g) for g in good) and good_named == []
-    print(f"\nfuzz k-means (cache): {len(good)} files labelled, crashes 0")
-
-
-def test_fuzz_kmeans_on_raw_audio_skips_each_bad_file_once(fuzz, tmp_path):
-    """[2.3] kmeans.py over the raw fuzz folder: bad files named once, every good file labelled."""
-    root, good, bad, _ = fuzz
-    index, named, good_named = warned(lambda: kmeans.build_targets(
-        str(root / "stage1.pt"), str(tmp_path / "km"), data=[str(root / "audio")], n_clips=8, n_frames=200, k=4),
-        good, bad)
-    assert sorted(index) == sorted(os.path.abspath(g) for g in good) and good_named == []
-    assert named == {b: 1 for b in bad}
-    print(f"\nfuzz k-means (raw): {len(good) + len(bad)} files tried, {len(bad)} skipped with a message, crashes 0")
-
-
-def test_fuzz_evaluation_embeds_a_task_with_a_bad_file(tmp_path):
-    """[3.2] evaluate.py's embedding of a HEAR split holding a bad file names it once and finishes."""
-    import demo
-    clips = {s: [(torch.from_numpy(tone(0.5, freq=200.0 * (i + 1))).float(), [str(i % 2)]) for i in range(3)]
-             for s in ("train", "valid", "test")}
-    task = E.read_task(demo.write_task(tmp_path, "fuzz", clips, False, False, 0.5))
-    files, _ = E.read_split(task, "train")
-    bad_name = files[1]
-    (task.audio_dir / "train" / bad_name).write_bytes(np.random.default_rng(0).bytes(3000))
-    upstream = E.load_model("EC", encodec="random")
-    _, named, _ = warned(lambda: E.embed_split([upstream], task, "train", files, tmp_path / "emb"), files, [bad_name])
-    assert named == {bad_name: 1}
-    print(f"\nfuzz evaluation: {len(files)} files tried, 1 skipped with a message, crashes 0")
-
-
-def test_bad_evaluate_command_lines_give_one_line_and_exit_2_before_loading_a_model(tmp_path, capsys, monkeypatch):
-    """[3.2] each mistake on evaluate.py's command line: exit status 2, one stderr line naming the flag."""
-    demo.write_task(tmp_path / "tasks", "t", {s: [(torch.zeros(2400), ["a"])] for s in ("train", "valid", "test")},
-                 False, False, 0.1)
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "audio").mkdir()
-    sf.write(tmp_path / "audio" / "x.wav", np.zeros(2400, dtype="float32"), 24000)
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    tasks, ec = ["--tasks-dir", str(tmp_path / "tasks")], ["--upstream", "EC"]
-    cases = [([], "--tasks-dir"), (ec, "--tasks-dir"), (tasks, "--upstream"),
-             (["--tasks-dir", str(tmp_path / "nowhere")] + ec, "--tasks-dir"),
-             (["--tasks-dir", str(tmp_path / "empty")] + ec, "--tasks-dir"),
-             (tasks + ec + ["--task", "nope"], "--task"),
-             (tasks + ["--upstream", "ECMAE-R:huge"], "--upstream"),
-             (tasks + ["--upstream", str(tmp_path / "missing.pt")], "--upstream"),
-             (tasks + ["--upstream", "ECMAE-R:tiny", "--layer", "3"], "--layer"),
-             (tasks + ec + ["--layer", "0"], "--layer"),
-             (tasks + ec + ["--max-epochs", "0"], "--max-epochs"),
-             (tasks + ec + ["--max-epochs", "abc"], "--max-epochs"),
-             (tasks + ec + ["--grid-points", "17"], "--grid-points"),
-             (tasks + ec + ["--batch-size", "0"], "--batch-size"),
-             (tasks + ec + ["--device", "tpu"], "--device"),
-             (tasks + ec + ["--device", "cuda:9"], "--device"),
-             (tasks + ec + ["--encodec", str(tmp_path / "nope.th")], "--encodec"),
-             (tasks + ec + ["--codec-cache", str(tmp_path / "audio" / "x.wav")], "--codec-cache"),
-             (["embed", "--upstream", "EC", str(tmp_path / "audio")], "--out"),
-             (["embed", "--upstream", "EC", "--out", str(tmp_path / "o"), str(tmp_path / "no.wav")], "no.wav"),
-             (["embed", "--upstream", "EC", "--out", str(tmp_path / "o"), str(tmp_path / "empty")], "empty"),
-             (["embed", "--upstream", "ECMAE-R:tiny", "--layer", "-2", "--out", str(tmp_path / "o"),
-               str(tmp_path / "audio")], "--layer")]
-    monkeypatch.setattr(E, "load_upstream", lambda *a, **k: pytest.fail("a model loaded before the check"))
-    for argv, flag in cases:
-        with pytest.raises(SystemExit) as done:
-            D.run_cli(E.main, argv)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert done.value.code == 2 and len(err) == 1 and flag in err[0], (argv, err)
-    monkeypatch.undo()  # a checkpoint's depth is known once it loads: still one line, exit 2
-    with pytest.raises(SystemExit) as done:
-        D.run_cli(E.main, tasks + ["--upstream", ckpt, "--encodec", "random", "--layer", "3"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert done.value.code == 2 and len(err) == 1 and "--layer 3" in err[0]
-    with capsys.disabled():
-        print(f"\nevaluate.py: {len(cases) + 1} bad command lines tried, {len(cases) + 1} one-line errors "
-              "with exit status 2")
-
-
 def test_embed_command_writes_embed_audio_frames_mirrors_folders_resumes_and_skips_bad_files(
         tmp_path, capsys, monkeypatch):
     """[3.2] `evaluate.py embed`: each file's 75-Hz frames equal model.embed_audio on it (read in
@@ -2037,10 +1136,10 @@ def test_embed_command_writes_embed_audio_frames_mirrors_folders_resumes_and_ski
     assert len([w for w in caught if "skipping" in str(w.message)]) == 1
     out = capsys.readouterr().out
     assert "embed: 3/3 files" in out and "x real time, ETA 0 s" in out and "1 skipped" in out
-    mae, _, _ = train.load_checkpoint_model(ckpt)
+    mae = D.load_checkpoint(ckpt)[0]
     codec = D.load_codec("random")
     for name in ("short.wav", "long.flac", "sub/stereo.wav"):
-        wav = read_audio(src / name)
+        wav = D.read_audio(src / name)
         want = M.embed_audio(mae, codec, wav[None])[0]  # (T, D)
         frames = np.load(tmp_path / "emb" / f"{name}.npy")
         assert frames.dtype == np.float32 and frames.shape == (M.num_frames(len(wav)), 128)

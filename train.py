@@ -1,13 +1,12 @@
 """Pretraining of EnCodecMAE, stage 1 and self-training stage 2: sections 2.3 and 3.1 of the paper.
 
-CPU demo:  python train.py --config tiny --data demo --encodec random --cache runs/demo-cache --steps 300
+CPU demo:  python train.py --config tiny --data demo --encodec random --steps 300 --out runs/demo
 One GPU:   python train.py --config base --data /audio/audioset /audio/fma --out runs/base
 Two GPUs:  torchrun --nproc_per_node=2 train.py --config base --data ... --out runs/base
 Stage 2:   python train.py ... --init_from runs/base/ckpt-00500000.pt --kmeans_store runs/km --steps 150000
-Benchmark: python train.py --bench --config small --batch_size 8 --device cpu
-Curves:    python train.py plot-curves OUT/metrics.jsonl [STAGE2/metrics.jsonl] --out curves.png
-Reads audio folders, .txt lists or a codec cache (data.py); writes OUT/ckpt-*.pt, OUT/metrics.jsonl.
-Every ModelConfig and TrainConfig field is a flag: --M_prop=0.3, --delta 1, --gamma uniform, ...
+Reads audio folders or .txt lists (data.py), or a codec cache (--cache, extras/cache.py); writes
+OUT/ckpt-*.pt and OUT/metrics.jsonl. Every ModelConfig and TrainConfig field is a flag:
+--M_prop 0.3, --delta 1, --gamma uniform, ... (`python train.py --help` lists them).
 """
 import contextlib
 import dataclasses
@@ -21,21 +20,20 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-import data
-import demo
+import data as D
 import model as M
+from data import UsageError, at_least
 
 
 @dataclass
 class TrainConfig:
     data: tuple = ("demo",)          # audio folders, .txt file lists, or "demo" (synthetic) [3.1]
-    data_weights: tuple = ()         # optional mixing weight per --data entry [3.1]
-    cache: str = ""                  # codec cache folder: built (resumably) if incomplete, then read
-    index: str = ""                  # file index (path, rate, length per file): built once if missing,
-                                     # then only read; "" = runs/index/<sha1 of --data>.npz
+    data_weights: tuple = ()         # optional mixing weight per --data entry (extras/mixing.py)
+    cache: str = ""                  # codec cache folder (extras/cache.py): completed if needed, then read
+    index: str = ""                  # file index (extras/file_index.py), built once if missing;
+                                     # "" = read every header at the start (fine up to ~100k files)
     encodec: str = "pretrained"      # "pretrained", a local .th checkpoint, or "random" [2.1]
     out: str = "runs/encodecmae"     # checkpoints and metrics.jsonl
     steps: int = 500_000             # optimizer steps: 500k stage 1, 150k stage 2 [2.3, 3.1]
@@ -60,117 +58,72 @@ class TrainConfig:
     device: str = "auto"             # auto = cuda if available, else cpu
     compile: bool = False            # torch.compile the model (opt-in)
     resume: bool = False             # continue from the newest checkpoint in --out
-    bench: bool = False              # print the speed benchmark and exit
+    bench: bool = False              # print the speed benchmark and exit (extras/bench.py)
 
 
 # ---------------------------------------------------------------- command line
+POSITIVE = {"steps", "batch_size", "grad_accum", "gamma_clips", "val_files", "val_every", "log_every",
+            "ckpt_every", "keep_last", "Q", "K", "M_gap", "n_enc_layers", "n_heads", "d_model", "ff_dim"}
+TYPES = {**{name: at_least(1) for name in POSITIVE}, "workers": at_least(0), "seed": at_least(0),
+         "n_dec_layers": at_least(0), "n_kmeans_streams": at_least(0), "lr": at_least(1e-12, float),
+         "weight_decay": at_least(0.0, float), "clip_grad": at_least(0.0, float), "data": D.data_source,
+         "betas": at_least(0.0, float, 0.999999), "data_weights": at_least(1e-12, float),
+         "encodec": D.encodec_source, "device": lambda text: text if text == "auto" else str(D.device(text))}
+CHOICES = {"gamma": ("auto", "released", "estimate", "uniform"), "mask_mode": ("drop", "token")}
+
+
 def parse_args(argv):
-    """--field=value / --field value for any TrainConfig or ModelConfig field, plus --config SIZE.
+    """--field value (or --field=value) for any TrainConfig or ModelConfig field, plus --config SIZE.
 
     Returns (cfg, mcfg, given); given names the fields set on this command line (--config sets
     its size's fields), the only ones a resumed run compares with its checkpoint.
     """
-    groups = {f.name: (TrainConfig, f) for f in dataclasses.fields(TrainConfig)}
-    groups.update({f.name: (M.ModelConfig, f) for f in dataclasses.fields(M.ModelConfig)})
-    if "-h" in argv or "--help" in argv:
-        options = "\n".join(f"  --{name}={f.default!r}" for name, (_, f) in groups.items())
-        print(f"{__doc__}\n--config {'|'.join(M.SIZES)} (default base), then any of these "
-              f"(defaults shown; meanings in train.py's TrainConfig and model.py's ModelConfig):\n{options}")
-        raise SystemExit(0)
-    size, values, given = "base", {TrainConfig: {}, M.ModelConfig: {}}, set()
-    i = 0
-    while i < len(argv):
-        if not argv[i].startswith("--"):
-            raise data.UsageError(f"unexpected argument {argv[i]!r}: options look like --field=value")
-        name, _, inline = argv[i][2:].partition("=")
-        name = name.replace("-", "_")
-        args = [inline] if inline else []
-        while not inline and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            args.append(argv[i + 1])
-            i += 1
-        i += 1
-        if name == "config":
-            if len(args) != 1 or args[0] not in M.SIZES:
-                raise data.UsageError(f"--config {' '.join(args)!r}: choose one of {', '.join(M.SIZES)}")
-            size = args[0]
-            given |= set(M.SIZES[size])
-            continue
-        if name not in groups:
-            raise data.UsageError(f"unknown option --{name}; options are --config and the fields of "
-                                  "TrainConfig and ModelConfig (python train.py --help lists them)")
-        cls, f = groups[name]
-        values[cls][name] = convert(f, args)
-        given.add(name)
+    p = D.Parser(prog="train.py", description=__doc__, allow_abbrev=False,
+                 formatter_class=D.argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=list(M.SIZES), default="base", help="model size [2.2]")
+    for cls in (TrainConfig, M.ModelConfig):
+        for f in dataclasses.fields(cls):
+            kind, flag = type(f.default), f"--{f.name}"
+            if kind is bool:
+                p.add_argument(flag, action="store_true", default=None, help=f"(off)")
+            elif kind is tuple:  # several values, spaced or comma-separated
+                item = TYPES.get(f.name, float)
+                p.add_argument(flag, nargs="+", default=None, help=f"{f.default}",
+                               type=lambda text, item=item: [item(w) for w in text.split(",") if w])
+            else:
+                p.add_argument(flag, type=TYPES.get(f.name, kind), choices=CHOICES.get(f.name), default=None,
+                               help=f"{f.default!r}")
+    args = vars(p.parse_args(argv))
+    size, given = args.pop("config"), {k for k, v in args.items() if v is not None}
+    values = {k: tuple(x for part in v for x in part) if isinstance(v, list) else v
+              for k, v in args.items() if v is not None}
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)}
     try:
-        mcfg = M.make_config(size, **values[M.ModelConfig])
+        mcfg = M.make_config(size, **{k: v for k, v in values.items() if k in names(M.ModelConfig)})
     except ValueError as err:  # the model's own checks name the field and its range
-        raise data.UsageError(str(err)) from None
-    return TrainConfig(**values[TrainConfig]), mcfg, given
+        raise UsageError(str(err)) from None
+    given |= set(M.SIZES[size]) if "--config" in argv or any(a.startswith("--config=") for a in argv) else set()
+    return TrainConfig(**{k: v for k, v in values.items() if k in names(TrainConfig)}), mcfg, given
 
 
-def convert(f, args):
-    """A flag's words -> the field's type: bools are bare flags, tuples take several values."""
-    if f.type is bool:
-        if args:
-            raise data.UsageError(f"--{f.name} is a switch and takes no value")
-        return True
-    if not args:
-        raise data.UsageError(f"--{f.name} needs a value")
-    if f.type is not tuple and len(args) != 1:
-        raise data.UsageError(f"--{f.name} takes one value, got {' '.join(args)}")
-    words = [w for a in args for w in a.split(",") if w] if f.type is tuple else args
-    item = (type(f.default[0]) if f.default else float) if f.type is tuple else f.type
-    try:
-        values = [item(w) for w in words]
-    except ValueError:
-        kind = "a number" if item is float else "an integer"
-        raise data.UsageError(f"--{f.name} {' '.join(args)}: expected {kind}"
-                              f"{' for each value' if f.type is tuple else ''}") from None
-    return tuple(values) if f.type is tuple else values[0]
-
-
-def check_flags(cfg, world):
-    """Every flag in its range, before any expensive setup: a mistake costs one line, not a codec load."""
-    finite = lambda x: x == x and abs(x) != float("inf")
-    rules = [
-        ("steps", cfg.steps >= 1, "an integer >= 1"),
-        ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
-        ("grad_accum", cfg.grad_accum >= 1, "an integer >= 1"),
-        ("lr", finite(cfg.lr) and cfg.lr > 0, "a number > 0"),
-        ("weight_decay", finite(cfg.weight_decay) and cfg.weight_decay >= 0, "a number >= 0"),
-        ("betas", len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "two numbers in [0, 1)"),
-        ("clip_grad", finite(cfg.clip_grad) and cfg.clip_grad >= 0, "a number >= 0 (0 = off)"),
-        ("gamma", cfg.gamma in ("auto", "released", "estimate", "uniform"),
-         "one of auto, released, estimate, uniform"),
-        ("gamma_clips", cfg.gamma_clips >= 1, "an integer >= 1"),
-        ("val_files", cfg.val_files >= 1, "an integer >= 1"),
-        ("val_every", cfg.val_every >= 1, "an integer >= 1"),
-        ("log_every", cfg.log_every >= 1, "an integer >= 1"),
-        ("ckpt_every", cfg.ckpt_every >= 1, "an integer >= 1"),
-        ("keep_last", cfg.keep_last >= 1, "an integer >= 1 (checkpoints kept on disk)"),
-        ("workers", cfg.workers >= 0, "an integer >= 0"),
-        ("seed", cfg.seed >= 0, "an integer >= 0"),
-        ("data_weights", not cfg.data_weights or (len(cfg.data_weights) == len(cfg.data)
-                                                   and all(w > 0 for w in cfg.data_weights)),
-         f"one weight > 0 per --data entry ({len(cfg.data)})"),
-        ("batch_size", cfg.batch_size % (world * cfg.grad_accum) == 0,
-         f"divisible by {world} GPUs x --grad_accum {cfg.grad_accum}"),
-        ("init_from", not cfg.init_from or cfg.kmeans_store, "given with --kmeans_store (from kmeans.py)"),
-        ("kmeans_store", not cfg.kmeans_store or os.path.isfile(os.path.join(cfg.kmeans_store, "index.json")),
-         "a folder written by kmeans.py (with index.json)"),
-    ]
+def check_run(cfg, world):
+    """What argparse cannot see field by field, before any expensive setup: one line, exit 2."""
+    rules = [("batch_size", cfg.batch_size % (world * cfg.grad_accum) == 0,
+              f"divisible by {world} GPUs x --grad_accum {cfg.grad_accum}"),
+             ("betas", len(cfg.betas) == 2, "two numbers in [0, 1)"),
+             ("data_weights", not cfg.data_weights or len(cfg.data_weights) == len(cfg.data),
+              f"one weight > 0 per --data entry ({len(cfg.data)})"),
+             ("init_from", not cfg.init_from or cfg.kmeans_store, "given with --kmeans_store (from kmeans.py)"),
+             ("kmeans_store", not cfg.kmeans_store or os.path.isfile(os.path.join(cfg.kmeans_store, "index.json")),
+              "a folder written by kmeans.py (with index.json)")]
     for name, ok, allowed in rules:
         if not ok:
             value = getattr(cfg, name)
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            raise data.UsageError(f"--{name} {shown}: must be {allowed}")
-    if cfg.device != "auto":
-        data.check_device(cfg.device)
-    data.check_encodec(cfg.encodec)
-    for src in cfg.data:
-        data.check_data_source(src)
+            raise UsageError(f"--{name} {' '.join(map(str, value)) if isinstance(value, tuple) else value}: "
+                             f"must be {allowed}")
     if cfg.index and os.path.exists(cfg.index):
-        data.check_index(cfg.index, cfg.data)
+        from extras.file_index import check_index
+        check_index(cfg.index, cfg.data)
 
 
 def derived(cfg, world):
@@ -181,55 +134,33 @@ def derived(cfg, world):
 
 # ---------------------------------------------------------------- checkpoints: stage 1 for stage 2, resume
 def read_checkpoint(path, flag, keys=("model", "config", "encodec")):
-    """A train.py checkpoint as a dict, or a UsageError naming the flag, the file and the problem."""
-    if not os.path.isfile(path):
-        raise data.UsageError(f"{flag} {path}: no such file")
+    """data.load_checkpoint, its ValueError as a UsageError naming the flag -> (model, checkpoint dict)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, foreign pickles: the file, not the code
-        raise data.UsageError(f"{flag} {path}: not a readable checkpoint, truncated or another kind "
-                              f"of file ({type(err).__name__} from torch.load)") from None
-    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise data.UsageError(f"{flag} {path}: not a train.py checkpoint (no {', '.join(missing)})")
-    try:
-        M.config_from_dict(ckpt["config"])
-    except (ValueError, TypeError) as err:
-        raise data.UsageError(f"{flag} {path}: its model config is unusable ({err})") from None
-    return ckpt
-
-
-def load_checkpoint_model(path, flag="--checkpoint"):
-    """A trained EnCodecMAE from a train.py checkpoint: (model, cfg, codec source). Strict."""
-    ckpt = read_checkpoint(path, flag)
-    cfg = M.config_from_dict(ckpt["config"])
-    model = M.EnCodecMAE(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg, ckpt["encodec"]
+        return D.load_checkpoint(path, keys)
+    except ValueError as err:
+        raise UsageError(f"{flag} {err}") from None
 
 
 RESUME_KEYS = ("model", "config", "encodec", "optimizer", "scaler", "step", "train_config", "rng")
 
 
 def newest_checkpoint(out, rank=0):
-    """The newest checkpoint in out that loads -> (path, dict), naming any it had to pass over."""
+    """The newest checkpoint in out that loads -> dict, naming any it had to pass over; None if none."""
     for path in sorted(glob.glob(os.path.join(out, "ckpt-*.pt")), reverse=True):
         try:
-            return path, read_checkpoint(path, "--resume", RESUME_KEYS)
-        except data.UsageError as err:
-            print0(rank, f"{err}; passing over it to the previous one")
-    return None, None
+            ckpt = D.load_checkpoint(path, RESUME_KEYS)[1]
+            print0(rank, f"resuming from {path} at step {ckpt['step']}")
+            return ckpt
+        except ValueError as err:
+            print0(rank, f"--resume: {err}; passing over it to the previous one")
+    return None
 
 
 # Fields that may differ between a run and its resumption: they do not change what it computes.
-# A run folder may move (out), so may a cache (same frames), the file index and the stage-1
-# file (read only at the start of stage 2).
+# A run folder may move (out), so may a cache (same frames), the file index and the stage-1 file.
 RESUMABLE = {"steps", "log_every", "val_every", "ckpt_every", "keep_last", "workers", "device",
              "compile", "resume", "grad_accum", "out", "cache", "index", "init_from", "bench"}
-
-
-# Fields about this machine and this invocation: a resumed run never takes them from the checkpoint.
-THIS_MACHINE = {"out", "device", "workers", "compile", "resume", "bench"}
+THIS_MACHINE = {"out", "device", "workers", "compile", "resume", "bench"}  # never taken from a checkpoint
 
 
 def refuse_changes(given, old, now, flag, advice):
@@ -238,29 +169,52 @@ def refuse_changes(given, old, now, flag, advice):
     changed = [k for k in sorted(given) if k not in RESUMABLE and k in old and not same(old[k], now[k])]
     if changed:
         what = ", ".join(f"--{k} {now[k]} (the checkpoint has {old[k]})" for k in changed)
-        raise data.UsageError(f"{flag}: {what}; {advice}")
+        raise UsageError(f"{flag}: {what}; {advice}")
 
 
-def resume_config(ckpt, cfg, mcfg, given):
-    """The stopped run's configs; a flag given now that would change the run is refused [3.1]."""
-    refuse_changes(given, {**ckpt["train_config"], **ckpt["config"]}, {**asdict(cfg), **asdict(mcfg)},
-                   "--resume", f"leave these flags out to continue the run in {cfg.out}, "
-                   "or start a new run in another --out")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    kept = {k: tuple(v) if fields[k].type is tuple else v for k, v in ckpt["train_config"].items()
-            if k in fields and k not in given and k not in THIS_MACHINE}
-    return dataclasses.replace(cfg, **kept), M.config_from_dict(ckpt["config"])
+def starting_point(cfg, mcfg, given, rank):
+    """Where the run starts -> (cfg, mcfg, resume checkpoint or None, stage-1 checkpoint or None).
+
+    A resumed run takes its configs from its checkpoint (a flag given now that would change the
+    run is refused); stage 2 takes the stage-1 model config and codec [2.3]. Only checkpoints are
+    read here (no codec, no data), so a wrong flag still costs one line.
+    """
+    ckpt = newest_checkpoint(cfg.out, rank) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        print0(rank, f"--resume: no checkpoint in {cfg.out} yet, starting from step 0")
+    if ckpt is not None:
+        refuse_changes(given, {**ckpt["train_config"], **ckpt["config"]}, {**asdict(cfg), **asdict(mcfg)},
+                       "--resume", f"leave these flags out to continue the run in {cfg.out}, "
+                       "or start a new run in another --out")
+        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        kept = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()
+                if k in fields and k not in given and k not in THIS_MACHINE}
+        return dataclasses.replace(cfg, **kept), M.ModelConfig(**ckpt["config"]), ckpt, None
+    if not cfg.init_from:
+        return cfg, mcfg, None, None
+    _, stage1 = read_checkpoint(cfg.init_from, "--init_from")
+    if cfg.encodec != stage1["encodec"] and "encodec" in given:
+        raise UsageError(f"--encodec {cfg.encodec}: the stage-1 checkpoint {cfg.init_from} was trained with "
+                         f"the codec {stage1['encodec']!r}, and stage 2 must use it; leave --encodec out")
+    refuse_changes(given, stage1["config"], asdict(mcfg), "--init_from",
+                   "stage 2 continues the stage-1 model; leave these flags out")
+    old = M.ModelConfig(**stage1["config"])
+    mcfg = dataclasses.replace(old, n_kmeans_streams=old.n_kmeans_streams + 1)
+    print0(rank, f"stage 2 from {cfg.init_from}: its model config and codec {stage1['encodec']!r}, "
+                 f"S = {mcfg.n_streams} streams")
+    return dataclasses.replace(cfg, encodec=stage1["encodec"]), mcfg, None, stage1
 
 
-def stage_two_codec(stage1, cfg, given):
-    """Stage 2 predicts targets of the codec stage 1 was trained with: the same codec, or a refusal."""
-    source = stage1["encodec"]
-    if cfg.encodec == source:
-        return cfg
-    if "encodec" in given:
-        raise data.UsageError(f"--encodec {cfg.encodec}: the stage-1 checkpoint {cfg.init_from} was trained "
-                              f"with the codec {source!r}, and stage 2 must use it; leave --encodec out")
-    return dataclasses.replace(cfg, encodec=source)
+def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
+    """Atomically (fsync'd temporary file, then rename) write everything a resume needs; keep the last K."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+             "step": step, "config": asdict(mcfg), "train_config": asdict(cfg), "encodec": codec.source,
+             "gamma_q": list(mcfg.gamma_q), "rng": torch.get_rng_state()}
+    path = os.path.join(cfg.out, f"ckpt-{step:08d}.pt")
+    D.write_atomic(path, lambda f: torch.save(state, f))  # never half a checkpoint under this name
+    for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")))[: -cfg.keep_last]:
+        os.remove(old)
+    return path
 
 
 def trim_metrics(out, step):
@@ -272,23 +226,21 @@ def trim_metrics(out, step):
         lines = f.readlines()
     keep = []
     for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # a line torn by the kill
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):  # a line torn by the kill
+            keep += [line] if json.loads(line)["step"] <= step else []
     if len(keep) < len(lines):
-        data.write_atomic(path, lambda f: f.write("".join(keep).encode()))
+        D.write_atomic(path, lambda f: f.write("".join(keep).encode()))
 
 
 # ---------------------------------------------------------------- ranks and device
 def setup_distributed(cfg):
-    """torchrun sets WORLD_SIZE: NCCL on GPUs, gloo on CPU. Returns (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    """torchrun sets WORLD_SIZE: NCCL on GPUs, gloo on CPU; each rank takes its own GPU (LOCAL_RANK)
+    whatever --device names. Returns (rank, world, device)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{local}" if name == "cuda" else name)
+    device = torch.device(name)
     if device.type == "cuda":
+        device = torch.device("cuda", local if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -300,8 +252,17 @@ def autocast_for(device):
     if device.type != "cuda":
         return contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    return torch.autocast("cuda", dtype=dtype), scaler
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(rank, *args):
+    if rank == 0:
+        print(*args, flush=True)
 
 
 # ---------------------------------------------------------------- data
@@ -327,39 +288,45 @@ class MaskedCrops(Dataset):
         return item, mask
 
 
-def build_datasets(cfg, mcfg, codec, rank):
-    """Indexed audio files -> held-out split -> raw crops or cached crops, with masks [3.1].
+def read_files(cfg, rank):
+    """The audio files of --data -> (Files, the --data entry of each (F,), unreadable count): every
+    header read now, or the file index with --index (the paper's 1.7M files: headers read once)."""
+    if cfg.index:
+        from extras.file_index import ensure_index
+        return ensure_index(cfg.data, cfg.index, rank)
+    try:
+        scans = [D.scan_audio(D.list_audio([s])) for s in cfg.data]
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(f"--data: {err}") from None
+    files = D.Files(*(np.concatenate([files[i] for files, _ in scans]) for i in range(3)))
+    source = np.repeat(np.arange(len(scans)), [len(files.paths) for files, _ in scans])
+    return files, source, sum(len(skipped) for _, skipped in scans)
 
-    The file index (path, sample rate, length of every file) is built once, by rank 0, and then
-    only loaded: a start reads no audio header, whatever the number of files.
-    """
-    index = cfg.index or data.default_index(cfg.data)
-    if rank == 0:
-        if "demo" in cfg.data:
-            data.list_audio(["demo"])  # rank 0 writes ./demo_audio once; kmeans.py finds the same files
-        print(f"file index {index} (rebuild: python data.py index --data {' '.join(cfg.data)} "
-              f"--out {index})", flush=True)
-        data.ensure_index(cfg.data, index)
-    barrier()
-    files, skipped = data.read_index(index, cfg.data)
-    groups = ([np.flatnonzero(files.source == s) for s in range(len(cfg.data))] if cfg.data_weights
-              else [np.arange(len(files))])  # file positions of each mixed source
-    splits = [data.readable_holdout(files, g, cfg.val_files, cfg.seed) for g in groups]
-    if cfg.cache and rank == 0:
-        data.build_cache(codec, files.paths.take(np.concatenate([i for s in splits for i in s])).tolist(), cfg.cache)
-    barrier()
+
+def build_datasets(cfg, mcfg, codec, rank, files=None):
+    """Audio files -> fixed held-out split -> raw crops (or cached ones, --cache), with masks [3.1]."""
+    files, source, n_bad = read_files(cfg, rank) if files is None else files
+    groups = ([np.flatnonzero(source == s) for s in range(len(cfg.data))] if cfg.data_weights
+              else [np.arange(len(files.paths))])  # file positions of each mixed source
+    splits = [D.readable_holdout(files, g, cfg.val_files, cfg.seed) for g in groups]
+    if cfg.cache:  # the codec once per file: stored frames and codes (a deviation, extras/cache.py)
+        from extras.cache import CachedCropDataset, build_cache
+        if rank == 0:
+            build_cache(codec, [files.path(i) for s in splits for part in s for i in part], cfg.cache)
+        barrier()
 
     def crops(positions, seed, n_skipped=0):
-        store, chosen = cfg.kmeans_store or None, files.take(positions, n_skipped)
+        chosen, store = files.take(positions), cfg.kmeans_store or None
         if cfg.cache:
-            return data.CachedCropDataset(cfg.cache, seed=seed, extra_store=store, paths=chosen.paths)
-        return data.CropDataset(chosen, seed=seed, extra_store=store)
-    n_skipped = [sum(skipped)] if not cfg.data_weights else skipped
-    train = [crops(train, cfg.seed, k) for (train, _), k in zip(splits, n_skipped)]
-    train = data.mix_datasets(train, cfg.data_weights or None, cfg.seed) if cfg.data_weights else train[0]
-    valid = crops(np.concatenate([valid for _, valid in splits]), cfg.seed + 1)
-    train_files = files.take(np.concatenate([train for train, _ in splits]))
-    return MaskedCrops(train, mcfg, cfg.seed), MaskedCrops(valid, mcfg, cfg.seed + 1), train_files
+            return CachedCropDataset(cfg.cache, seed=seed, extra_store=store, paths=chosen.paths)
+        return D.CropDataset(chosen, seed=seed, extra_store=store, n_skipped=n_skipped)
+    train = [crops(t, cfg.seed, n_bad if i == 0 else 0) for i, (t, _) in enumerate(splits)]
+    if cfg.data_weights:
+        from extras.mixing import MixedDataset
+        train = [MixedDataset(train, cfg.data_weights, cfg.seed)]
+    valid = crops(np.concatenate([v for _, v in splits]), cfg.seed + 1)
+    train_files = files.take(np.concatenate([t for t, _ in splits]))
+    return MaskedCrops(train[0], mcfg, cfg.seed), MaskedCrops(valid, mcfg, cfg.seed + 1), train_files
 
 
 def epoch_plan(n_items, cfg, micro_batch, rank, world, epoch, first_step):
@@ -378,12 +345,10 @@ def epoch_plan(n_items, cfg, micro_batch, rank, world, epoch, first_step):
 
 def step_batches(dataset, cfg, micro_batch, rank, world, start_step):
     """Yield this rank's loaded micro-batches for every optimizer step from start_step on.
-
-    The data position is just the step: a resumed run rebuilds the same plan and skips ahead.
-    """
+    The data position is just the step: a resumed run rebuilds the same plan and skips ahead."""
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise data.UsageError(f"--batch_size {cfg.batch_size}: more than the {len(dataset)} training crops")
+        raise UsageError(f"--batch_size {cfg.batch_size}: more than the {len(dataset)} training crops")
     step = start_step
     while True:
         epoch, first = divmod(step, steps_per_epoch)
@@ -396,20 +361,13 @@ def step_batches(dataset, cfg, micro_batch, rank, world, start_step):
             step += 1
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def inputs_and_targets(batch, codec, mcfg, device):
     """A micro-batch -> feats, targets, mask, padding on the device; raw audio goes through the codec.
-
-    Targets are the first Q codec codebooks, then the k-means stream in stage 2 [2.3].
-    """
+    Targets are the first Q codec codebooks, then the k-means stream in stage 2 [2.3]."""
     item, mask = batch
-    if isinstance(item, data.Crop):
+    if isinstance(item, D.Crop):
         feats, codes = codec(item.wav.to(device, non_blocking=True))  # (B, T, 128), (B, T, 8)
-    else:
+    else:  # cached frames and codes
         feats, codes = item.feats.to(device, non_blocking=True), item.codes.to(device, non_blocking=True)
     padding = item.padding.to(device)
     targets = codes[..., : mcfg.Q]  # (B, T, Q)
@@ -423,36 +381,62 @@ def inputs_and_targets(batch, codec, mcfg, device):
 
 
 # ---------------------------------------------------------------- model: fresh, stage 2, or resumed
-def choose_gamma(cfg, mcfg, codec, paths, device):
+@torch.no_grad()
+def estimate_gamma(codec, clips, Q=8, batch=8, lengths=None):
+    """gamma_q: mean quantization error of codebook q over the clips, normalized to sum to 1 [3.1].
+
+    The error of stage q is the norm of what it leaves unexplained, |r_q - e_q(r_q)|, r_q the
+    residual entering it: errors shrink stage by stage, so early codebooks weigh more. clips (B, n)
+    at 24 kHz; lengths (B,) real samples per clip (default n): frames past them are left out.
+    """
+    lengths = torch.full((len(clips),), clips.shape[1]) if lengths is None else torch.as_tensor(lengths)
+    if lengths.shape != (len(clips),) or not ((lengths >= 1) & (lengths <= clips.shape[1])).all():
+        raise ValueError(f"lengths must give 1..{clips.shape[1]} real samples for each of the "
+                         f"{len(clips)} clips, got {lengths.tolist()}")
+    total, n_frames = torch.zeros(Q), 0
+    for part, part_lengths in zip(clips.split(batch), lengths.split(batch)):  # 150 clips at once: too big
+        frames = codec.raw_frames(part).transpose(1, 2)  # (b, T, 128)
+        real = torch.arange(frames.shape[1]) < -(-part_lengths[:, None] // M.HOP)  # (b, T) num_frames(length)
+        residual = frames[real.to(frames.device)]  # (n, 128), the real frames only
+        for q, layer in enumerate(codec.quantizer.vq.layers[:Q]):
+            book = layer._codebook
+            residual = residual - book.dequantize(book.quantize(residual))  # what stage q leaves
+            total[q] += residual.norm(dim=1).sum().cpu()
+        n_frames += len(residual)
+    errors = total / n_frames  # (Q,)
+    return errors / errors.sum()
+
+
+def choose_gamma(cfg, mcfg, codec, files, device):
     """gamma_q [3.1]: the released values, uniform weights, or estimated on gamma_clips random crops."""
     mode = cfg.gamma if cfg.gamma != "auto" else ("estimate" if codec.source == "random" else "released")
-    if mode == "released":
-        return mcfg.gamma_q  # make_config already holds the released values (first Q, renormalized)
-    if mode == "uniform":
-        return (1.0 / mcfg.Q,) * mcfg.Q
-    crops = data.CropDataset(paths, seed=cfg.seed)
+    if mode != "estimate":  # make_config holds the released values (first Q, renormalized)
+        return mcfg.gamma_q if mode == "released" else (1.0 / mcfg.Q,) * mcfg.Q
+    crops = D.CropDataset(files, seed=cfg.seed)
     pick = torch.randperm(len(crops), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.gamma_clips]
     picked = [crops[int(i)] for i in pick]
     wav = torch.stack([c.wav for c in picked]).to(device)  # (n, CROP_SAMPLES)
     lengths = torch.stack([(~c.padding).sum() * M.HOP for c in picked])  # (n,) real samples, whole frames
-    gamma = M.estimate_gamma(codec, wav, mcfg.Q, lengths=lengths)  # the zero padding of short crops left out
+    gamma = estimate_gamma(codec, wav, mcfg.Q, lengths=lengths)  # the zero padding of short crops left out
     return tuple(round(float(g), 6) for g in gamma / gamma.sum())
 
 
-def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
-    """Atomically (fsync'd temporary file, then rename) write everything a resume needs; keep the last K."""
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-             "step": step, "config": asdict(mcfg), "train_config": asdict(cfg), "encodec": codec.source,
-             "gamma_q": list(mcfg.gamma_q), "rng": torch.get_rng_state()}
-    path = os.path.join(cfg.out, f"ckpt-{step:08d}.pt")
-    data.write_atomic(path, lambda f: torch.save(state, f))  # never half a checkpoint under this name
-    for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")))[: -cfg.keep_last]:
-        os.remove(old)
-    return path
+def build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device):
+    """Resumed, stage 2 from the stage-1 weights plus a k-means stream [2.3], or fresh with gamma_q chosen."""
+    if ckpt is not None:
+        model = M.EnCodecMAE(mcfg)
+        model.load_state_dict(ckpt["model"])  # strict
+    elif stage1 is not None:
+        model = M.EnCodecMAE(M.ModelConfig(**stage1["config"]))
+        model.load_state_dict(stage1["model"])
+        model = M.add_kmeans_stream(model)
+    else:
+        model = M.EnCodecMAE(dataclasses.replace(mcfg, gamma_q=choose_gamma(cfg, mcfg, codec, train_files, device)))
+    return model.to(device), model.cfg
 
 
 # ---------------------------------------------------------------- one optimizer step
-def train_step(ddp_model, batches, codec, mcfg, cfg, opt, scaler, autocast, device):
+def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, clip_grad):
     """Accumulate over this rank's micro-batches (DDP syncs only on the last), then step [3.1].
 
     |M| and T are counted over the whole batch, every micro-batch of every GPU [2.3]: each
@@ -478,9 +462,9 @@ def train_step(ddp_model, batches, codec, mcfg, cfg, opt, scaler, autocast, devi
         dist.all_reduce(stats)  # every GPU's shares add up to the batch's figures
     if not torch.isfinite(stats[0]):  # stop before the step: the model and last checkpoint stay good
         return stats
-    if cfg.clip_grad:  # Deviation only when switched on: the paper does not clip
+    if clip_grad:  # Deviation only when switched on: the paper does not clip
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.clip_grad)
+        torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), clip_grad)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -511,97 +495,47 @@ def validate(model, dataset, codec, mcfg, device, micro_batch, autocast):
     return [total[0].item(), total[1:].mean().item()]
 
 
-def log_line(step, cfg, s, S, rate, val):
-    """What a student watches: loss, masked accuracy per stream, speed and the ETA."""
-    acc = " ".join(f"{a:.2f}" for a in s[1 + 2 * S:].tolist())
-    eta = (cfg.steps - step) / max(rate, 1e-9)
+def log_record(step, cfg, s, S, rate, val):
+    """What a student watches: loss and masked accuracy per stream, speed, ETA -> (line, metrics record)."""
     audio_h = rate * cfg.batch_size * M.CROP_SECONDS / 3600
-    text = (f"step {step}/{cfg.steps} | loss {s[0]:.4f} | masked acc/stream {acc} | "
-            f"{rate:.2f} steps/s | {audio_h:.4f} h audio/s | ETA {eta / 3600:.2f} h")
+    text = (f"step {step}/{cfg.steps} | loss {s[0]:.4f} | masked acc/stream "
+            f"{' '.join(f'{a:.2f}' for a in s[1 + 2 * S:].tolist())} | {rate:.2f} steps/s | {audio_h:.4f} h audio/s"
+            f" | ETA {(cfg.steps - step) / max(rate, 1e-9) / 3600:.2f} h")
+    record = {"step": step, "loss": s[0].item(), "masked_loss": s[1: 1 + S].tolist(),
+              "unmasked_loss": s[1 + S: 1 + 2 * S].tolist(), "masked_acc": s[1 + 2 * S:].tolist(),
+              "steps_per_s": rate, "audio_hours_per_s": audio_h, "time": time.time()}
     if val is not None:
         text += f" | val loss {val[0]:.4f} acc {val[1]:.3f}"
-    return text, audio_h
+        record.update(val_loss=val[0], val_masked_acc=val[1])
+    return text, record
 
 
 # ---------------------------------------------------------------- the run
-def build_model(cfg, mcfg, ckpt, stage1, codec, train_paths, device):
-    """Resumed, stage 2 from the stage-1 weights, or fresh with gamma_q chosen -> (model, mcfg)."""
-    if ckpt is not None:
-        model = M.EnCodecMAE(mcfg)
-        model.load_state_dict(ckpt["model"])  # strict
-    elif stage1 is not None:  # self-training: stage-1 weights plus a k-means stream [2.3]
-        model = M.EnCodecMAE(M.config_from_dict(stage1["config"]))
-        model.load_state_dict(stage1["model"])  # strict
-        model = M.add_kmeans_stream(model)
-    else:
-        mcfg = dataclasses.replace(mcfg, gamma_q=choose_gamma(cfg, mcfg, codec, train_paths, device))
-        model = M.EnCodecMAE(mcfg)
-    return model.to(device), model.cfg
-
-
-def print0(rank, *args):
-    if rank == 0:
-        print(*args, flush=True)
-
-
-def starting_point(cfg, mcfg, given, rank):
-    """Where the run starts -> (cfg, mcfg, resume checkpoint or None, stage-1 checkpoint or None).
-
-    Only checkpoints are read here (no codec, no data), so a wrong flag still costs one line.
-    """
-    ckpt = stage1 = None
-    if cfg.resume:
-        path, ckpt = newest_checkpoint(cfg.out, rank)
-        if ckpt is None:
-            print0(rank, f"--resume: no checkpoint in {cfg.out} yet, starting from step 0")
-        else:
-            cfg, mcfg = resume_config(ckpt, cfg, mcfg, given)
-            print0(rank, f"resuming from {path} at step {ckpt['step']}")
-    if ckpt is None and cfg.init_from:
-        stage1 = read_checkpoint(cfg.init_from, "--init_from")
-        cfg = stage_two_codec(stage1, cfg, given)
-        refuse_changes(given, stage1["config"], asdict(mcfg), "--init_from",
-                       "stage 2 continues the stage-1 model; leave these flags out")
-        old = M.config_from_dict(stage1["config"])
-        mcfg = dataclasses.replace(old, n_kmeans_streams=old.n_kmeans_streams + 1)
-        print0(rank, f"stage 2 from {cfg.init_from}: its model config and codec {cfg.encodec!r}, "
-                     f"S = {mcfg.n_streams} streams")
-    return cfg, mcfg, ckpt, stage1
-
-
 def main(argv=None):
     """Parse and check every flag -> resume point -> ranks and device -> data -> model -> loop."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plot-curves"]:
-        if len(argv) < 4 or argv[-2] != "--out":
-            raise data.UsageError("usage: python train.py plot-curves METRICS.jsonl [METRICS.jsonl ...] --out FIG.png")
-        return plot_curves(argv[1:-2], argv[-1])
-    cfg, mcfg, given = parse_args(argv)
+    cfg, mcfg, given = parse_args(sys.argv[1:] if argv is None else argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    check_flags(cfg, world)
+    check_run(cfg, world)
     if cfg.bench:
-        return benchmark(cfg, mcfg, setup_distributed(cfg)[2])
+        from extras.bench import train_benchmark
+        return train_benchmark(cfg, mcfg, setup_distributed(cfg)[2])
     cfg, mcfg, ckpt, stage1 = starting_point(cfg, mcfg, given, rank)
-    check_flags(cfg, world)  # a resumed config comes from the checkpoint: its paths may have gone
+    check_run(cfg, world)  # a resumed config comes from the checkpoint: its paths may have gone
     rank, world, device = setup_distributed(cfg)
     extra = derived(cfg, world)
+    files = read_files(cfg, rank)  # before any setup: a --data mistake costs one line
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0 and cfg.resume:
         trim_metrics(cfg.out, ckpt["step"] if ckpt else 0)  # each step is logged once
     torch.manual_seed(cfg.seed)
-    codec = data.load_codec(cfg.encodec).to(device)  # the random codec's seed stays 0: evaluate.py rebuilds it
-
-    train_set, val_set, train_paths = build_datasets(cfg, mcfg, codec, rank)
-    skipped = train_set.crops.n_skipped + val_set.crops.n_skipped  # both splits
-    model, mcfg = build_model(cfg, mcfg, ckpt, stage1, codec, train_paths, device)
+    codec = D.load_codec(cfg.encodec).to(device)
+    train_set, val_set, train_files = build_datasets(cfg, mcfg, codec, rank, files)
+    model, mcfg = build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device)
     train_set.cfg = val_set.cfg = mcfg
-    print0(rank, f"model {json.dumps(asdict(mcfg))}\ntrain {json.dumps(asdict(cfg))}\n"
-                 f"derived {json.dumps(extra)} | world {world} | device {device} | "
-                 f"{len(train_set)} training crops, {skipped} unreadable files skipped | gamma_q {mcfg.gamma_q}")
-
-    ddp_model = model
-    if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
+    print0(rank, f"model {json.dumps(asdict(mcfg))}\ntrain {json.dumps(asdict(cfg))}\nderived {json.dumps(extra)}"
+                 f" | world {world} | device {device} | {len(train_set)} training crops, "
+                 f"{train_set.crops.n_skipped + val_set.crops.n_skipped} unreadable files skipped | gamma_q {mcfg.gamma_q}")
+    ddp_model = torch.compile(model) if cfg.compile else model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -623,9 +557,9 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
     """The loop of section 3.1: constant lr, accumulate, step, log, validate, checkpoint."""
     batches = step_batches(train_set, cfg, micro_batch, rank, world, step)
     metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
-    window, t0, S = [], time.time(), mcfg.n_streams
+    window, t0 = [], time.time()
     while step < cfg.steps:
-        stats = train_step(ddp_model, next(batches), codec, mcfg, cfg, opt, scaler, autocast, device)
+        stats = train_step(ddp_model, next(batches), codec, mcfg, opt, scaler, autocast, device, cfg.clip_grad)
         if not torch.isfinite(stats[0]):
             last = max(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")), default=None)
             raise SystemExit(f"loss is {stats[0].item()} at step {step + 1}: stopping. The last good "
@@ -636,14 +570,9 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
         if rank == 0 and (step % cfg.val_every == 0 or step == cfg.steps) and len(val_set):
             val = validate(model, val_set, codec, mcfg, device, micro_batch, autocast)
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps or val is not None):
-            s, rate = torch.stack(window).mean(0), len(window) / (time.time() - t0)
-            text, audio_h = log_line(step, cfg, s, S, rate, val)
+            text, record = log_record(step, cfg, torch.stack(window).mean(0), mcfg.n_streams,
+                                      len(window) / (time.time() - t0), val)
             print(text, flush=True)
-            record = {"step": step, "loss": s[0].item(), "masked_loss": s[1: 1 + S].tolist(),
-                      "unmasked_loss": s[1 + S: 1 + 2 * S].tolist(), "masked_acc": s[1 + 2 * S:].tolist(),
-                      "steps_per_s": rate, "audio_hours_per_s": audio_h, "time": time.time()}
-            if val is not None:
-                record.update(val_loss=val[0], val_masked_acc=val[1])
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             window, t0 = [], time.time()
@@ -652,155 +581,5 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
     barrier()
 
 
-# ---------------------------------------------------------------- training curves
-def plot_curves(metrics_files, out):
-    """Training curves from train.py's metrics.jsonl files (stage 1, then stage 2, one after the other):
-    loss and masked accuracy per stream against steps. matplotlib is needed for this only."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise data.UsageError("plot-curves needs matplotlib (pip install matplotlib); nothing else does") from err
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    offset = 0
-    for n, path in enumerate(metrics_files):
-        with open(path) as f:
-            records = [json.loads(line) for line in f]
-        steps = [offset + r["step"] for r in records]
-        ax_loss.plot(steps, [r["loss"] for r in records], color=f"C{n}", label=f"stage {n + 1}: training loss L")
-        val = [(offset + r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-        if val:
-            ax_loss.plot(*zip(*val), "o--", color=f"C{n}", label=f"stage {n + 1}: held-out loss")
-        for q in range(len(records[0]["masked_acc"])):
-            ax_acc.plot(steps, [r["masked_acc"][q] for r in records], color=plt.cm.viridis(q / 8),
-                        ls="-" if n == 0 else "--", label=f"stream {q + 1}" if n == 0 or q == 8 else None)
-        offset = steps[-1]
-        ax_loss.axvline(offset, color="grey", lw=0.5)
-    ax_loss.set(xlabel="step", ylabel="weighted loss", title="loss (stage 1, then stage 2)")
-    ax_acc.set(xlabel="step", ylabel="masked top-1 accuracy", title="masked accuracy per stream (9 = k-means)")
-    ax_loss.legend(fontsize=7)
-    ax_acc.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
-
-
-# ---------------------------------------------------------------- benchmark
-def timed(fn, device, reps=3):
-    """Median wall time of fn() over reps runs, after one warm-up run."""
-    times = []
-    for _ in range(reps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]
-
-
-def gemm_shapes(mcfg, B, T=M.CROP_FRAMES):
-    """(rows, in, out) of each distinct matrix product in a training step's forward pass [2.2]."""
-    D, F, S, K = mcfg.d_model, mcfg.ff_dim, mcfg.n_streams, mcfg.K
-    N = T - round(mcfg.M_prop * T) if mcfg.mask_mode == "drop" else T
-    block = lambda n: [(B * n, D, 3 * D), (B * n, D, D), (B * n, D, F), (B * n, F, D)]
-    return [(B * T, mcfg.d_codec, D)] + block(N) + [(B * N, D, D)] + block(T) + [(B * T, D, S * K)]
-
-
-def gemm_peak(shapes, device, dtype, reps=5):
-    """The device's matmul throughput (FLOP/s) on the step's own GEMM shapes: best of reps runs.
-
-    The best run, not the median: noise (another process, a clock dip) only ever slows a run
-    down, so the fastest run is the closest to what the hardware can do on these shapes.
-    """
-    pairs = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype))
-             for m, k, n in shapes]
-    run = lambda: [F.linear(x, w) for x, w in pairs]  # the kernels nn.Linear calls
-    run()  # warm-up
-    best = min(timed(run, device, reps=1) for _ in range(reps))
-    return sum(2 * m * k * n for m, k, n in shapes) / best
-
-
-def mae_flops(mcfg, B, T=M.CROP_FRAMES):
-    """Model FLOPs of one training step (forward + backward = 3 x forward) [2.2]."""
-    D, F, S, K = mcfg.d_model, mcfg.ff_dim, mcfg.n_streams, mcfg.K
-    N = T - round(mcfg.M_prop * T) if mcfg.mask_mode == "drop" else T
-    layer = lambda n: 2 * n * (4 * D * D + 2 * D * F) + 4 * n * n * D  # linears + attention
-    forward = (2 * T * mcfg.d_codec * D + mcfg.n_enc_layers * layer(N) + 2 * T * D * D
-               + mcfg.n_dec_layers * layer(T) + 2 * T * D * S * K)
-    return 3 * B * forward
-
-
-def utilization_peak(achieved, peaks, remeasure, n_shapes):
-    """The yardstick for utilization and how it was taken; never below what the step achieved.
-
-    A step faster than the measured peak means the peak was measured badly (noise): measure
-    again, and if the step still wins, its own rate is the honest peak (100%).
-    """
-    how = (f"best of 5 runs of the step's {n_shapes} GEMM shapes, before and after timing the step"
-           f" ({peaks[0] / 1e9:.0f} and {peaks[1] / 1e9:.0f})")
-    peak = max(peaks)
-    if achieved > peak:
-        again = remeasure()
-        how += f"; the step beat it, re-measured best of 10: {again / 1e9:.0f}"
-        peak = max(peak, again)
-    if achieved > peak:
-        how += "; the step still beat it, so its own rate is the peak"
-        peak = achieved
-    return peak, how
-
-
-def benchmark(cfg, mcfg, device):
-    """Where a training step's time goes: codec, MAE forward/backward, optimizer, cached data."""
-    import resource
-    import tempfile
-    B = cfg.batch_size
-    autocast, _ = autocast_for(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    codec = data.load_codec(cfg.encodec).to(device)
-    wav = demo.demo_clips(B, M.CROP_SECONDS, seed=cfg.seed).to(device)  # (B, 96000)
-    t_codec = timed(lambda: codec(wav), device)
-    feats, codes = codec(wav)
-    mask = M.gap_mask(torch.full((B,), M.CROP_FRAMES, device=device), M.CROP_FRAMES, mcfg.M_prop, mcfg.M_gap)
-    model = M.EnCodecMAE(mcfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-    def forward_backward():
-        with autocast:
-            loss = model(feats, codes[..., : mcfg.Q], mask).loss
-        loss.backward()
-    shapes = gemm_shapes(mcfg, B)
-    peak_before = gemm_peak(shapes, device, dtype)
-    t_mae = timed(forward_backward, device)
-    peak, how = utilization_peak(mae_flops(mcfg, B) / t_mae, [peak_before, gemm_peak(shapes, device, dtype)],
-                                 lambda: gemm_peak(shapes, device, dtype, reps=10), len(shapes))
-    t_opt = timed(opt.step, device)
-    with tempfile.TemporaryDirectory() as tmp:  # a small cache, read as training reads it
-        paths = demo.write_demo_dataset(os.path.join(tmp, "audio"), n_files=4, seed=cfg.seed, seconds=(8.0, 8.0))
-        data.build_cache(codec, paths, os.path.join(tmp, "cache"))
-        crops = MaskedCrops(data.CachedCropDataset(os.path.join(tmp, "cache"), seed=cfg.seed), mcfg, cfg.seed)
-        loader = DataLoader(crops, batch_size=B, sampler=[i % len(crops) for i in range(B)], num_workers=0)
-        t_data = timed(lambda: next(iter(loader)), torch.device("cpu"))
-    step_cache, step_raw = t_mae + t_opt + t_data, t_codec + t_mae + t_opt
-    flops = mae_flops(mcfg, B)
-    memory = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-    rows = [("matmul peak (measured)", f"{peak / 1e9:.0f} GFLOP/s ({dtype}); {how}"),
-            ("codec, on the fly", f"{t_codec:.3f} s/step ({t_codec / step_raw:.0%} of a raw-audio step)"),
-            ("MAE forward+backward", f"{t_mae:.3f} s ({flops / t_mae / 1e9:.0f} GFLOP/s, "
-                                     f"{flops / t_mae / peak:.0%} of the matmul peak)"),
-            ("optimizer step", f"{t_opt:.3f} s"),
-            ("data, from the cache", f"{t_data:.4f} s/step ({t_data / step_cache:.1%} of a cached step)"),
-            ("step, raw audio", f"{step_raw:.3f} s = {1 / step_raw:.2f} steps/s, {B / step_raw:.1f} clips/s"),
-            ("step, cache", f"{step_cache:.3f} s = {1 / step_cache:.2f} steps/s, {B / step_cache:.1f} clips/s"),
-            ("peak memory", f"{memory:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")]
-    print(f"benchmark: {mcfg.n_enc_layers}-layer D={mcfg.d_model} model, batch {B}, {device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
-
-
 if __name__ == "__main__":
-    data.run_cli(main)
+    D.run_cli(main)

@@ -1,13 +1,14 @@
 """Demo audio for teaching and tests (not part of the paper): synthetic and real-source clips, tasks.
 
-`--data demo` (train.py, kmeans.py, data.py) writes and reads the synthetic pretraining set (notes,
-chords, noise bursts, chirps, vowels; kind and pitch in each name); `python data.py demo-tasks --out
+`--data demo` (train.py, kmeans.py) writes and reads the synthetic pretraining set (notes, chords,
+noise bursts, chirps, vowels; kind and pitch in each name); `python extras/demo_audio.py tasks --out
 TASKS` writes three small synthetic tasks in the HEAR layout for `evaluate.py`; both need only numpy,
-torch, soundfile and torchaudio (encodec brings it). `python data.py demo-real --out DIR` writes
-pretraining audio and three harder tasks whose test instruments and voices are unseen, from sampled
-GM instruments and espeak-ng voices (apt-get install fluidsynth fluid-soundfont-gm espeak-ng).
+torch, soundfile and torchaudio (encodec brings it). `python extras/demo_audio.py real --out DIR`
+writes pretraining audio and three harder tasks whose test instruments and voices are unseen, from
+sampled GM instruments and espeak-ng voices (apt-get install fluidsynth fluid-soundfont-gm espeak-ng).
 Every clip is deterministic for its seed, so the truth behind every label is known exactly.
 """
+import argparse
 import io
 import json
 import os
@@ -15,9 +16,13 @@ import random
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: the core files sit in the folder above
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import soundfile as sf
@@ -104,13 +109,13 @@ def write_demo_dataset(out_dir, n_files=64, seed=0, seconds=(1.5, 12.0)):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):  # deterministic, so a finished file is already right
             wav = synth_clip(kind, seconds_i, [seed, i], pitch=pitch).numpy()
-            sf.write(path + ".tmp", wav, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-            os.replace(path + ".tmp", path)
+            sf.write(f"{path}.tmp{os.getpid()}", wav, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+            os.replace(f"{path}.tmp{os.getpid()}", path)  # two DDP ranks may write the same file
         paths.append(path)
     return paths
 
 
-# ---------------------------------------------------------------- labelled demo tasks, HEAR layout (HEAR.md)
+# ---------------------------------------------------------------- labelled demo tasks, HEAR layout
 def write_task(out, name, clips, multilabel, kfold, seconds, rate=48000):
     """clips: {split: [(wav (n,) at 24 kHz, labels)]} -> a HEAR task folder with 16-bit wavs."""
     import torchaudio.functional as AF  # torchaudio comes with encodec
@@ -537,7 +542,7 @@ def make_real_tasks(out, seed=0, clips=(720, 240, 480), seconds=(2.0, 1.5, 3.0))
 
 
 def build_real_demo(out, hours=1.5, clips=(720, 240, 480), seed=0):
-    """`python data.py demo-real`: OUT/corpus (pretraining audio) and OUT/tasks, with timings."""
+    """`python extras/demo_audio.py real`: OUT/corpus (pretraining audio) and OUT/tasks, with timings."""
     start = time.time()
     if hours > 0:
         paths = write_real_corpus(Path(out) / "corpus", hours, seed)
@@ -547,3 +552,34 @@ def build_real_demo(out, hours=1.5, clips=(720, 240, 480), seed=0):
     for path in make_real_tasks(Path(out) / "tasks", seed, clips):
         print(f"wrote {path}")
     print(f"tasks ({' + '.join(map(str, clips))} clips each) in {time.time() - start:.0f} s")
+
+
+def main(argv=None):
+    from data import Parser, UsageError, at_least
+    parser = Parser(prog="extras/demo_audio.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    tasks = sub.add_parser("tasks", help="three labelled synthetic tasks in the HEAR layout")
+    tasks.add_argument("--out", required=True)
+    tasks.add_argument("--clips", type=at_least(5), default=120, help="clips per task")
+    tasks.add_argument("--seconds", type=at_least(0.05, float), default=2.0)
+    tasks.add_argument("--seed", type=at_least(0), default=0)
+    real = sub.add_parser("real", help="pretraining audio and three tasks from sampled instruments and "
+                          "espeak-ng voices (needs fluidsynth, fluid-soundfont-gm, espeak-ng)")
+    real.add_argument("--out", required=True, help="writes OUT/corpus and OUT/tasks")
+    real.add_argument("--hours", type=at_least(0.0, float), default=1.5, help="pretraining audio (0: tasks only)")
+    real.add_argument("--clips", type=at_least(1), nargs=3, default=[720, 240, 480],
+                      metavar=("TRAIN", "VALID", "TEST"), help="clips per split of each task")
+    real.add_argument("--seed", type=at_least(0), default=0, help="the sounds and the program and voice splits")
+    args = parser.parse_args(argv)
+    if args.command == "tasks":
+        for path in make_demo_tasks(args.out, args.clips, args.seconds, args.seed):
+            print(f"wrote {path}")
+        return
+    if missing_sources():
+        raise UsageError(f"the real demo needs {'; '.join(missing_sources())}; install with: {APT}")
+    build_real_demo(args.out, args.hours, args.clips, args.seed)
+
+
+if __name__ == "__main__":
+    from data import run_cli
+    run_cli(main)

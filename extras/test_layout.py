@@ -1,0 +1,68 @@
+"""The layout: the core files import downwards only, and extras/ only inside the option that needs it."""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import data as D
+import evaluate as E
+import kmeans
+import model as M
+import train
+from extras import cache, file_index, random_codec
+from extras import demo_audio as demo
+from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, gap_mask, make_config, num_frames
+from test_all import (TINY_RUN, codec, demo_cache, losses, short_cache, stage_one, three_sounds_task,  # noqa: F401
+                      tiny_checkpoint, tone, write)
+
+torch.set_num_threads(1)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BELOW = {"model": set(), "data": {"model"}, "train": {"model", "data"}, "kmeans": {"model", "data"},
+         "evaluate": {"model", "data"}}  # what each core file may import of the others
+
+
+def test_core_files_import_downwards_and_extras_only_inside_an_option():
+    """model <- data <- train, kmeans, evaluate; none imports train; `extras` never at the top of a file."""
+    import ast
+    for name, allowed in BELOW.items():
+        tree = ast.parse(open(os.path.join(ROOT, f"{name}.py")).read())
+        modules = lambda nodes: {m.split(".")[0] for n in nodes for m in (
+            [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module] if isinstance(n, ast.ImportFrom)
+            and n.module else [])}
+        everywhere, top = modules(ast.walk(tree)), modules(tree.body)
+        assert everywhere & set(BELOW) <= allowed, f"{name}.py imports {sorted(everywhere & set(BELOW) - allowed)}"
+        assert "extras" not in top, f"{name}.py imports extras when it loads, not inside the option needing it"
+
+
+def test_the_paper_path_loads_with_extras_deleted(tmp_path):
+    """The five core files alone import, and train.py --help prints: extras/ is optional."""
+    import shutil
+    for name in BELOW:
+        shutil.copy(os.path.join(ROOT, f"{name}.py"), tmp_path)
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", "import model, data, train, kmeans, evaluate"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "train.py", "--help"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "--M_prop" in done.stdout, done.stderr
+
+
+def test_the_root_holds_the_eight_files_and_three_folders():
+    """The repository's root: README.md, requirements.txt, the five core files, test_all.py, .ci/, extras/, docs/."""
+    done = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip("not a git checkout")
+    top = {line.split("/")[0] for line in done.stdout.splitlines()}
+    allowed = {"README.md", "requirements.txt", "test_all.py", ".ci", ".gitignore", "extras", "docs"}
+    assert top <= allowed | {f"{n}.py" for n in BELOW}, sorted(top - allowed - {f"{n}.py" for n in BELOW})
