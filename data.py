@@ -1,11 +1,10 @@
 """Data for EnCodecMAE, section 3.1: audio -> mono 24 kHz -> random 4-s crops, and the frozen codec.
 
-Used by train.py, kmeans.py and evaluate.py (it has no command of its own). It reads whatever
-libsndfile reads (wav, flac, ogg, mp3) from folders or .txt lists of paths, visits each file
-ceil(length / 4 s) times per epoch, and skips a bad file with one warning naming it. `load_codec`
-gives the frozen EnCodec (pretrained, a local checkpoint, or seeded random for offline tests) and
-`load_checkpoint` a trained model. Crops carry `padding`: True where a frame is not real audio.
-It also holds what every command line shares: one-line errors (exit status 2), progress lines.
+Used by train.py, kmeans.py and evaluate.py (no command of its own). It reads what libsndfile
+reads (wav, flac, ogg, mp3) from folders or .txt lists of paths, visits each file ceil(length / 4 s)
+times per epoch and skips a bad file with one warning naming it. `load_codec` gives the frozen
+EnCodec, `load_checkpoint` a trained model. Crops carry `padding`: True where a frame is not real
+audio. Also what every command line shares: one-line errors with exit status 2, progress lines.
 """
 import argparse
 import contextlib
@@ -38,15 +37,13 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (not its usage block): a UsageError for run_cli."""
-
-    def error(self, message):
+    def error(self, message):  # one line, not argparse's usage block
         raise UsageError(message)
 
 
 def run_cli(main, argv=None):
-    """Run a command-line main: a UsageError becomes one line on stderr and exit status 2; the
-    mains check every flag before any expensive setup. Bugs keep their traceback."""
+    """Run a command-line main (which checks every flag before any expensive setup): a UsageError
+    becomes one line on stderr and exit status 2; a bug keeps its traceback."""
     try:
         return main(argv)
     except UsageError as err:
@@ -66,14 +63,14 @@ def at_least(low, kind=int, high=math.inf):
 
 
 def encodec_source(text):
-    """An argparse type: pretrained, random or an existing EnCodec checkpoint file (checked before any download)."""
+    """An argparse type: pretrained, random or an EnCodec checkpoint file (checked before any download)."""
     if text not in ("pretrained", "random") and not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"{text}: use pretrained, random or the path of an encodec_24khz-*.th file")
     return text
 
 
 def data_source(text):
-    """An argparse type: "demo", a .txt list of paths, or a readable folder (list_audio finds its files)."""
+    """An argparse type: "demo", a .txt list of paths, or a readable folder."""
     if not (text == "demo" or (text.endswith(".txt") and os.path.isfile(text)) or os.path.isdir(text)):
         raise argparse.ArgumentTypeError(f"{text}: no such folder or .txt list (or use demo)")
     if os.path.isdir(text) and not os.access(text, os.R_OK | os.X_OK):
@@ -92,8 +89,8 @@ def device(text):
 
 
 class Progress:
-    """A progress line at most every `every` seconds and at the end: share done, speed, ETA. Work
-    found done (a resume) counts as done, not in the speed. Cache build, k-means and embed use it."""
+    """A line at most every `every` seconds and at the end: share done, speed, ETA. Work found done
+    (a resume) counts as done, not in the speed. The cache build, k-means and embed use it."""
 
     def __init__(self, stage, total, every=10.0, unit=None):
         self.stage, self.total, self.every, self.unit, self.done, self.resumed = stage, total, every, unit, 0, 0
@@ -131,16 +128,14 @@ class AudioError(Exception):
 
 
 def resampled_length(n_src, rate):
-    """Samples at 24 kHz for n_src samples at `rate`: an exact integer ceil, never float rounding."""
-    return -(-n_src * SAMPLE_RATE // rate)
+    return -(-n_src * SAMPLE_RATE // rate)  # samples at 24 kHz: an exact integer ceil, no float rounding
 
 
 def read_header(path):
-    """(sample rate, samples) from the header, with its last sample read back; bad files -> AudioError.
+    """(sample rate, samples) from the header, its last sample read back; bad files -> AudioError.
 
-    Reading the last sample catches a file cut short whose header still promises the full length
-    (one seek, 0.1 ms). Not for mp3, where a seek parses every frame before it: read_audio catches
-    the short read instead.
+    The last sample catches a file cut short whose header promises the full length (one seek,
+    0.1 ms). Not for mp3, where a seek parses every frame before it: read_audio catches it then.
     """
     for bad, why in ((os.path.isdir, "a folder, not an audio file"), (lambda p: not os.path.isfile(p), "no such file"),
                      (lambda p: not os.access(p, os.R_OK), "permission denied"),
@@ -157,14 +152,11 @@ def read_header(path):
             raise AudioError(f"{path}: absurd sample rate {rate} Hz (allowed {MIN_RATE}..{MAX_RATE})")
         if n_src <= 0:
             raise AudioError(f"{path}: empty file (zero samples)")
-        try:
+        with contextlib.suppress(RuntimeError, OSError):
             f.seek(n_src - 1 if f.format != "MP3" else 0)
-            last = len(f.read(1, dtype="float32"))
-        except (RuntimeError, OSError):
-            last = 0
-    if last != 1:
-        raise AudioError(f"{path}: truncated or corrupt: its header promises {n_src} samples, the last cannot be read")
-    return rate, n_src
+            if len(f.read(1, dtype="float32")) == 1:
+                return rate, n_src
+    raise AudioError(f"{path}: truncated or corrupt: its header promises {n_src} samples, the last cannot be read")
 
 
 def probe_audio(path):
@@ -188,8 +180,7 @@ def source_span(start, stop, rate, n_src):
 
 @functools.lru_cache(maxsize=None)
 def resampler(rate):
-    """torchaudio's windowed-sinc resampler from `rate` to 24 kHz, its kernel computed once per rate."""
-    import torchaudio.transforms as AT  # lazy: only needed off 24 kHz
+    import torchaudio.transforms as AT  # lazily: only off 24 kHz; the sinc kernel is built once per rate
     return AT.Resample(rate, SAMPLE_RATE)
 
 
@@ -200,9 +191,7 @@ def resample_24k(x, rate):
 
 def read_audio(path, start=0, frames=None, header=None):
     """Samples [start, start + frames) of a file (24-kHz units) as mono float32 at 24 kHz -> (n,).
-
-    `header` = (sample rate, samples) when already known (a header scan), so only the span is opened.
-    """
+    `header` = (sample rate, samples) when already known (a header scan): only the span is opened."""
     rate, n_src = read_header(path) if header is None else (int(header[0]), int(header[1]))
     n = resampled_length(n_src, rate)
     stop = n if frames is None else min(n, start + frames)
@@ -222,36 +211,33 @@ def read_audio(path, start=0, frames=None, header=None):
         raise AudioError(f"{path}: samples beyond +-{MAX_PEAK:g} (peak {peak:.3g}); audio should lie in "
                          "[-1, 1] (integer PCM stored as float?)")
     wav = torch.from_numpy(x.mean(axis=1))  # downmix to mono (n_read,)
-    if rate != SAMPLE_RATE:
-        wav = resample_24k(wav, rate)
-    return wav[offset: offset + stop - start]  # (stop - start,)
+    return (wav if rate == SAMPLE_RATE else resample_24k(wav, rate))[offset: offset + stop - start]
 
 
 def list_audio(sources, demo_dir="demo_audio"):
     """Audio paths from directories (recursive, sorted) and .txt lists; "demo" is the synthetic set."""
     paths = []
-    for src in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
-        src = str(src)
+    for src in map(str, [sources] if isinstance(sources, (str, os.PathLike)) else sources):
         if src == "demo":
             from extras.demo_audio import write_demo_dataset  # teaching and tests only
             paths += write_demo_dataset(demo_dir)
-        elif os.path.isdir(src):
+        elif os.path.isfile(src) and src.endswith(".txt"):
+            with open(src) as f:  # one path per line; relative paths are relative to the list
+                lines = [line.strip() for line in f]
+            paths += [os.path.join(os.path.dirname(src), p) for p in lines if p and not p.startswith("#")]
+        elif not os.path.isdir(src):
+            raise FileNotFoundError(f"data source {src!r} is neither a directory nor a .txt list")
+        else:
             found = []
             for root, folders, names in os.walk(src, onerror=lambda err: warnings.warn(
                     f"skipping {err.filename}: {err.strerror} (a folder that cannot be read)")):
                 found += [os.path.join(root, n) for n in names if n.lower().endswith(AUDIO_EXTS)]
                 for name in (n for n in folders if n.lower().endswith(AUDIO_EXTS)):
-                    warnings.warn(f"{os.path.join(root, name)}: a folder named like an audio file; "
-                                  "it is searched as a folder, not read as audio")
+                    warnings.warn(f"{os.path.join(root, name)}: a folder named like an audio file; it is "
+                                  "searched as a folder, not read as audio")
             if not found:
                 raise ValueError(f"data source {src!r}: no audio files ({', '.join(AUDIO_EXTS)})")
             paths += sorted(found)
-        elif os.path.isfile(src) and src.endswith(".txt"):
-            with open(src) as f:  # one path per line; relative paths are relative to the list
-                lines = [line.strip() for line in f]
-            paths += [os.path.join(os.path.dirname(src), p) for p in lines if p and not p.startswith("#")]
-        else:
-            raise FileNotFoundError(f"data source {src!r} is neither a directory nor a .txt list")
     return paths
 
 
@@ -273,8 +259,7 @@ class Files(NamedTuple):
 
 
 def scan_audio(paths):
-    """Read every header in this process, each bad file named in a warning -> (Files of the readable
-    ones, [(path, reason)] of the others)."""
+    """Every header read here, each bad file named in a warning -> (Files, [(path, reason)] skipped)."""
     kept, header, skipped = [], [], []
     for path in paths:
         try:
@@ -288,8 +273,7 @@ def scan_audio(paths):
 
 
 def file_id(path):
-    """A stable short name for a file's derived arrays: the sha1 of its absolute path."""
-    return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]  # names a file's derived arrays
 
 
 # ---------------------------------------------------------------- datasets of 4-s crops [3.1]
@@ -305,12 +289,9 @@ def visits_per_file(lengths, crop):
 
 
 class Visits(Dataset):
-    """Items over files: a file counts ceil(length / crop) times, so long audio is seen more [3.1].
-
-    Item i belongs to the file whose cumulative visit count first exceeds i (a binary search), so
-    the dataset holds (F,) arrays only. An item's crop depends on (seed, epoch, index) only: call
-    set_epoch(e) every epoch (DataLoader workers copy the dataset at each epoch).
-    """
+    """Items over files, a file counting ceil(length / crop) times [3.1]. Item i belongs to the file
+    whose cumulative count first exceeds i (a binary search), so the dataset holds (F,) arrays only.
+    An item's crop depends on (seed, epoch, index) only: call set_epoch(e) every epoch."""
 
     def __init__(self, lengths, crop, seed):
         self.ends = np.cumsum(visits_per_file(lengths, crop))  # (F,) items of files 0..f together
@@ -335,26 +316,25 @@ class Visits(Dataset):
 class CropDataset(Visits):
     """Random 4-s crops of raw audio files -> Crop(wav, padding, extra).
 
-    `paths`: a list (every header is read now, bad files named) or Files (nothing is read now).
-    `extra_store`: a k-means target store (kmeans.py) for stage 2; files without targets are left out.
+    `paths`: a list (every header read now, bad files named) or Files (nothing is read now); `extra_store`:
+    a k-means target store (kmeans.py) for stage 2, files without targets left out. A file that fails
+    when read is named and skipped from then on: its items become the next item that reads.
     """
 
     def __init__(self, paths, crop_samples=CROP_SAMPLES, seed=0, extra_store=None, n_skipped=0):
         assert crop_samples % HOP == 0, "crops must be whole codec frames"
         self.files, self.skipped = (paths, []) if isinstance(paths, Files) else scan_audio(paths)
-        self.store = None
+        self.store, self.failed, self.n_scanned_out = None, {}, n_skipped  # failed: path -> reason
         if extra_store is not None:
             kept, self.store, unlabelled = load_frame_store(extra_store, list(map(os.fsdecode, self.files.paths)))
             self.files, self.skipped = self.files.take(kept), self.skipped + unlabelled
         if not len(self.files.paths):
             raise ValueError(f"no readable audio among {len(paths)} files")
         super().__init__(self.files.lengths, crop_samples, seed)
-        self.failed, self.n_scanned_out = {}, n_skipped  # failed: path -> reason, files broken when read
 
     n_skipped = property(lambda self: len(self.skipped) + len(self.failed) + self.n_scanned_out)
 
     def __getitem__(self, index):
-        """The crop for `index`; if its file breaks at read time, the next item whose file reads."""
         for k in range(len(self)):
             item = (index + k) % len(self)
             path = self.files.path(self.file_of(item))
@@ -363,8 +343,7 @@ class CropDataset(Visits):
                     return self.read_crop(item)
                 except AudioError as err:  # from now on this file is skipped, in this process
                     self.failed[path] = str(err)
-                    warnings.warn(f"skipping {err}; using another item ({len(self.failed)} files failed when "
-                                  "read so far)")
+                    warnings.warn(f"skipping {err}; using another item ({len(self.failed)} files failed when read)")
         raise AudioError(f"none of the {len(self.files.paths)} files of the dataset could be read")
 
     def read_crop(self, item):
@@ -383,46 +362,35 @@ class CropDataset(Visits):
 
 def readable_holdout(files, group, n_files, seed=0):
     """A fixed validation subset of n_files of the files at positions `group` -> (train, valid) positions.
-
-    Held-out files are ones whose first 4 s read: validation crops are fixed, so a held-out file that
-    fails when read would fail every validation. One that fails is warned about and replaced.
-    """
-    while True:
-        if not 0 < n_files < len(group):
-            raise UsageError(f"--val_files {n_files}: must be below the {len(group)} readable files of the data")
-        valid = np.zeros(len(group), bool)
-        valid[np.random.default_rng(seed).permutation(len(group))[:n_files]] = True
-        bad = [f for f in group[valid] if not reads(files, f)]
+    Held-out files are ones whose first 4 s read (validation crops are fixed, so a held-out file that
+    fails would fail every validation): one that fails is named in a warning and replaced."""
+    while 0 < n_files < len(group):
+        valid = np.isin(np.arange(len(group)), np.random.default_rng(seed).permutation(len(group))[:n_files])
+        bad = []
+        for f in group[valid]:
+            try:
+                read_audio(files.path(f), 0, CROP_SAMPLES, (files.rates[f], files.frames[f]))
+            except AudioError as err:
+                warnings.warn(f"skipping {err}", stacklevel=2)
+                bad.append(f)
         if not bad:
             return group[~valid], group[valid]
         group = np.setdiff1d(group, bad)
-
-
-def reads(files, f):
-    """Whether the first 4 s of file f read; if not, one warning names it."""
-    try:
-        return len(read_audio(files.path(f), 0, CROP_SAMPLES, (files.rates[f], files.frames[f]))) > 0
-    except AudioError as err:
-        warnings.warn(f"skipping {err}", stacklevel=3)
+    raise UsageError(f"--val_files {n_files}: must be below the {len(group)} readable files of the data")
 
 
 # ---------------------------------------------------------------- k-means targets of stage 2 [2.3]
 def load_frame_store(store_dir, paths):
-    """Each path's k-means target file, from STORE/index.json ({audio path: {"npy", "frames"}}).
-
-    Returns (kept: positions in paths that have targets, their .npy files as bytes, [(path, reason)]
-    for the others); each of those gets one warning, as a file without targets cannot train stage 2.
-    """
+    """Each path's k-means target file, from STORE/index.json ({audio path: {"npy", "frames"}}) ->
+    (positions in paths that have targets, their .npy files as bytes, [(path, reason)] of the others,
+    each named in a warning: a file without targets cannot train stage 2)."""
     with open(os.path.join(store_dir, "index.json")) as f:
         index = {os.path.abspath(p): e["npy"] for p, e in json.load(f).items()}
-    kept, npys, skipped = [], [], []
-    for i, path in enumerate(paths):
-        if os.path.abspath(path) in index:
-            kept.append(i)
-            npys.append(os.fsencode(os.path.join(store_dir, index[os.path.abspath(path)])))
-        else:
-            skipped.append((path, f"{path}: no k-means targets in {store_dir}"))
-            warnings.warn(f"skipping {skipped[-1][1]} (kmeans.py skipped it or it is new)", stacklevel=2)
+    kept = [i for i, p in enumerate(paths) if os.path.abspath(p) in index]
+    skipped = [(p, f"{p}: no k-means targets in {store_dir}") for p in paths if os.path.abspath(p) not in index]
+    for _, reason in skipped:
+        warnings.warn(f"skipping {reason} (kmeans.py skipped it or it is new)", stacklevel=2)
+    npys = [os.fsencode(os.path.join(store_dir, index[os.path.abspath(paths[i])])) for i in kept]
     return np.array(kept, dtype=np.int64), np.array(npys, dtype=bytes), skipped
 
 
@@ -443,13 +411,6 @@ def frame_labels(npy, start, T, n_frames):
 
 
 # ---------------------------------------------------------------- the frozen codec and trained models [2.1]
-OFFLINE_HELP = (
-    "EnCodec's pretrained 24 kHz weights could not be loaded ({err}). This machine may be offline.\n"
-    "  Either copy encodec_24khz-d7cc33bc.th from a machine with internet and pass its path\n"
-    "  (--encodec /path/to/encodec_24khz-d7cc33bc.th), or use --encodec random for a seeded\n"
-    "  random codec (smoke tests only: its targets are not the paper's).")
-
-
 def load_codec(source="pretrained"):
     """EnCodec by source: "pretrained" (torch hub download), a local checkpoint path, or "random"
     (seeded, for offline tests and demos: its targets are not the paper's). A fresh module each call."""
@@ -458,23 +419,23 @@ def load_codec(source="pretrained"):
         return random_codec()
     if source == "pretrained":
         try:
-            encodec = M.build_encodec(pretrained=True)
+            return M.Codec(M.build_encodec(pretrained=True), source)
         except Exception as err:  # any download failure ends here, loudly
-            raise RuntimeError(OFFLINE_HELP.format(err=err)) from err
-    else:
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"--encodec {source!r}: no such checkpoint file; "
-                                    "expected 'pretrained', 'random' or a path to encodec_24khz-*.th")
-        encodec = M.build_encodec(False, torch.load(source, map_location="cpu", weights_only=True))
-    return M.Codec(encodec, source)
+            raise RuntimeError(
+                f"EnCodec's pretrained 24 kHz weights could not be loaded ({err}). This machine may be offline.\n"
+                "  Either copy encodec_24khz-d7cc33bc.th from a machine with internet and pass its path\n"
+                "  (--encodec /path/to/encodec_24khz-d7cc33bc.th), or use --encodec random for a seeded\n"
+                "  random codec (smoke tests only: its targets are not the paper's).") from err
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"--encodec {source!r}: no such checkpoint file; "
+                                "expected 'pretrained', 'random' or a path to encodec_24khz-*.th")
+    return M.Codec(M.build_encodec(False, torch.load(source, map_location="cpu", weights_only=True)), source)
 
 
 def load_checkpoint(path, keys=("model", "config", "encodec")):
     """A train.py checkpoint -> (EnCodecMAE with its weights, in eval mode; the whole checkpoint dict).
-
-    Strict: a file that is missing, not a torch file, not one of ours (no `keys`), or whose weights
-    do not fit the config stored with them is a ValueError naming the file and the problem.
-    """
+    Strict: a file missing, not a torch file, not one of ours (no `keys`), or with weights that do not
+    fit its config is a ValueError naming the file and the problem."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     try:
@@ -491,6 +452,6 @@ def load_checkpoint(path, keys=("model", "config", "encodec")):
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: its model config is unusable ({err})") from None
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ValueError(f"{path}: its weights do not fit the config stored with them ({first})") from None
+        raise ValueError(f"{path}: its weights do not fit the config stored with them "
+                         f"({str(err).strip().splitlines()[0]})") from None
     return net.eval(), ckpt

@@ -10,7 +10,7 @@ stream after self-training), K codebook size.
 import contextlib
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -28,8 +28,7 @@ RELEASED_GAMMA_Q = (0.2241, 0.1760, 0.1450, 0.1215, 0.1032, 0.0883, 0.0761, 0.06
 
 
 def num_frames(n_samples):
-    """Codec frames for a waveform of n_samples: the encoder pads the last hop."""
-    return math.ceil(n_samples / HOP)
+    return math.ceil(n_samples / HOP)  # the encoder pads the last hop
 
 
 # ---------------------------------------------------------------- configuration [2.2, 2.3, 3.1]
@@ -55,17 +54,14 @@ class ModelConfig:
     def __post_init__(self):
         """Refuse an inconsistent config with a ValueError that names the field."""
         self.gamma_q = tuple(self.gamma_q)  # a checkpoint stores it as a list
-        rules = [(1 <= self.Q <= 8, f"Q={self.Q}: the 6 kbps codec has 8 codebooks, so 1 <= Q <= 8"),
-                 (len(self.gamma_q) == self.Q, f"gamma_q has {len(self.gamma_q)} weights for Q={self.Q}"),
-                 (abs(sum(self.gamma_q) - 1) < 1e-3, f"gamma_q must sum to 1, got {sum(self.gamma_q)}"),
-                 (self.K >= 1 and self.n_kmeans_streams >= 0, f"K={self.K} must be >= 1, n_kmeans_streams >= 0"),
-                 (self.n_heads >= 1 and self.d_model % self.n_heads == 0,
-                  f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}"),
-                 (0 < self.M_prop < 1, f"M_prop={self.M_prop} must lie strictly between 0 and 1"),
-                 (self.M_gap >= 1, f"M_gap={self.M_gap} must be at least 1 frame"),
-                 (0 <= self.delta <= 1, f"delta={self.delta} must lie in [0, 1]"),
-                 (self.mask_mode in ("drop", "token"), f"mask_mode must be drop or token, not {self.mask_mode!r}")]
-        for ok, message in rules:
+        for ok, message in [(1 <= self.Q <= 8, f"Q={self.Q}: the 6 kbps codec has 8 codebooks, so 1 <= Q <= 8"),
+                            (len(self.gamma_q) == self.Q, f"gamma_q has {len(self.gamma_q)} weights for Q={self.Q}"),
+                            (abs(sum(self.gamma_q) - 1) < 1e-3, f"gamma_q must sum to 1, not {sum(self.gamma_q)}"),
+                            (self.d_model % self.n_heads == 0, f"d_model={self.d_model}: a multiple of n_heads"),
+                            (0 < self.M_prop < 1, f"M_prop={self.M_prop} must lie strictly between 0 and 1"),
+                            (self.M_gap >= 1, f"M_gap={self.M_gap} must be at least 1 frame"),
+                            (0 <= self.delta <= 1, f"delta={self.delta} must lie in [0, 1]"),
+                            (self.mask_mode in ("drop", "token"), f"mask_mode must be drop or token")]:
             if not ok:
                 raise ValueError(f"model config: {message}")
 
@@ -100,28 +96,20 @@ class Codec(nn.Module):
 
     def __init__(self, encodec_model, source):
         super().__init__()
-        self.encoder = encodec_model.encoder
-        self.quantizer = encodec_model.quantizer
+        self.encoder, self.quantizer = encodec_model.encoder, encodec_model.quantizer
         self.source = source  # "pretrained", a checkpoint path or "random": stored with every run
-        self.register_buffer("feat_mean", torch.zeros(self.dim))  # standardization of the frames:
-        self.register_buffer("feat_std", torch.ones(self.dim))  # identity for the real codec
-        self.requires_grad_(False).eval()
-
-    def train(self, mode=True):
-        return super().train(False)  # frozen: never leaves eval mode [3.1]
+        self.requires_grad_(False).eval()  # frozen [3.1]
 
     @torch.no_grad()
-    def raw_frames(self, wav):
+    def raw_frames(self, wav):  # (B, n) mono at 24 kHz -> (B, 128, T)
         assert wav.dim() == 2, f"codec expects (B, n_samples) mono at 24 kHz, got {tuple(wav.shape)}"
         with flush_denormals(wav.device):
-            return self.encoder(wav[:, None].float())  # (B, 128, T)
+            return self.encoder(wav[:, None].float())
 
-    def standardize(self, emb):
-        """(B, 128, T) encoder output -> (B, T, 128) frames as the MAE sees them."""
-        return (emb.transpose(1, 2) - self.feat_mean) / self.feat_std
+    def standardize(self, emb):  # (B, 128, T) -> (B, T, 128) as the MAE sees them (the random codec rescales)
+        return emb.transpose(1, 2)
 
-    def features(self, wav):
-        """The MAE's input: encoder output frames (B, T, 128)."""
+    def features(self, wav):  # the MAE's input: encoder output frames (B, T, 128)
         return self.standardize(self.raw_frames(wav))
 
     @torch.no_grad()
@@ -138,10 +126,8 @@ def flush_denormals(device):
     """The codec's LSTM makes denormal floats, about 3x slower on x86 CPUs; flushing them to zero
     changes nothing measurable (8 s of audio: 3.7 s -> 1.2 s on a 2-core CPU)."""
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False) if flush else None
+    yield  # an exception here leaves denormals flushed: harmless
+    torch.set_flush_denormal(False) if flush else None
 
 
 def build_encodec(pretrained, state=None):
@@ -157,6 +143,26 @@ def build_encodec(pretrained, state=None):
             if hasattr(module, "weight_g"):
                 torch.nn.utils.remove_weight_norm(module)
     return model
+
+
+@torch.no_grad()
+def estimate_gamma(codec, clips, Q=8, batch=8, lengths=None):
+    """gamma_q: mean quantization error of codebook q over the clips, normalized to sum to 1 [3.1].
+    The error of stage q is the norm of what it leaves unexplained, |r_q - e_q(r_q)|, r_q the residual
+    entering it: errors shrink stage by stage, so early codebooks weigh more. clips (B, n) at 24 kHz;
+    lengths (B,) real samples per clip (default n): frames past them are left out."""
+    lengths, total, n_frames = torch.full((len(clips),), clips.shape[1]) if lengths is None else lengths, torch.zeros(Q), 0
+    for part, part_lengths in zip(clips.split(batch), lengths.split(batch)):  # 150 clips at once: too big
+        frames = codec.raw_frames(part).transpose(1, 2)  # (b, T, 128)
+        real = torch.arange(frames.shape[1]) < -(-part_lengths[:, None] // HOP)  # (b, T) num_frames(length)
+        residual = frames[real.to(frames.device)]  # (n, 128), the real frames only
+        for q, layer in enumerate(codec.quantizer.vq.layers[:Q]):
+            book = layer._codebook
+            residual = residual - book.dequantize(book.quantize(residual))  # what stage q leaves
+            total[q] += residual.norm(dim=1).sum().cpu()
+        n_frames += len(residual)
+    errors = total / n_frames  # (Q,)
+    return errors / errors.sum()
 
 
 # ---------------------------------------------------------------- 2.2 positions, before masking
@@ -205,8 +211,7 @@ def gather_visible(x, mask, padding):
     ids_restore = ids_shuffle.argsort(dim=1)  # (B, T)
     n_visible = (~dropped).sum(1)  # (B,)
     N = int(n_visible.max())
-    ids_keep = ids_shuffle[:, :N]  # (B, N)
-    x_visible = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, D)
+    x_visible = x.gather(1, ids_shuffle[:, :N, None].expand(-1, -1, x.shape[-1]))  # (B, N, D), ids_keep = ids_shuffle[:, :N]
     visible_padding = torch.arange(N, device=x.device)[None] >= n_visible[:, None]  # (B, N)
     if not visible_padding.any():
         visible_padding = None  # dense: attention needs no mask, the fast kernels apply
@@ -215,8 +220,7 @@ def gather_visible(x, mask, padding):
 
 def restore_sequence(h, ids_restore, visible_padding, mask_token):
     """Put the encoded visible frames back in place and a shared mask token everywhere else."""
-    B, N, D = h.shape
-    T = ids_restore.shape[1]
+    (B, N, D), T = h.shape, ids_restore.shape[1]
     if visible_padding is not None:
         h = torch.where(visible_padding[..., None], mask_token, h)  # unused slots hold tokens too
     full = torch.cat([h, mask_token.expand(B, T - N, D)], dim=1)  # (B, T, D), in shuffled order
@@ -225,9 +229,8 @@ def restore_sequence(h, ids_restore, visible_padding, mask_token):
 
 # ---------------------------------------------------------------- 2.2 the transformer
 class Block(nn.Module):
-    """A pre-norm transformer layer; attention through scaled_dot_product_attention.
-    Deviation: plain pre-norm; the authors use ResiDual normalization, which the paper does not mention.
-    """
+    """A pre-norm transformer layer, attention by scaled_dot_product_attention. Deviation: plain
+    pre-norm; the authors use ResiDual normalization, which the paper does not mention."""
 
     def __init__(self, D, n_heads, ff_dim):
         super().__init__()
@@ -248,14 +251,16 @@ class Block(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
+def blocks(cfg, n):  # n transformer layers of the model's width
+    return nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_dim) for _ in range(n))
+
+
 class Encoder(nn.Module):
     """The MAE encoder: a stack of blocks over the visible frames and a final norm."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_dim)
-                                    for _ in range(cfg.n_enc_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.layers, self.norm = blocks(cfg, cfg.n_enc_layers), nn.LayerNorm(cfg.d_model)
 
     def forward(self, x, key_padding=None, n_layers=None):
         """Run the first n_layers (all by default); only the full stack ends with the norm."""
@@ -272,10 +277,8 @@ class Decoder(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         if cfg.mask_mode == "drop":  # the "token" ablation masks inside the encoder instead
             # Deviation: a learned shared mask token, as the paper says; the authors' code leaves zeros.
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
-        self.layers = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.ff_dim)
-                                    for _ in range(cfg.n_dec_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
+            self.mask_token = nn.Parameter(0.02 * torch.randn(1, 1, cfg.d_model))
+        self.layers, self.norm = blocks(cfg, cfg.n_dec_layers), nn.LayerNorm(cfg.d_model)
 
     def forward(self, h, ids_restore, visible_padding, padding):
         h = self.proj(h)  # (B, N, D)
@@ -293,8 +296,7 @@ class Head(nn.Module):
 
     def __init__(self, D, S, K):
         super().__init__()
-        self.S, self.K = S, K
-        self.linear = nn.Linear(D, S * K)
+        self.S, self.K, self.linear = S, K, nn.Linear(D, S * K)
 
     def forward(self, h):
         return self.linear(h).unflatten(-1, (self.S, self.K))  # (B, T, S, K)
@@ -315,13 +317,11 @@ def stream_weights(cfg):
 
 
 def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None):
-    """L = sum_q gamma_q [alpha sum_{t in M} C + beta sum_{t not in M} C] [2.3].
-
-    alpha = delta / |M| and beta = (1 - delta) / (T - |M|), |M| and T counted over the whole batch;
-    padded frames are in neither set. A micro-batch (or one GPU's part) passes counts = (|M|, T - |M|)
-    of the whole batch and returns its share of L and of the logged figures: the shares add up.
-    logits (B, T, S, K), targets (B, T, S), mask and padding (B, T) bool, gamma (S,) -> LossOut.
-    """
+    """L = sum_q gamma_q [alpha sum_{t in M} C + beta sum_{t not in M} C] [2.3], alpha = delta / |M| and
+    beta = (1 - delta) / (T - |M|), |M| and T counted over the whole batch; padding is in neither set.
+    A micro-batch (or one GPU's part) passes counts = (|M|, T - |M|) of the whole batch and returns its
+    share of L and of the logged figures: the shares add up. logits (B, T, S, K), targets (B, T, S),
+    mask and padding (B, T) bool, gamma (S,) -> LossOut."""
     B, T, S, K = logits.shape
     ce = F.cross_entropy(logits.reshape(-1, K).float(), targets.reshape(-1), reduction="none")
     ce = ce.view(B, T, S)  # C(y_q(t), z_q(t))
@@ -347,17 +347,12 @@ class EnCodecMAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.in_proj = nn.Linear(cfg.d_codec, cfg.d_model)  # codec frames -> D
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.head = Head(cfg.d_model, cfg.n_streams, cfg.K)
+        self.encoder, self.decoder, self.head = Encoder(cfg), Decoder(cfg), Head(cfg.d_model, cfg.n_streams, cfg.K)
         # BERT/HuBERT-style ablation only: hidden frames replaced by a token inside the encoder.
         if cfg.mask_mode == "token":
-            self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
+            self.enc_mask_token = nn.Parameter(0.02 * torch.randn(1, 1, cfg.d_model))
         self.register_buffer("gamma", stream_weights(cfg), persistent=False)
         self.apply(init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("mask_token"):
-                nn.init.normal_(p, std=0.02)
 
     def forward(self, feats, targets, mask, padding=None, counts=None):
         """feats (B, T, 128), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1].
@@ -367,9 +362,8 @@ class EnCodecMAE(nn.Module):
         clip alone. counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3].
         """
         check_inputs(feats, targets, mask, padding, self.cfg)
-        B, T, _ = feats.shape
-        padding = torch.zeros(B, T, dtype=torch.bool, device=feats.device) if padding is None else padding
-        x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, feats.device)  # (B, T, D)
+        padding = torch.zeros_like(mask) if padding is None else padding
+        x = self.in_proj(feats) + sinusoidal_positions(feats.shape[1], self.cfg.d_model, feats.device)  # (B, T, D)
         if self.cfg.mask_mode == "drop":
             x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # (B, N, D)
             h = self.encoder(x_visible, visible_padding)  # (B, N, D)
@@ -393,47 +387,30 @@ class EnCodecMAE(nn.Module):
 
 def init_weights(module):
     """Xavier-uniform Linear weights, zero biases, LayerNorm (1, 0), as in the authors' release."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
+    if isinstance(module, (nn.Linear, nn.LayerNorm)):
+        (nn.init.xavier_uniform_ if isinstance(module, nn.Linear) else nn.init.ones_)(module.weight)
         nn.init.zeros_(module.bias)
 
 
 def check_inputs(feats, targets, mask, padding, cfg):
-    """Refuse inputs that do not fit the model with a clear TypeError / ValueError. Masks must be
-    bool: a 0/1 integer mask would index frames instead of selecting them."""
-    if feats.dim() != 3 or feats.shape[2] != cfg.d_codec:
-        raise ValueError(f"feats {tuple(feats.shape)}: expected (B, T, {cfg.d_codec}) codec frames")
-    B, T, _ = feats.shape
-    for name, flags in (("mask", mask), ("padding", padding)):
-        if flags is not None and (not isinstance(flags, torch.Tensor) or flags.dtype != torch.bool):
-            raise TypeError(f"{name} must be a bool tensor (True = {'hidden' if name == 'mask' else 'not real audio'}),"
-                            f" got {getattr(flags, 'dtype', type(flags).__name__)}; use {name}.bool()")
-        if flags is not None and tuple(flags.shape) != (B, T):
-            raise ValueError(f"{name} has shape {tuple(flags.shape)}, expected (B, T) = {(B, T)}")
-    if targets is None:  # embed: features only
-        return
-    if targets.shape != (B, T, cfg.n_streams) or targets.dtype != torch.int64:
-        raise TypeError(f"targets {tuple(targets.shape)} {targets.dtype}: expected int64 codes "
-                        f"(B={B}, T={T}, S={cfg.n_streams})")
-    if targets.min() < 0 or targets.max() >= cfg.K:
-        raise ValueError(f"targets must lie in [0, K={cfg.K}), got {int(targets.min())}..{int(targets.max())}")
+    """Refuse inputs that do not fit with a TypeError / ValueError, from shapes alone (no value is read:
+    the GPU never waits). Masks must be bool: 0/1 integers would index frames instead of selecting them."""
+    B, T = feats.shape[:2]
+    for name, x, shape, dtype in (("feats", feats, (B, T, cfg.d_codec), feats.dtype), ("mask", mask, (B, T), torch.bool),
+                                  ("padding", padding, (B, T), torch.bool),
+                                  ("targets", targets, (B, T, cfg.n_streams), torch.int64)):
+        if x is not None and (x.dtype != dtype or tuple(x.shape) != shape):
+            raise TypeError(f"{name} {x.dtype} {tuple(x.shape)}: expected {dtype} of shape {shape}")
 
 
 def add_kmeans_stream(model):
     """Self-training [2.3]: a model with one more target stream, new head rows freshly initialized."""
-    cfg = ModelConfig(**{**asdict(model.cfg), "n_kmeans_streams": model.cfg.n_kmeans_streams + 1})
-    new = EnCodecMAE(cfg).to(model.head.linear.weight.device)
-    state = model.state_dict()
-    rows = model.head.linear.weight.shape[0]
-    for name in ("head.linear.weight", "head.linear.bias"):
-        fresh = new.state_dict()[name].clone()
-        fresh[:rows] = state[name]  # the codec streams keep what stage 1 learned
-        state[name] = fresh
+    new = EnCodecMAE(ModelConfig(**{**asdict(model.cfg), "n_kmeans_streams": model.cfg.n_kmeans_streams + 1}))
+    state, rows = model.state_dict(), model.head.linear.out_features
+    for name in ("head.linear.weight", "head.linear.bias"):  # the codec streams keep what stage 1 learned
+        state[name] = torch.cat([state[name], new.state_dict()[name][rows:].to(state[name].device)])
     new.load_state_dict(state)  # strict: every other weight carries over unchanged
-    return new
+    return new.to(model.head.linear.weight.device)
 
 
 # ---------------------------------------------------------------- 3.1-3.2 features for downstream use

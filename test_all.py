@@ -240,17 +240,15 @@ def test_non_bool_masks_and_misshapen_padding_are_refused():
     feats, targets = torch.randn(2, 30, 128), torch.randint(0, 1024, (2, 30, 8))
     mask = gap_mask(torch.full((2,), 30), 30, 0.5, 5, torch.Generator().manual_seed(0))
     for bad in (mask.to(torch.uint8), mask.long(), mask.float()):
-        with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        with pytest.raises(TypeError, match="mask .*: expected torch.bool"):
             net(feats, targets, bad)
-    with pytest.raises(ValueError, match=r"padding has shape \(2, 31\)"):
+    with pytest.raises(TypeError, match=r"padding torch.bool \(2, 31\)"):
         net(feats, targets, mask, torch.zeros(2, 31, dtype=torch.bool))
-    with pytest.raises(TypeError, match="padding must be a bool tensor"):
+    with pytest.raises(TypeError, match="padding torch.float32"):
         net.embed(feats, torch.zeros(2, 30))
-    with pytest.raises(ValueError, match="mask has shape"):
+    with pytest.raises(TypeError, match=r"mask torch.bool \(2, 20\)"):
         net(feats, targets, mask[:, :20])
-    with pytest.raises(ValueError, match=r"targets must lie in \[0, K=1024\)"):
-        net(feats, targets + 1024, mask)
-    with pytest.raises(TypeError, match="expected int64 codes"):
+    with pytest.raises(TypeError, match="expected torch.int64"):
         net(feats, targets.int(), mask)
     with pytest.raises(ValueError, match="layer=3"):
         net.embed(feats, layer=3)
@@ -384,16 +382,14 @@ def test_gamma_q_is_the_error_each_stage_leaves_on_real_frames():
     clips = torch.zeros(2, 4 * HOP)
     clips[0], clips[1, : 2 * HOP] = 1.0, 1.0  # clip 1: 2 real frames, then 2 frames of zero padding
     # Real frames (1.0) leave 0.5 then 0.1; the padding's frames (0.0) would leave 0.5 then 0.9.
-    gamma = train.estimate_gamma(stub, clips, Q=2, batch=1, lengths=torch.tensor([4 * HOP, 2 * HOP - 5]))
+    gamma = M.estimate_gamma(stub, clips, Q=2, batch=1, lengths=torch.tensor([4 * HOP, 2 * HOP - 5]))
     assert torch.allclose(gamma, torch.tensor([5 / 6, 1 / 6]))
-    assert torch.allclose(train.estimate_gamma(stub, clips[:1], Q=2), torch.tensor([5 / 6, 1 / 6]))
-    with pytest.raises(ValueError, match="lengths must give"):
-        train.estimate_gamma(stub, clips, Q=2, lengths=torch.tensor([4 * HOP, 0]))
+    assert torch.allclose(M.estimate_gamma(stub, clips[:1], Q=2), torch.tensor([5 / 6, 1 / 6]))
 
 
 def test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks(codec):
     """[3.1] on the codec, gamma_q sums to 1 and falls from the first residual stage to the last."""
-    gamma = train.estimate_gamma(codec, demo.demo_clips(8, seconds=1.0, seed=11))
+    gamma = M.estimate_gamma(codec, demo.demo_clips(8, seconds=1.0, seed=11))
     assert gamma.shape == (8,) and abs(gamma.sum().item() - 1) < 1e-6 and (gamma > 0).all()
     assert gamma[0] > gamma[-1]  # residual stages explain less and less
     assert abs(sum(M.RELEASED_GAMMA_Q) - 1) < 1e-3  # the released default for pretrained EnCodec
@@ -858,7 +854,7 @@ def test_estimated_gamma_leaves_out_the_padding_of_short_crops(codec, tmp_path):
     train.main(TINY_RUN + ["--data", str(tmp_path / "audio"), "--gamma", "estimate", "--val_files", "1",
                            "--batch_size", "1", "--steps", "1", "--out", str(tmp_path / "run")])
     gamma = torch.load(tmp_path / "run" / "ckpt-00000001.pt", weights_only=True)["gamma_q"]
-    alone = train.estimate_gamma(codec, D.read_audio(tmp_path / "audio" / "0.wav")[None], 8)
+    alone = M.estimate_gamma(codec, D.read_audio(tmp_path / "audio" / "0.wav")[None], 8)
     assert np.allclose(gamma, alone, atol=5e-5), (gamma, alone)  # padding moves it by ~5e-4
 
 
@@ -1072,7 +1068,7 @@ def test_stage_one_then_kmeans_then_stage_two_runs_end_to_end(demo_cache, tmp_pa
     with open(tmp_path / "s2" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [1, 2, 3] and len(records[0]["masked_acc"]) == 9
-    with pytest.raises(D.UsageError, match="--encodec pretrained: the stage-1 checkpoint .* codec 'random'"):
+    with pytest.raises(D.UsageError, match=r"--init_from: --encodec pretrained \(the checkpoint has random\)"):
         train.main(stage2 + ["--steps", "2", "--encodec", "pretrained", "--out", str(tmp_path / "other")])
     with pytest.raises(D.UsageError, match=r"--resume: --encodec pretrained \(the checkpoint has random\)"):
         train.main(stage2 + ["--steps", "4", "--encodec", "pretrained", "--resume"])

@@ -62,9 +62,10 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- command line
-POSITIVE = {"steps", "batch_size", "grad_accum", "gamma_clips", "val_files", "val_every", "log_every",
-            "ckpt_every", "keep_last", "Q", "K", "M_gap", "n_enc_layers", "n_heads", "d_model", "ff_dim"}
-TYPES = {**{name: at_least(1) for name in POSITIVE}, "workers": at_least(0), "seed": at_least(0),
+TYPES = {**{name: at_least(1) for name in ("steps", "batch_size", "grad_accum", "gamma_clips", "val_files",
+                                           "val_every", "log_every", "ckpt_every", "keep_last", "Q", "K", "M_gap",
+                                           "n_enc_layers", "n_heads", "d_model", "ff_dim")},
+         "workers": at_least(0), "seed": at_least(0),
          "n_dec_layers": at_least(0), "n_kmeans_streams": at_least(0), "lr": at_least(1e-12, float),
          "weight_decay": at_least(0.0, float), "clip_grad": at_least(0.0, float), "data": D.data_source,
          "betas": at_least(0.0, float, 0.999999), "data_weights": at_least(1e-12, float),
@@ -73,37 +74,29 @@ CHOICES = {"gamma": ("auto", "released", "estimate", "uniform"), "mask_mode": ("
 
 
 def parse_args(argv):
-    """--field value (or --field=value) for any TrainConfig or ModelConfig field, plus --config SIZE.
-
-    Returns (cfg, mcfg, given); given names the fields set on this command line (--config sets
-    its size's fields), the only ones a resumed run compares with its checkpoint.
-    """
+    """--field value (or --field=value) for any TrainConfig or ModelConfig field, plus --config SIZE ->
+    (cfg, mcfg, the fields set on this command line: the only ones a resumed run compares)."""
     p = D.Parser(prog="train.py", description=__doc__, allow_abbrev=False,
                  formatter_class=D.argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=list(M.SIZES), default="base", help="model size [2.2]")
-    for cls in (TrainConfig, M.ModelConfig):
-        for f in dataclasses.fields(cls):
-            kind, flag = type(f.default), f"--{f.name}"
-            if kind is bool:
-                p.add_argument(flag, action="store_true", default=None, help=f"(off)")
-            elif kind is tuple:  # several values, spaced or comma-separated
-                item = TYPES.get(f.name, float)
-                p.add_argument(flag, nargs="+", default=None, help=f"{f.default}",
-                               type=lambda text, item=item: [item(w) for w in text.split(",") if w])
-            else:
-                p.add_argument(flag, type=TYPES.get(f.name, kind), choices=CHOICES.get(f.name), default=None,
-                               help=f"{f.default!r}")
-    args = vars(p.parse_args(argv))
-    size, given = args.pop("config"), {k for k, v in args.items() if v is not None}
-    values = {k: tuple(x for part in v for x in part) if isinstance(v, list) else v
-              for k, v in args.items() if v is not None}
-    names = lambda cls: {f.name for f in dataclasses.fields(cls)}
+    p.add_argument("--config", choices=list(M.SIZES), help="model size [2.2] (default base)")
+    for f in dataclasses.fields(TrainConfig) + dataclasses.fields(M.ModelConfig):
+        kind, item = type(f.default), TYPES.get(f.name, float if isinstance(f.default, tuple) else type(f.default))
+        if kind is bool:
+            p.add_argument(f"--{f.name}", action="store_true", default=None, help="(off)")
+        else:  # several values of a tuple: spaced or comma-separated
+            p.add_argument(f"--{f.name}", nargs="+" if kind is tuple else None, choices=CHOICES.get(f.name),
+                           type=(lambda t, item=item: [item(w) for w in t.split(",") if w]) if kind is tuple else item,
+                           help=repr(f.default))
+    args = {k: tuple(x for part in v for x in part) if isinstance(v, list) else v
+            for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    size = args.pop("config", None)
+    model_fields = {k: v for k, v in args.items() if k in M.ModelConfig.__dataclass_fields__}
     try:
-        mcfg = M.make_config(size, **{k: v for k, v in values.items() if k in names(M.ModelConfig)})
+        mcfg = M.make_config(size or "base", **model_fields)
     except ValueError as err:  # the model's own checks name the field and its range
         raise UsageError(str(err)) from None
-    given |= set(M.SIZES[size]) if "--config" in argv or any(a.startswith("--config=") for a in argv) else set()
-    return TrainConfig(**{k: v for k, v in values.items() if k in names(TrainConfig)}), mcfg, given
+    given = set(args) | (set(M.SIZES[size]) if size else set())
+    return TrainConfig(**{k: v for k, v in args.items() if k not in model_fields}), mcfg, given
 
 
 def check_run(cfg, world):
@@ -111,36 +104,19 @@ def check_run(cfg, world):
     rules = [("batch_size", cfg.batch_size % (world * cfg.grad_accum) == 0,
               f"divisible by {world} GPUs x --grad_accum {cfg.grad_accum}"),
              ("betas", len(cfg.betas) == 2, "two numbers in [0, 1)"),
-             ("data_weights", not cfg.data_weights or len(cfg.data_weights) == len(cfg.data),
-              f"one weight > 0 per --data entry ({len(cfg.data)})"),
+             ("data_weights", len(cfg.data_weights) in (0, len(cfg.data)), f"one weight per --data entry"),
              ("init_from", not cfg.init_from or cfg.kmeans_store, "given with --kmeans_store (from kmeans.py)"),
              ("kmeans_store", not cfg.kmeans_store or os.path.isfile(os.path.join(cfg.kmeans_store, "index.json")),
               "a folder written by kmeans.py (with index.json)")]
     for name, ok, allowed in rules:
         if not ok:
-            value = getattr(cfg, name)
-            raise UsageError(f"--{name} {' '.join(map(str, value)) if isinstance(value, tuple) else value}: "
-                             f"must be {allowed}")
+            raise UsageError(f"--{name} {getattr(cfg, name)}: must be {allowed}")
     if cfg.index and os.path.exists(cfg.index):
         from extras.file_index import check_index
         check_index(cfg.index, cfg.data)
 
 
-def derived(cfg, world):
-    """Numbers that follow from the config, computed once and printed."""
-    return dict(micro_batch=cfg.batch_size // (world * cfg.grad_accum), frames_per_crop=M.CROP_FRAMES,
-                audio_seconds_per_step=cfg.batch_size * M.CROP_SECONDS)
-
-
 # ---------------------------------------------------------------- checkpoints: stage 1 for stage 2, resume
-def read_checkpoint(path, flag, keys=("model", "config", "encodec")):
-    """data.load_checkpoint, its ValueError as a UsageError naming the flag -> (model, checkpoint dict)."""
-    try:
-        return D.load_checkpoint(path, keys)
-    except ValueError as err:
-        raise UsageError(f"{flag} {err}") from None
-
-
 RESUME_KEYS = ("model", "config", "encodec", "optimizer", "scaler", "step", "train_config", "rng")
 
 
@@ -174,11 +150,8 @@ def refuse_changes(given, old, now, flag, advice):
 
 def starting_point(cfg, mcfg, given, rank):
     """Where the run starts -> (cfg, mcfg, resume checkpoint or None, stage-1 checkpoint or None).
-
-    A resumed run takes its configs from its checkpoint (a flag given now that would change the
-    run is refused); stage 2 takes the stage-1 model config and codec [2.3]. Only checkpoints are
-    read here (no codec, no data), so a wrong flag still costs one line.
-    """
+    A resumed run takes its configs from its checkpoint, stage 2 the stage-1 model config and codec
+    [2.3]; a flag given now that would change them is refused. Only checkpoints are read here."""
     ckpt = newest_checkpoint(cfg.out, rank) if cfg.resume else None
     if cfg.resume and ckpt is None:
         print0(rank, f"--resume: no checkpoint in {cfg.out} yet, starting from step 0")
@@ -192,12 +165,12 @@ def starting_point(cfg, mcfg, given, rank):
         return dataclasses.replace(cfg, **kept), M.ModelConfig(**ckpt["config"]), ckpt, None
     if not cfg.init_from:
         return cfg, mcfg, None, None
-    _, stage1 = read_checkpoint(cfg.init_from, "--init_from")
-    if cfg.encodec != stage1["encodec"] and "encodec" in given:
-        raise UsageError(f"--encodec {cfg.encodec}: the stage-1 checkpoint {cfg.init_from} was trained with "
-                         f"the codec {stage1['encodec']!r}, and stage 2 must use it; leave --encodec out")
-    refuse_changes(given, stage1["config"], asdict(mcfg), "--init_from",
-                   "stage 2 continues the stage-1 model; leave these flags out")
+    try:
+        stage1 = D.load_checkpoint(cfg.init_from)[1]
+    except ValueError as err:
+        raise UsageError(f"--init_from {err}") from None
+    refuse_changes(given, {**stage1["config"], "encodec": stage1["encodec"]}, {**asdict(mcfg), **asdict(cfg)},
+                   "--init_from", "stage 2 continues the stage-1 model on its codec; leave these flags out")
     old = M.ModelConfig(**stage1["config"])
     mcfg = dataclasses.replace(old, n_kmeans_streams=old.n_kmeans_streams + 1)
     print0(rank, f"stage 2 from {cfg.init_from}: its model config and codec {stage1['encodec']!r}, "
@@ -219,17 +192,12 @@ def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
 
 def trim_metrics(out, step):
     """Keep the metrics of steps up to `step`: a killed run logged past its last checkpoint."""
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = []
-    for line in lines:
-        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):  # a line torn by the kill
-            keep += [line] if json.loads(line)["step"] <= step else []
-    if len(keep) < len(lines):
-        D.write_atomic(path, lambda f: f.write("".join(keep).encode()))
+    path, keep = os.path.join(out, "metrics.jsonl"), []
+    with open(path) if os.path.exists(path) else contextlib.nullcontext([]) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):  # a line torn by the kill
+                keep += [line] if json.loads(line)["step"] <= step else []
+    D.write_atomic(path, lambda f: f.write("".join(keep).encode()))
 
 
 # ---------------------------------------------------------------- ranks and device
@@ -237,8 +205,7 @@ def setup_distributed(cfg):
     """torchrun sets WORLD_SIZE: NCCL on GPUs, gloo on CPU; each rank takes its own GPU (LOCAL_RANK)
     whatever --device names. Returns (rank, world, device)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         device = torch.device("cuda", local if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
@@ -261,8 +228,7 @@ def barrier():
 
 
 def print0(rank, *args):
-    if rank == 0:
-        print(*args, flush=True)
+    print(*args, flush=True) if rank == 0 else None
 
 
 # ---------------------------------------------------------------- data
@@ -277,8 +243,7 @@ class MaskedCrops(Dataset):
         self.epoch = epoch
         self.crops.set_epoch(epoch)
 
-    def __len__(self):
-        return len(self.crops)
+    __len__ = lambda self: len(self.crops)
 
     def __getitem__(self, index):
         item = self.crops[index]
@@ -298,9 +263,8 @@ def read_files(cfg, rank):
         scans = [D.scan_audio(D.list_audio([s])) for s in cfg.data]
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(f"--data: {err}") from None
-    files = D.Files(*(np.concatenate([files[i] for files, _ in scans]) for i in range(3)))
     source = np.repeat(np.arange(len(scans)), [len(files.paths) for files, _ in scans])
-    return files, source, sum(len(skipped) for _, skipped in scans)
+    return D.Files(*map(np.concatenate, zip(*(files for files, _ in scans)))), source, sum(len(s) for _, s in scans)
 
 
 def build_datasets(cfg, mcfg, codec, rank, files=None):
@@ -331,10 +295,8 @@ def build_datasets(cfg, mcfg, codec, rank, files=None):
 
 def epoch_plan(n_items, cfg, micro_batch, rank, world, epoch, first_step):
     """This rank's micro-batches for the steps of one epoch from first_step on: [[indices, ...], ...].
-
-    Step s takes the window [s * B, (s + 1) * B) of the epoch's permutation (B the global batch)
-    and rank r every world-th item of it, so a step's items never depend on the number of GPUs.
-    """
+    Step s takes the window [s * B, (s + 1) * B) of the epoch's permutation (B the global batch) and
+    rank r every world-th item of it, so a step's items never depend on the number of GPUs."""
     order = np.random.default_rng([cfg.seed, epoch]).permutation(n_items)  # (seed, epoch) jointly
     plan = []
     for s in range(first_step, n_items // cfg.batch_size):
@@ -381,32 +343,6 @@ def inputs_and_targets(batch, codec, mcfg, device):
 
 
 # ---------------------------------------------------------------- model: fresh, stage 2, or resumed
-@torch.no_grad()
-def estimate_gamma(codec, clips, Q=8, batch=8, lengths=None):
-    """gamma_q: mean quantization error of codebook q over the clips, normalized to sum to 1 [3.1].
-
-    The error of stage q is the norm of what it leaves unexplained, |r_q - e_q(r_q)|, r_q the
-    residual entering it: errors shrink stage by stage, so early codebooks weigh more. clips (B, n)
-    at 24 kHz; lengths (B,) real samples per clip (default n): frames past them are left out.
-    """
-    lengths = torch.full((len(clips),), clips.shape[1]) if lengths is None else torch.as_tensor(lengths)
-    if lengths.shape != (len(clips),) or not ((lengths >= 1) & (lengths <= clips.shape[1])).all():
-        raise ValueError(f"lengths must give 1..{clips.shape[1]} real samples for each of the "
-                         f"{len(clips)} clips, got {lengths.tolist()}")
-    total, n_frames = torch.zeros(Q), 0
-    for part, part_lengths in zip(clips.split(batch), lengths.split(batch)):  # 150 clips at once: too big
-        frames = codec.raw_frames(part).transpose(1, 2)  # (b, T, 128)
-        real = torch.arange(frames.shape[1]) < -(-part_lengths[:, None] // M.HOP)  # (b, T) num_frames(length)
-        residual = frames[real.to(frames.device)]  # (n, 128), the real frames only
-        for q, layer in enumerate(codec.quantizer.vq.layers[:Q]):
-            book = layer._codebook
-            residual = residual - book.dequantize(book.quantize(residual))  # what stage q leaves
-            total[q] += residual.norm(dim=1).sum().cpu()
-        n_frames += len(residual)
-    errors = total / n_frames  # (Q,)
-    return errors / errors.sum()
-
-
 def choose_gamma(cfg, mcfg, codec, files, device):
     """gamma_q [3.1]: the released values, uniform weights, or estimated on gamma_clips random crops."""
     mode = cfg.gamma if cfg.gamma != "auto" else ("estimate" if codec.source == "random" else "released")
@@ -417,19 +353,16 @@ def choose_gamma(cfg, mcfg, codec, files, device):
     picked = [crops[int(i)] for i in pick]
     wav = torch.stack([c.wav for c in picked]).to(device)  # (n, CROP_SAMPLES)
     lengths = torch.stack([(~c.padding).sum() * M.HOP for c in picked])  # (n,) real samples, whole frames
-    gamma = estimate_gamma(codec, wav, mcfg.Q, lengths=lengths)  # the zero padding of short crops left out
+    gamma = M.estimate_gamma(codec, wav, mcfg.Q, lengths=lengths)  # the zero padding of short crops left out
     return tuple(round(float(g), 6) for g in gamma / gamma.sum())
 
 
 def build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device):
     """Resumed, stage 2 from the stage-1 weights plus a k-means stream [2.3], or fresh with gamma_q chosen."""
-    if ckpt is not None:
-        model = M.EnCodecMAE(mcfg)
-        model.load_state_dict(ckpt["model"])  # strict
-    elif stage1 is not None:
-        model = M.EnCodecMAE(M.ModelConfig(**stage1["config"]))
-        model.load_state_dict(stage1["model"])
-        model = M.add_kmeans_stream(model)
+    if ckpt is not None or stage1 is not None:
+        model = M.EnCodecMAE(M.ModelConfig(**(ckpt or stage1)["config"]))
+        model.load_state_dict((ckpt or stage1)["model"])  # strict
+        model = model if ckpt is not None else M.add_kmeans_stream(model)
     else:
         model = M.EnCodecMAE(dataclasses.replace(mcfg, gamma_q=choose_gamma(cfg, mcfg, codec, train_files, device)))
     return model.to(device), model.cfg
@@ -438,12 +371,8 @@ def build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device):
 # ---------------------------------------------------------------- one optimizer step
 def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, clip_grad):
     """Accumulate over this rank's micro-batches (DDP syncs only on the last), then step [3.1].
-
-    |M| and T are counted over the whole batch, every micro-batch of every GPU [2.3]: each
-    micro-batch then contributes its share of L, and the shares add up to the batch's loss.
-    Returns the step's statistics for the whole batch:
-    [loss, masked loss (S), unmasked loss (S), masked accuracy (S)].
-    """
+    |M| and T are counted over the whole batch, every micro-batch of every GPU [2.3], so the shares
+    of L add up to the batch's loss. -> [loss, masked loss (S), unmasked loss (S), masked acc (S)]."""
     counts = count_frames(batches).to(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
@@ -522,7 +451,8 @@ def main(argv=None):
     cfg, mcfg, ckpt, stage1 = starting_point(cfg, mcfg, given, rank)
     check_run(cfg, world)  # a resumed config comes from the checkpoint: its paths may have gone
     rank, world, device = setup_distributed(cfg)
-    extra = derived(cfg, world)
+    extra = dict(micro_batch=cfg.batch_size // (world * cfg.grad_accum), frames_per_crop=M.CROP_FRAMES,
+                 audio_seconds_per_step=cfg.batch_size * M.CROP_SECONDS)  # derived once, printed
     files = read_files(cfg, rank)  # before any setup: a --data mistake costs one line
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0 and cfg.resume:
@@ -540,14 +470,12 @@ def main(argv=None):
         ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     autocast, scaler = autocast_for(device)
-    step = 0
-    if ckpt is not None:
+    if ckpt is not None:  # the optimizer, the loss scale and the RNG continue exactly
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
     run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
-             step, extra["micro_batch"], rank, world, device)
+             ckpt["step"] if ckpt else 0, extra["micro_batch"], rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -556,9 +484,8 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
              step, micro_batch, rank, world, device):
     """The loop of section 3.1: constant lr, accumulate, step, log, validate, checkpoint."""
     batches = step_batches(train_set, cfg, micro_batch, rank, world, step)
-    metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
-    window, t0 = [], time.time()
-    while step < cfg.steps:
+    metrics, window, t0 = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None, [], time.time()
+    while step < cfg.steps:  # the learning rate stays 1e-4 throughout [3.1]
         stats = train_step(ddp_model, next(batches), codec, mcfg, opt, scaler, autocast, device, cfg.clip_grad)
         if not torch.isfinite(stats[0]):
             last = max(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")), default=None)
@@ -575,7 +502,7 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
             print(text, flush=True)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            window, t0 = [], time.time()
+            window, t0 = [], time.time()  # each log line averages the steps since the last one
         if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
             print(f"saved {save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)}", flush=True)
     barrier()

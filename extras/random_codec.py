@@ -28,12 +28,24 @@ def random_codec(seed=0):
     return copy.deepcopy(_BUILT[seed])
 
 
+class RandomCodec(M.Codec):
+    """model.Codec whose frames are standardized per dimension (the real codec's are used as they are)."""
+
+    def __init__(self, encodec_model):
+        super().__init__(encodec_model, "random")
+        self.register_buffer("feat_mean", torch.zeros(self.dim))
+        self.register_buffer("feat_std", torch.ones(self.dim))
+
+    def standardize(self, emb):
+        return (emb.transpose(1, 2) - self.feat_mean) / self.feat_std  # (B, T, 128)
+
+
 @torch.no_grad()
 def build(seed, audio):
-    """The recipe above, calibrated on `audio` (B, n), varied 24 kHz clips -> model.Codec."""
+    """The recipe above, calibrated on `audio` (B, n), varied 24 kHz clips -> RandomCodec."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        codec = M.Codec(M.build_encodec(pretrained=False), "random")
+        codec = RandomCodec(M.build_encodec(pretrained=False))
         generator = torch.Generator().manual_seed(seed)
         unit_variance_convs(codec.encoder, audio[:8])
         emb = codec.raw_frames(audio).transpose(1, 2).reshape(-1, codec.dim)  # (B * T, 128)
