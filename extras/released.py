@@ -207,69 +207,76 @@ def _name(ref):
     return str(ref).split("/")[-1] if ref is not None else "None"
 
 
-def describe(version, sd, cfg, where):
-    """(version, v2-keyed state_dict, GinConfig) -> Arch; ValueError for any design we do not serve."""
-    def refuse(what):
-        raise ValueError(f"{where}: {what}: not a released EnCodecMAE design this loader serves")
+def _refuse(where, what):
+    raise ValueError(f"{where}: {what}: not a released EnCodecMAE design this loader serves")
 
-    vis = cfg.get("EncodecMAE", "visible_encoder")
-    enc_scope = (vis.scope,) if isinstance(vis, Ref) else ()
-    att = cfg.get("transformers.TransformerEncoder", "attention_layer", enc_scope)
-    scopes = enc_scope + ((att.scope,) if isinstance(att, Ref) else ())
+
+def transformer_arch(sd, cfg, where):
+    """Heads from the gin text (shapes cannot tell 12 x 64 from 8 x 96), all widths from the shapes."""
+    need = ["wav_encoder.post_net.weight", "masker.positional_encoder.scale"] + [
+        f"visible_encoder.encoder_layers.0.{k}.weight" for k in ("att_layer.wq", "att_layer.wv", "ff_layer.0")]
+    if any(k not in sd for k in need):
+        _refuse(where, f"no {next(k for k in need if k not in sd)!r} in its state_dict")
+    vis = cfg.get("EncodecMAE", "visible_encoder")  # @encoder/...TransformerEncoder: gin scope "encoder"
+    scopes = (vis.scope,) if isinstance(vis, Ref) else ()
+    att = cfg.get("transformers.TransformerEncoder", "attention_layer", scopes)
+    scopes += (att.scope,) if isinstance(att, Ref) else ()
     get = lambda name, param, default=None: cfg.get(name, param, scopes, default=default)  # noqa: E731
+    for param, want in (("norm_type", "ResiDual"), ("ff_layer", None), ("pre_net", None),
+                        ("positional_encoder", None), ("init_values", None)):
+        if get("transformers.TransformerEncoder", param, want) != want:
+            _refuse(where, f"encoder {param} = {get('transformers.TransformerEncoder', param)!r}")
     n_heads = get("MultiHeadAttention", "num_heads")
-    if not isinstance(n_heads, int):
-        refuse("no MultiHeadAttention.num_heads for the encoder in its config")
-    for name, param, want in (("transformers.TransformerEncoder", "norm_type", "ResiDual"),
-                              ("transformers.TransformerEncoder", "ff_layer", None),
-                              ("transformers.TransformerEncoder", "pre_net", None),
-                              ("transformers.TransformerEncoder", "positional_encoder", None),
-                              ("transformers.TransformerEncoder", "init_values", None)):
-        if get(name, param, want) != want:
-            refuse(f"encoder {param} = {get(name, param)!r}")
     n_layers = len({k.split(".")[2] for k in sd if k.startswith("visible_encoder.encoder_layers.")})
-    d_model, feat_dim = sd["wav_encoder.post_net.weight"].shape
-    qk, v = sd["visible_encoder.encoder_layers.0.att_layer.wq.weight"].shape[0], sd[
-        "visible_encoder.encoder_layers.0.att_layer.wv.weight"].shape[0]
-    if n_layers == 0 or qk % n_heads or v % n_heads or "masker.positional_encoder.scale" not in sd:
-        refuse(f"{n_layers} layers, {qk}-d queries for {n_heads} heads")
-    front_kwargs, norm_stats, hop, chunk, min_len = {}, (0.0, 1.0), 320, 4 * SAMPLE_RATE, 0
+    qk, v = (sd[f"visible_encoder.encoder_layers.0.att_layer.{w}.weight"].shape[0] for w in ("wq", "wv"))
+    if not isinstance(n_heads, int) or qk % n_heads or v % n_heads:
+        _refuse(where, f"{qk}-d queries for {n_heads} heads")
+    return dict(d_model=int(sd["wav_encoder.post_net.weight"].shape[0]), n_layers=n_layers, n_heads=n_heads,
+                d_qk=qk // n_heads, d_v=v // n_heads, ff_dim=int(sd["visible_encoder.encoder_layers.0.ff_layer.0.weight"].shape[0]),
+                att_scale=float(get("MultiHeadAttention", "att_scale") or (qk // n_heads) ** -0.5),
+                mask_value=float(get("MultiHeadAttention", "mask_value", -1e9)))
+
+
+def front_arch(version, feat_dim, cfg, where):
+    """The front end and the chunking of their extractor, from the gin text."""
+    out = dict(front="encodec", feat_dim=int(feat_dim), chunk=4 * SAMPLE_RATE, hop=320, min_len=0, front_kwargs={},
+               norm_stats=(0.0, 1.0), codec_scale=float(cfg.get("EncodecEncoder", "scale", default=1.0)))
     if version == "v1":  # EncodecMAE.wav_encoder = EncodecEncoder; extract_features_from_array(chunk_size=4)
-        front = "encodec"
         if not _name(cfg.get("EncodecMAE", "wav_encoder")).endswith("EncodecEncoder"):
-            refuse(f"wav_encoder {cfg.get('EncodecMAE', 'wav_encoder')!r}")
-    else:  # WavEncoder(encoder, post_net) fed by a SequentialProcessor; chunk = max_length seconds
-        encoder = _name(cfg.get("WavEncoder", "encoder"))
+            _refuse(where, f"wav_encoder {cfg.get('EncodecMAE', 'wav_encoder')!r}")
+    else:  # WavEncoder(encoder, post_net) after a SequentialProcessor; chunks of ReadAudioProcessor.max_length s
+        encoder = _name(cfg.get("WavEncoder", "encoder")).split(".")[-1]
         steps = [_name(p).split(".")[-1] for p in cfg.get("SequentialProcessor", "processors", default=[])]
-        steps = [s for s in steps if s != "LoadNumpyProcessor"]  # ST targets only; their extractor would crash on it
+        # Deviation: LoadNumpyProcessor (st.gin) only loads training targets; their extractor would call it and crash.
+        steps = tuple(s for s in steps if s != "LoadNumpyProcessor")
         fronts = {("EncodecEncoder", ("ReadAudioProcessor",)): "encodec",
                   ("Identity", ("ReadAudioProcessor", "MelspectrogramProcessor")): "mel",
                   ("Identity", ("ReadAudioProcessor", "SpectrogramProcessor")): "spec"}
-        front = fronts.get((encoder.split(".")[-1], tuple(steps)))
-        if front is None or cfg.get("WavEncoder", "pre_net") is not None:
-            refuse(f"wav encoder {encoder!r} after processors {steps}")
-        seconds = cfg.get("ReadAudioProcessor", "max_length")
-        fs = cfg.get("WavEncoder", "fs", default=SAMPLE_RATE)
+        out["front"] = fronts.get((encoder, steps))
+        if out["front"] is None or cfg.get("WavEncoder", "pre_net") is not None:
+            _refuse(where, f"wav encoder {encoder!r} after processors {list(steps)}")
+        seconds, fs = cfg.get("ReadAudioProcessor", "max_length"), cfg.get("WavEncoder", "fs", default=SAMPLE_RATE)
         if not isinstance(seconds, (int, float)) or fs != SAMPLE_RATE:
-            refuse(f"chunk length {seconds!r} s at {fs} Hz")
-        chunk, min_len, hop = int(fs * seconds), 2048, cfg.get("WavEncoder", "hop_length", default=320)
-        if front != "encodec":
-            proc = "MelspectrogramProcessor" if front == "mel" else "SpectrogramProcessor"
-            names = MEL_ARGS if front == "mel" else SPEC_ARGS
-            front_kwargs = {a: cfg.get(proc, a, default=MEL_DEFAULTS[a]) for a in names}
-            norm_stats = tuple(float(s) for s in cfg.get(proc, "norm_stats", default=[0, 1]))
-            if front_kwargs["sample_frequency"] != SAMPLE_RATE:
-                refuse(f"filterbank at {front_kwargs['sample_frequency']} Hz")
-    if front == "encodec" and feat_dim != 128:
-        refuse(f"a {feat_dim}-d input projection on 128-d codec frames")
-    if front == "mel" and feat_dim != front_kwargs["num_mel_bins"]:
-        refuse(f"{front_kwargs['num_mel_bins']} mel bins feeding a {feat_dim}-d projection")
-    d_qk = qk // n_heads
-    return Arch(version, front, int(d_model), n_layers, n_heads, d_qk, v // n_heads,
-                int(sd["visible_encoder.encoder_layers.0.ff_layer.0.weight"].shape[0]), int(feat_dim), chunk, hop,
-                min_len, front_kwargs, norm_stats, float(cfg.get("EncodecEncoder", "scale", default=1.0)),
-                float(get("MultiHeadAttention", "att_scale") or d_qk ** -0.5),
-                float(get("MultiHeadAttention", "mask_value", -1e9)))
+            _refuse(where, f"chunks of {seconds!r} s at {fs} Hz")
+        out.update(chunk=int(fs * seconds), min_len=2048, hop=cfg.get("WavEncoder", "hop_length", default=320))
+        if out["front"] != "encodec":
+            proc, names = (("MelspectrogramProcessor", MEL_ARGS) if out["front"] == "mel" else
+                           ("SpectrogramProcessor", SPEC_ARGS))
+            out["front_kwargs"] = {a: cfg.get(proc, a, default=MEL_DEFAULTS[a]) for a in names}
+            out["norm_stats"] = tuple(float(s) for s in cfg.get(proc, "norm_stats", default=[0, 1]))
+            if out["front_kwargs"]["sample_frequency"] != SAMPLE_RATE:
+                _refuse(where, f"a filterbank at {out['front_kwargs']['sample_frequency']} Hz")
+    bins = out["front_kwargs"].get("num_mel_bins", 128)
+    if out["front"] in ("encodec", "mel") and feat_dim != bins:
+        _refuse(where, f"{bins}-d {out['front']} frames into a {feat_dim}-d projection")
+    return out
+
+
+def describe(version, sd, cfg, where):
+    """(version, v2-keyed state_dict, GinConfig) -> Arch; ValueError for any design we do not serve."""
+    net = transformer_arch(sd, cfg, where)
+    front = front_arch(version, sd["wav_encoder.post_net.weight"].shape[1], cfg, where)
+    return Arch(version=version, **net, **front)
 
 
 # ---------------------------------------------------------------- their network, their key names
@@ -414,8 +421,11 @@ class ReleasedEnCodecMAE(nn.Module):
         """wav (B, n) at 24 kHz -> {layer: (B, T, D)} for their layer indices 0..L-1 and -1.
 
         As their extract_features_from_array does for ONE clip: 4-s chunks embedded alone, frames
-        concatenated. v1 masks the frames past the chunk's own length; v2 counts min(n, 4 s) samples
-        in every chunk (its list comprehension reuses `i`) and skips chunks of <= 2048 samples.
+        concatenated, padded frames kept. v1 hides (as attention keys) the frames past the chunk's own
+        length; v2 counts min(n, 4 s) samples in every chunk (its list comprehension reuses `i`, so
+        later chunks count as whole) and skips chunks of <= 2048 samples.
+        Deviation: every row gets that single-clip answer; their batched call hides frames of row 0
+        only (v1) or counts n - b samples for row b (v2), so its rows differ from single calls.
         """
         a = self.arch
         wav = wav.to(self.wav_encoder.post_net.weight.device, torch.float32)
@@ -532,8 +542,10 @@ def load_released(path, layer=-1, device="cpu", encodec=None, config=None):
 
 # ---------------------------------------------------------------- their HEAR wrapper's protocol
 def released_timestamps(n_frames, n_sounds=1):
-    """(n_sounds, n_frames) float32 milliseconds at frame centres, (i + 0.5) / 75 s, as their wrapper
-    gives (it gives SECONDS; HEAR wants milliseconds)."""
+    """(n_sounds, n_frames) float32 timestamps of their HEAR wrapper: frame centres (i + 0.5) / 75 s.
+
+    Deviation: in milliseconds, as HEAR asks; their wrapper returns the same centres in seconds.
+    """
     t = (torch.arange(n_frames, dtype=torch.float64) + 0.5) * (1000.0 / FRAME_RATE)
     return t.float().expand(n_sounds, -1).clone()
 
