@@ -488,6 +488,36 @@ def _seeded_codec(ckpt):
     return enc
 
 
+def their_weights(sd, ckpt, wanted, encodec, where):
+    """The tensors of our network from their state_dict, the codec from the file, a seed or encodec=."""
+    strays = [k for k in sd if k.startswith(("wav_encoder.", "masker.", "visible_encoder.encoder_layers.",
+                                             "visible_encoder.final_norm.")) and k not in wanted]
+    if strays:
+        raise ValueError(f"{where}: tensor {strays[0]!r} has no place in their network (first of {len(strays)})")
+    ff = [k for k in sd if ".ff_layer." in k and k.startswith("visible_encoder.encoder_layers.")]
+    if any(not torch.equal(sd[k], sd["visible_encoder.encoder_layers.0." + k.split(".", 3)[3]]) for k in ff):
+        raise ValueError(f"{where}: its layers hold different feed-forward weights, not their one shared block")
+    weights = {k: sd[k] for k in wanted if k in sd}
+    codec_keys = [k for k in wanted if k.startswith("wav_encoder.encoder.model.")]
+    has_codec = all(k in sd for k in codec_keys)
+    if not codec_keys and encodec is not None:
+        raise ValueError(f"{where}: a filterbank model: its frames need no EnCodec; drop encodec={encodec!r}")
+    if codec_keys and has_codec and encodec is not None:
+        raise ValueError(f"{where}: holds its own EnCodec weights; drop encodec={encodec!r}")
+    source = "file" if codec_keys else None
+    if codec_keys and not has_codec:  # our fixtures keep a seed; a stripped file needs encodec=
+        if encodec is None and "codec_seed" not in ckpt:
+            raise ValueError(f"{where}: holds no EnCodec weights; pass encodec='pretrained' or a local encodec_24khz-*.th")
+        enc = _seeded_codec(ckpt) if encodec is None else {
+            k[len("encoder."):]: v for k, v in _codec_from(encodec).items() if k.startswith("encoder.")}
+        weights.update({"wav_encoder.encoder.model." + k: v for k, v in enc.items()})
+        source = f"seed{ckpt['codec_seed']}" if encodec is None else str(encodec)
+    missing = sorted(set(wanted) - set(weights))
+    if missing:
+        raise ValueError(f"{where}: lacks {missing[0]!r} (and {len(missing) - 1} more tensors) of their network")
+    return weights, source
+
+
 def load_released(path, layer=-1, device="cpu", encodec=None, config=None):
     """A released v1 model.pt or v2 <name>.pt -> ReleasedEnCodecMAE (eval mode) on `device`.
 
@@ -502,39 +532,13 @@ def load_released(path, layer=-1, device="cpu", encodec=None, config=None):
         if not gin_path.is_file():
             raise ValueError(f"{path}: a v1 model.pt needs its config.gin (heads, codec scale) beside it or config=PATH")
         text = gin_path.read_text()
-    cfg = GinConfig(text)
-    a = describe(version, sd, cfg, path)
+    a = describe(version, sd, GinConfig(text), path)
     check_layer(layer, a.n_layers)
     with torch.random.fork_rng():  # building modules draws random numbers; leave the caller's generator alone
         model = ReleasedEnCodecMAE(a, layer)
-    wanted = model.state_dict()
-    strays = [k for k in sd if k.startswith(("wav_encoder.", "masker.", "visible_encoder.encoder_layers.",
-                                             "visible_encoder.final_norm.")) and k not in wanted]
-    if strays:
-        raise ValueError(f"{path}: tensor {strays[0]!r} has no place in their network (first of {len(strays)})")
-    ff = [k for k in sd if ".ff_layer." in k and k.startswith("visible_encoder.encoder_layers.")]
-    if any(not torch.equal(sd[k], sd["visible_encoder.encoder_layers.0." + k.split(".", 3)[3]]) for k in ff):
-        raise ValueError(f"{path}: its layers hold different feed-forward weights, not their one shared block")
-    weights = {k: sd[k] for k in wanted if k in sd}
-    codec_keys = [k for k in wanted if k.startswith("wav_encoder.encoder.model.")]
-    has_codec = all(k in sd for k in codec_keys)
-    source = "file" if codec_keys and has_codec else None
-    if codec_keys and (encodec is not None or not has_codec):
-        if has_codec:
-            raise ValueError(f"{path}: holds its own EnCodec weights; drop encodec={encodec!r}")
-        if encodec is None and "codec_seed" not in ckpt:
-            raise ValueError(f"{path}: holds no EnCodec weights; pass encodec='pretrained' or a local encodec_24khz-*.th")
-        enc = _seeded_codec(ckpt) if encodec is None else {
-            k[len("encoder."):]: v for k, v in _codec_from(encodec).items() if k.startswith("encoder.")}
-        weights.update({"wav_encoder.encoder.model." + k: v for k, v in enc.items()})
-        source = f"seed{ckpt['codec_seed']}" if encodec is None else str(encodec)
-    elif encodec is not None:
-        raise ValueError(f"{path}: a {a.front} model: its frames need no EnCodec; drop encodec={encodec!r}")
-    missing = sorted(set(wanted) - set(weights))
-    if missing:
-        raise ValueError(f"{path}: lacks {missing[0]!r} (and {len(missing) - 1} more tensors) of their network")
+    weights, source = their_weights(sd, ckpt, model.state_dict(), encodec, path)
     model.load_state_dict(weights, strict=True)
-    stem = path.parent.name if path.stem == "model" else path.stem
+    stem = path.parent.name if path.stem == "model" else path.stem  # v1 files are all model.pt
     model.name = f"released:{stem}" + ("" if layer == -1 else f"@layer{layer}")
     model.key = f"{model.name}|{os.path.getsize(path)}-{os.path.getmtime(path):.6f}|codec={source}"
     return model.eval().to(device)

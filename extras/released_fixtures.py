@@ -86,11 +86,12 @@ FULL = {  # full-size random models for `fullsize`: (fixture kind whose configs 
 
 
 def fixture_clips():
-    """Four fixed clips at 24 kHz: 1.3 s (a part chunk), 2.0 s (150 whole frames), 5.3 s (a 4-s chunk + a
-    part), 4.05 s (a 1200-sample tail v2 skips). Tones with a slow tremolo, plus seeded noise."""
+    """Five fixed clips at 24 kHz: 1.3 s (a part chunk), 2.0 s (150 whole frames), 5.3 s (a 4-s chunk + a
+    part), 4.05 s (a 1200-sample tail v2 skips), 200 samples (v1 only: one frame, every key padding, where
+    their -1e9 and a -inf differ). Tones with a slow tremolo, plus seeded noise."""
     rng = np.random.default_rng(20240523)
     clips = []
-    for n, f0 in ((31200, 220.0), (48000, 440.0), (127200, 330.0), (97200, 880.0)):
+    for n, f0 in ((31200, 220.0), (48000, 440.0), (127200, 330.0), (97200, 880.0), (200, 660.0)):
         t = np.arange(n) / 24000.0
         tone = 0.3 * np.sin(2 * np.pi * f0 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 1.5 * t))
         clips.append((tone + 0.05 * rng.standard_normal(n)).astype(np.float32))
@@ -225,7 +226,7 @@ def build_one(kind, repo, mods_extra=None, out_dir=None):
     theirs, sd = their_model(version_k, repo, kind, text, imports, tmp)
     t_build = time.time() - t0
     layers = (-1, 0) if full else record_layers(kind)
-    clip_ids = [2] if full else [0, 1, 2, 3]
+    clip_ids = [2] if full else [0, 1, 2, 3, 4] if version_k == "v1" else [0, 1, 2, 3]
     clips = [fixture_clips()[j] for j in clip_ids]
     out, t0 = {}, time.time()
     for j, clip in enumerate(clips):

@@ -56,6 +56,12 @@ def test_frames_counts_layers_as_their_extractor(clips):
         load_released(fixture_path(v2), layer=L2)
 
 
+def test_v2_refuses_clips_too_short_for_a_chunk(clips):
+    """200 samples: v2 skips every chunk of <= 2048 samples (theirs then crashes), so a clear ValueError."""
+    with pytest.raises(ValueError, match="no chunk over 2048 samples"):
+        load_released(fixture_path(MEL)).frames(clips[4])
+
+
 def test_network_has_their_parameters_with_one_shared_feed_forward():
     """Our feature path holds exactly their parameter count: one FF block serves every layer."""
     for kind in KINDS:
