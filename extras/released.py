@@ -192,7 +192,8 @@ def read_checkpoint(path):
                          "not a released model: load it as --upstream PATH")
     sd = ckpt.get("state_dict")
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: a dict with keys {sorted(map(str, ckpt))[:5]}, no 'state_dict': not a released model")
+        raise ValueError(f"{path}: a dict with keys {sorted(map(str, ckpt))[:5]}, no 'state_dict': "
+                         "not a released model")
     if "feat_projector.weight" in sd:
         version, text = "v1", None  # v1 keeps its config.gin beside model.pt
     elif "wav_encoder.post_net.weight" in sd and isinstance(ckpt.get("config"), str):
@@ -231,8 +232,9 @@ def transformer_arch(sd, cfg, where):
     qk, v = (sd[f"visible_encoder.encoder_layers.0.att_layer.{w}.weight"].shape[0] for w in ("wq", "wv"))
     if not isinstance(n_heads, int) or qk % n_heads or v % n_heads:
         _refuse(where, f"{qk}-d queries for {n_heads} heads")
+    ff_dim = sd["visible_encoder.encoder_layers.0.ff_layer.0.weight"].shape[0]
     return dict(d_model=int(sd["wav_encoder.post_net.weight"].shape[0]), n_layers=n_layers, n_heads=n_heads,
-                d_qk=qk // n_heads, d_v=v // n_heads, ff_dim=int(sd["visible_encoder.encoder_layers.0.ff_layer.0.weight"].shape[0]),
+                d_qk=qk // n_heads, d_v=v // n_heads, ff_dim=int(ff_dim),
                 att_scale=float(get("MultiHeadAttention", "att_scale") or (qk // n_heads) ** -0.5),
                 mask_value=float(get("MultiHeadAttention", "mask_value", -1e9)))
 
@@ -285,7 +287,8 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, a: Arch):
         super().__init__()
-        self.n_heads, self.d_qk, self.d_v, self.scale, self.mask_value = a.n_heads, a.d_qk, a.d_v, a.att_scale, a.mask_value
+        self.n_heads, self.d_qk, self.d_v = a.n_heads, a.d_qk, a.d_v
+        self.scale, self.mask_value = a.att_scale, a.mask_value
         self.wq = nn.Linear(a.d_model, a.d_qk * a.n_heads, bias=False)
         self.wk = nn.Linear(a.d_model, a.d_qk * a.n_heads, bias=False)
         self.wv = nn.Linear(a.d_model, a.d_v * a.n_heads, bias=False)
@@ -440,7 +443,8 @@ class ReleasedEnCodecMAE(nn.Module):
                 inner[-1] = final  # postnorm_last_activation=True: their last layer IS the final output
             pieces.append(inner + [final])
         if not pieces:
-            raise ValueError(f"{self.name}: {n} samples give no chunk over {a.min_len} samples (their extractor fails too)")
+            raise ValueError(f"{self.name}: {n} samples give no chunk over {a.min_len} samples "
+                             "(their extractor fails too)")
         out = [torch.cat(p, dim=1) for p in zip(*pieces)]  # (B, T, D) each
         return {**dict(enumerate(out[:-1])), -1: out[-1]}
 
@@ -507,7 +511,8 @@ def their_weights(sd, ckpt, wanted, encodec, where):
     source = "file" if codec_keys else None
     if codec_keys and not has_codec:  # our fixtures keep a seed; a stripped file needs encodec=
         if encodec is None and "codec_seed" not in ckpt:
-            raise ValueError(f"{where}: holds no EnCodec weights; pass encodec='pretrained' or a local encodec_24khz-*.th")
+            raise ValueError(f"{where}: holds no EnCodec weights; "
+                             "pass encodec='pretrained' or a local encodec_24khz-*.th")
         enc = _seeded_codec(ckpt) if encodec is None else {
             k[len("encoder."):]: v for k, v in _codec_from(encodec).items() if k.startswith("encoder.")}
         weights.update({"wav_encoder.encoder.model." + k: v for k, v in enc.items()})
@@ -530,7 +535,8 @@ def load_released(path, layer=-1, device="cpu", encodec=None, config=None):
     if version == "v1":
         gin_path = Path(config) if config else path.with_name("config.gin")
         if not gin_path.is_file():
-            raise ValueError(f"{path}: a v1 model.pt needs its config.gin (heads, codec scale) beside it or config=PATH")
+            raise ValueError(f"{path}: a v1 model.pt needs its config.gin (heads, codec scale) "
+                             "beside it or config=PATH")
         text = gin_path.read_text()
     a = describe(version, sd, GinConfig(text), path)
     check_layer(layer, a.n_layers)

@@ -1,8 +1,8 @@
-"""Serves extras/test_released.py: the AUTHORS' code builds tiny random models, saves them in their formats, records their embeddings.
+"""Serves extras/test_released.py: the AUTHORS' code makes tiny random models in their formats + their embeddings.
 
 `build` and `fullsize` need their package (gin, ginpipe, Lightning; docs/RELEASED.md shows the venv):
-  /work/authors-venv/bin/python -m extras.released_fixtures build --v1 /work/authors/encodecmae-v1 --v2 /work/authors/encodecmae-head
-  /work/authors-venv/bin/python -m extras.released_fixtures fullsize --v1 ... --v2 ...   (full-size random models)
+  VENV/bin/python -m extras.released_fixtures build --v1 AUTHORS/encodecmae-v1 --v2 AUTHORS/encodecmae-head
+  VENV/bin/python -m extras.released_fixtures fullsize --v1 ... --v2 ...   (full-size random models)
 `check` needs only this project: `python -m extras.released_fixtures check` prints our max abs diff per kind and layer.
 Writes extras/fixtures/released/<kind>.pt (v2) or <kind>/{model.pt,config.gin,imports} (v1), and <kind>.expected.pt.
 """
@@ -64,8 +64,8 @@ ST_V2 = ["ST_CHECKPOINT='none'", "ST_DATASET_DIR='/nonexistent'"]
 ST_V1 = ["tasks.models.EncodecMAE.n_extra_targets=1", "SELFTRAIN_CHECKPOINT='none'", "SELFTRAINING_DATADIR='/x'"]
 # kind: (version, config files under configs/ (or literal text), --mods, config text as gin.config_str() writes it?)
 KINDS = {
-    "encodecmae-small": ("v1", ["base/unsupervised_pretrain.gin", "models/encodecmae.gin", *WAV, "features/wav_only.gin"],
-                         ["NUM_ENCODER_LAYERS=2", "MODEL_DIM=36"], True),
+    "encodecmae-small": ("v1", ["base/unsupervised_pretrain.gin", "models/encodecmae.gin", *WAV,
+                                "features/wav_only.gin"], ["NUM_ENCODER_LAYERS=2", "MODEL_DIM=36"], True),
     "encodecmae-large-st": ("v1", ["base/self-train.gin", "models/encodecmae.gin",
                                    "models/selftrain_8q_weight_by_variance.gin"],
                             ["NUM_ENCODER_LAYERS=3", "MODEL_DIM=40", *ST_V1], True),
@@ -281,7 +281,8 @@ def compare(kind, path=None, expected=None):
             theirs = exp["out"][f"{j}/{layer}"]
             mine = ours[layer if layer == -1 else layer % m.arch.n_layers][0]
             if mine.shape != theirs.shape:
-                raise AssertionError(f"{kind} clip {j} layer {layer}: ours {tuple(mine.shape)}, theirs {tuple(theirs.shape)}")
+                raise AssertionError(f"{kind} clip {j} layer {layer}: ours {tuple(mine.shape)}, "
+                                     f"theirs {tuple(theirs.shape)}")
             diffs[layer] = max(diffs[layer], float((mine - theirs).abs().max()))
     return diffs, m
 
@@ -328,13 +329,15 @@ def main(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["build", "check", "fullsize", "_one"])
     p.add_argument("rest", nargs="*")
-    p.add_argument("--v1", default="/work/authors/encodecmae-v1")
-    p.add_argument("--v2", default="/work/authors/encodecmae-head")
+    p.add_argument("--v1", help="their repository checked out at tag v.1.0.0")
+    p.add_argument("--v2", help="their repository at HEAD (encodecmae/hub.py)")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.command == "check":
         return check()
     repos = {"v1": args.v1, "v2": args.v2}
+    if args.command != "_one" and not (args.v1 and args.v2):
+        p.error(f"{args.command} runs the authors' code: give --v1 and --v2 (their two checkouts)")
     if args.command == "_one":
         kind, repo, *full = args.rest
         build_one(kind, repo, mods_extra=json.loads(full[1]) if full else None, out_dir=full[0] if full else None)

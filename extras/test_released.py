@@ -13,6 +13,9 @@ from extras.released import load_released, released_scene, released_timestamps
 from extras.released_fixtures import CODEC_SEED, FIXTURES, KINDS, fixture_clips, fixture_path
 
 MEL = "mel256-ec-base_st"  # the cheapest kind (no codec) for tests of the plumbing
+# One thread, as test_all.py: on this busy 2-core machine two threads made the codec's LSTM ten
+# times slower (the whole file took 50 s instead of 8 s).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,8 @@ def test_hear_use_at_48k_gives_their_protocol(clips):
     emb = m.frames(torchaudio.functional.resample(audio48, 48000, 24000))  # (2, T, D)
     ts = released_timestamps(emb.shape[1], emb.shape[0])  # (2, T)
     assert emb.shape == (2, 97, 36) and ts.shape == (2, 97) and torch.isfinite(emb).all()
-    assert torch.allclose(ts[:, 0], torch.tensor(1000 * 0.5 / 75)) and torch.allclose(ts.diff(), torch.tensor(1000 / 75))
+    assert torch.allclose(ts[:, 0], torch.tensor(1000 * 0.5 / 75))  # ms at frame centres
+    assert torch.allclose(ts.diff(), torch.tensor(1000 / 75))
     assert torch.allclose(released_scene(emb), emb.mean(1))
     assert (emb - expected(MEL)["out"]["0/-1"]).abs().max() < 0.5  # the round trip keeps it close, not equal
 
@@ -110,7 +114,7 @@ def test_files_that_are_not_released_models_are_refused(what, tmp_path):
     if what == "ours":
         torch.save({"model": {}, "config": {"d_model": 8}, "encodec": "random"}, path)
     elif what == "random bytes":
-        path.write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes())
+        path.write_bytes(bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0)).tolist()))
     elif what == "truncated":
         path.write_bytes(fixture_path(MEL).read_bytes()[:60000])
     else:
@@ -128,7 +132,8 @@ def test_unknown_designs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="SEANetEncoder"):
         load_released(saved(tmp_path, odd))
     sd = dict(ckpt["state_dict"])
-    sd["visible_encoder.encoder_layers.1.ff_layer.0.weight"] = sd["visible_encoder.encoder_layers.1.ff_layer.0.weight"] + 1
+    key = "visible_encoder.encoder_layers.1.ff_layer.0.weight"
+    sd[key] = sd[key] + 1  # layer 1's copy of the FF block no longer equals layer 0's
     with pytest.raises(ValueError, match="shared"):
         load_released(saved(tmp_path, dict(ckpt, state_dict=sd)))
     heads = dict(ckpt, config=ckpt["config"] + "\nNUM_ENCODER_HEADS = 5\n")
@@ -141,7 +146,8 @@ def test_v1_needs_its_config_gin(tmp_path):
     (tmp_path / "model.pt").write_bytes(fixture_path("encodecmae-small").read_bytes())
     with pytest.raises(ValueError, match="config.gin"):
         load_released(tmp_path / "model.pt")
-    assert load_released(tmp_path / "model.pt", config=fixture_path("encodecmae-small").with_name("config.gin")).arch.version == "v1"
+    gin = fixture_path("encodecmae-small").with_name("config.gin")
+    assert load_released(tmp_path / "model.pt", config=gin).arch.version == "v1"
 
 
 def test_codec_comes_from_the_file_the_seed_or_encodec_path(tmp_path, clips):
