@@ -1,0 +1,178 @@
+"""Tests of extras/released.py: the authors' released checkpoints load and give THEIR embeddings.
+
+`python -m pytest -q extras/test_released.py -s` from the repository root (CPU, offline, no authors'
+package; -s prints every max abs diff). The fixtures in extras/fixtures/released/ were written by the
+authors' own code (extras/released_fixtures.py build): tiny random models in their file formats.
+"""
+import os
+
+import pytest
+import torch
+
+from extras.released import load_released, released_scene, released_timestamps
+from extras.released_fixtures import CODEC_SEED, FIXTURES, KINDS, fixture_clips, fixture_path
+
+MEL = "mel256-ec-base_st"  # the cheapest kind (no codec) for tests of the plumbing
+# One thread, as test_all.py: on this busy 2-core machine two threads made the codec's LSTM ten
+# times slower (the whole file took 50 s instead of 8 s).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [torch.from_numpy(c)[None] for c in fixture_clips()]  # (1, n) each, 24 kHz
+
+
+def expected(kind):
+    return torch.load(FIXTURES / f"{kind}.expected.pt", weights_only=True)
+
+
+def saved(tmp_path, obj, name="x.pt"):
+    torch.save(obj, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_gives_the_authors_embeddings(kind, clips):
+    """Each recorded clip and layer equals their extract_features_from_array within 1e-5 (max abs)."""
+    exp, m = expected(kind), load_released(fixture_path(kind))
+    for j in exp["clip_ids"]:
+        ours = m.all_layers(clips[j])
+        for layer in exp["layers"]:
+            mine, theirs = ours[layer if layer == -1 else layer % m.arch.n_layers][0], exp["out"][f"{j}/{layer}"]
+            assert mine.shape == theirs.shape, (kind, j, layer)
+            diff = float((mine - theirs).abs().max())
+            print(f"{kind} clip {j} ({clips[j].shape[1] / 24000:.2f} s) layer {layer}: max abs diff {diff:.1e}")
+            assert diff <= 1e-5, (kind, j, layer, diff)
+
+
+def test_frames_counts_layers_as_their_extractor(clips):
+    """layer=L-1 is v1's last normed stream (not the final output) but v2's final output."""
+    v1, v2 = "encodecmae-small", MEL
+    L1, L2 = (load_released(fixture_path(k)).arch.n_layers for k in (v1, v2))
+    inner = load_released(fixture_path(v1), layer=L1 - 1).frames(clips[0])[0]
+    assert torch.allclose(inner, expected(v1)["out"][f"0/{L1 - 1}"], atol=1e-5)
+    assert not torch.allclose(inner, expected(v1)["out"]["0/-1"], atol=1e-2)
+    last = load_released(fixture_path(v2), layer=L2 - 1).frames(clips[0])[0]
+    assert torch.allclose(last, expected(v2)["out"]["0/-1"], atol=1e-5)
+    with pytest.raises(ValueError, match="their layers count"):
+        load_released(fixture_path(v2), layer=L2)
+
+
+def test_v2_refuses_clips_too_short_for_a_chunk(clips):
+    """200 samples: v2 skips every chunk of <= 2048 samples (theirs then crashes), so a clear ValueError."""
+    with pytest.raises(ValueError, match="no chunk over 2048 samples"):
+        load_released(fixture_path(MEL)).frames(clips[4])
+
+
+def test_network_has_their_parameters_with_one_shared_feed_forward():
+    """Our feature path holds exactly their parameter count: one FF block serves every layer."""
+    for kind in KINDS:
+        m = load_released(fixture_path(kind))
+        layers = m.visible_encoder.encoder_layers
+        assert all(layer.ff_layer is layers[0].ff_layer for layer in layers), kind
+        ours = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("wav_encoder.encoder."))
+        assert ours == expected(kind)["n_params"], (kind, ours)
+
+
+def test_batch_rows_equal_single_clip_calls(clips):
+    """Each row of a batch gets the single-clip answer (their batched call does not, docs/RELEASED.md)."""
+    for kind, j in (("encodecmae-small", 0), ("ec-ec-base", 1)):
+        rows = load_released(fixture_path(kind)).frames(clips[j].repeat(2, 1))
+        assert (rows - expected(kind)["out"][f"{j}/-1"]).abs().max() <= 1e-5, kind
+
+
+def test_hear_use_at_48k_gives_their_protocol(clips):
+    """48 kHz in, resampled 2:1: ints for sizes, 75 Hz frames, centre timestamps in ms, mean pooling."""
+    import torchaudio
+    m = load_released(fixture_path(MEL))
+    assert m.sample_rate == 48000 and type(m.sample_rate) is int
+    assert type(m.scene_embedding_size) is int and m.scene_embedding_size == m.timestamp_embedding_size == 36
+    audio48 = torchaudio.functional.resample(clips[0].repeat(2, 1), 24000, 48000)  # HEAR-style input
+    emb = m.frames(torchaudio.functional.resample(audio48, 48000, 24000))  # (2, T, D)
+    ts = released_timestamps(emb.shape[1], emb.shape[0])  # (2, T)
+    assert emb.shape == (2, 97, 36) and ts.shape == (2, 97) and torch.isfinite(emb).all()
+    assert torch.allclose(ts[:, 0], torch.tensor(1000 * 0.5 / 75))  # ms at frame centres
+    assert torch.allclose(ts.diff(), torch.tensor(1000 / 75))
+    assert torch.allclose(released_scene(emb), emb.mean(1))
+    assert (emb - expected(MEL)["out"]["0/-1"]).abs().max() < 0.5  # the round trip keeps it close, not equal
+
+
+def test_key_changes_when_the_file_changes(tmp_path):
+    """A rewritten file (new mtime or size) gets a new key, so cached embeddings are not reused."""
+    path = tmp_path / "mel.pt"
+    path.write_bytes(fixture_path(MEL).read_bytes())
+    first = load_released(path).key
+    os.utime(path, (1e9, 1e9))
+    assert load_released(path).key != first and load_released(path).name == "released:mel"
+
+
+@pytest.mark.parametrize("what", ["ours", "random bytes", "truncated", "not a dict"])
+def test_files_that_are_not_released_models_are_refused(what, tmp_path):
+    """One of our train.py checkpoints, random bytes, a truncated download: one-line ValueError."""
+    path = tmp_path / "bad.pt"
+    if what == "ours":
+        torch.save({"model": {}, "config": {"d_model": 8}, "encodec": "random"}, path)
+    elif what == "random bytes":
+        path.write_bytes(bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0)).tolist()))
+    elif what == "truncated":
+        path.write_bytes(fixture_path(MEL).read_bytes()[:60000])
+    else:
+        torch.save([1, 2], path)
+    with pytest.raises(ValueError) as err:
+        load_released(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    assert what != "ours" or "train.py" in str(err.value)
+
+
+def test_unknown_designs_are_refused(tmp_path):
+    """An unknown front end, per-layer FF weights, or heads that do not divide the projections: ValueError."""
+    ckpt = torch.load(fixture_path(MEL), weights_only=True)
+    odd = dict(ckpt, config=ckpt["config"].replace("@torch.nn.Identity", "@encodecmae.models.encoders.SEANetEncoder"))
+    with pytest.raises(ValueError, match="SEANetEncoder"):
+        load_released(saved(tmp_path, odd))
+    sd = dict(ckpt["state_dict"])
+    key = "visible_encoder.encoder_layers.1.ff_layer.0.weight"
+    sd[key] = sd[key] + 1  # layer 1's copy of the FF block no longer equals layer 0's
+    with pytest.raises(ValueError, match="shared"):
+        load_released(saved(tmp_path, dict(ckpt, state_dict=sd)))
+    heads = dict(ckpt, config=ckpt["config"] + "\nNUM_ENCODER_HEADS = 5\n")
+    with pytest.raises(ValueError, match="5 heads"):
+        load_released(saved(tmp_path, heads))
+
+
+def test_v1_needs_its_config_gin(tmp_path):
+    """A v1 model.pt without the config.gin beside it is refused, and config= finds it elsewhere."""
+    (tmp_path / "model.pt").write_bytes(fixture_path("encodecmae-small").read_bytes())
+    with pytest.raises(ValueError, match="config.gin"):
+        load_released(tmp_path / "model.pt")
+    gin = fixture_path("encodecmae-small").with_name("config.gin")
+    assert load_released(tmp_path / "model.pt", config=gin).arch.version == "v1"
+
+
+def test_codec_comes_from_the_file_the_seed_or_encodec_path(tmp_path, clips):
+    """Without codec weights: encodec=PATH loads a local EnCodec; no seed and no path is refused."""
+    from encodec import EncodecModel
+    ckpt = torch.load(fixture_path("ec-ec-base"), weights_only=True)
+    bare = saved(tmp_path, {k: v for k, v in ckpt.items() if not k.startswith("codec_")}, "bare.pt")
+    with pytest.raises(ValueError, match="encodec="):
+        load_released(bare)
+    with torch.random.fork_rng():
+        torch.manual_seed(CODEC_SEED)  # the fixture's random codec, as a local encodec_24khz-*.th would hold
+        th = saved(tmp_path, EncodecModel.encodec_model_24khz(pretrained=False).state_dict(), "encodec.th")
+    y = load_released(bare, encodec=str(th)).frames(clips[0])[0]
+    assert (y - expected("ec-ec-base")["out"]["0/-1"]).abs().max() <= 1e-5
+    wrong = saved(tmp_path, dict(ckpt, codec_sha256="0" * 64), "wrong.pt")
+    with pytest.raises(ValueError, match="another random codec"):
+        load_released(wrong)
+    with pytest.raises(ValueError, match="need no EnCodec"):
+        load_released(fixture_path(MEL), encodec=str(th))
+
+
+def test_info_command_prints_one_line_per_fact(capsys):
+    """`python extras/released.py info PATH` describes a file; a bad one is one error line and exit 2."""
+    from extras.released import main
+    assert main(["info", str(fixture_path(MEL))]) == 0
+    assert "v2, mel front end (256-d), D=36, 3 layers, 12 heads of 3" in capsys.readouterr().out
+    assert main(["info", str(FIXTURES / "missing.pt")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
