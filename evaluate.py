@@ -1,7 +1,7 @@
 """Downstream evaluation, section 3.2: frozen embeddings, HEAR tasks, MLP probes, Table 1.
 
 `python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
-`python evaluate.py embed --upstream ckpt.pt --out EMB AUDIO_DIR` writes frame embeddings of your audio.
+`python evaluate.py embed --upstream ckpt.pt --out EMB AUDIO_DIR` writes frame embeddings of your audio (extras/embed.py).
 Reads HEAR 2021 task folders (task_metadata.json, labelvocabulary.csv, <split>.json,
 <rate>/<split>/*.wav); writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun),
 OUT/results.json (every grid point's validation score, every fold's test score) and prints a
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import data as D
-from data import AUDIO_EXTS, AudioError, UsageError, at_least, probe_audio, read_audio, resample_24k, write_atomic
+from data import AudioError, UsageError, at_least, probe_audio, read_audio, resample_24k, write_atomic
 from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio,
                    make_config, num_frames)
 
@@ -590,124 +590,37 @@ def open_upstream(spec, args):
         raise UsageError(str(err)) from None
 
 
-# ---------------------------------------------------------------- embed: your audio -> .npy files
-def embed_plan(sources, out):
-    """Files and folders -> [(audio path, output path without .npy)]; a folder's tree is mirrored
-    under out, a file lands at out/<name>. Names keep their extension: x.wav and x.mp3 never meet."""
-    plan = []
-    for src in map(Path, sources):
-        if src.is_dir():
-            found = sorted(p for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(AUDIO_EXTS))
-            if not found:
-                raise UsageError(f"{src}: no audio files ({' '.join(AUDIO_EXTS)}) in this folder")
-            plan += [(p, Path(out) / p.relative_to(src)) for p in found]
-        elif src.is_file():
-            plan.append((src, Path(out) / src.name))
-        else:
-            raise UsageError(f"{src}: no such file or folder")
-    first = {}
-    for path, dest in plan:
-        if first.setdefault(dest, path) != path:
-            raise UsageError(f"{path} and {first[dest]} would both write {dest}.npy: embed them separately")
-    return plan
-
-
-def check_embed_out(args):
-    """--out remembers which upstream wrote it: a rerun resumes, another upstream needs another --out."""
-    spec = args.upstream
-    meta = dict(upstream=spec, layer=args.layer, encodec=args.encodec, scene_pooling="real-frames",
-                seed=args.seed if spec.startswith("ECMAE-R:") else None,
-                checkpoint=[os.path.getsize(spec), int(os.path.getmtime(spec))] if os.path.isfile(spec) else None)
-    path = Path(args.out, "embed.json")
-    if path.exists() and json.loads(path.read_text()) != meta:
-        raise UsageError(f"--out {args.out}: holds embeddings of another upstream or setting ({path}); "
-                         "choose a new --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: f.write(json.dumps(meta).encode()))
-
-
 EMBED_SEGMENT = 15 * CROP_SAMPLES  # a minute of audio read at once: whole 4-s chunks
 
 
-def embed_file(upstream, path):
-    """One audio file's frame embeddings (T, D) float32 at 75 Hz, any length, rate or channels [3.1]:
-    frames, _ = evaluate.embed_file(evaluate.load_upstream("ckpt.pt"), "clip.wav")."""
-    return read_and_embed(upstream, path, probe_audio(path))
-
-
 @torch.no_grad()
-def read_and_embed(upstream, path, n):
-    """(frames (T, D), samples read) of a file of n samples at 24 kHz, read a minute at a time so memory
-    stays bounded; segments are whole 4-s chunks, so this equals embedding the file at once."""
+def embed_file(upstream, path, scene=False):
+    """An audio file of any length, rate or channels -> frames (T, D) float32 at 75 Hz [3.1]; with
+    scene=True also its scene embedding (D,), the mean of the frames centred inside what was read.
+
+    Read a minute at a time so memory stays bounded; the segments are whole 4-s chunks, so this
+    equals embedding the file at once. A cut file (its header overstates it) gives what was read.
+    """
     device = next(upstream.parameters()).device
-    pieces, read = [], 0
-    for start in range(0, n, EMBED_SEGMENT):
-        wav = read_audio(path, start, EMBED_SEGMENT)  # (n',) at 24 kHz, shorter if the header overstated
+    pieces, n = [], 0
+    for start in range(0, probe_audio(path), EMBED_SEGMENT):
+        wav = read_audio(path, start, EMBED_SEGMENT)  # (n',) at 24 kHz
         if len(wav):
             pieces.append(upstream.frames(wav[None].to(device))[0].float().cpu())  # (T', D)
-        read += len(wav)  # less than n if the header overstated the length
-    frames = torch.cat(pieces) if pieces else torch.zeros(0)
-    if not len(frames) or not torch.isfinite(frames).all():
-        raise AudioError(f"{path}: " + ("no samples could be read" if not len(frames) else "NaN/inf embeddings (huge samples?)"))
-    return frames, read
-
-
-def embed_files(upstream, todo, lengths, scene, log_every=5.0):
-    """Embed [(path, dest)] of lengths (24-kHz samples) into dest.npy (T, D) (and dest.scene.npy (D,)),
-    with a progress line every log_every seconds -> [(path, reason)] of the files skipped."""
-    skipped, total, done_s = [], lengths.sum() / SAMPLE_RATE, 0.0
-    progress = D.Progress("embed", total, every=log_every, unit="x real time")
-    for k, ((path, dest), n) in enumerate(zip(todo, lengths.tolist())):
-        try:
-            frames, n = read_and_embed(upstream, path, n)
-        except AudioError as err:
-            skipped.append((path, str(err)))
-            warnings.warn(f"skipping {err}")
-        else:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if scene:
-                pooled = scene_embedding(frames[None], n)[0]  # (D,)
-                write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled.numpy()))
-            write_atomic(f"{dest}.npy", lambda f: np.save(f, frames.numpy()))  # last: marks the file done
-        done_s += lengths[k] / SAMPLE_RATE
-        progress.update(lengths[k] / SAMPLE_RATE, f"{k + 1}/{len(todo)} files, {done_s:.1f}/{total:.1f} s of audio")
-    return skipped
-
-
-def embed_main(argv):
-    p = D.Parser(prog="evaluate.py embed", description=(
-        "Frame embeddings (T, D) float32 at 75 Hz of every audio file given or found under the folders "
-        "given, as OUT/<path>.npy mirroring the folders (OUT/x.wav.npy for a file given by itself). "
-        "Resumable: files already written are skipped."))
-    p.add_argument("sources", nargs="+", metavar="FILE_OR_FOLDER", help="audio files and folders (recursive)")
-    p.add_argument("--upstream", required=True, help="EC, ECMAE-R:<size> or a train.py checkpoint")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--scene", action="store_true",
-                   help="also write <path>.scene.npy (D,): the mean of the frames centred inside the audio")
-    upstream_args(p)
-    p.add_argument("--log-every", type=at_least(0.0, float), default=5.0, help="seconds between progress lines")
-    args = p.parse_args(argv)
-    check_upstream(args.upstream, args.layer)
-    plan = embed_plan(args.sources, args.out)
-    check_embed_out(args)
-    finished = lambda dest: os.path.exists(f"{dest}.npy") and (not args.scene or os.path.exists(f"{dest}.scene.npy"))
-    todo = [(path, dest) for path, dest in plan if not finished(dest)]
-    print(f"embed: {len(plan)} files, {len(plan) - len(todo)} already done; {args.upstream} -> {args.out}",
-          flush=True)
-    files, skipped = D.scan_audio([path for path, _ in todo])  # bad headers: warned here
-    bad = {str(p) for p, _ in skipped}
-    readable = [(path, dest) for path, dest in todo if str(path) not in bad]
-    if readable:  # the model loads only when there is something to embed
-        skipped += embed_files(open_upstream(args.upstream, args), readable, files.lengths, args.scene, args.log_every)
-    print(f"embed: {len(todo) - len(skipped)} files written, {len(plan) - len(todo)} were done, "
-          f"{len(skipped)} skipped (named above)", flush=True)
-    return skipped
+        n += len(wav)
+    if not pieces:
+        raise AudioError(f"{path}: no samples could be read")
+    frames = torch.cat(pieces)  # (T, D)
+    if not torch.isfinite(frames).all():
+        raise AudioError(f"{path}: NaN/inf embeddings (huge samples?)")
+    return (frames, scene_embedding(frames[None], n)[0]) if scene else frames
 
 
 def main(argv=None):
     """`evaluate.py embed ...` embeds audio files; anything else is an evaluation on HEAR tasks."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["embed"]:
+        from extras.embed import embed_main
         return embed_main(argv[1:])
     return evaluate(parse_args(argv))
 
