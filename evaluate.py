@@ -14,7 +14,6 @@ import csv
 import json
 import math
 import os
-import pickle
 import random
 import re
 import sys
@@ -436,6 +435,7 @@ def evaluate(args):
         start = time.time()
         splits = sorted({s for fold in task.folds for part in fold for s in part})
         if args.heareval_embeddings:  # heareval's runner embedded them: compare the probes alone
+            from extras.heareval import read_heareval_split
             data = {root.name: {split: read_heareval_split(task, split) for split in splits}}
         else:
             data = {u.name: {} for u in upstreams}
@@ -465,18 +465,6 @@ def evaluate(args):
     if skipped:
         print(f"{len(skipped)} audio files skipped (named in the warnings above and in results.json)")
     return results
-
-
-def read_heareval_split(task, split):
-    """A split that heareval's embedding runner wrote (its memmap and pickled labels) -> (X, Y)."""
-    n, D = json.loads((task.path / f"{split}.embedding-dimensions.json").read_text())
-    X = np.memmap(task.path / f"{split}.embeddings.npy", dtype=np.float32, mode="r", shape=(n, D))
-    with open(task.path / f"{split}.target-labels.pkl", "rb") as f:
-        labels = pickle.load(f)  # heareval's own file; only read it from a run you trust
-    Y = torch.zeros(n, len(task.vocab))  # (N, C)
-    for i, clip_labels in enumerate(labels):
-        Y[i, [task.vocab[str(label)] for label in clip_labels]] = 1
-    return torch.tensor(np.array(X)), Y
 
 
 # ---------------------------------------------------------------- the HEAR module API
@@ -521,7 +509,7 @@ def parse_args(argv):
                    help="probe init, dropout, shuffle, and which 8 grid points (heareval: 42)")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="clips per embedding batch")
     p.add_argument("--probe-threads", type=at_least(1), default=1, help="CPU threads while training probes")
-    p.add_argument("--heareval-embeddings", help="probe heareval's embeddings/<module> folder instead")
+    p.add_argument("--heareval-embeddings", help="probe heareval's embeddings/<module> folder instead (extras/heareval.py)")
     p.add_argument("--codec-cache", help="keep the codec's frames of the task clips in this folder; later "
                    "runs with the same codec (other checkpoints, layers, seeds) skip the audio and the codec")
     p.add_argument("--out", default="eval_out")
