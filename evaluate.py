@@ -204,8 +204,8 @@ def codec_batches(codec, paths, batch_size, bad):
 def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_cache=None):
     """Scene embeddings of a split by each upstream, cached per (upstream, task, split) -> a list of
     (X (N', D), kept), kept indexing `files`: the label rows to keep with X. A file that cannot be read
-    or gives NaN/inf is skipped with one warning naming it. The frozen codec is most of the cost, so
-    upstreams on one codec share its pass, and `codec_cache` (--codec-cache) keeps its frames."""
+    is skipped with one warning naming it. The frozen codec is most of the cost, so upstreams on one
+    codec share its pass, and `codec_cache` (--codec-cache) keeps its frames for later runs."""
     caches = [Path(cache_dir) / slug(u.key) / slug(task.name) / f"{split}.npz" for u in upstreams]
     out = [read_cache(c, u.key, files) for c, u in zip(caches, upstreams)]
     todo = [i for i, cached in enumerate(out) if cached is None]
@@ -228,17 +228,14 @@ def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_c
                 X[i][same] = scene_embedding(upstreams[i].frames_from_codec(feats), n).float().cpu()
     for j in sorted(bad):
         warnings.warn(f"skipping {bad[j]}")
+    kept = [j for j in range(len(paths)) if j not in bad]
+    if not kept:
+        raise ValueError(f"{task.path}/{split}: no file of the split could be embedded")
     for i in todo:
-        skipped = dict(bad)
-        for j in torch.nonzero(~torch.isfinite(X[i]).all(1)).flatten().tolist():
-            if j not in bad:
-                skipped[j] = f"{paths[j]}: NaN/inf embeddings from {upstreams[i].name} (huge samples?)"
-                warnings.warn(f"skipping {skipped[j]}")
-        kept = [j for j in range(len(paths)) if j not in skipped]
-        if not kept:
-            raise ValueError(f"{task.path}/{split}: no file of the split could be embedded")
-        write_cache(caches[i], X[i][kept], kept, [skipped[j] for j in sorted(skipped)], files, upstreams[i].key)
         out[i] = (X[i][kept], kept)
+        if not torch.isfinite(out[i][0]).all():  # read_audio refuses NaN and huge samples: the model is broken
+            raise ValueError(f"{upstreams[i].name}: NaN/inf embeddings of {task.name}/{split}")
+        write_cache(caches[i], out[i][0], kept, [bad[j] for j in sorted(bad)], files, upstreams[i].key)
     return out
 
 
@@ -451,17 +448,15 @@ def get_scene_embeddings(audio, model):
 
 
 @torch.no_grad()
-def embed_file(upstream, path, scene=False):
-    """An audio file of any length, rate or channels -> frames (T, D) float32 at 75 Hz [3.1]; with
-    scene=True also its scene embedding (D,). Read a minute at a time so memory stays bounded; the
-    segments are whole 4-s chunks, so this equals embedding the file at once."""
+def embed_file(upstream, path):
+    """An audio file of any length, rate or channels -> frames (T, D) float32 at 75 Hz [3.1]. Read a
+    minute at a time, memory stays bounded; segments are whole 4-s chunks, as if embedded at once."""
     device = next(upstream.parameters()).device
-    n = probe_audio(path)  # 24-kHz samples, at least one; a file that reads short raises AudioError
     frames = torch.cat([upstream.frames(read_audio(path, start, EMBED_SEGMENT)[None].to(device))[0].float().cpu()
-                        for start in range(0, n, EMBED_SEGMENT)])  # (T, D)
+                        for start in range(0, probe_audio(path), EMBED_SEGMENT)])  # (T, D); a short read raises
     if not torch.isfinite(frames).all():
         raise AudioError(f"{path}: NaN/inf embeddings (huge samples?)")
-    return (frames, scene_embedding(frames[None], n)[0]) if scene else frames
+    return frames
 
 
 # ---------------------------------------------------------------- the command line

@@ -60,13 +60,14 @@ def embed_files(upstream, todo, lengths, scene, log_every=5.0):
     progress = D.Progress("embed", total, every=log_every, unit="x real time")
     for k, (path, dest) in enumerate(todo):
         try:
-            frames, pooled = E.embed_file(upstream, path, scene=True)  # (T, D), (D,)
+            frames = E.embed_file(upstream, path)  # (T, D)
         except AudioError as err:
             skipped.append((path, str(err)))
             warnings.warn(f"skipping {err}")
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if scene:
+            if scene:  # the mean of the frames centred inside the audio, as the HEAR scene embedding
+                pooled = E.scene_embedding(frames[None], lengths[k])[0]  # (D,)
                 write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled.numpy()))
             write_atomic(f"{dest}.npy", lambda f: np.save(f, frames.numpy()))  # last: marks the file done
         done_s += lengths[k] / SAMPLE_RATE
