@@ -1,4 +1,4 @@
-"""Tests of `evaluate.py --heareval-embeddings` (extras/heareval.py): our probes on heareval's embedding files."""
+"""Tests of `python extras/heareval.py --embeddings DIR`: evaluate.py's probes on heareval's embedding files."""
 import json
 import pickle
 
@@ -7,6 +7,7 @@ import torch
 
 import evaluate as E
 from extras import demo_audio as demo
+from extras import heareval
 
 
 def test_heareval_embedding_files_are_probed_with_our_grid(tmp_path):
@@ -23,8 +24,8 @@ def test_heareval_embedding_files_are_probed_with_our_grid(tmp_path):
         (task / f"{split}.embedding-dimensions.json").write_text(json.dumps(list(X.shape)))
         (task / f"{split}.target-labels.pkl").write_bytes(pickle.dumps(ys))
         data[split] = (torch.from_numpy(X), torch.eye(2)[[int(y[0]) for y in ys]])
-    results = E.main(["--heareval-embeddings", str(root), "--grid-points", "2", "--max-epochs", "30",
-                      "--device", "cpu", "--out", str(tmp_path / "out")])
+    results = heareval.main(["--embeddings", str(root), "--grid-points", "2", "--max-epochs", "30",
+                             "--device", "cpu", "--out", str(tmp_path / "out")])
     want = E.probe_task(data, E.read_task(task), E.hear_grid(2, max_epochs=30))
     assert list(results) == ["module"] and results["module"]["t"]["n_test"] == 8
     assert results["module"]["t"]["test"] == want["test"] and results["module"]["t"]["grid"] == want["grid"]
