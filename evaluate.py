@@ -1,11 +1,10 @@
 """Downstream evaluation, section 3.2: frozen embeddings, HEAR tasks, MLP probes, Table 1.
 
 `python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
-reads HEAR 2021 task folders (task_metadata.json, labelvocabulary.csv, <split>.json, <rate>/<split>/*.wav),
-writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun) and OUT/results.json (every grid
-point's validation score, every fold's test score), and prints a table shaped like Table 1, accuracies
-with their standard errors. It is also a HEAR module (`hear-validator evaluate --model ckpt.pt`);
-`load_upstream` + `embed_file` embed a file, `python evaluate.py embed` a folder (extras/embed.py).
+reads HEAR 2021 task folders, writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun) and
+OUT/results.json (every grid point's validation score, every fold's test score), and prints Table 1 with
+standard errors. It is also a HEAR module (`hear-validator evaluate --model ckpt.pt`); `load_upstream` +
+`embed_file` embed a file, `python evaluate.py embed` a folder (extras/embed.py).
 """
 import argparse
 import copy
@@ -30,7 +29,6 @@ import data as D
 from data import AudioError, UsageError, at_least, probe_audio, read_audio, resample_24k, write_atomic
 from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio, make_config
 
-HEAR_RATE = 48000  # HEAR allows 16000, 22050, 32000, 44100, 48000, not 24000: we declare 48000
 EMBED_SEGMENT = 15 * CROP_SAMPLES  # embed_file reads a minute of audio at once: whole 4-s chunks
 
 
@@ -38,7 +36,7 @@ EMBED_SEGMENT = 15 * CROP_SAMPLES  # embed_file reads a minute of audio at once:
 class Upstream(nn.Module):
     """A frozen upstream, also a HEAR model: frames at 75 Hz, scene embedding = their mean [3.2]."""
 
-    sample_rate = HEAR_RATE  # HEAR audio comes in at 48 kHz; we resample 2:1 for the codec
+    sample_rate = 48000  # HEAR allows 16000, 22050, 32000, 44100, 48000, not our 24000: we resample 2:1
 
     def __init__(self, name, codec, mae=None, layer=-1, key=""):
         super().__init__()
@@ -53,23 +51,19 @@ class Upstream(nn.Module):
 
     @torch.no_grad()
     def frames_from_codec(self, feats):
-        """Codec frames (B, T, 128), as codec_embed_audio gives them -> (B, T, D)."""
+        """Codec frames (B, T, 128) -> (B, T, D), each 300-frame (4-s) piece alone, as model.embed_audio cuts audio."""
         if self.mae is None:  # EC: the codec encoder's own frames (Table 1, first row)
             return feats
-        # Each 300-frame piece is one 4-s chunk of audio, as model.embed_audio cuts it.
-        return torch.cat([self.mae.embed(p, layer=self.layer) for p in feats.split(CROP_FRAMES, 1)], 1)  # (B, T, D)
+        frames = torch.cat([self.mae.embed(p, layer=self.layer) for p in feats.split(CROP_FRAMES, 1)], 1)  # (B, T, D)
+        if not torch.isfinite(frames).all():  # read_audio refuses NaN and huge samples: the model is broken
+            raise ValueError(f"{self.name}: NaN/inf embeddings")
+        return frames
 
 
 def real_frames(n_samples, rate=SAMPLE_RATE):
-    """Frames whose centre lies inside n_samples of audio at `rate` (at least one) [HEAR]. The codec's
-    last frame can be centred past the end, on padding: HEAR's timestamps must stay inside the audio,
-    and the scene embedding pools these same frames."""
+    """Frames centred inside n_samples of audio at `rate` (at least one) [HEAR]: the codec's last frame can
+    sit past the end, on padding, but HEAR's timestamps stay inside, and the scene embedding pools these."""
     return max(1, (2 * n_samples * SAMPLE_RATE + HOP * rate) // (2 * HOP * rate))
-
-
-def scene_embedding(frames, n_samples, rate=SAMPLE_RATE):
-    """(B, T, D) frames of audio n_samples long -> (B, D): the mean of its real frames [3.2]."""
-    return frames[:, :real_frames(n_samples, rate)].mean(1)
 
 
 def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
@@ -103,7 +97,7 @@ class Task:
     metric: str  # the first of metadata["evaluation"]: the primary score
     vocab: dict  # label -> column
     folds: list  # [(train splits, valid splits, test splits)]
-    audio_dir: Path  # the sample-rate folder we read (None: embeddings only)
+    audio_dir: Path  # the sample-rate folder we read (None: the task has no audio)
 
 
 def read_task(path):
@@ -122,7 +116,7 @@ def read_task(path):
         raise ValueError(f"{path}/labelvocabulary.csv: idx must be 0..n-1, once each")
     rates = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
     # 24 kHz needs no resampling, 48 kHz resamples 2:1; otherwise the richest folder
-    rate = next((r for r in (SAMPLE_RATE, HEAR_RATE) if r in rates), rates[-1] if rates else None)
+    rate = next((r for r in (SAMPLE_RATE, Upstream.sample_rate) if r in rates), rates[-1] if rates else None)
     return Task(meta["task_name"], path, meta["prediction_type"] == "multilabel", metric, vocab,
                 kfold_splits(meta), None if rate is None else path / str(rate))
 
@@ -131,11 +125,10 @@ def kfold_splits(meta):
     """HEAR's rule: split i tests on fold i, validates on fold i+1 (mod k), trains on the rest."""
     if meta["split_mode"] == "trainvaltest":
         return [(["train"], ["valid"], ["test"])]
-    folds, k = sorted(meta["splits"]), len(meta["splits"])
-    if k < 3:
+    folds = sorted(meta["splits"])
+    if len(folds) < 3:
         raise ValueError(f"{meta['task_name']}: k-fold needs at least 3 folds, got {folds}")
-    return [([f for f in folds if f not in (folds[i], folds[(i + 1) % k])], [folds[(i + 1) % k]], [folds[i]])
-            for i in range(k)]
+    return [([f for f in folds if f not in (t, v)], [v], [t]) for t, v in zip(folds, folds[1:] + folds[:1])]
 
 
 def read_split(task, split):
@@ -148,12 +141,11 @@ def read_split(task, split):
     Y = torch.zeros(len(files), len(task.vocab))  # (N, C)
     for i, name in enumerate(files):
         labels = [str(label) for label in entries[name]]
-        for label in labels:
-            if label not in task.vocab:
-                raise ValueError(f"{json_path}: label {label!r} of {name} is not in labelvocabulary.csv")
-            Y[i, task.vocab[label]] = 1
+        for label in sorted(set(labels) - set(task.vocab)):  # the first unknown label, if any
+            raise ValueError(f"{json_path}: label {label!r} of {name} is not in labelvocabulary.csv")
         if not task.multilabel and len(labels) != 1:
             raise ValueError(f"{json_path}: {name} has {len(labels)} labels in a multiclass task")
+        Y[i, [task.vocab[label] for label in labels]] = 1
     return files, Y
 
 
@@ -164,8 +156,7 @@ def slug(text):
 
 
 def read_cache(path, key, files):
-    """Cached (X (N', D), kept) if the same upstream embedded the same files, else None. The files
-    skipped then are named again, so every run's log lists what it left out."""
+    """Cached (X (N', D), kept) of this upstream on these files, else None; it names the files skipped again."""
     stored = np.load(path) if path.exists() else None
     if stored is None or str(stored["key"]) != key or stored["files"].tolist() != files:
         return None
@@ -174,17 +165,10 @@ def read_cache(path, key, files):
     return torch.from_numpy(stored["X"]), stored["kept"].tolist()
 
 
-def write_cache(path, X, kept, skipped, files, key):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: np.savez(f, X=X.numpy(), kept=np.array(kept, dtype=np.int64), key=np.array(key),
-                                          skipped=np.array(skipped, dtype=str), files=np.array(files)))
-
-
 @torch.no_grad()
 def codec_batches(codec, paths, batch_size, bad):
-    """(clip indices, samples at 24 kHz, codec frames (B, T, 128)) over a split's clips, batch_size at a
-    time; clips of one length go together, unpadded, so an embedding never depends on other clips (HEAR
-    cuts a task's clips to one length). Files that cannot be read go to `bad`."""
+    """(clip indices, samples at 24 kHz, codec frames (B, T, 128)) of a split, batch_size clips at a time, unpadded
+    (an embedding never depends on other clips; HEAR cuts a task's clips to one length); failures go to `bad`."""
     device = next(codec.parameters()).device
     for at in range(0, len(paths), batch_size):
         wavs = {}  # clip -> (n,) at 24 kHz
@@ -202,10 +186,9 @@ def codec_batches(codec, paths, batch_size, bad):
 
 @torch.no_grad()
 def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_cache=None):
-    """Scene embeddings of a split by each upstream, cached per (upstream, task, split) -> a list of
-    (X (N', D), kept), kept indexing `files`: the label rows to keep with X. A file that cannot be read
-    is skipped with one warning naming it. The frozen codec is most of the cost, so upstreams on one
-    codec share its pass, and `codec_cache` (--codec-cache) keeps its frames for later runs."""
+    """Scene embeddings of a split by each upstream, cached per (upstream, task, split) -> [(X (N', D), kept)],
+    kept indexing `files` (the label rows to keep); an unreadable file is named once and skipped. The frozen
+    codec is most of the cost: upstreams on one codec share its pass, and --codec-cache keeps its frames."""
     caches = [Path(cache_dir) / slug(u.key) / slug(task.name) / f"{split}.npz" for u in upstreams]
     out = [read_cache(c, u.key, files) for c, u in zip(caches, upstreams)]
     todo = [i for i, cached in enumerate(out) if cached is None]
@@ -224,8 +207,8 @@ def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_c
             keep = Path(codec_cache) / slug(source) / slug(task.name) / f"{split}.npz"
             batches = kept_batches(keep, upstreams[users[0]].codec, paths, batch_size, bad, batches)
         for same, n, feats in batches:
-            for i in users:
-                X[i][same] = scene_embedding(upstreams[i].frames_from_codec(feats), n).float().cpu()
+            for i in users:  # the scene embedding: the mean of the real frames [3.2]
+                X[i][same] = upstreams[i].frames_from_codec(feats)[:, :real_frames(n)].mean(1).float().cpu()
     for j in sorted(bad):
         warnings.warn(f"skipping {bad[j]}")
     kept = [j for j in range(len(paths)) if j not in bad]
@@ -233,9 +216,10 @@ def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_c
         raise ValueError(f"{task.path}/{split}: no file of the split could be embedded")
     for i in todo:
         out[i] = (X[i][kept], kept)
-        if not torch.isfinite(out[i][0]).all():  # read_audio refuses NaN and huge samples: the model is broken
-            raise ValueError(f"{upstreams[i].name}: NaN/inf embeddings of {task.name}/{split}")
-        write_cache(caches[i], out[i][0], kept, [bad[j] for j in sorted(bad)], files, upstreams[i].key)
+        caches[i].parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(caches[i], lambda f: np.savez(f, X=out[i][0].numpy(), kept=np.array(kept, dtype=np.int64),
+                                                   skipped=np.array([bad[j] for j in sorted(bad)], dtype=str),
+                                                   files=np.array(files), key=np.array(upstreams[i].key)))
     return out
 
 
@@ -277,14 +261,12 @@ class ProbeConfig:
 
 
 def hear_grid(points=8, linear=False, seed=42, **fixed):
-    """heareval's 16 points in scikit-learn ParameterGrid order, shuffled, first `points`. heareval
-    seeds Python's random with 42 before its shuffle; a run of heareval seeded with s searches the
-    points random.Random(s) picks, so --probe-seed s compares like with like."""
-    lrs = (3.2e-3, 1e-3, 3.2e-4, 1e-4)
+    """heareval's 16 points in scikit-learn ParameterGrid order, shuffled, first `points`. heareval seeds
+    Python's random with 42 first; seeded with s, it searches random.Random(s)'s points, as --probe-seed s."""
+    lrs, inits = (3.2e-3, 1e-3, 3.2e-4, 1e-4), ("xavier_uniform", "xavier_normal")
     if linear:  # the linear probe only searches the learning rate
         return [ProbeConfig(hidden_layers=0, lr=lr, **fixed) for lr in lrs]
-    grid = [ProbeConfig(h, lr, init, **fixed) for h in (1, 2) for init in ("xavier_uniform", "xavier_normal")
-            for lr in lrs]
+    grid = [ProbeConfig(h, lr, init, **fixed) for h in (1, 2) for init in inits for lr in lrs]
     random.Random(seed).shuffle(grid)  # the same 8 points heareval's seed_everything(seed) picks
     return grid[:points]
 
@@ -305,15 +287,13 @@ def make_probe(D, C, cfg):
 
 @torch.no_grad()
 def predict(probe, X, multilabel):
-    probe.eval()
-    logits = probe(X)
+    logits = probe.eval()(X)
     return torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)  # (N, C)
 
 
 def train_probe(X, Y, Xv, Yv, task, cfg, seed=None):
-    """Adam, validated every check_every epochs; keeps the best-on-validation weights. Init, dropout
-    and shuffling draw from torch's global generator: seeded here when `seed` is given, else
-    continuing the stream (probe_task seeds once per task, as heareval does)."""
+    """Adam, validated every check_every epochs, keeping the best weights. Init, dropout and shuffling draw
+    on torch's global generator: seeded here if `seed` is given, else as probe_task (and heareval) left it."""
     if seed is not None:
         torch.manual_seed(seed)
     probe = make_probe(X.shape[1], Y.shape[1], cfg).to(X.device)
@@ -331,8 +311,7 @@ def train_probe(X, Y, Xv, Yv, task, cfg, seed=None):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        # A run shorter than check_every still validates once, at its last epoch: there must be
-        # best weights to return. Longer runs skip the tail past the last multiple, as heareval.
+        # Every check_every epochs, skipping the tail as heareval; a shorter run once, at its end.
         if (epoch + 1) % cfg.check_every and not (epoch + 1 == cfg.max_epochs and best_state is None):
             continue
         score = METRICS[task.metric](predict(probe, Xv, task.multilabel).cpu(), Yv.cpu())
@@ -347,9 +326,8 @@ def train_probe(X, Y, Xv, Yv, task, cfg, seed=None):
 
 
 def probe_task(data, task, grid, device="cpu", seed=42):
-    """HEAR protocol: grid on the first split, winner retrained on the others, mean test score [3.2].
-    One seed per task, then every training draws on from the same stream, as heareval's runner:
-    grid points start from independent inits, so the search is not over 8 correlated runs."""
+    """HEAR protocol: grid on the first split, winner retrained on the others, mean test score [3.2]. One
+    seed per task, then one stream, as heareval's runner: grid points start from independent inits."""
     def fit(train, valid, cfg):
         X, Y = (torch.cat([data[s][i] for s in train]).to(device) for i in (0, 1))
         Xv, Yv = (torch.cat([data[s][i] for s in valid]).to(device) for i in (0, 1))
@@ -365,8 +343,7 @@ def probe_task(data, task, grid, device="cpu", seed=42):
         test_score = METRICS[task.metric](predict(probe, Xt.to(device), task.multilabel).cpu(), Yt)
         folds.append(dict(test=test, valid=valid_score, epoch=epoch, test_score=test_score, n_test=len(Yt)))
     mean, n = float(np.mean([f["test_score"] for f in folds])), sum(f["n_test"] for f in folds)
-    # The binomial standard error of an accuracy over all test clips (none for mAP): two upstreams
-    # whose scores differ by less than about 2 * sqrt(2) of it are not told apart by this task.
+    # The binomial SE of an accuracy over all test clips (none for mAP): upstreams < 2.8 SE apart tie here.
     se = math.sqrt(mean * (1 - mean) / n) if METRICS[task.metric] is top1_accuracy else None
     return dict(metric=task.metric, test=mean, se=se, n_test=n, best=asdict(winner[0]), folds=folds,
                 grid=[dict(config=asdict(c), valid=v, epoch=e) for c, _, v, e in searched])
@@ -387,32 +364,23 @@ def evaluate(args):
     """Every upstream on every task: embed (cached), probe, write results.json, print the table."""
     grid = hear_grid(args.grid_points, args.probe == "linear", args.probe_seed, max_epochs=args.max_epochs)
     upstreams = [open_upstream(spec, args) for spec in args.upstream]
-    results, skipped = {}, set()
+    results, skipped, cache = {}, set(), Path(args.out, "embeddings")
     for task in args.tasks:
-        start = time.time()
-        splits = sorted({s for fold in task.folds for part in fold for s in part})
-        if args.heareval_embeddings:  # heareval's runner embedded them: compare the probes alone
-            from extras.heareval import read_heareval_split
-            data = {Path(args.heareval_embeddings).name: {s: read_heareval_split(task, s) for s in splits}}
-        else:
-            data = {u.name: {} for u in upstreams}
-            for split in splits:
-                files, Y = read_split(task, split)
-                Xs = embed_split(upstreams, task, split, files, Path(args.out) / "embeddings", args.batch_size,
-                                 args.codec_cache)
-                for u, (X, kept) in zip(upstreams, Xs):
-                    data[u.name][split] = (X, Y[kept])  # a skipped file takes its label row with it
-                    skipped.update(f"{task.name}/{split}/{files[j]}" for j in set(range(len(files))) - set(kept))
-        embed_s, start = time.time() - start, time.time()
-        threads = torch.get_num_threads()
+        start, data = time.time(), {u.name: {} for u in upstreams}
+        for split in sorted({s for fold in task.folds for part in fold for s in part}):
+            files, Y = read_split(task, split)
+            Xs = embed_split(upstreams, task, split, files, cache, args.batch_size, args.codec_cache)
+            for u, (X, kept) in zip(upstreams, Xs):
+                data[u.name][split] = (X, Y[kept])  # a skipped file takes its label row with it
+                skipped.update(f"{task.name}/{split}/{files[j]}" for j in set(range(len(files))) - set(kept))
+        embed_s, threads = time.time() - start, torch.get_num_threads()
         torch.set_num_threads(args.probe_threads)  # 2 shared cores: small matmuls ran 10x slower on 2
         for name in data:
-            row = probe_task(data[name], task, grid, args.device, args.probe_seed)
-            results.setdefault(name, {})[task.name] = dict(row, probe=args.probe, embed_s=embed_s,
-                                                           probe_s=time.time() - start)
-            print(f"{name} {task.name}: {task.metric} {row['test']:.4f} (embedding, all upstreams: "
-                  f"{embed_s:.1f} s; probes: {time.time() - start:.1f} s)", flush=True)
-            start = time.time()
+            start, row = time.time(), probe_task(data[name], task, grid, args.device, args.probe_seed)
+            probe_s = time.time() - start
+            results.setdefault(name, {})[task.name] = dict(row, probe=args.probe, embed_s=embed_s, probe_s=probe_s)
+            print(f"{name} {task.name}: {task.metric} {row['test']:.4f} (embedding, all upstreams: {embed_s:.1f} s; "
+                  f"probes: {probe_s:.1f} s)", flush=True)
         torch.set_num_threads(threads)
     table = format_table(results, [t.name for t in args.tasks])
     os.makedirs(args.out, exist_ok=True)
@@ -426,12 +394,10 @@ def evaluate(args):
 
 # ---------------------------------------------------------------- the HEAR module API, and embed_file
 def load_model(model_file_path="", **kwargs):
-    """HEAR: a checkpoint path, "EC" or "ECMAE-R:<size>"; empty: $ENCODECMAE_UPSTREAM, else
-    "ECMAE-R:base". The codec: kwarg encodec, else $ENCODECMAE_ENCODEC, else "pretrained" for
-    EC/ECMAE-R and the checkpoint's own codec for a checkpoint: never a silent random codec."""
-    spec = model_file_path or os.environ.get("ENCODECMAE_UPSTREAM", "ECMAE-R:base")
+    """HEAR: a checkpoint path, "EC" or "ECMAE-R:<size>" (empty: $ENCODECMAE_UPSTREAM, else ECMAE-R:base).
+    The codec: kwarg encodec, else $ENCODECMAE_ENCODEC, else load_upstream's: never a silent random one."""
     kwargs.setdefault("encodec", os.environ.get("ENCODECMAE_ENCODEC") or None)
-    return load_upstream(spec, **kwargs)
+    return load_upstream(model_file_path or os.environ.get("ENCODECMAE_UPSTREAM", "ECMAE-R:base"), **kwargs)
 
 
 def get_timestamp_embeddings(audio, model):
@@ -452,41 +418,32 @@ def embed_file(upstream, path):
     """An audio file of any length, rate or channels -> frames (T, D) float32 at 75 Hz [3.1]. Read a
     minute at a time, memory stays bounded; segments are whole 4-s chunks, as if embedded at once."""
     device = next(upstream.parameters()).device
-    frames = torch.cat([upstream.frames(read_audio(path, start, EMBED_SEGMENT)[None].to(device))[0].float().cpu()
-                        for start in range(0, probe_audio(path), EMBED_SEGMENT)])  # (T, D); a short read raises
-    if not torch.isfinite(frames).all():
-        raise AudioError(f"{path}: NaN/inf embeddings (huge samples?)")
-    return frames
+    return torch.cat([upstream.frames(read_audio(path, start, EMBED_SEGMENT)[None].to(device))[0].float().cpu()
+                      for start in range(0, probe_audio(path), EMBED_SEGMENT)])  # (T, D); a short read raises
 
 
 # ---------------------------------------------------------------- the command line
 def parse_args(argv):
     p = D.Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks-dir", help="folder of HEAR task folders")
+    p.add_argument("--tasks-dir", required=True, help="folder of HEAR task folders")
     p.add_argument("--task", action="append", help="a task folder name (default: all)")
-    p.add_argument("--upstream", action="append", default=[], help="EC, ECMAE-R:<size> or checkpoint; repeat")
+    p.add_argument("--upstream", action="append", required=True, help="EC, ECMAE-R:<size> or checkpoint; repeat")
     upstream_args(p)
     p.add_argument("--probe", choices=("mlp", "linear"), default="mlp")
     p.add_argument("--grid-points", type=at_least(1, int, 16), default=8, help="heareval keeps 8 of its 16 points")
     p.add_argument("--max-epochs", type=at_least(1), default=500)
-    p.add_argument("--probe-seed", type=int, default=42,
-                   help="probe init, dropout, shuffle, and which 8 grid points (heareval: 42)")
+    p.add_argument("--probe-seed", type=int, default=42, help="probe init, shuffle, the 8 grid points (heareval: 42)")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="clips per embedding batch")
     p.add_argument("--probe-threads", type=at_least(1), default=1, help="CPU threads while training probes")
-    p.add_argument("--heareval-embeddings", help="probe heareval's embeddings/<module> folder (extras/heareval.py)")
-    p.add_argument("--codec-cache", help="keep the codec's frames of the task clips in this folder; later "
-                   "runs with the same codec (other checkpoints, layers, seeds) skip the audio and the codec")
+    p.add_argument("--codec-cache", help="keep the codec's frames of the clips here: later runs skip audio and codec")
     p.add_argument("--out", default="eval_out")
     args = p.parse_args(argv)
-    if not (args.heareval_embeddings or (args.tasks_dir and args.upstream)):
-        raise UsageError("give --tasks-dir and at least one --upstream (or --heareval-embeddings)")
-    flag = "--heareval-embeddings" if args.heareval_embeddings else "--tasks-dir"
-    root = Path(args.heareval_embeddings or args.tasks_dir)
+    root = Path(args.tasks_dir)
     if not root.is_dir():
-        raise UsageError(f"{flag} {root}: no such folder")
+        raise UsageError(f"--tasks-dir {root}: no such folder")
     found = sorted(p.name for p in root.iterdir() if (p / "task_metadata.json").is_file())
     if not found:
-        raise UsageError(f"{flag} {root}: no task folders in it (folders with a task_metadata.json)")
+        raise UsageError(f"--tasks-dir {root}: no task folders in it (folders with a task_metadata.json)")
     args.tasks = []  # read here, so a task we cannot evaluate stops the run before any model loads
     for name in args.task or found:
         if name not in found:

@@ -1,4 +1,4 @@
-"""`kmeans.py --cache`: the self-training targets of section 2.3 from the codec cache (extras/cache.py), skipping the codec.
+"""`kmeans.py --cache`: section 2.3's self-training targets from the codec cache (extras/cache.py), not the audio.
 
 The cache holds every file's frozen-EnCodec frames, so kmeans.py reads those instead of the audio
 and the model embeds them in the same 4-s windows as model.embed_audio cuts raw audio into.

@@ -67,7 +67,7 @@ def embed_files(upstream, todo, lengths, scene, log_every=5.0):
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
             if scene:  # the mean of the frames centred inside the audio, as the HEAR scene embedding
-                pooled = E.scene_embedding(frames[None], lengths[k])[0]  # (D,)
+                pooled = frames[:E.real_frames(lengths[k])].mean(0)  # (D,)
                 write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled.numpy()))
             write_atomic(f"{dest}.npy", lambda f: np.save(f, frames.numpy()))  # last: marks the file done
         done_s += lengths[k] / SAMPLE_RATE
