@@ -1,12 +1,10 @@
 """Downstream evaluation, section 3.2: frozen embeddings, HEAR tasks, MLP probes, Table 1.
 
 `python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
-`python evaluate.py embed --upstream ckpt.pt --out EMB AUDIO_DIR` writes frame embeddings of your audio.
-Reads HEAR 2021 task folders (task_metadata.json, labelvocabulary.csv, <split>.json,
-<rate>/<split>/*.wav); writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun),
-OUT/results.json (every grid point's validation score, every fold's test score) and prints a
-markdown table shaped like Table 1, accuracies with their standard errors. It is also a HEAR
-module (`hear-validator evaluate --model ckpt.pt`), and `load_upstream` + `embed_file` embed a file.
+reads HEAR 2021 task folders, writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun) and
+OUT/results.json (every grid point's validation score, every fold's test score), and prints Table 1 with
+standard errors. It is also a HEAR module (`hear-validator evaluate --model ckpt.pt`); `load_upstream` +
+`embed_file` embed a file, `python evaluate.py embed` a folder (extras/embed.py).
 """
 import argparse
 import copy
@@ -14,14 +12,13 @@ import csv
 import json
 import math
 import os
-import pickle
 import random
 import re
 import sys
 import time
 import warnings
-from itertools import groupby
 from dataclasses import asdict, dataclass
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -29,24 +26,22 @@ import torch
 from torch import nn
 
 import data as D
-from data import AUDIO_EXTS, AudioError, UsageError, at_least, probe_audio, read_audio, resample_24k, write_atomic
-from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio,
-                   make_config, num_frames)
+from data import AudioError, UsageError, at_least, probe_audio, read_audio, resample_24k, write_atomic
+from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio, make_config
 
-HEAR_RATE = 48000  # HEAR allows 16000, 22050, 32000, 44100, 48000, not 24000: we declare 48000
+EMBED_SEGMENT = 15 * CROP_SAMPLES  # embed_file reads a minute of audio at once: whole 4-s chunks
 
 
 # ---------------------------------------------------------------- 3.2 upstreams: frozen embeddings
 class Upstream(nn.Module):
     """A frozen upstream, also a HEAR model: frames at 75 Hz, scene embedding = their mean [3.2]."""
 
-    sample_rate = HEAR_RATE  # HEAR audio comes in at 48 kHz; we resample 2:1 for the codec
+    sample_rate = 48000  # HEAR allows 16000, 22050, 32000, 44100, 48000, not our 24000: we resample 2:1
 
     def __init__(self, name, codec, mae=None, layer=-1, key=""):
         super().__init__()
         self.name, self.codec, self.mae, self.layer, self.key = name, codec, mae, layer, key
-        width = codec.dim if mae is None else mae.cfg.d_model
-        self.scene_embedding_size = self.timestamp_embedding_size = int(width)
+        self.scene_embedding_size = self.timestamp_embedding_size = int(codec.dim if mae is None else mae.cfg.d_model)
         self.eval()
 
     @torch.no_grad()
@@ -56,26 +51,19 @@ class Upstream(nn.Module):
 
     @torch.no_grad()
     def frames_from_codec(self, feats):
-        """Codec frames (B, T, 128), cut in 4-s chunks by codec_embed_audio -> (B, T, D)."""
+        """Codec frames (B, T, 128) -> (B, T, D), each 300-frame (4-s) piece alone, as model.embed_audio cuts audio."""
         if self.mae is None:  # EC: the codec encoder's own frames (Table 1, first row)
             return feats
-        # Each 300-frame piece is one 4-s chunk of audio, as model.embed_audio cuts it.
-        pieces = feats.split(CROP_FRAMES, dim=1)
-        return torch.cat([self.mae.embed(p, layer=self.layer) for p in pieces], dim=1)  # (B, T, D)
+        frames = torch.cat([self.mae.embed(p, layer=self.layer) for p in feats.split(CROP_FRAMES, 1)], 1)  # (B, T, D)
+        if not torch.isfinite(frames).all():  # read_audio refuses NaN and huge samples: the model is broken
+            raise ValueError(f"{self.name}: NaN/inf embeddings")
+        return frames
 
 
 def real_frames(n_samples, rate=SAMPLE_RATE):
-    """Frames whose centre lies inside n_samples of audio at `rate` (at least one) [HEAR].
-
-    The codec's last frame can be centred past the end, on mostly padding: HEAR's timestamps
-    must stay inside the audio, and the scene embedding pools these same frames.
-    """
+    """Frames centred inside n_samples of audio at `rate` (at least one) [HEAR]: the codec's last frame can
+    sit past the end, on padding, but HEAR's timestamps stay inside, and the scene embedding pools these."""
     return max(1, (2 * n_samples * SAMPLE_RATE + HOP * rate) // (2 * HOP * rate))
-
-
-def scene_embedding(frames, n_samples, rate=SAMPLE_RATE):
-    """(B, T, D) frames of audio n_samples long -> (B, D): the mean of its real frames [3.2]."""
-    return frames[:, :real_frames(n_samples, rate)].mean(1)
 
 
 def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
@@ -89,16 +77,15 @@ def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
             mae = EnCodecMAE(make_config(spec.split(":", 1)[1]))
     else:
         mae, ckpt = D.load_checkpoint(spec)  # a ValueError naming the file and what is wrong with it
-        source, trained_with = encodec or ckpt["encodec"], ckpt["encodec"]  # the codec it was trained on, unless told otherwise
-        if (source == "random") != (trained_with == "random"):
-            raise ValueError(f"{spec} was trained on codec {trained_with!r}, not {source!r}")
+        source = encodec or ckpt["encodec"]  # the codec it was trained on, unless told otherwise
+        if (source == "random") != (ckpt["encodec"] == "random"):
+            raise ValueError(f"{spec} was trained on codec {ckpt['encodec']!r}, not {source!r}")
         key = f"{os.path.getsize(spec)}-{int(os.path.getmtime(spec))}"  # a rewritten file re-embeds
     if mae is not None and not (layer == -1 or 1 <= layer <= mae.cfg.n_enc_layers):
         raise ValueError(f"--layer {layer}: choose -1 (last) or 1..{mae.cfg.n_enc_layers}")
-    codec = D.load_codec(source)
     name = spec if layer == -1 or mae is None else f"{spec}@layer{layer}"
     # "real-frames": the scene embedding pools frames centred inside the audio (older caches: all)
-    return Upstream(name, codec, mae, layer, key=f"{name}|{source}|{key}|real-frames").to(device)
+    return Upstream(name, D.load_codec(source), mae, layer, key=f"{name}|{source}|{key}|real-frames").to(device)
 
 
 # ---------------------------------------------------------------- HEAR tasks (HEAR.md)
@@ -110,7 +97,7 @@ class Task:
     metric: str  # the first of metadata["evaluation"]: the primary score
     vocab: dict  # label -> column
     folds: list  # [(train splits, valid splits, test splits)]
-    audio_dir: Path  # the sample-rate folder we read (None: embeddings only)
+    audio_dir: Path  # the sample-rate folder we read (None: the task has no audio)
 
 
 def read_task(path):
@@ -124,13 +111,12 @@ def read_task(path):
     if metric not in METRICS:
         raise ValueError(f"{path}: primary score {metric!r} unsupported; have {sorted(METRICS)}")
     with open(path / "labelvocabulary.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    vocab = {str(r["label"]): int(r["idx"]) for r in rows}
+        vocab = {str(r["label"]): int(r["idx"]) for r in csv.DictReader(f)}
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise ValueError(f"{path}/labelvocabulary.csv: idx must be 0..n-1, once each")
     rates = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
     # 24 kHz needs no resampling, 48 kHz resamples 2:1; otherwise the richest folder
-    rate = next((r for r in (SAMPLE_RATE, HEAR_RATE) if r in rates), rates[-1] if rates else None)
+    rate = next((r for r in (SAMPLE_RATE, Upstream.sample_rate) if r in rates), rates[-1] if rates else None)
     return Task(meta["task_name"], path, meta["prediction_type"] == "multilabel", metric, vocab,
                 kfold_splits(meta), None if rate is None else path / str(rate))
 
@@ -142,9 +128,7 @@ def kfold_splits(meta):
     folds = sorted(meta["splits"])
     if len(folds) < 3:
         raise ValueError(f"{meta['task_name']}: k-fold needs at least 3 folds, got {folds}")
-    k = len(folds)
-    return [([f for f in folds if f not in (folds[i], folds[(i + 1) % k])], [folds[(i + 1) % k]],
-             [folds[i]]) for i in range(k)]
+    return [([f for f in folds if f not in (t, v)], [v], [t]) for t, v in zip(folds, folds[1:] + folds[:1])]
 
 
 def read_split(task, split):
@@ -157,20 +141,22 @@ def read_split(task, split):
     Y = torch.zeros(len(files), len(task.vocab))  # (N, C)
     for i, name in enumerate(files):
         labels = [str(label) for label in entries[name]]
-        for label in labels:
-            if label not in task.vocab:
-                raise ValueError(f"{json_path}: label {label!r} of {name} is not in labelvocabulary.csv")
-            Y[i, task.vocab[label]] = 1
+        for label in sorted(set(labels) - set(task.vocab)):  # the first unknown label, if any
+            raise ValueError(f"{json_path}: label {label!r} of {name} is not in labelvocabulary.csv")
         if not task.multilabel and len(labels) != 1:
             raise ValueError(f"{json_path}: {name} has {len(labels)} labels in a multiclass task")
+        Y[i, [task.vocab[label] for label in labels]] = 1
     return files, Y
 
 
-def read_cache(path, key, files):
-    """Cached (X (N', D), kept) if the same upstream embedded the same files, else None.
+# ---------------------------------------------------------------- 3.2 scene embeddings of a split
+def slug(text):
+    """A safe folder name for an upstream, a codec or a task."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[-80:]
 
-    The files skipped then are named again, so every run's log lists what it left out.
-    """
+
+def read_cache(path, key, files):
+    """Cached (X (N', D), kept) of this upstream on these files, else None; it names the files skipped again."""
     stored = np.load(path) if path.exists() else None
     if stored is None or str(stored["key"]) != key or stored["files"].tolist() != files:
         return None
@@ -179,62 +165,30 @@ def read_cache(path, key, files):
     return torch.from_numpy(stored["X"]), stored["kept"].tolist()
 
 
-def write_cache(path, X, kept, skipped, files, key):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: np.savez(f, X=X.numpy(), kept=np.array(kept, dtype=np.int64),
-                                          skipped=np.array(skipped, dtype=str), files=np.array(files),
-                                          key=np.array(key)))
-
-
-def read_clips(paths, batch, bad):
-    """Read a batch of clips -> lists of (indices, wav (B, n)) of equal length; failures go to `bad`.
-
-    A header can overstate the length (a truncated file), so clips are grouped by what was read.
-    """
-    wavs = {}
-    for j in batch:
-        try:
-            wavs[j] = read_audio(paths[j])
-        except AudioError as err:
-            bad[j] = str(err)
-    by_length = groupby(sorted(wavs, key=lambda j: len(wavs[j])), key=lambda j: len(wavs[j]))
-    return [(same, torch.stack([wavs[j] for j in same])) for same in (list(g) for _, g in by_length)]
-
-
-def slug(text):
-    """A safe folder name for an upstream, a codec or a task."""
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[-80:]
-
-
 @torch.no_grad()
 def codec_batches(codec, paths, batch_size, bad):
-    """(clip indices, samples at 24 kHz, codec frames (B, T, 128)) over the clips of a split, clips of
-    equal length together (no padding: a clip's embedding never depends on others); unreadable clips
-    go to `bad`."""
+    """(clip indices, samples at 24 kHz, codec frames (B, T, 128)) of a split, batch_size clips at a time, unpadded
+    (an embedding never depends on other clips; HEAR cuts a task's clips to one length); failures go to `bad`."""
     device = next(codec.parameters()).device
-    lengths = {}  # clip -> 24-kHz samples from the header
-    for j, p in enumerate(paths):
-        try:
-            if not p.is_file():
-                raise AudioError(f"{p}: named in {p.parent.name}.json but missing")
-            lengths[j] = probe_audio(p)
-        except AudioError as err:
-            bad[j] = str(err)
-    order = sorted(lengths, key=lambda j: lengths[j])
-    for at in range(0, len(order), batch_size):
-        for same, wav in read_clips(paths, order[at: at + batch_size], bad):  # (B, n)
-            yield same, wav.shape[1], codec_embed_audio(codec, wav.to(device))  # (B, T, 128)
+    for at in range(0, len(paths), batch_size):
+        wavs = {}  # clip -> (n,) at 24 kHz
+        for j in range(at, min(at + batch_size, len(paths))):
+            try:
+                if not paths[j].is_file():
+                    raise AudioError(f"{paths[j]}: named in {paths[j].parent.name}.json but missing")
+                wavs[j] = read_audio(paths[j])
+            except AudioError as err:
+                bad[j] = str(err)
+        for n, same in groupby(sorted(wavs, key=lambda j: len(wavs[j])), key=lambda j: len(wavs[j])):
+            same = list(same)
+            yield same, n, codec_embed_audio(codec, torch.stack([wavs[j] for j in same]).to(device))  # (B, T, 128)
 
 
 @torch.no_grad()
 def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_cache=None):
-    """Scene embeddings of a split for each upstream, cached per (upstream, task, split) -> a list
-    of (X (N', D), kept), kept indexing `files`: the label rows to keep with X.
-
-    A file that cannot be read or gives NaN/inf is skipped with one warning naming it. The frozen
-    codec is most of the cost, so upstreams on the same codec share its pass, and with
-    `codec_cache` (a folder) its frames are kept for later runs (`--codec-cache`).
-    """
+    """Scene embeddings of a split by each upstream, cached per (upstream, task, split) -> [(X (N', D), kept)],
+    kept indexing `files` (the label rows to keep); an unreadable file is named once and skipped. The frozen
+    codec is most of the cost: upstreams on one codec share its pass, and --codec-cache keeps its frames."""
     caches = [Path(cache_dir) / slug(u.key) / slug(task.name) / f"{split}.npz" for u in upstreams]
     out = [read_cache(c, u.key, files) for c, u in zip(caches, upstreams)]
     todo = [i for i, cached in enumerate(out) if cached is None]
@@ -248,26 +202,24 @@ def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_c
     for source in dict.fromkeys(upstreams[i].codec.source for i in todo):  # one codec pass per codec
         users = [i for i in todo if upstreams[i].codec.source == source]
         batches = codec_batches(upstreams[users[0]].codec, paths, batch_size, bad)
-        if codec_cache is not None:  # --codec-cache: the frames of an earlier run, or kept for a later one
+        if codec_cache is not None:  # the frames of an earlier run, or kept for a later one
             from extras.codec_frames import kept_batches
             keep = Path(codec_cache) / slug(source) / slug(task.name) / f"{split}.npz"
             batches = kept_batches(keep, upstreams[users[0]].codec, paths, batch_size, bad, batches)
         for same, n, feats in batches:
-            for i in users:
-                X[i][same] = scene_embedding(upstreams[i].frames_from_codec(feats), n).float().cpu()
+            for i in users:  # the scene embedding: the mean of the real frames [3.2]
+                X[i][same] = upstreams[i].frames_from_codec(feats)[:, :real_frames(n)].mean(1).float().cpu()
     for j in sorted(bad):
         warnings.warn(f"skipping {bad[j]}")
+    kept = [j for j in range(len(paths)) if j not in bad]
+    if not kept:
+        raise ValueError(f"{task.path}/{split}: no file of the split could be embedded")
     for i in todo:
-        skipped = dict(bad)
-        for j in torch.nonzero(~torch.isfinite(X[i]).all(1)).flatten().tolist():
-            if j not in bad:
-                skipped[j] = f"{paths[j]}: NaN/inf embeddings from {upstreams[i].name} (huge samples?)"
-                warnings.warn(f"skipping {skipped[j]}")
-        kept = [j for j in range(len(paths)) if j not in skipped]
-        if not kept:
-            raise ValueError(f"{task.path}/{split}: no file of the split could be embedded")
-        write_cache(caches[i], X[i][kept], kept, [skipped[j] for j in sorted(skipped)], files, upstreams[i].key)
         out[i] = (X[i][kept], kept)
+        caches[i].parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(caches[i], lambda f: np.savez(f, X=out[i][0].numpy(), kept=np.array(kept, dtype=np.int64),
+                                                   skipped=np.array([bad[j] for j in sorted(bad)], dtype=str),
+                                                   files=np.array(files), key=np.array(upstreams[i].key)))
     return out
 
 
@@ -278,10 +230,8 @@ def top1_accuracy(scores, Y):
 
 
 def mean_average_precision(scores, Y):
-    """Macro mAP as scikit-learn's average_precision_score: sum over thresholds of (R_k - R_k-1) P_k.
-
-    Ties share a threshold; a class with no positive scores 0 (scikit-learn's convention).
-    """
+    """Macro mAP as scikit-learn's average_precision_score: sum over thresholds of (R_k - R_k-1) P_k;
+    ties share a threshold, a class with no positive scores 0 (scikit-learn's convention)."""
     aps = []
     for s, y in zip(scores.T.double().numpy(), Y.T.numpy() > 0):
         order = np.argsort(-s, kind="mergesort")
@@ -310,18 +260,13 @@ class ProbeConfig:
     patience: int = 20              # validations without improvement before stopping
 
 
-LRS, INITS = (3.2e-3, 1e-3, 3.2e-4, 1e-4), ("xavier_uniform", "xavier_normal")
-
-
 def hear_grid(points=8, linear=False, seed=42, **fixed):
-    """heareval's 16 points in scikit-learn ParameterGrid order, shuffled, first `points`.
-
-    heareval seeds Python's random with 42 before its shuffle; a run of heareval seeded with s
-    searches the points random.Random(s) picks, so --probe-seed s compares like with like.
-    """
+    """heareval's 16 points in scikit-learn ParameterGrid order, shuffled, first `points`. heareval seeds
+    Python's random with 42 first; seeded with s, it searches random.Random(s)'s points, as --probe-seed s."""
+    lrs, inits = (3.2e-3, 1e-3, 3.2e-4, 1e-4), ("xavier_uniform", "xavier_normal")
     if linear:  # the linear probe only searches the learning rate
-        return [ProbeConfig(hidden_layers=0, lr=lr, **fixed) for lr in LRS]
-    grid = [ProbeConfig(h, lr, init, **fixed) for h in (1, 2) for init in INITS for lr in LRS]
+        return [ProbeConfig(hidden_layers=0, lr=lr, **fixed) for lr in lrs]
+    grid = [ProbeConfig(h, lr, init, **fixed) for h in (1, 2) for init in inits for lr in lrs]
     random.Random(seed).shuffle(grid)  # the same 8 points heareval's seed_everything(seed) picks
     return grid[:points]
 
@@ -342,17 +287,13 @@ def make_probe(D, C, cfg):
 
 @torch.no_grad()
 def predict(probe, X, multilabel):
-    probe.eval()
-    logits = probe(X)
+    logits = probe.eval()(X)
     return torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)  # (N, C)
 
 
 def train_probe(X, Y, Xv, Yv, task, cfg, seed=None):
-    """Adam on full-batch tensors, validated every 3 epochs; keeps the best-on-validation weights.
-
-    Init, dropout and shuffling draw from torch's global generator: seeded here when `seed` is
-    given, else continuing the stream (probe_task seeds once per task, as heareval does).
-    """
+    """Adam, validated every check_every epochs, keeping the best weights. Init, dropout and shuffling draw
+    on torch's global generator: seeded here if `seed` is given, else as probe_task (and heareval) left it."""
     if seed is not None:
         torch.manual_seed(seed)
     probe = make_probe(X.shape[1], Y.shape[1], cfg).to(X.device)
@@ -370,8 +311,7 @@ def train_probe(X, Y, Xv, Yv, task, cfg, seed=None):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        # A run shorter than check_every still validates once, at its last epoch: there must be
-        # best weights to return. Longer runs skip the tail past the last multiple, as heareval.
+        # Every check_every epochs, skipping the tail as heareval; a shorter run once, at its end.
         if (epoch + 1) % cfg.check_every and not (epoch + 1 == cfg.max_epochs and best_state is None):
             continue
         score = METRICS[task.metric](predict(probe, Xv, task.multilabel).cpu(), Yv.cpu())
@@ -386,11 +326,8 @@ def train_probe(X, Y, Xv, Yv, task, cfg, seed=None):
 
 
 def probe_task(data, task, grid, device="cpu", seed=42):
-    """HEAR protocol: grid on the first split, winner retrained on the others, mean test score [3.2].
-
-    One seed per task, then every training draws on from the same stream, as heareval's runner:
-    grid points start from independent inits, so the search is not over 8 correlated runs.
-    """
+    """HEAR protocol: grid on the first split, winner retrained on the others, mean test score [3.2]. One
+    seed per task, then one stream, as heareval's runner: grid points start from independent inits."""
     def fit(train, valid, cfg):
         X, Y = (torch.cat([data[s][i] for s in train]).to(device) for i in (0, 1))
         Xv, Yv = (torch.cat([data[s][i] for s in valid]).to(device) for i in (0, 1))
@@ -406,15 +343,13 @@ def probe_task(data, task, grid, device="cpu", seed=42):
         test_score = METRICS[task.metric](predict(probe, Xt.to(device), task.multilabel).cpu(), Yt)
         folds.append(dict(test=test, valid=valid_score, epoch=epoch, test_score=test_score, n_test=len(Yt)))
     mean, n = float(np.mean([f["test_score"] for f in folds])), sum(f["n_test"] for f in folds)
-    # The binomial standard error of an accuracy over all test clips (none for mAP): two upstreams
-    # whose scores differ by less than about 2 * sqrt(2) of it are not told apart by this task.
+    # The binomial SE of an accuracy over all test clips (none for mAP): upstreams < 2.8 SE apart tie here.
     se = math.sqrt(mean * (1 - mean) / n) if METRICS[task.metric] is top1_accuracy else None
-    return dict(metric=task.metric, test=mean, se=se, n_test=n,
-                best=asdict(winner[0]), folds=folds,
+    return dict(metric=task.metric, test=mean, se=se, n_test=n, best=asdict(winner[0]), folds=folds,
                 grid=[dict(config=asdict(c), valid=v, epoch=e) for c, _, v, e in searched])
 
 
-# ---------------------------------------------------------------- Table 1 and the CLI
+# ---------------------------------------------------------------- Table 1
 def format_table(results, tasks):
     """Upstreams as rows, tasks as columns; mAP as .xxx, accuracy in percent ± its standard error."""
     lines = ["| upstream | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
@@ -427,37 +362,27 @@ def format_table(results, tasks):
 
 def evaluate(args):
     """Every upstream on every task: embed (cached), probe, write results.json, print the table."""
-    root = Path(args.heareval_embeddings or args.tasks_dir)
-    tasks = [read_task(p) for p in args.task_dirs]  # checked by parse_args
     grid = hear_grid(args.grid_points, args.probe == "linear", args.probe_seed, max_epochs=args.max_epochs)
     upstreams = [open_upstream(spec, args) for spec in args.upstream]
-    results, skipped = {}, set()
-    for task in tasks:
-        start = time.time()
-        splits = sorted({s for fold in task.folds for part in fold for s in part})
-        if args.heareval_embeddings:  # heareval's runner embedded them: compare the probes alone
-            data = {root.name: {split: read_heareval_split(task, split) for split in splits}}
-        else:
-            data = {u.name: {} for u in upstreams}
-            for split in splits:
-                files, Y = read_split(task, split)
-                Xs = embed_split(upstreams, task, split, files, Path(args.out) / "embeddings", args.batch_size,
-                                 args.codec_cache)
-                for u, (X, kept) in zip(upstreams, Xs):
-                    data[u.name][split] = (X, Y[kept])  # a skipped file takes its label row with it
-                    skipped.update(f"{task.name}/{split}/{files[j]}" for j in set(range(len(files))) - set(kept))
-        embed_s, start = time.time() - start, time.time()
-        threads = torch.get_num_threads()
+    results, skipped, cache = {}, set(), Path(args.out, "embeddings")
+    for task in args.tasks:
+        start, data = time.time(), {u.name: {} for u in upstreams}
+        for split in sorted({s for fold in task.folds for part in fold for s in part}):
+            files, Y = read_split(task, split)
+            Xs = embed_split(upstreams, task, split, files, cache, args.batch_size, args.codec_cache)
+            for u, (X, kept) in zip(upstreams, Xs):
+                data[u.name][split] = (X, Y[kept])  # a skipped file takes its label row with it
+                skipped.update(f"{task.name}/{split}/{files[j]}" for j in set(range(len(files))) - set(kept))
+        embed_s, threads = time.time() - start, torch.get_num_threads()
         torch.set_num_threads(args.probe_threads)  # 2 shared cores: small matmuls ran 10x slower on 2
         for name in data:
-            row = probe_task(data[name], task, grid, args.device, args.probe_seed)
-            results.setdefault(name, {})[task.name] = dict(row, probe=args.probe, embed_s=embed_s,
-                                                           probe_s=time.time() - start)
-            print(f"{name} {task.name}: {task.metric} {row['test']:.4f} (embedding, all upstreams: "
-                  f"{embed_s:.1f} s; probes: {time.time() - start:.1f} s)", flush=True)
-            start = time.time()
+            start, row = time.time(), probe_task(data[name], task, grid, args.device, args.probe_seed)
+            probe_s = time.time() - start
+            results.setdefault(name, {})[task.name] = dict(row, probe=args.probe, embed_s=embed_s, probe_s=probe_s)
+            print(f"{name} {task.name}: {task.metric} {row['test']:.4f} (embedding, all upstreams: {embed_s:.1f} s; "
+                  f"probes: {probe_s:.1f} s)", flush=True)
         torch.set_num_threads(threads)
-    table = format_table(results, [t.name for t in tasks])
+    table = format_table(results, [t.name for t in args.tasks])
     os.makedirs(args.out, exist_ok=True)
     text = json.dumps(dict(table=table, results=results, skipped=sorted(skipped)), indent=1).encode()
     write_atomic(Path(args.out, "results.json"), lambda f: f.write(text))
@@ -467,66 +392,66 @@ def evaluate(args):
     return results
 
 
-def read_heareval_split(task, split):
-    """A split that heareval's embedding runner wrote (its memmap and pickled labels) -> (X, Y)."""
-    n, D = json.loads((task.path / f"{split}.embedding-dimensions.json").read_text())
-    X = np.memmap(task.path / f"{split}.embeddings.npy", dtype=np.float32, mode="r", shape=(n, D))
-    with open(task.path / f"{split}.target-labels.pkl", "rb") as f:
-        labels = pickle.load(f)  # heareval's own file; only read it from a run you trust
-    Y = torch.zeros(n, len(task.vocab))  # (N, C)
-    for i, clip_labels in enumerate(labels):
-        Y[i, [task.vocab[str(label)] for label in clip_labels]] = 1
-    return torch.tensor(np.array(X)), Y
-
-
-# ---------------------------------------------------------------- the HEAR module API
+# ---------------------------------------------------------------- the HEAR module API, and embed_file
 def load_model(model_file_path="", **kwargs):
-    """HEAR: a checkpoint path, "EC" or "ECMAE-R:<size>"; empty: $ENCODECMAE_UPSTREAM, else
-    "ECMAE-R:base". The codec: kwarg encodec, else $ENCODECMAE_ENCODEC, else "pretrained" for
-    EC/ECMAE-R and the checkpoint's own codec for a checkpoint: never a silent random codec."""
-    spec = model_file_path or os.environ.get("ENCODECMAE_UPSTREAM", "ECMAE-R:base")
+    """HEAR: a checkpoint path, "EC" or "ECMAE-R:<size>" (empty: $ENCODECMAE_UPSTREAM, else ECMAE-R:base).
+    The codec: kwarg encodec, else $ENCODECMAE_ENCODEC, else load_upstream's: never a silent random one."""
     kwargs.setdefault("encodec", os.environ.get("ENCODECMAE_ENCODEC") or None)
-    return load_upstream(spec, **kwargs)
-
-
-def to_codec_rate(audio, rate):
-    """(n_sounds, n) at the HEAR rate -> (n_sounds, n') at 24 kHz, as data.read_audio resamples."""
-    return torch.stack([resample_24k(a, rate) for a in audio]) if rate != SAMPLE_RATE else audio
+    return load_upstream(model_file_path or os.environ.get("ENCODECMAE_UPSTREAM", "ECMAE-R:base"), **kwargs)
 
 
 def get_timestamp_embeddings(audio, model):
     """HEAR: (n_sounds, n) at 48 kHz -> frames (n_sounds, T, D) float32, centres (n_sounds, T) in ms."""
-    emb = model.frames(to_codec_rate(audio, model.sample_rate)).float()  # (B, T', D)
+    frames = model.frames(resample_24k(audio, model.sample_rate))  # (B, T', D) at 75 Hz, as read_audio resamples
     T = real_frames(audio.shape[1], model.sample_rate)  # frames centred inside the audio
     ts = (torch.arange(T, device=audio.device, dtype=torch.float64) + 0.5) * (1000 * HOP / SAMPLE_RATE)
-    return emb[:, :T].contiguous(), ts.float().expand(len(audio), T)  # (B, T, D), (B, T)
+    return frames[:, :T].float().contiguous(), ts.float().expand(len(audio), T)  # (B, T, D), (B, T)
 
 
 def get_scene_embeddings(audio, model):
     """HEAR: (n_sounds, n) at 48 kHz -> (n_sounds, D) float32, the mean of the real frames [3.2]."""
-    frames = model.frames(to_codec_rate(audio, model.sample_rate))  # (B, T', D)
-    return scene_embedding(frames, audio.shape[1], model.sample_rate).float()
+    return get_timestamp_embeddings(audio, model)[0].mean(1)
 
 
+@torch.no_grad()
+def embed_file(upstream, path):
+    """An audio file of any length, rate or channels -> frames (T, D) float32 at 75 Hz [3.1]. Read a
+    minute at a time, memory stays bounded; segments are whole 4-s chunks, as if embedded at once."""
+    device = next(upstream.parameters()).device
+    return torch.cat([upstream.frames(read_audio(path, start, EMBED_SEGMENT)[None].to(device))[0].float().cpu()
+                      for start in range(0, probe_audio(path), EMBED_SEGMENT)])  # (T, D); a short read raises
+
+
+# ---------------------------------------------------------------- the command line
 def parse_args(argv):
     p = D.Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks-dir", help="folder of HEAR task folders")
+    p.add_argument("--tasks-dir", required=True, help="folder of HEAR task folders")
     p.add_argument("--task", action="append", help="a task folder name (default: all)")
-    p.add_argument("--upstream", action="append", default=[], help="EC, ECMAE-R:<size> or checkpoint; repeat")
+    p.add_argument("--upstream", action="append", required=True, help="EC, ECMAE-R:<size> or checkpoint; repeat")
     upstream_args(p)
     p.add_argument("--probe", choices=("mlp", "linear"), default="mlp")
     p.add_argument("--grid-points", type=at_least(1, int, 16), default=8, help="heareval keeps 8 of its 16 points")
     p.add_argument("--max-epochs", type=at_least(1), default=500)
-    p.add_argument("--probe-seed", type=int, default=42,
-                   help="probe init, dropout, shuffle, and which 8 grid points (heareval: 42)")
+    p.add_argument("--probe-seed", type=int, default=42, help="probe init, shuffle, the 8 grid points (heareval: 42)")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="clips per embedding batch")
     p.add_argument("--probe-threads", type=at_least(1), default=1, help="CPU threads while training probes")
-    p.add_argument("--heareval-embeddings", help="probe heareval's embeddings/<module> folder instead")
-    p.add_argument("--codec-cache", help="keep the codec's frames of the task clips in this folder; later "
-                   "runs with the same codec (other checkpoints, layers, seeds) skip the audio and the codec")
+    p.add_argument("--codec-cache", help="keep the codec's frames of the clips here: later runs skip audio and codec")
     p.add_argument("--out", default="eval_out")
     args = p.parse_args(argv)
-    args.task_dirs = find_tasks(args)
+    root = Path(args.tasks_dir)
+    if not root.is_dir():
+        raise UsageError(f"--tasks-dir {root}: no such folder")
+    found = sorted(p.name for p in root.iterdir() if (p / "task_metadata.json").is_file())
+    if not found:
+        raise UsageError(f"--tasks-dir {root}: no task folders in it (folders with a task_metadata.json)")
+    args.tasks = []  # read here, so a task we cannot evaluate stops the run before any model loads
+    for name in args.task or found:
+        if name not in found:
+            raise UsageError(f"--task {name}: no task folder of that name in {root} (have: {', '.join(found)})")
+        try:
+            args.tasks.append(read_task(root / name))
+        except (ValueError, KeyError, OSError) as err:
+            raise UsageError(f"{root / name}: cannot evaluate this task ({type(err).__name__}: {err})") from None
     for spec in args.upstream:
         check_upstream(spec, args.layer)
     if args.codec_cache and os.path.exists(args.codec_cache) and not os.path.isdir(args.codec_cache):
@@ -534,32 +459,8 @@ def parse_args(argv):
     return args
 
 
-def find_tasks(args):
-    """The task folders a command line names, each readable as a Task, or a UsageError."""
-    if args.heareval_embeddings:
-        flag, root = "--heareval-embeddings", args.heareval_embeddings
-    elif not (args.tasks_dir and args.upstream):
-        raise UsageError("give --tasks-dir and at least one --upstream (or --heareval-embeddings)")
-    else:
-        flag, root = "--tasks-dir", args.tasks_dir
-    if not os.path.isdir(root):
-        raise UsageError(f"{flag} {root}: no such folder")
-    found = sorted(p.name for p in Path(root).iterdir() if (p / "task_metadata.json").is_file())
-    for name in args.task or []:
-        if name not in found:
-            raise UsageError(f"--task {name}: no task folder of that name in {root} (have: {', '.join(found)})")
-    if not found:
-        raise UsageError(f"{flag} {root}: no task folders in it (folders with a task_metadata.json)")
-    for name in args.task or found:
-        try:
-            read_task(Path(root) / name)
-        except (ValueError, KeyError, OSError) as err:
-            raise UsageError(f"{root}/{name}: cannot evaluate this task ({type(err).__name__}: {err})") from None
-    return [Path(root) / name for name in args.task or found]
-
-
 def upstream_args(p):
-    """The flags that choose an upstream, shared by the evaluation and embed."""
+    """The flags that choose an upstream, the evaluation's and `embed`'s."""
     p.add_argument("--encodec", type=D.encodec_source,
                    help="pretrained | random | PATH (default: pretrained, or the checkpoint's)")
     p.add_argument("--layer", type=int, default=-1, help="encoder layer for features (-1: last)")
@@ -568,18 +469,13 @@ def upstream_args(p):
 
 
 def check_upstream(spec, layer):
-    """EC, ECMAE-R:<size> or an existing file, and a --layer that exists; checkpoints' depth is
-    checked when they load."""
-    if layer != -1 and layer < 1:
-        raise UsageError(f"--layer {layer}: choose -1 (the last) or 1..the number of encoder layers")
-    if spec.startswith("ECMAE-R:"):
-        size = spec.split(":", 1)[1]
-        if size not in SIZES:
-            raise UsageError(f"--upstream {spec}: the size must be one of {', '.join(SIZES)}")
-        if layer > SIZES[size]["n_enc_layers"]:
-            raise UsageError(f"--layer {layer}: {spec} has layers 1..{SIZES[size]['n_enc_layers']} (or -1)")
-    elif spec != "EC" and not os.path.isfile(spec):
-        raise UsageError(f"--upstream {spec}: not EC, ECMAE-R:<size> or an existing checkpoint file")
+    """EC, ECMAE-R:<size> or a file, and a --layer it has, before a model loads."""
+    size = spec.split(":", 1)[1] if spec.startswith("ECMAE-R:") else None
+    if size not in (None, *SIZES) or (size is None and spec != "EC" and not os.path.isfile(spec)):
+        raise UsageError(f"--upstream {spec}: not EC, ECMAE-R:<{'|'.join(SIZES)}> or an existing checkpoint file")
+    depth = SIZES[size]["n_enc_layers"] if size else math.inf  # a checkpoint's: checked as it loads
+    if layer != -1 and not 1 <= layer <= depth:
+        raise UsageError(f"--layer {layer}: choose -1 (the last) or 1..{depth if size else 'the encoder depth'}")
 
 
 def open_upstream(spec, args):
@@ -590,124 +486,11 @@ def open_upstream(spec, args):
         raise UsageError(str(err)) from None
 
 
-# ---------------------------------------------------------------- embed: your audio -> .npy files
-def embed_plan(sources, out):
-    """Files and folders -> [(audio path, output path without .npy)]; a folder's tree is mirrored
-    under out, a file lands at out/<name>. Names keep their extension: x.wav and x.mp3 never meet."""
-    plan = []
-    for src in map(Path, sources):
-        if src.is_dir():
-            found = sorted(p for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(AUDIO_EXTS))
-            if not found:
-                raise UsageError(f"{src}: no audio files ({' '.join(AUDIO_EXTS)}) in this folder")
-            plan += [(p, Path(out) / p.relative_to(src)) for p in found]
-        elif src.is_file():
-            plan.append((src, Path(out) / src.name))
-        else:
-            raise UsageError(f"{src}: no such file or folder")
-    first = {}
-    for path, dest in plan:
-        if first.setdefault(dest, path) != path:
-            raise UsageError(f"{path} and {first[dest]} would both write {dest}.npy: embed them separately")
-    return plan
-
-
-def check_embed_out(args):
-    """--out remembers which upstream wrote it: a rerun resumes, another upstream needs another --out."""
-    spec = args.upstream
-    meta = dict(upstream=spec, layer=args.layer, encodec=args.encodec, scene_pooling="real-frames",
-                seed=args.seed if spec.startswith("ECMAE-R:") else None,
-                checkpoint=[os.path.getsize(spec), int(os.path.getmtime(spec))] if os.path.isfile(spec) else None)
-    path = Path(args.out, "embed.json")
-    if path.exists() and json.loads(path.read_text()) != meta:
-        raise UsageError(f"--out {args.out}: holds embeddings of another upstream or setting ({path}); "
-                         "choose a new --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: f.write(json.dumps(meta).encode()))
-
-
-EMBED_SEGMENT = 15 * CROP_SAMPLES  # a minute of audio read at once: whole 4-s chunks
-
-
-def embed_file(upstream, path):
-    """One audio file's frame embeddings (T, D) float32 at 75 Hz, any length, rate or channels [3.1]:
-    frames, _ = evaluate.embed_file(evaluate.load_upstream("ckpt.pt"), "clip.wav")."""
-    return read_and_embed(upstream, path, probe_audio(path))
-
-
-@torch.no_grad()
-def read_and_embed(upstream, path, n):
-    """(frames (T, D), samples read) of a file of n samples at 24 kHz, read a minute at a time so memory
-    stays bounded; segments are whole 4-s chunks, so this equals embedding the file at once."""
-    device = next(upstream.parameters()).device
-    pieces, read = [], 0
-    for start in range(0, n, EMBED_SEGMENT):
-        wav = read_audio(path, start, EMBED_SEGMENT)  # (n',) at 24 kHz, shorter if the header overstated
-        if len(wav):
-            pieces.append(upstream.frames(wav[None].to(device))[0].float().cpu())  # (T', D)
-        read += len(wav)  # less than n if the header overstated the length
-    frames = torch.cat(pieces) if pieces else torch.zeros(0)
-    if not len(frames) or not torch.isfinite(frames).all():
-        raise AudioError(f"{path}: " + ("no samples could be read" if not len(frames) else "NaN/inf embeddings (huge samples?)"))
-    return frames, read
-
-
-def embed_files(upstream, todo, lengths, scene, log_every=5.0):
-    """Embed [(path, dest)] of lengths (24-kHz samples) into dest.npy (T, D) (and dest.scene.npy (D,)),
-    with a progress line every log_every seconds -> [(path, reason)] of the files skipped."""
-    skipped, total, done_s = [], lengths.sum() / SAMPLE_RATE, 0.0
-    progress = D.Progress("embed", total, every=log_every, unit="x real time")
-    for k, ((path, dest), n) in enumerate(zip(todo, lengths.tolist())):
-        try:
-            frames, n = read_and_embed(upstream, path, n)
-        except AudioError as err:
-            skipped.append((path, str(err)))
-            warnings.warn(f"skipping {err}")
-        else:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if scene:
-                pooled = scene_embedding(frames[None], n)[0]  # (D,)
-                write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled.numpy()))
-            write_atomic(f"{dest}.npy", lambda f: np.save(f, frames.numpy()))  # last: marks the file done
-        done_s += lengths[k] / SAMPLE_RATE
-        progress.update(lengths[k] / SAMPLE_RATE, f"{k + 1}/{len(todo)} files, {done_s:.1f}/{total:.1f} s of audio")
-    return skipped
-
-
-def embed_main(argv):
-    p = D.Parser(prog="evaluate.py embed", description=(
-        "Frame embeddings (T, D) float32 at 75 Hz of every audio file given or found under the folders "
-        "given, as OUT/<path>.npy mirroring the folders (OUT/x.wav.npy for a file given by itself). "
-        "Resumable: files already written are skipped."))
-    p.add_argument("sources", nargs="+", metavar="FILE_OR_FOLDER", help="audio files and folders (recursive)")
-    p.add_argument("--upstream", required=True, help="EC, ECMAE-R:<size> or a train.py checkpoint")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--scene", action="store_true",
-                   help="also write <path>.scene.npy (D,): the mean of the frames centred inside the audio")
-    upstream_args(p)
-    p.add_argument("--log-every", type=at_least(0.0, float), default=5.0, help="seconds between progress lines")
-    args = p.parse_args(argv)
-    check_upstream(args.upstream, args.layer)
-    plan = embed_plan(args.sources, args.out)
-    check_embed_out(args)
-    finished = lambda dest: os.path.exists(f"{dest}.npy") and (not args.scene or os.path.exists(f"{dest}.scene.npy"))
-    todo = [(path, dest) for path, dest in plan if not finished(dest)]
-    print(f"embed: {len(plan)} files, {len(plan) - len(todo)} already done; {args.upstream} -> {args.out}",
-          flush=True)
-    files, skipped = D.scan_audio([path for path, _ in todo])  # bad headers: warned here
-    bad = {str(p) for p, _ in skipped}
-    readable = [(path, dest) for path, dest in todo if str(path) not in bad]
-    if readable:  # the model loads only when there is something to embed
-        skipped += embed_files(open_upstream(args.upstream, args), readable, files.lengths, args.scene, args.log_every)
-    print(f"embed: {len(todo) - len(skipped)} files written, {len(plan) - len(todo)} were done, "
-          f"{len(skipped)} skipped (named above)", flush=True)
-    return skipped
-
-
 def main(argv=None):
-    """`evaluate.py embed ...` embeds audio files; anything else is an evaluation on HEAR tasks."""
+    """`evaluate.py embed ...` embeds audio files (extras/embed.py); anything else evaluates on HEAR tasks."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["embed"]:
+        from extras.embed import embed_main
         return embed_main(argv[1:])
     return evaluate(parse_args(argv))
 

@@ -31,10 +31,9 @@ class KMeansResult(NamedTuple):
 def nearest_centroid(x, centroids, chunk_size=4096, bf16=False):
     """Index of the nearest centroid (N,) int64 and the squared distance to it (N,) float32.
 
-    ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, and ||x||^2 does not move the argmin, so one matmul
-    per chunk of points ranks every centroid; memory stays at chunk_size x K whatever N is.
-    With bf16 that matmul runs in bfloat16, 2-3x faster on GPUs and AVX512-BF16 CPUs; its scores
-    keep about 3 significant digits, so near-ties may pick the second-nearest centroid.
+    ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, and ||x||^2 does not move the argmin, so one matmul per
+    chunk of points ranks every centroid; memory stays at chunk_size x K whatever N is. bf16 runs
+    that matmul 2-3x faster (GPUs, AVX512-BF16 CPUs) on ~3 significant digits: near-ties may differ.
     """
     dtype = torch.bfloat16 if bf16 else torch.float32
     c_sq = centroids.square().sum(1).to(dtype)  # (K,)
@@ -58,11 +57,10 @@ def assign(x, centroids, chunk_size=4096):
 def init_centroids(x, k, generator, sample_size=None):
     """Greedy k-means++ (Arthur & Vassilvitskii 2007, as in scikit-learn): K rows of x (K, D).
 
-    Each new centroid is the best of 2 + log(k) candidates drawn with probability proportional
-    to the squared distance to the nearest centroid so far, "best" meaning the largest drop in
-    inertia. The K sequential steps each read every point, so we seed from a random sample of
-    sample_size points (default 8 * k, as mini-batch k-means does with 3 * k) rather than all N.
-    Draws come from the CPU generator, so a seed gives the same start on any device.
+    Each new centroid is the best (largest drop in inertia) of 2 + log(k) candidates drawn in
+    proportion to the squared distance to the nearest centroid so far. The K sequential steps each
+    read every point, so we seed from sample_size random points (8 * k; mini-batch k-means uses 3 * k),
+    not all N. Draws come from the CPU generator: a seed gives the same start on any device.
     """
     if not 1 <= k <= len(x):
         raise ValueError(f"k-means needs 1 <= k <= points: k={k}, {len(x)} points")
@@ -86,11 +84,10 @@ def init_centroids(x, k, generator, sample_size=None):
 
 @torch.no_grad()
 def lloyd(x, centroids, n_iter=100, tol=1e-4, chunk_size=4096, bf16=False):
-    """Lloyd iterations from the given centroids; stop when inertia improves by less than tol (relative).
+    """Lloyd steps from `centroids` until inertia improves by less than tol (relative) -> KMeansResult.
 
-    The centroid update is one index_add_ of the points into their cluster's row: no loop over
-    points or clusters. A cluster left empty is re-seeded on the point worst served by its
-    centroid; that point's distance drops to 0, so inertia still cannot increase.
+    The update is one index_add_ of the points into their cluster's row, no loop. An empty cluster is
+    re-seeded on the point worst served by its centroid, whose distance drops to 0: inertia cannot rise.
     """
     mean = x.float().mean(0)  # k-means ignores a shift; centred data loses less to rounding
     x, c = x.float() - mean, centroids.to(x.device, torch.float32) - mean  # (N, D), (K, D)
@@ -114,17 +111,14 @@ def lloyd(x, centroids, n_iter=100, tol=1e-4, chunk_size=4096, bf16=False):
 
 
 def fit(x, k=1024, n_iter=100, tol=1e-4, seed=0, chunk_size=4096, bf16=False):
-    """k-means on the rows of x (N, D): k-means++ start, then Lloyd steps.
-
-    Deterministic for a seed on CPU; on CUDA, index_add_ sums in a varying order (last-bit changes).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    start = init_centroids(x.float(), k, generator)
+    """k-means on the rows of x (N, D): k-means++ start, then Lloyd steps. Deterministic for a seed
+    on CPU; on CUDA, index_add_ sums in a varying order (last-bit changes)."""
+    start = init_centroids(x.float(), k, torch.Generator().manual_seed(seed))
     return lloyd(x, start, n_iter, tol, chunk_size, bf16)
 
 
 def save(path, centroids, meta):
-    """Write {"centroids": (K, D), "meta": dict} atomically: a temporary file, then os.replace."""
+    """Write {"centroids": (K, D), "meta": dict} atomically."""
     state = {"centroids": centroids.detach().cpu().float(), "meta": dict(meta)}
     write_atomic(path, lambda f: torch.save(state, f))
 
@@ -137,22 +131,18 @@ def load(path):
 
 # ---------------------------------------------------------------- 2.3 self-training targets
 class Source(NamedTuple):
-    """The pretraining set, as raw audio files or as the codec feature cache (extras/cache.py)."""
+    """The pretraining set, as raw audio files or as the codec feature cache (extras/cache_targets.py)."""
     paths: list              # absolute audio paths: the keys of the target store
     lengths: np.ndarray      # (files,) samples (raw audio) or frames (cache)
     feats_files: list = None  # cached (T, 128) frames of each file; None for raw audio
     skipped: tuple = ()      # files whose header could not be read (already warned about)
 
 
-def open_source(data=None, cache_dir=None):
-    """Raw audio (folders, .txt lists, demo) or a cache built by `python extras/cache.py`."""
+def open_source(data=None, cache_dir=None, codec_source=None):
+    """Raw audio (folders, .txt lists, demo), or the cache in cache_dir of the codec codec_source."""
     if cache_dir is not None:
-        from extras.cache import read_manifest
-        entries = sorted(read_manifest(cache_dir).values(), key=lambda e: e["path"])
-        if not entries:
-            raise ValueError(f"{cache_dir}: empty or missing cache manifest (run `python extras/cache.py`)")
-        return Source([e["path"] for e in entries], np.array([e["frames"] for e in entries]),
-                      [os.path.join(cache_dir, e["id"] + ".feats.npy") for e in entries])
+        from extras.cache_targets import read_cache_source
+        return Source(*read_cache_source(cache_dir, codec_source))
     files, skipped = D.scan_audio(D.list_audio(data))
     return Source([os.path.abspath(os.fsdecode(p)) for p in files.paths], files.lengths,
                   skipped=tuple(p for p, _ in skipped))
@@ -175,37 +165,17 @@ def sample_clips(source, n_clips, seed):
 @torch.no_grad()
 def embed_file(model, codec, source, f, chunk=None, layer=-1):
     """Frame embeddings (T, D) of file f, or of its 4-s chunk `chunk`, without masking [2.3, 3.1]."""
-    device = next(model.parameters()).device
-    if source.feats_files is None:  # raw audio: embed_audio cuts it into 4-s chunks
-        start, size = (0, None) if chunk is None else (chunk * CROP_SAMPLES, CROP_SAMPLES)
-        wav = D.read_audio(source.paths[f], start, size)  # (n,)
-        if chunk is None and len(wav) != source.lengths[f]:
-            raise AudioError(f"{source.paths[f]}: header says {source.lengths[f]} samples, read {len(wav)}")
-        return embed_audio(model, codec, wav[None].to(device), layer=layer)[0]  # (T, D)
-    try:
-        feats = np.load(source.feats_files[f], mmap_mode="r")  # (T, 128) fp16
-    except (OSError, ValueError) as err:  # a cache file deleted or cut short since the build
-        raise AudioError(f"{source.paths[f]}: unreadable cached frames {source.feats_files[f]} ({err})") from err
-    if chunk is not None:
-        feats = feats[chunk * CROP_FRAMES:(chunk + 1) * CROP_FRAMES]
-    feats = torch.from_numpy(feats.astype(np.float32)).to(device)  # (T, 128)
-    # Cached frames go through the model in the same 4-s windows as embed_audio uses.
-    windows = [model.embed(w[None], layer=layer)[0] for w in feats.split(CROP_FRAMES)]
-    return torch.cat(windows)  # (T, D)
-
-
-def sample_frames(emb, n, generator):
-    """n random frames of one clip (n, D), all of them if it has fewer."""
-    return emb[torch.randperm(len(emb), generator=generator)[:n].to(emb.device)]
+    if source.feats_files is not None:  # --cache: the codec's frames are stored
+        from extras.cache_targets import embed_cached
+        return embed_cached(model, source.feats_files[f], source.paths[f], chunk, layer)
+    start, size = (0, None) if chunk is None else (chunk * CROP_SAMPLES, CROP_SAMPLES)
+    wav = D.read_audio(source.paths[f], start, size)  # (n,); a file that reads short raises AudioError
+    return embed_audio(model, codec, wav[None].to(next(model.parameters()).device), layer=layer)[0]  # (T, D)
 
 
 def collect_frames(model, codec, source, clips, n_frames, layer, seed, bad):
-    """Embed each clip and keep a random share of its frames: the k-means training set (N, D)
-    and the number of clips it comes from.
-
-    A clip whose file cannot be read is skipped with a warning naming it (`bad` collects the
-    files); the fit uses the rest.
-    """
+    """Embed each clip and keep n_frames / clips random frames of it -> the k-means training set
+    (N, D) and the number of clips it comes from; a file that cannot be read is named and skipped."""
     per_clip = math.ceil(n_frames / len(clips))
     generator, frames, progress = torch.Generator().manual_seed(seed), [], D.Progress("embed", len(clips))
     for i, (f, chunk) in enumerate(clips):
@@ -214,7 +184,7 @@ def collect_frames(model, codec, source, clips, n_frames, layer, seed, bad):
         except AudioError as err:
             warn_skipped(source.paths[f], err, bad)
             continue
-        frames.append(sample_frames(emb, per_clip, generator))
+        frames.append(emb[torch.randperm(len(emb), generator=generator)[:per_clip].to(emb.device)])
         progress.update(1, f"{i + 1}/{len(clips)} clips")
     if not frames:
         raise AudioError(f"none of the {len(clips)} sampled clips could be read")
@@ -231,10 +201,9 @@ def warn_skipped(path, err, bad):
 def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1, bad=None):
     """Label every frame of every file with its nearest centroid: STORE/<id>.npy int16 (T_file,).
 
-    Resumable: a file whose .npy exists is done (each is written atomically). index.json,
-    {audio path: {"npy": name, "frames": T}} as data.load_frame_store reads it, is written last.
-    A file that cannot be read is skipped with a warning (once, if `bad` already names it from the
-    fit), counted, and left out of index.json.
+    Resumable: a file whose .npy exists is done (each is written atomically); index.json, {audio path:
+    {"npy": name, "frames": T}} as data.load_frame_store reads it, comes last. A file that cannot be
+    read is named once (also if the fit met it), counted and left out of index.json.
     """
     centroids = centroids.to(next(model.parameters()).device)
     progress, index, bad = D.Progress("quantize", int(source.lengths.sum())), {}, set() if bad is None else bad
@@ -243,17 +212,15 @@ def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1, bad=N
         out = os.path.join(store_dir, name)
         done_before = os.path.exists(out)
         T = num_frames(source.lengths[f]) if source.feats_files is None else int(source.lengths[f])
-        if not done_before:
-            try:
+        try:
+            if not done_before:
                 labels = assign(embed_file(model, codec, source, f, layer=layer), centroids)  # (T,)
-                if len(labels) != T:
+                if len(labels) != T:  # a cache file whose length is not the manifest's
                     raise AudioError(f"{path}: {len(labels)} frames where the scan found {T}")
-            except AudioError as err:
-                warn_skipped(path, err, bad)
-                progress.update(int(source.lengths[f]), f"{f + 1}/{len(source.paths)} files")
-                continue
-            write_atomic(out, lambda fh: np.save(fh, labels.cpu().numpy().astype(np.int16)))
-        index[path] = {"npy": name, "frames": T}
+                write_atomic(out, lambda fh: np.save(fh, labels.cpu().numpy().astype(np.int16)))
+            index[path] = {"npy": name, "frames": T}
+        except AudioError as err:
+            warn_skipped(path, err, bad)
         progress.update(int(source.lengths[f]), f"{f + 1}/{len(source.paths)} files", done_before)
     write_atomic(os.path.join(store_dir, "index.json"), lambda fh: fh.write(json.dumps(index).encode()))
     print(f"quantize: labelled {len(index)} files, skipped {len(bad)} unreadable files"
@@ -266,20 +233,10 @@ def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=1000
     """Section 2.3 end to end: clips -> embeddings -> frames -> k-means -> labels for every file."""
     model, ckpt = D.load_checkpoint(checkpoint)
     model, cfg, codec_source = model.to(device), model.cfg, ckpt["encodec"]
-    if not 1 <= k <= cfg.K:
+    if not 1 <= k <= cfg.K:  # a bad `layer` stops at model.embed, before any work
         raise ValueError(f"k={k} clusters do not fit the head's K={cfg.K} classes per stream")
-    if layer != -1 and not 1 <= layer <= cfg.n_enc_layers:
-        raise ValueError(f"layer={layer}: use -1 (last, normed) or 1..{cfg.n_enc_layers}")
-    codec = None
-    if cache_dir is None:
-        codec = D.load_codec(codec_source).to(device)
-    else:
-        with open(os.path.join(cache_dir, "cache.json")) as f:
-            cached_with = json.load(f)["codec"]
-        if cached_with != codec_source:
-            raise ValueError(f"{cache_dir} holds frames of codec {cached_with!r}, but {checkpoint} "
-                             f"was trained on {codec_source!r}: rebuild the cache with that codec")
-    source = open_source(data, cache_dir)
+    codec = D.load_codec(codec_source).to(device) if cache_dir is None else None
+    source = open_source(data, cache_dir, codec_source)
     bad = set(source.skipped)  # unreadable files, each named once, counted at the end
     os.makedirs(store_dir, exist_ok=True)
     meta = {"checkpoint": os.path.abspath(checkpoint), "layer": layer, "k": k, "codec": codec_source}
@@ -293,19 +250,16 @@ def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=1000
     else:
         clips = sample_clips(source, n_clips, seed)
         frames, n_used = collect_frames(model, codec, source, clips, n_frames, layer, seed, bad)  # (N, D)
-        result = fit(frames, k, n_iter, tol, seed, bf16=bf16)
-        centroids, history = result.centroids, result.inertia_history
+        centroids, history = fit(frames, k, n_iter, tol, seed, bf16=bf16)  # KMeansResult
         print(f"k-means: {len(frames)} frames from {n_used} clips, k={k}, {len(history)} iterations, "
               f"inertia per frame {history[0] / len(frames):.4g} -> {history[-1] / len(frames):.4g}")
-        save(path, centroids, {**meta, "n_clips": n_used, "n_frames": len(frames),
-                               "seed": seed, "inertia_history": history})
+        save(path, centroids, dict(meta, n_clips=n_used, n_frames=len(frames), seed=seed, inertia_history=history))
     return quantize_dataset(model, codec, source, centroids, store_dir, layer, bad)
 
 
 def parse_args(argv):
     p = D.Parser(prog="kmeans.py", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", help="model whose last layer gives the embeddings (large: the "
-                                        "self-trained base) [2.3]")
+    p.add_argument("--checkpoint", help="model whose last layer gives the embeddings (large: the self-trained base)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data", nargs="+", type=D.data_source, help="audio folders, .txt lists, or demo")
     source.add_argument("--cache", help="codec cache from `python extras/cache.py`")
@@ -317,22 +271,17 @@ def parse_args(argv):
     p.add_argument("--n-iter", type=at_least(1), default=100, help="at most this many Lloyd iterations")
     p.add_argument("--tol", type=at_least(0.0, float), default=1e-4, help="stop when inertia improves less (relative)")
     p.add_argument("--seed", type=at_least(0), default=0)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 distance matmul in the fit (faster; near-ties may differ)")
+    p.add_argument("--bf16", action="store_true", help="bf16 distance matmul in the fit: faster, near-ties may differ")
     p.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="CPU threads")
-    p.add_argument("--bench", action="store_true", help="time our k-means against sklearn / faiss (extras/bench.py)")
+    p.add_argument("--bench", action="store_true", help="time our k-means against sklearn, faiss (extras/bench.py)")
     p.add_argument("--n", type=at_least(1), default=100_000, help="benchmark points")
     p.add_argument("--dim", type=at_least(1), default=768, help="benchmark dimension")
     p.add_argument("--iters", type=at_least(1), default=10, help="benchmark iterations")
     p.add_argument("--repeats", type=at_least(1), default=2, help="benchmark runs per method (best kept)")
     args = p.parse_args(argv)
-    if not args.bench:
-        check_args(args)
-    return args
-
-
-def check_args(args):
-    """A user's mistake -> UsageError (one line, exit 2), before any data is read."""
+    if args.bench:  # no model or data to check
+        return args
     if not (args.checkpoint and args.out and (args.data or args.cache)):
         raise UsageError("self-training targets need --checkpoint, --out and one of --data / --cache")
     if args.n_frames < args.k:
@@ -347,6 +296,7 @@ def check_args(args):
         raise UsageError(f"--k {args.k}: the model's head has K={cfg.K} classes per stream, so 1..{cfg.K}")
     if args.layer != -1 and not 1 <= args.layer <= cfg.n_enc_layers:
         raise UsageError(f"--layer {args.layer}: use -1 (last, normed) or 1..{cfg.n_enc_layers}")
+    return args
 
 
 def run(argv=None):
@@ -354,9 +304,10 @@ def run(argv=None):
     torch.set_num_threads(args.threads)
     if args.bench:
         from extras.bench import kmeans_benchmark
-        return kmeans_benchmark(args.n, args.dim, args.k, args.iters, args.threads, args.seed, args.device, args.repeats)
-    build_targets(args.checkpoint, args.out, args.data, args.cache, args.n_clips, args.n_frames,
-                  args.k, args.layer, args.n_iter, args.tol, args.seed, args.device, args.bf16)
+        kmeans_benchmark(args.n, args.dim, args.k, args.iters, args.threads, args.seed, args.device, args.repeats)
+    else:
+        build_targets(args.checkpoint, args.out, args.data, args.cache, args.n_clips, args.n_frames,
+                      args.k, args.layer, args.n_iter, args.tol, args.seed, args.device, args.bf16)
 
 
 def main(argv=None):

@@ -1142,6 +1142,8 @@ def test_embed_command_writes_embed_audio_frames_mirrors_folders_resumes_and_ski
         assert np.allclose(frames, want.numpy(), atol=1e-4)
         inside = sum(1 for t in range(len(want)) if (t + 0.5) * HOP <= len(wav))  # centres inside
         assert np.allclose(np.load(tmp_path / "emb" / f"{name}.scene.npy"), want[:inside].mean(0), atol=1e-4)
+    frames = E.embed_file(E.load_upstream(ckpt), src / "long.flac")  # the README's snippet: one (T, D) tensor
+    assert frames.dtype == torch.float32 and np.allclose(frames.numpy(), np.load(tmp_path / "emb" / "long.flac.npy"))
     written = {p: os.path.getmtime(p) for p in (tmp_path / "emb").rglob("*.npy")}
     assert len(written) == 6
     with pytest.warns(UserWarning, match="broken.wav"):
