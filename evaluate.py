@@ -3,8 +3,8 @@
 `python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
 reads HEAR 2021 task folders, writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun) and
 OUT/results.json (every grid point's validation score, every fold's test score), and prints Table 1 with
-standard errors. It is also a HEAR module (`hear-validator evaluate --model ckpt.pt`); `load_upstream` +
-`embed_file` embed a file, `python evaluate.py embed` a folder (extras/embed.py).
+standard errors. It is also a HEAR module (`hear-validator evaluate --model ckpt.pt`); `load_upstream` + `embed_file` embed
+a file, `python evaluate.py embed --upstream ckpt.pt --out EMB AUDIO_DIR` every file of a folder.
 """
 import argparse
 import copy
@@ -67,7 +67,13 @@ def real_frames(n_samples, rate=SAMPLE_RATE):
 
 
 def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
-    """"EC", "ECMAE-R:<size>" (random init, seeded) or a train.py checkpoint path -> Upstream."""
+    """"EC", "ECMAE-R:<size>" (random init, seeded), a train.py checkpoint path, or "released:PATH" (the
+    authors' released models: their network, extras/released.py; their HEAR wrapper pools all frames)."""
+    if spec.startswith("released:"):
+        from extras.released import load_released
+        model = load_released(spec.split(":", 1)[1], layer, device, encodec)
+        model.pool_all_frames = True
+        return model
     key = f"seed{seed}"
     if spec == "EC" or spec.startswith("ECMAE-R:"):
         source = encodec or "pretrained"  # never a silent random codec: "random" must be asked for
@@ -88,7 +94,7 @@ def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
     return Upstream(name, D.load_codec(source), mae, layer, key=f"{name}|{source}|{key}|real-frames").to(device)
 
 
-# ---------------------------------------------------------------- HEAR tasks (HEAR.md)
+# ---------------------------------------------------------------- HEAR tasks
 @dataclass
 class Task:
     name: str
@@ -165,11 +171,18 @@ def read_cache(path, key, files):
     return torch.from_numpy(stored["X"]), stored["kept"].tolist()
 
 
+def pooled(upstream, frames, n, rate=SAMPLE_RATE):
+    """The scene embedding of clips of n samples at `rate` [3.2]: the mean of the frames centred inside the
+    audio (the authors' released models: of all frames, as their HEAR wrapper) -> (B, D) float32."""
+    return frames[:, :None if getattr(upstream, "pool_all_frames", False) else real_frames(n, rate)].float().mean(1)
+
+
 @torch.no_grad()
 def codec_batches(codec, paths, batch_size, bad):
     """(clip indices, samples at 24 kHz, codec frames (B, T, 128)) of a split, batch_size clips at a time, unpadded
-    (an embedding never depends on other clips; HEAR cuts a task's clips to one length); failures go to `bad`."""
-    device = next(codec.parameters()).device
+    (an embedding never depends on other clips; HEAR cuts a task's clips to one length); failures go to `bad`.
+    codec None: the 24-kHz audio (B, n) itself, for an upstream with its own front end."""
+    device = next(codec.parameters()).device if codec is not None else None
     for at in range(0, len(paths), batch_size):
         wavs = {}  # clip -> (n,) at 24 kHz
         for j in range(at, min(at + batch_size, len(paths))):
@@ -181,7 +194,8 @@ def codec_batches(codec, paths, batch_size, bad):
                 bad[j] = str(err)
         for n, same in groupby(sorted(wavs, key=lambda j: len(wavs[j])), key=lambda j: len(wavs[j])):
             same = list(same)
-            yield same, n, codec_embed_audio(codec, torch.stack([wavs[j] for j in same]).to(device))  # (B, T, 128)
+            wav = torch.stack([wavs[j] for j in same])  # (B, n)
+            yield same, n, wav if codec is None else codec_embed_audio(codec, wav.to(device))  # (B, T, 128)
 
 
 @torch.no_grad()
@@ -199,16 +213,20 @@ def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_c
     paths = [task.audio_dir / split / name for name in files]
     bad = {}  # file index -> why it is skipped
     X = {i: torch.zeros(len(paths), upstreams[i].scene_embedding_size) for i in todo}  # (N, D)
-    for source in dict.fromkeys(upstreams[i].codec.source for i in todo):  # one codec pass per codec
-        users = [i for i in todo if upstreams[i].codec.source == source]
-        batches = codec_batches(upstreams[users[0]].codec, paths, batch_size, bad)
-        if codec_cache is not None:  # the frames of an earlier run, or kept for a later one
+    source = lambda u: u.codec.source if u.codec is not None else u.key  # own front end: a pass of its own
+    for key in dict.fromkeys(source(upstreams[i]) for i in todo):  # one codec pass per codec
+        users = [i for i in todo if source(upstreams[i]) == key]
+        codec = upstreams[users[0]].codec
+        batches = codec_batches(codec, paths, batch_size, bad)
+        if codec_cache is not None and codec is not None:  # the frames of an earlier run, or kept for a later one
             from extras.codec_frames import kept_batches
-            keep = Path(codec_cache) / slug(source) / slug(task.name) / f"{split}.npz"
-            batches = kept_batches(keep, upstreams[users[0]].codec, paths, batch_size, bad, batches)
+            keep = Path(codec_cache) / slug(key) / slug(task.name) / f"{split}.npz"
+            batches = kept_batches(keep, codec, paths, batch_size, bad, batches)
         for same, n, feats in batches:
-            for i in users:  # the scene embedding: the mean of the real frames [3.2]
-                X[i][same] = upstreams[i].frames_from_codec(feats)[:, :real_frames(n)].mean(1).float().cpu()
+            for i in users:
+                u = upstreams[i]
+                X[i][same] = pooled(u, u.frames(feats.to(next(u.parameters()).device)) if codec is None
+                                    else u.frames_from_codec(feats), n).cpu()
     for j in sorted(bad):
         warnings.warn(f"skipping {bad[j]}")
     kept = [j for j in range(len(paths)) if j not in bad]
@@ -410,7 +428,7 @@ def get_timestamp_embeddings(audio, model):
 
 def get_scene_embeddings(audio, model):
     """HEAR: (n_sounds, n) at 48 kHz -> (n_sounds, D) float32, the mean of the real frames [3.2]."""
-    return get_timestamp_embeddings(audio, model)[0].mean(1)
+    return pooled(model, model.frames(resample_24k(audio, model.sample_rate)), audio.shape[1], model.sample_rate)
 
 
 @torch.no_grad()
@@ -469,12 +487,13 @@ def upstream_args(p):
 
 
 def check_upstream(spec, layer):
-    """EC, ECMAE-R:<size> or a file, and a --layer it has, before a model loads."""
-    size = spec.split(":", 1)[1] if spec.startswith("ECMAE-R:") else None
-    if size not in (None, *SIZES) or (size is None and spec != "EC" and not os.path.isfile(spec)):
-        raise UsageError(f"--upstream {spec}: not EC, ECMAE-R:<{'|'.join(SIZES)}> or an existing checkpoint file")
+    """EC, ECMAE-R:<size>, a file or released:FILE, and a --layer it has, before a model loads."""
+    size, file = spec.split(":", 1)[1] if spec.startswith("ECMAE-R:") else None, spec.removeprefix("released:")
+    if size not in (None, *SIZES) or (size is None and spec != "EC" and not os.path.isfile(file)):
+        raise UsageError(f"--upstream {spec}: not EC, ECMAE-R:<{'|'.join(SIZES)}>, an existing checkpoint file "
+                         "or released:FILE")
     depth = SIZES[size]["n_enc_layers"] if size else math.inf  # a checkpoint's: checked as it loads
-    if layer != -1 and not 1 <= layer <= depth:
+    if layer != -1 and not (1 if file == spec else 0) <= layer <= depth:  # the authors count from 0
         raise UsageError(f"--layer {layer}: choose -1 (the last) or 1..{depth if size else 'the encoder depth'}")
 
 
@@ -486,13 +505,76 @@ def open_upstream(spec, args):
         raise UsageError(str(err)) from None
 
 
+# ---------------------------------------------------------------- embed: your audio -> .npy files
+def embed_plan(sources, out):
+    """Files and folders -> [(audio path, output path without .npy)]: a folder's tree is mirrored under
+    out, a file lands at out/<name>. Names keep their extension, so x.wav and x.mp3 never meet."""
+    plan = []
+    for src in map(Path, sources):
+        found = sorted(p for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(D.AUDIO_EXTS))
+        if src.is_dir() and not found:
+            raise UsageError(f"{src}: no audio files ({' '.join(D.AUDIO_EXTS)}) in this folder")
+        if not (src.is_dir() or src.is_file()):
+            raise UsageError(f"{src}: no such file or folder")
+        plan += [(p, Path(out) / p.relative_to(src)) for p in found] if src.is_dir() else [(src, Path(out) / src.name)]
+    first = {}
+    for path, dest in plan:
+        if first.setdefault(dest, path) != path:
+            raise UsageError(f"{path} and {first[dest]} would both write {dest}.npy: embed them separately")
+    return plan
+
+
+def embed_main(argv):
+    p = D.Parser(prog="evaluate.py embed", description="Frame embeddings (T, D) float32 at 75 Hz of every audio "
+                 "file given or found under the folders given, as OUT/<path>.npy mirroring the folders "
+                 "(OUT/x.wav.npy for a file given alone). Resumable: files already written are skipped.")
+    p.add_argument("sources", nargs="+", metavar="FILE_OR_FOLDER", help="audio files and folders (recursive)")
+    p.add_argument("--upstream", required=True, help="EC, ECMAE-R:<size>, a train.py checkpoint or released:FILE")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--scene", action="store_true", help="also <path>.scene.npy (D,): the scene embedding [3.2]")
+    upstream_args(p)
+    p.add_argument("--log-every", type=at_least(0.0, float), default=5.0, help="seconds between progress lines")
+    args = p.parse_args(argv)
+    check_upstream(args.upstream, args.layer)
+    plan, file = embed_plan(args.sources, args.out), args.upstream.removeprefix("released:")
+    # --out remembers which upstream wrote it: a rerun resumes, another upstream needs another --out
+    meta = json.dumps(dict(upstream=args.upstream, layer=args.layer, encodec=args.encodec, scene_pooling="real-frames",
+                           seed=args.seed if args.upstream.startswith("ECMAE-R:") else None, checkpoint=[
+                               os.path.getsize(file), int(os.path.getmtime(file))] if os.path.isfile(file) else None))
+    meta_path = Path(args.out, "embed.json")
+    if meta_path.exists() and meta_path.read_text() != meta:
+        raise UsageError(f"--out {args.out}: holds embeddings of another upstream or setting ({meta_path}); "
+                         "choose a new --out")
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(meta_path, lambda f: f.write(meta.encode()))
+    done = lambda dest: os.path.exists(f"{dest}.npy") and (not args.scene or os.path.exists(f"{dest}.scene.npy"))
+    todo = [(path, dest) for path, dest in plan if not done(dest)]
+    print(f"embed: {len(plan)} files, {len(plan) - len(todo)} already done; {args.upstream} -> {args.out}", flush=True)
+    files, skipped = D.scan_audio([path for path, _ in todo])  # bad headers: warned here
+    n_todo, todo = len(todo), [(path, dest) for path, dest in todo if str(path) not in {str(p) for p, _ in skipped}]
+    upstream = open_upstream(args.upstream, args) if todo else None  # the model loads only when needed
+    progress = D.Progress("embed", files.lengths.sum() / SAMPLE_RATE, every=args.log_every, unit="x real time")
+    for k, ((path, dest), n) in enumerate(zip(todo, files.lengths.tolist())):
+        try:
+            frames = embed_file(upstream, path)  # (T, D)
+        except AudioError as err:
+            skipped.append((path, str(err)))
+            warnings.warn(f"skipping {err}")
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if args.scene:
+                write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled(upstream, frames[None], n)[0].numpy()))
+            write_atomic(f"{dest}.npy", lambda f: np.save(f, frames.numpy()))  # last: marks the file done
+        progress.update(n / SAMPLE_RATE, f"{k + 1}/{len(todo)} files")
+    print(f"embed: {n_todo - len(skipped)} files written, {len(plan) - n_todo} were done, "
+          f"{len(skipped)} skipped (named above)", flush=True)
+    return skipped
+
+
 def main(argv=None):
-    """`evaluate.py embed ...` embeds audio files (extras/embed.py); anything else evaluates on HEAR tasks."""
+    """`evaluate.py embed ...` embeds audio files; anything else evaluates on HEAR tasks."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["embed"]:
-        from extras.embed import embed_main
-        return embed_main(argv[1:])
-    return evaluate(parse_args(argv))
+    return embed_main(argv[1:]) if argv[:1] == ["embed"] else evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -143,10 +143,6 @@ def train_benchmark(cfg, mcfg, device):
         print(f"| {name} | {value} |")
 
 
-if __name__ == "__main__":
-    data.run_cli(main)
-
-
 # ---------------------------------------------------------------- k-means
 def kmeans_benchmark(n=100_000, dim=768, k=1024, iters=10, threads=2, seed=0, device="cpu", repeats=2):
     """Ours vs scikit-learn and faiss: same start, same Lloyd iterations; best wall time of repeats."""

@@ -176,3 +176,63 @@ def test_info_command_prints_one_line_per_fact(capsys):
     assert "v2, mel front end (256-d), D=36, 3 layers, 12 heads of 3" in capsys.readouterr().out
     assert main(["info", str(FIXTURES / "missing.pt")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_evaluate_embed_writes_the_authors_frames_for_a_folder(tmp_path, capsys):
+    """`evaluate.py embed --upstream released:FILE` writes each file's frames: their extractor's, any rate."""
+    import numpy as np
+    import soundfile as sf
+    import evaluate as E
+    from data import read_audio
+    (tmp_path / "audio" / "sub").mkdir(parents=True)
+    sf.write(tmp_path / "audio" / "a.wav", fixture_clips()[1], 24000, subtype="FLOAT")
+    sf.write(tmp_path / "audio" / "sub" / "b.wav", 0.1 * np.random.default_rng(0).standard_normal(70000), 44100)
+    for kind in ("encodecmae-small", MEL):
+        out, spec = tmp_path / f"emb-{kind}", f"released:{fixture_path(kind)}"
+        assert E.main(["embed", "--upstream", spec, "--out", str(out), "--scene", str(tmp_path / "audio")]) == []
+        m = load_released(fixture_path(kind))
+        for name in ("a.wav", "sub/b.wav"):
+            want = m.frames(read_audio(tmp_path / "audio" / name)[None])[0]  # (T, D)
+            assert np.allclose(np.load(out / f"{name}.npy"), want.numpy(), atol=1e-6), (kind, name)
+            assert np.allclose(np.load(out / f"{name}.scene.npy"), released_scene(want[None])[0].numpy(), atol=1e-6)
+    assert "2 files written" in capsys.readouterr().out
+
+
+def test_the_hear_module_and_the_evaluation_take_a_released_spec(tmp_path):
+    """HEAR's load_model and `evaluate.py --upstream released:FILE` serve the authors' model: their frames,
+    scene = mean of all frames (their wrapper), timestamps in ms inside the audio, 48 kHz declared."""
+    import torchaudio
+    import evaluate as E
+    from extras.demo_audio import make_demo_tasks
+    spec = f"released:{fixture_path(MEL)}"
+    model = E.load_model(spec)
+    audio = torchaudio.functional.resample(torch.from_numpy(fixture_clips()[1])[None], 24000, 48000)  # (1, n)
+    emb, ts = E.get_timestamp_embeddings(audio, model)
+    frames = model.frames(torchaudio.functional.resample(audio, 48000, 24000))
+    assert model.sample_rate == 48000 and ts.max() <= 1000 * audio.shape[1] / 48000
+    assert torch.allclose(emb, frames[:, : emb.shape[1]], atol=1e-4)  # two resamplers, the same sinc kernel
+    assert torch.allclose(ts[0, 1] - ts[0, 0], torch.tensor(1000 / 75))
+    assert torch.allclose(E.get_scene_embeddings(audio, model), released_scene(frames), atol=1e-4)
+    make_demo_tasks(tmp_path / "tasks", clips=10, seconds=0.5)
+    results = E.main(["--tasks-dir", str(tmp_path / "tasks"), "--task", "demo-pitch", "--upstream", spec,
+                      "--grid-points", "1", "--max-epochs", "3", "--out", str(tmp_path / "out")])
+    assert 0 <= results[model.name]["demo-pitch"]["test"] <= 1
+
+
+@pytest.mark.parametrize("what", ["ours", "random bytes", "truncated"])
+def test_a_file_that_is_not_a_released_model_is_one_line_and_exit_2_on_every_command_line(what, tmp_path, capsys):
+    """embed and the evaluation refuse a non-released file given as released:FILE with one line, exit 2."""
+    import evaluate as E
+    from data import run_cli
+    path = tmp_path / "x.pt"
+    if what == "ours":
+        torch.save({"model": {}, "config": {}, "encodec": "random"}, path)
+    else:
+        path.write_bytes(os.urandom(5000) if what == "random bytes" else fixture_path(MEL).read_bytes()[:60000])
+    import soundfile as sf
+    sf.write(tmp_path / "a.wav", fixture_clips()[1], 24000)
+    for argv in (["embed", "--upstream", f"released:{path}", "--out", str(tmp_path / "emb"), str(tmp_path / "a.wav")],):
+        with pytest.raises(SystemExit) as done:
+            run_cli(E.main, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert done.value.code == 2 and len(err) == 1 and str(path) in err[0], err
