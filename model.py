@@ -103,7 +103,7 @@ class Codec(nn.Module):
     @torch.no_grad()
     def raw_frames(self, wav):  # (B, n) mono at 24 kHz -> (B, 128, T)
         assert wav.dim() == 2, f"codec expects (B, n_samples) mono at 24 kHz, got {tuple(wav.shape)}"
-        with flush_denormals(wav.device):
+        with codec_precision(wav.device):
             return self.encoder(wav[:, None].float())
 
     def standardize(self, emb):  # (B, 128, T) -> (B, T, 128) as the MAE sees them (the random codec rescales)
@@ -115,18 +115,23 @@ class Codec(nn.Module):
     @torch.no_grad()
     def forward(self, wav):
         """One encoder pass gives both the inputs and the targets [2, Fig. 1]."""
-        emb = self.raw_frames(wav)  # (B, 128, T)
-        codes = self.quantizer.encode(emb, FRAME_RATE, 6.0)  # (8, B, T)
+        with codec_precision(wav.device):
+            emb = self.raw_frames(wav)  # (B, 128, T)
+            codes = self.quantizer.encode(emb, FRAME_RATE, 6.0)  # (8, B, T)
         assert codes.shape[-1] == emb.shape[-1] == num_frames(wav.shape[-1])
         return self.standardize(emb), codes.permute(1, 2, 0).long()  # (B, T, 128), (B, T, 8)
 
 
 @contextlib.contextmanager
-def flush_denormals(device):
-    """The codec's LSTM makes denormal floats, about 3x slower on x86 CPUs; flushing them to zero
-    changes nothing measurable (8 s of audio: 3.7 s -> 1.2 s on a 2-core CPU)."""
+def codec_precision(device):
+    """The frozen codec runs in fp32, outside any autocast: under CPU bf16 autocast only 46-68% of
+    its codes matched fp32 (docs/GPU.md), so validation under autocast scored other targets.
+    On a CPU denormal floats are flushed: the codec's LSTM makes them, about 3x slower on x86, and
+    flushing changes nothing measurable (8 s of audio: 3.7 s -> 1.2 s on a 2-core CPU)."""
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
-    yield  # an exception here leaves denormals flushed: harmless
+    with torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) \
+            else contextlib.nullcontext():
+        yield  # an exception here leaves denormals flushed: harmless
     torch.set_flush_denormal(False) if flush else None
 
 
@@ -183,12 +188,15 @@ def gap_mask(lengths, T, M_prop, M_gap, generator=None):
     Span starts are drawn without replacement and the M_gap frames after each are hidden until
     enough are; the last span is trimmed. Whole 200-ms gaps stop the model from just interpolating
     neighbours. Padding (t >= length) is never hidden, and one frame always stays visible
-    (attention over none is undefined). lengths (B,) real frames -> mask (B, T) bool, True = hidden.
+    (attention over none is undefined: zeros on a CPU, NaN on a GPU), so a clip of padding only
+    is refused. lengths (B,) real frames -> mask (B, T) bool, True = hidden.
     Deviation: starts without replacement, as the paper says; the authors' loop may draw one twice.
     """
     mask = torch.zeros(len(lengths), T, dtype=torch.bool)
     for b, length in enumerate(lengths.tolist()):
-        n_hidden, hidden, row = min(round(M_prop * length), max(length - 1, 0)), 0, [False] * T
+        if length < 1:
+            raise ValueError(f"clip {b} is padding only: no frame would be left for the encoder")
+        n_hidden, hidden, row = min(round(M_prop * length), length - 1), 0, [False] * T
         for start in torch.randperm(max(length - M_gap, 0) + 1, generator=generator).tolist():
             for t in range(start, min(start + M_gap, length)):
                 if not row[t] and hidden < n_hidden:
@@ -205,17 +213,31 @@ def gather_visible(x, mask, padding):
     A stable sort of the hide flags lists visible frames first, in time order (ids_shuffle);
     sorting that permutation again gives its inverse, ids_restore, which puts frames back. Without
     padding x_visible is dense; else visible_padding (B, N) marks the unused slots (None if none).
+    This bookkeeping runs where the masks are, the CPU in training (the data pipeline draws them):
+    reading N and whether a slot is unused then never makes the GPU wait.
     """
     dropped = mask | padding  # (B, T)
     ids_shuffle = dropped.int().argsort(dim=1, stable=True)  # (B, T)
     ids_restore = ids_shuffle.argsort(dim=1)  # (B, T)
     n_visible = (~dropped).sum(1)  # (B,)
     N = int(n_visible.max())
-    x_visible = x.gather(1, ids_shuffle[:, :N, None].expand(-1, -1, x.shape[-1]))  # (B, N, D), ids_keep = ids_shuffle[:, :N]
-    visible_padding = torch.arange(N, device=x.device)[None] >= n_visible[:, None]  # (B, N)
+    visible_padding = torch.arange(N, device=mask.device)[None] >= n_visible[:, None]  # (B, N)
     if not visible_padding.any():
         visible_padding = None  # dense: attention needs no mask, the fast kernels apply
+    ids_keep, ids_restore, visible_padding = (to_device(t, x.device) for t in (ids_shuffle[:, :N], ids_restore,
+                                                                               visible_padding))
+    x_visible = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, D)
     return x_visible, ids_restore, visible_padding
+
+
+def key_padding(padding, device):
+    """The attention's key-padding mask, None when no clip is padded (the fast kernels apply); decided
+    where `padding` is, the CPU in training, so the GPU never waits for the answer."""
+    return to_device(padding, device) if padding.any() else None
+
+
+def to_device(t, device):  # a copy that does not wait for the GPU; None stays None
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 def restore_sequence(h, ids_restore, visible_padding, mask_token):
@@ -280,12 +302,11 @@ class Decoder(nn.Module):
             self.mask_token = nn.Parameter(0.02 * torch.randn(1, 1, cfg.d_model))
         self.layers, self.norm = blocks(cfg, cfg.n_dec_layers), nn.LayerNorm(cfg.d_model)
 
-    def forward(self, h, ids_restore, visible_padding, padding):
+    def forward(self, h, ids_restore, visible_padding, key_padding):
         h = self.proj(h)  # (B, N, D)
         if ids_restore is not None:  # "drop" mode: re-insert the hidden positions
             h = restore_sequence(h, ids_restore, visible_padding, self.mask_token)  # (B, T, D)
         h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)  # where each token sits
-        key_padding = padding if padding.any() else None
         for layer in self.layers:
             h = layer(h, key_padding)
         return self.norm(h)
@@ -359,20 +380,22 @@ class EnCodecMAE(nn.Module):
 
         feats and targets come from one codec pass (`Codec.forward`, or the cache); the mask from
         `gap_mask`, drawn per clip by the data pipeline (train.MaskedCrops), so it depends on the
-        clip alone. counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3].
+        clip alone; mask and padding may stay on the CPU, where it made them (no GPU wait, see
+        gather_visible). counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3].
         """
         check_inputs(feats, targets, mask, padding, self.cfg)
-        padding = torch.zeros_like(mask) if padding is None else padding
-        x = self.in_proj(feats) + sinusoidal_positions(feats.shape[1], self.cfg.d_model, feats.device)  # (B, T, D)
+        padding, device = torch.zeros_like(mask) if padding is None else padding, feats.device
+        x = self.in_proj(feats) + sinusoidal_positions(feats.shape[1], self.cfg.d_model, device)  # (B, T, D)
         if self.cfg.mask_mode == "drop":
             x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # (B, N, D)
             h = self.encoder(x_visible, visible_padding)  # (B, N, D)
         else:
-            x = torch.where(mask[..., None], self.enc_mask_token, x)  # (B, T, D)
+            x = torch.where(to_device(mask, device)[..., None], self.enc_mask_token, x)  # (B, T, D)
             ids_restore, visible_padding = None, None
-            h = self.encoder(x, padding if padding.any() else None)  # (B, T, D)
-        h = self.decoder(h, ids_restore, visible_padding, padding)  # (B, T, D)
+            h = self.encoder(x, key_padding(padding, device))  # (B, T, D)
+        h = self.decoder(h, ids_restore, visible_padding, key_padding(padding, device))  # (B, T, D)
         logits = self.head(h)  # (B, T, S, K)
+        mask, padding = to_device(mask, device), to_device(padding, device)
         return masked_token_loss(logits, targets, mask, padding, self.gamma, self.cfg.delta, counts)
 
     def embed(self, feats, padding=None, layer=-1):
@@ -381,8 +404,8 @@ class EnCodecMAE(nn.Module):
         if layer != -1 and not 1 <= layer <= self.cfg.n_enc_layers:
             raise ValueError(f"layer={layer}: use -1 (last, normed) or 1..{self.cfg.n_enc_layers}")
         x = self.in_proj(feats) + sinusoidal_positions(feats.shape[1], self.cfg.d_model, feats.device)
-        key_padding = padding if padding is not None and padding.any() else None
-        return self.encoder(x, key_padding, None if layer == -1 else layer)  # (B, T, D)
+        keys = None if padding is None else key_padding(padding, feats.device)
+        return self.encoder(x, keys, None if layer == -1 else layer)  # (B, T, D)
 
 
 def init_weights(module):
