@@ -10,6 +10,8 @@ OUT/ckpt-*.pt and OUT/metrics.jsonl. Every ModelConfig and TrainConfig field is 
 """
 import contextlib
 import dataclasses
+import datetime
+import functools
 import glob
 import json
 import os
@@ -211,20 +213,29 @@ def setup_distributed(cfg):
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        wait_group()  # made by every rank now, together
     return rank, world, device
 
 
-def autocast_for(device):
-    """bf16 autocast on GPUs that have it, fp16 + GradScaler on older GPUs, fp32 on CPU [3.1]."""
-    if device.type != "cuda":
-        return contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+@functools.cache
+def wait_group():
+    """The ranks' group for barrier(): rank 0 alone builds the file index and the codec cache (hours at
+    the paper's scale) while the others wait, past NCCL's 10-minute timeout; gloo waits on the CPU."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
 
 
 def barrier():
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=wait_group())
+
+
+def autocast_for(device):
+    """bf16 autocast on GPUs with bf16 units (Ampere on), fp16 + GradScaler on older GPUs, which only
+    emulate bf16, slowly (is_bf16_supported() counts emulation unless told not to); fp32 on CPU [3.1]."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
 def print0(rank, *args):
@@ -276,7 +287,8 @@ def build_datasets(cfg, mcfg, codec, rank, files=None):
     if cfg.cache:  # the codec once per file: stored frames and codes (a deviation, extras/cache.py)
         from extras.cache import CachedCropDataset, build_cache
         if rank == 0:
-            build_cache(codec, [files.path(i) for s in splits for part in s for i in part], cfg.cache)
+            build_cache(codec, [files.path(i) for s in splits for part in s for i in part], cfg.cache,
+                        workers=cfg.workers)
         barrier()
 
     def crops(positions, seed, n_skipped=0):
@@ -324,22 +336,22 @@ def step_batches(dataset, cfg, micro_batch, rank, world, start_step):
 
 
 def inputs_and_targets(batch, codec, mcfg, device):
-    """A micro-batch -> feats, targets, mask, padding on the device; raw audio goes through the codec.
-    Targets are the first Q codec codebooks, then the k-means stream in stage 2 [2.3]."""
+    """A micro-batch -> feats and targets on the device (raw audio goes through the codec), mask and
+    padding left on the CPU, where the model reads them without a GPU wait. Every copy is
+    non-blocking. Targets are the first Q codec codebooks, then the k-means stream in stage 2 [2.3]."""
     item, mask = batch
     if isinstance(item, D.Crop):
         feats, codes = codec(item.wav.to(device, non_blocking=True))  # (B, T, 128), (B, T, 8)
     else:  # cached frames and codes
         feats, codes = item.feats.to(device, non_blocking=True), item.codes.to(device, non_blocking=True)
-    padding = item.padding.to(device)
     targets = codes[..., : mcfg.Q]  # (B, T, Q)
     if mcfg.n_kmeans_streams:
-        extra = item.extra.to(device)
-        if not (extra[~padding] >= 0).all():  # python -O must not remove this check
+        if not (item.extra[~item.padding] >= 0).all():  # on the CPU; python -O must not remove this check
             raise ValueError("frames without k-means targets: the --kmeans_store does not match "
                              "these files (rerun kmeans.py on them)")
-        targets = torch.cat([targets, extra.clamp(min=0)[..., None]], dim=-1)  # (B, T, Q + 1)
-    return feats, targets, mask.to(device), padding
+        extra = item.extra.clamp(min=0).to(device, non_blocking=True)  # (B, T)
+        targets = torch.cat([targets, extra[..., None]], dim=-1)  # (B, T, Q + 1)
+    return feats, targets, mask, item.padding
 
 
 # ---------------------------------------------------------------- model: fresh, stage 2, or resumed
@@ -369,11 +381,20 @@ def build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device):
 
 
 # ---------------------------------------------------------------- one optimizer step
+def compile_network(model, **options):
+    """--compile: the encoder, decoder and head, in place (the checkpoint keys stay). They read no
+    tensor value; the mask bookkeeping around them reads the CPU masks, so it stays eager, where a
+    compiled forward would break its graph (docs/GPU.md)."""
+    for part in (model.encoder, model.decoder, model.head):
+        part.compile(**options)
+    return model
+
+
 def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, clip_grad):
     """Accumulate over this rank's micro-batches (DDP syncs only on the last), then step [3.1].
     |M| and T are counted over the whole batch, every micro-batch of every GPU [2.3], so the shares
     of L add up to the batch's loss. -> [loss, masked loss (S), unmasked loss (S), masked acc (S)]."""
-    counts = count_frames(batches).to(device)
+    counts = count_frames(batches).to(device, non_blocking=True)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
         dist.all_reduce(counts)  # two integers: cheap
@@ -389,8 +410,6 @@ def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, c
                                    out.masked_acc]).float()
     if world > 1:
         dist.all_reduce(stats)  # every GPU's shares add up to the batch's figures
-    if not torch.isfinite(stats[0]):  # stop before the step: the model and last checkpoint stay good
-        return stats
     if clip_grad:  # Deviation only when switched on: the paper does not clip
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), clip_grad)
@@ -418,8 +437,9 @@ def validate(model, dataset, codec, mcfg, device, micro_batch, autocast):
     counts = tuple(count_frames(loader()).to(device))  # a first, cheap pass: crops and masks only
     total = 0
     for batch in loader():
+        inputs = inputs_and_targets(batch, codec, mcfg, device)  # as in training: the codec outside autocast
         with autocast:
-            out = model(*inputs_and_targets(batch, codec, mcfg, device), counts=counts)
+            out = model(*inputs, counts=counts)
         total = total + torch.cat([out.loss.float()[None], out.masked_acc.float()])  # shares add up
     return [total[0].item(), total[1:].mean().item()]
 
@@ -465,14 +485,15 @@ def main(argv=None):
     print0(rank, f"model {json.dumps(asdict(mcfg))}\ntrain {json.dumps(asdict(cfg))}\nderived {json.dumps(extra)}"
                  f" | world {world} | device {device} | {len(train_set)} training crops, "
                  f"{train_set.crops.n_skipped + val_set.crops.n_skipped} unreadable files skipped | gamma_q {mcfg.gamma_q}")
-    ddp_model = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device] if device.type == "cuda" else None)
+    compile_network(model) if cfg.compile else None
+    # No device_ids: DDP would copy every input to the GPU, the masks too, which stay on the CPU.
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     autocast, scaler = autocast_for(device)
     if ckpt is not None:  # the optimizer, the loss scale and the RNG continue exactly
         opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # {} from a CPU or bf16 run: an fp16 run starts its loss scale afresh
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
     run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
              ckpt["step"] if ckpt else 0, extra["micro_batch"], rank, world, device)
@@ -482,28 +503,30 @@ def main(argv=None):
 
 def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
              step, micro_batch, rank, world, device):
-    """The loop of section 3.1: constant lr, accumulate, step, log, validate, checkpoint."""
+    """The loop of section 3.1: constant lr, accumulate, step, log, validate, checkpoint. The GPU is
+    waited for only where the statistics are read: at log, validation and checkpoint steps."""
     batches = step_batches(train_set, cfg, micro_batch, rank, world, step)
-    metrics, window, t0 = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None, [], time.time()
+    metrics, window, n_steps, t0 = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None, 0, 0, time.time()
     while step < cfg.steps:  # the learning rate stays 1e-4 throughout [3.1]
-        stats = train_step(ddp_model, next(batches), codec, mcfg, opt, scaler, autocast, device, cfg.clip_grad)
-        if not torch.isfinite(stats[0]):
+        window = window + train_step(ddp_model, next(batches), codec, mcfg, opt, scaler, autocast, device,
+                                     cfg.clip_grad)  # summed on the device since the last log line
+        step, n_steps, end = step + 1, n_steps + 1, step + 1 == cfg.steps
+        val_now = (step % cfg.val_every == 0 or end) and len(val_set) > 0
+        log_now, ckpt_now = step % cfg.log_every == 0 or end or val_now, step % cfg.ckpt_every == 0 or end
+        stats = window.cpu() / n_steps if log_now or ckpt_now else None  # on every rank: all stop together
+        if stats is not None and not torch.isfinite(stats[0]):  # so no checkpoint ever holds it
             last = max(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")), default=None)
-            raise SystemExit(f"loss is {stats[0].item()} at step {step + 1}: stopping. The last good "
-                             f"checkpoint ({last or 'none yet'}) is intact; try a lower --lr or --clip_grad.")
-        step += 1
-        window.append(stats.cpu())
-        val = None
-        if rank == 0 and (step % cfg.val_every == 0 or step == cfg.steps) and len(val_set):
-            val = validate(model, val_set, codec, mcfg, device, micro_batch, autocast)
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps or val is not None):
-            text, record = log_record(step, cfg, torch.stack(window).mean(0), mcfg.n_streams,
-                                      len(window) / (time.time() - t0), val)
+            raise SystemExit(f"loss is {stats[0].item()} in steps {step - n_steps + 1}-{step}: stopping. The last "
+                             f"good checkpoint ({last or 'none yet'}) is intact; try a lower --lr or --clip_grad.")
+        val = validate(model, val_set, codec, mcfg, device, micro_batch, autocast) if rank == 0 and val_now else None
+        if rank == 0 and log_now:
+            text, record = log_record(step, cfg, stats, mcfg.n_streams, n_steps / (time.time() - t0), val)
             print(text, flush=True)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            window, t0 = [], time.time()  # each log line averages the steps since the last one
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+        if log_now:
+            window, n_steps, t0 = 0, 0, time.time()  # each log line averages the steps since the last one
+        if rank == 0 and ckpt_now:
             print(f"saved {save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)}", flush=True)
     barrier()
 
