@@ -109,7 +109,8 @@ def train_benchmark(cfg, mcfg, device):
     import tempfile
     from extras.cache import CachedCropDataset, build_cache
     from extras.demo_audio import demo_clips, write_demo_dataset
-    from train import MaskedCrops, autocast_for, compile_network
+    from extras.compile import compile_network
+    from train import MaskedCrops, autocast_for
     B = cfg.batch_size
     autocast, _ = autocast_for(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

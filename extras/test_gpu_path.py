@@ -23,6 +23,7 @@ import data as D
 import model as M
 import train
 from extras import bench, cache, random_codec
+from extras import compile as extras_compile
 from extras import demo_audio as demo
 from model import HOP, SAMPLE_RATE, gap_mask, make_config, num_frames
 from test_all import TINY_RUN, losses, short_cache, tone, write  # noqa: F401
@@ -142,7 +143,7 @@ def test_the_compiled_network_has_no_graph_break_and_compiles_once_per_padding_s
         graphs[gm.code.count("key_padding") > 0 or gm.code.count("visible_padding") > 0] += 1
         return gm.forward
     mcfg = make_config("tiny")
-    model = train.compile_network(M.EnCodecMAE(mcfg), backend=backend)
+    model = extras_compile.compile_network(M.EnCodecMAE(mcfg), backend=backend)
     opt, (autocast, scaler) = torch.optim.AdamW(model.parameters()), train.autocast_for(torch.device("cpu"))
     for seed, lengths in enumerate([[300, 300], [300, 200], [300, 300], [250, 100], [300, 300], [300, 37]]):
         train.train_step(model, [cached_batch(mcfg, lengths, seed)], None, mcfg, opt, scaler, autocast,
@@ -155,7 +156,7 @@ def test_the_compiled_network_has_no_graph_break_and_compiles_once_per_padding_s
 def test_the_benchmark_compiles_with_compile_and_times_the_loader_apart(capsys, monkeypatch):
     """--bench measures a run's step: --compile honoured, the loader's crops/s with --workers beside the step."""
     compiled = []
-    monkeypatch.setattr(train, "compile_network", lambda model: compiled.append(model))
+    monkeypatch.setattr(extras_compile, "compile_network", lambda model: compiled.append(model))
     monkeypatch.setattr(bench, "timed", lambda fn, device, reps=3: (fn(), 0.5)[1])  # one run, a fixed time
     monkeypatch.setattr(bench, "gemm_peak", lambda shapes, device, dtype, reps=5: 1e12)
     cfg, mcfg, _ = train.parse_args(["--config", "tiny", "--encodec", "random", "--batch_size", "2",
