@@ -367,7 +367,7 @@ class EnCodecMAE(nn.Module):
         padding on the CPU. counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3].
         """
         check_inputs(feats, targets, mask, padding, self.cfg)
-        (B, T), device = mask.shape, feats.device
+        T, device = mask.shape[1], feats.device
         padding = torch.zeros_like(mask) if padding is None else padding
         x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, device)  # (B, T, D)
         if self.cfg.mask_mode == "drop":  # N >= what gap_mask leaves of a full clip: one shape to compile

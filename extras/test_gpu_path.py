@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -25,7 +24,7 @@ import train
 from extras import bench, cache, random_codec
 from extras import compile as extras_compile
 from extras import demo_audio as demo
-from model import HOP, SAMPLE_RATE, gap_mask, make_config, num_frames
+from model import SAMPLE_RATE, gap_mask, make_config
 from test_all import TINY_RUN, losses, short_cache, tone, write  # noqa: F401
 
 torch.set_num_threads(1)
