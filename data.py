@@ -412,9 +412,8 @@ def frame_labels(npy, start, T, n_frames):
 
 # ---------------------------------------------------------------- the frozen codec and trained models [2.1]
 def load_codec(source="pretrained"):
-    """EnCodec by source: "pretrained" (torch hub download), a local checkpoint path, or "random"
-    (seeded, for offline tests and demos: its targets are not the paper's). A fresh module each call."""
-    if source == "random":
+    """EnCodec: "pretrained" (a torch hub download), a local checkpoint, or "random" (seeded; a new copy each call)."""
+    if source == "random":  # offline tests and demos: its targets are not the paper's
         from extras.random_codec import random_codec
         return random_codec()
     if source == "pretrained":
@@ -422,36 +421,29 @@ def load_codec(source="pretrained"):
             return M.Codec(M.build_encodec(pretrained=True), source)
         except Exception as err:  # any download failure ends here, loudly
             raise RuntimeError(
-                f"EnCodec's pretrained 24 kHz weights could not be loaded ({err}). This machine may be offline.\n"
-                "  Either copy encodec_24khz-d7cc33bc.th from a machine with internet and pass its path\n"
-                "  (--encodec /path/to/encodec_24khz-d7cc33bc.th), or use --encodec random for a seeded\n"
-                "  random codec (smoke tests only: its targets are not the paper's).") from err
+                f"EnCodec's pretrained 24 kHz weights could not be loaded ({err}); this machine may be offline.\n"
+                "  Copy encodec_24khz-d7cc33bc.th from a machine with internet and pass --encodec PATH, or use\n"
+                "  --encodec random (seeded, for smoke tests only: its targets are not the paper's).") from err
     if not os.path.isfile(source):
-        raise FileNotFoundError(f"--encodec {source!r}: no such checkpoint file; "
-                                "expected 'pretrained', 'random' or a path to encodec_24khz-*.th")
+        raise FileNotFoundError(f"--encodec {source!r}: no such checkpoint file (pretrained, random or a .th path)")
     return M.Codec(M.build_encodec(False, torch.load(source, map_location="cpu", weights_only=True)), source)
 
 
 def load_checkpoint(path, keys=("model", "config", "encodec")):
-    """A train.py checkpoint -> (EnCodecMAE with its weights, in eval mode; the whole checkpoint dict).
-    Strict: a file missing, not a torch file, not one of ours (no `keys`), or with weights that do not
-    fit its config is a ValueError naming the file and the problem."""
+    """A train.py checkpoint -> (EnCodecMAE in eval mode, the dict). Strict: any problem is a ValueError naming it."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, foreign pickles: the file, not the code
-        raise ValueError(f"{path}: not a readable checkpoint, truncated or another kind of file "
-                         f"({type(err).__name__} from torch.load)") from None
+        raise ValueError(f"{path}: not a readable checkpoint (truncated, or not one: {type(err).__name__})") from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a train.py checkpoint (no {', '.join(missing)})")
-    try:
+    try:  # a strict load: the weights must fit the config stored with them
         net = M.EnCodecMAE(M.ModelConfig(**ckpt["config"]))
         net.load_state_dict(ckpt["model"])
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: its model config is unusable ({err})") from None
-    except RuntimeError as err:
-        raise ValueError(f"{path}: its weights do not fit the config stored with them "
-                         f"({str(err).strip().splitlines()[0]})") from None
+    except (ValueError, TypeError, RuntimeError) as err:  # a RuntimeError comes from load_state_dict
+        what = "weights do not fit the config stored with them" if isinstance(err, RuntimeError) else "config is wrong"
+        raise ValueError(f"{path}: its model {what} ({str(err).strip().splitlines()[0]})") from None
     return net.eval(), ckpt

@@ -91,8 +91,7 @@ def make_config(size="base", **overrides):
 class Codec(nn.Module):
     """The frozen EnCodec encoder and its RVQ: 128-d frames at 75 Hz plus 8 codes per frame."""
 
-    n_q = 8     # 6 kbps = 8 codebooks of 10 bits at 75 Hz [3.1]
-    dim = 128
+    n_q, dim = 8, 128  # 6 kbps = 8 codebooks of 10 bits at 75 Hz [3.1]; 128-d frames
 
     def __init__(self, encodec_model, source):
         super().__init__()
@@ -103,7 +102,7 @@ class Codec(nn.Module):
     @torch.no_grad()
     def raw_frames(self, wav):  # (B, n) mono at 24 kHz -> (B, 128, T)
         assert wav.dim() == 2, f"codec expects (B, n_samples) mono at 24 kHz, got {tuple(wav.shape)}"
-        with flush_denormals(wav.device):
+        with codec_precision(wav.device):
             return self.encoder(wav[:, None].float())
 
     def standardize(self, emb):  # (B, 128, T) -> (B, T, 128) as the MAE sees them (the random codec rescales)
@@ -115,18 +114,21 @@ class Codec(nn.Module):
     @torch.no_grad()
     def forward(self, wav):
         """One encoder pass gives both the inputs and the targets [2, Fig. 1]."""
-        emb = self.raw_frames(wav)  # (B, 128, T)
-        codes = self.quantizer.encode(emb, FRAME_RATE, 6.0)  # (8, B, T)
+        with codec_precision(wav.device):
+            emb = self.raw_frames(wav)  # (B, 128, T)
+            codes = self.quantizer.encode(emb, FRAME_RATE, 6.0)  # (8, B, T)
         assert codes.shape[-1] == emb.shape[-1] == num_frames(wav.shape[-1])
         return self.standardize(emb), codes.permute(1, 2, 0).long()  # (B, T, 128), (B, T, 8)
 
 
 @contextlib.contextmanager
-def flush_denormals(device):
-    """The codec's LSTM makes denormal floats, about 3x slower on x86 CPUs; flushing them to zero
-    changes nothing measurable (8 s of audio: 3.7 s -> 1.2 s on a 2-core CPU)."""
+def codec_precision(device):
+    """The frozen codec in fp32, outside any autocast (under bf16 autocast 35-48% of its codes matched
+    fp32: docs/GPU.md). On a CPU denormals are flushed: the LSTM makes them, 3x slower on x86, and
+    flushing changes nothing measurable (8 s of audio: 3.7 s -> 1.2 s on a 2-core CPU)."""
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
-    yield  # an exception here leaves denormals flushed: harmless
+    with torch.autocast("cuda" if device.type == "cuda" else "cpu", enabled=False):
+        yield  # an exception here leaves denormals flushed: harmless
     torch.set_flush_denormal(False) if flush else None
 
 
@@ -170,10 +172,7 @@ def sinusoidal_positions(T, D, device=None):
     """The transformer's fixed sin/cos table (T, D)."""
     position = torch.arange(T, device=device, dtype=torch.float32)[:, None]
     freq = torch.exp(torch.arange(0, D, 2, device=device) * (-math.log(10000.0) / D))
-    table = torch.zeros(T, D, device=device)
-    table[:, 0::2] = torch.sin(position * freq)
-    table[:, 1::2] = torch.cos(position * freq)
-    return table
+    return torch.stack([torch.sin(position * freq), torch.cos(position * freq)], -1).flatten(1)  # sin even, cos odd
 
 
 # ---------------------------------------------------------------- 2. masking (M_prop, M_gap)
@@ -182,13 +181,15 @@ def gap_mask(lengths, T, M_prop, M_gap, generator=None):
 
     Span starts are drawn without replacement and the M_gap frames after each are hidden until
     enough are; the last span is trimmed. Whole 200-ms gaps stop the model from just interpolating
-    neighbours. Padding (t >= length) is never hidden, and one frame always stays visible
-    (attention over none is undefined). lengths (B,) real frames -> mask (B, T) bool, True = hidden.
+    neighbours. Padding (t >= length) is never hidden; one frame always stays visible (attention over
+    none: NaN on a GPU), so padding-only clips are refused. lengths (B,) -> mask (B, T), True = hidden.
     Deviation: starts without replacement, as the paper says; the authors' loop may draw one twice.
     """
     mask = torch.zeros(len(lengths), T, dtype=torch.bool)
     for b, length in enumerate(lengths.tolist()):
-        n_hidden, hidden, row = min(round(M_prop * length), max(length - 1, 0)), 0, [False] * T
+        if length < 1:
+            raise ValueError(f"clip {b} is padding only: no frame would be left for the encoder")
+        n_hidden, hidden, row = min(round(M_prop * length), length - 1), 0, [False] * T
         for start in torch.randperm(max(length - M_gap, 0) + 1, generator=generator).tolist():
             for t in range(start, min(start + M_gap, length)):
                 if not row[t] and hidden < n_hidden:
@@ -199,23 +200,32 @@ def gap_mask(lengths, T, M_prop, M_gap, generator=None):
     return mask.to(lengths.device)
 
 
-def gather_visible(x, mask, padding):
+def gather_visible(x, mask, padding, min_slots=0):
     """Drop the hidden frames: x (B, T, D) -> x_visible (B, N, D), MAE style [2.2].
 
     A stable sort of the hide flags lists visible frames first, in time order (ids_shuffle);
     sorting that permutation again gives its inverse, ids_restore, which puts frames back. Without
-    padding x_visible is dense; else visible_padding (B, N) marks the unused slots (None if none).
+    padding x_visible is dense; else visible_padding (B, N) marks unused slots (None if none), N >=
+    min_slots. Runs where the masks are (the CPU in training): reading N never makes the GPU wait.
     """
     dropped = mask | padding  # (B, T)
     ids_shuffle = dropped.int().argsort(dim=1, stable=True)  # (B, T)
     ids_restore = ids_shuffle.argsort(dim=1)  # (B, T)
     n_visible = (~dropped).sum(1)  # (B,)
-    N = int(n_visible.max())
-    x_visible = x.gather(1, ids_shuffle[:, :N, None].expand(-1, -1, x.shape[-1]))  # (B, N, D), ids_keep = ids_shuffle[:, :N]
-    visible_padding = torch.arange(N, device=x.device)[None] >= n_visible[:, None]  # (B, N)
-    if not visible_padding.any():
-        visible_padding = None  # dense: attention needs no mask, the fast kernels apply
-    return x_visible, ids_restore, visible_padding
+    N = max(int(n_visible.max()), min_slots)
+    visible_padding = torch.arange(N, device=mask.device)[None] >= n_visible[:, None]  # (B, N)
+    visible_padding = visible_padding if visible_padding.any() else None  # dense: no mask, fast kernels
+    ids_keep, ids_restore, visible_padding = (to_device(t, x.device) for t in (ids_shuffle[:, :N], ids_restore,
+                                                                               visible_padding))
+    return x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1])), ids_restore, visible_padding  # (B, N, D)
+
+
+def key_padding(padding, device):  # None when no clip is padded (fast kernels), decided where padding is
+    return None if padding is None or not padding.any() else to_device(padding, device)
+
+
+def to_device(t, device):  # a copy that does not wait for the GPU; None stays None
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 def restore_sequence(h, ids_restore, visible_padding, mask_token):
@@ -234,8 +244,7 @@ class Block(nn.Module):
 
     def __init__(self, D, n_heads, ff_dim):
         super().__init__()
-        self.n_heads = n_heads
-        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.n_heads, self.norm1, self.norm2 = n_heads, nn.LayerNorm(D), nn.LayerNorm(D)
         self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
         # Deviation: a feed-forward block per layer; the authors' code shares one across depth,
         # which the paper's parameter counts (51M / 94M / 269M) rule out.
@@ -280,12 +289,11 @@ class Decoder(nn.Module):
             self.mask_token = nn.Parameter(0.02 * torch.randn(1, 1, cfg.d_model))
         self.layers, self.norm = blocks(cfg, cfg.n_dec_layers), nn.LayerNorm(cfg.d_model)
 
-    def forward(self, h, ids_restore, visible_padding, padding):
+    def forward(self, h, ids_restore, visible_padding, key_padding):
         h = self.proj(h)  # (B, N, D)
         if ids_restore is not None:  # "drop" mode: re-insert the hidden positions
             h = restore_sequence(h, ids_restore, visible_padding, self.mask_token)  # (B, T, D)
         h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)  # where each token sits
-        key_padding = padding if padding.any() else None
         for layer in self.layers:
             h = layer(h, key_padding)
         return self.norm(h)
@@ -325,20 +333,17 @@ def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None)
     B, T, S, K = logits.shape
     ce = F.cross_entropy(logits.reshape(-1, K).float(), targets.reshape(-1), reduction="none")
     ce = ce.view(B, T, S)  # C(y_q(t), z_q(t))
-    hidden = (mask & ~padding)[..., None].float()  # (B, T, 1), the set M
-    shown = (~mask & ~padding)[..., None].float()  # (B, T, 1), its complement
+    hidden = to_device(mask & ~padding, ce.device)[..., None].float()  # (B, T, 1), the set M
+    shown = to_device(~mask & ~padding, ce.device)[..., None].float()  # (B, T, 1), its complement
     n_hidden, n_shown = (hidden.sum(), shown.sum()) if counts is None else counts  # |M|, T - |M|
-    n_hidden = torch.as_tensor(n_hidden, dtype=torch.float32, device=ce.device).clamp(min=1)
-    n_shown = torch.as_tensor(n_shown, dtype=torch.float32, device=ce.device).clamp(min=1)
+    n_hidden, n_shown = (torch.as_tensor(n, device=ce.device).float().clamp(min=1) for n in (n_hidden, n_shown))
     alpha, beta = delta / n_hidden, (1 - delta) / n_shown
     hidden_ce, shown_ce = (ce * hidden).sum((0, 1)), (ce * shown).sum((0, 1))  # (S,) sums over M, not M
     loss = (gamma * (alpha * hidden_ce + beta * shown_ce)).sum()
     with torch.no_grad():
         correct = (logits.argmax(-1) == targets).float()  # (B, T, S)
         masked_acc = (correct * hidden).sum((0, 1)) / n_hidden  # (S,)
-    masked_loss = hidden_ce.detach() / n_hidden  # (S,) mean CE over M, per stream
-    unmasked_loss = shown_ce.detach() / n_shown  # (S,)
-    return LossOut(loss, masked_loss, unmasked_loss, masked_acc)
+    return LossOut(loss, hidden_ce.detach() / n_hidden, shown_ce.detach() / n_shown, masked_acc)
 
 
 # ---------------------------------------------------------------- the model, Fig. 1
@@ -358,31 +363,32 @@ class EnCodecMAE(nn.Module):
         """feats (B, T, 128), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1].
 
         feats and targets come from one codec pass (`Codec.forward`, or the cache); the mask from
-        `gap_mask`, drawn per clip by the data pipeline (train.MaskedCrops), so it depends on the
-        clip alone. counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3].
+        `gap_mask`, drawn per clip by the data pipeline (train.MaskedCrops), which may leave mask and
+        padding on the CPU. counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3].
         """
         check_inputs(feats, targets, mask, padding, self.cfg)
+        T, device = mask.shape[1], feats.device
         padding = torch.zeros_like(mask) if padding is None else padding
-        x = self.in_proj(feats) + sinusoidal_positions(feats.shape[1], self.cfg.d_model, feats.device)  # (B, T, D)
-        if self.cfg.mask_mode == "drop":
-            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # (B, N, D)
+        x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, device)  # (B, T, D)
+        if self.cfg.mask_mode == "drop":  # N >= what gap_mask leaves of a full clip: one shape to compile
+            slots = T - min(round(self.cfg.M_prop * T), T - 1)
+            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding, slots)  # (B, N, D)
             h = self.encoder(x_visible, visible_padding)  # (B, N, D)
         else:
-            x = torch.where(mask[..., None], self.enc_mask_token, x)  # (B, T, D)
+            x = torch.where(to_device(mask, device)[..., None], self.enc_mask_token, x)  # (B, T, D)
             ids_restore, visible_padding = None, None
-            h = self.encoder(x, padding if padding.any() else None)  # (B, T, D)
-        h = self.decoder(h, ids_restore, visible_padding, padding)  # (B, T, D)
+            h = self.encoder(x, key_padding(padding, device))  # (B, T, D)
+        h = self.decoder(h, ids_restore, visible_padding, key_padding(padding, device))  # (B, T, D)
         logits = self.head(h)  # (B, T, S, K)
         return masked_token_loss(logits, targets, mask, padding, self.gamma, self.cfg.delta, counts)
 
     def embed(self, feats, padding=None, layer=-1):
-        """Frame features, no masking: the output of encoder layer `layer` (-1: last, normed) [3.1]."""
+        """Frame features (B, T, D), no masking: encoder layer `layer`'s output (-1: the last, normed) [3.1]."""
         check_inputs(feats, None, None, padding, self.cfg)
         if layer != -1 and not 1 <= layer <= self.cfg.n_enc_layers:
             raise ValueError(f"layer={layer}: use -1 (last, normed) or 1..{self.cfg.n_enc_layers}")
         x = self.in_proj(feats) + sinusoidal_positions(feats.shape[1], self.cfg.d_model, feats.device)
-        key_padding = padding if padding is not None and padding.any() else None
-        return self.encoder(x, key_padding, None if layer == -1 else layer)  # (B, T, D)
+        return self.encoder(x, key_padding(padding, x.device), None if layer == -1 else layer)
 
 
 def init_weights(module):
@@ -417,9 +423,8 @@ def add_kmeans_stream(model):
 @torch.no_grad()
 def chunked_frames(fn, wav, chunk_samples=CROP_SAMPLES, max_batch=32):
     """Cut audio into 4-s chunks, map fn over them in batches, concatenate frames in time [3.1]."""
-    B, n = wav.shape
+    (B, n), pieces = wav.shape, []
     n_full = n // chunk_samples
-    pieces = []
     if n_full:
         chunks = wav[:, : n_full * chunk_samples].reshape(B * n_full, chunk_samples)
         out = torch.cat([fn(c) for c in chunks.split(max_batch)])  # (B * n_full, 300, D)
@@ -439,19 +444,6 @@ def codec_embed_audio(codec, wav, chunk_samples=CROP_SAMPLES):
     return chunked_frames(codec.features, wav, chunk_samples)
 
 
-# ---------------------------------------------------------------- Table 1's #Par
-def count_parameters(cfg):
-    """Feature-extractor parameters as Table 1 counts them: EnCodec encoder + input proj + encoder."""
-    with torch.device("meta"):
-        codec = build_encodec(pretrained=False).encoder
-        model = EnCodecMAE(cfg)
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    return count(codec) + count(model.in_proj) + count(model.encoder)
-
-
-TABLE1_PARAMS = {"small": 51e6, "base": 94e6, "large": 269e6}
-
-if __name__ == "__main__":
-    print("| size | ours (M) | Table 1 (M) |\n|---|---|---|")
-    for size in ("small", "base", "large"):
-        print(f"| {size} | {count_parameters(make_config(size)) / 1e6:.1f} | {TABLE1_PARAMS[size] / 1e6:.0f} |")
+if __name__ == "__main__":  # Table 1's #Par, ours beside the paper's (extras/param_count.py)
+    from extras.param_count import print_table1
+    print_table1()

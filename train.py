@@ -10,6 +10,8 @@ OUT/ckpt-*.pt and OUT/metrics.jsonl. Every ModelConfig and TrainConfig field is 
 """
 import contextlib
 import dataclasses
+import datetime
+import functools
 import glob
 import json
 import os
@@ -32,8 +34,7 @@ class TrainConfig:
     data: tuple = ("demo",)          # audio folders, .txt file lists, or "demo" (synthetic) [3.1]
     data_weights: tuple = ()         # optional mixing weight per --data entry (extras/mixing.py)
     cache: str = ""                  # codec cache folder (extras/cache.py): completed if needed, then read
-    index: str = ""                  # file index (extras/file_index.py), built once if missing;
-                                     # "" = read every header at the start (fine up to ~100k files)
+    index: str = ""                  # file index (extras/file_index.py), built if missing; "" = read every header
     encodec: str = "pretrained"      # "pretrained", a local .th checkpoint, or "random" [2.1]
     out: str = "runs/encodecmae"     # checkpoints and metrics.jsonl
     steps: int = 500_000             # optimizer steps: 500k stage 1, 150k stage 2 [2.3, 3.1]
@@ -43,8 +44,7 @@ class TrainConfig:
     weight_decay: float = 0.05       # AdamW [3.1]
     betas: tuple = (0.9, 0.95)       # AdamW beta_1, beta_2 [3.1]
     clip_grad: float = 0.0           # gradient norm clipping; 0 = off (the paper does not clip)
-    gamma: str = "auto"              # gamma_q: released | estimate | uniform; auto = released for
-                                     # the pretrained codec, estimate otherwise [3.1]
+    gamma: str = "auto"              # gamma_q: released|estimate|uniform; auto: released for pretrained, else estimate
     gamma_clips: int = 150           # clips for estimating gamma_q [3.1]
     init_from: str = ""              # stage 2: the stage-1 checkpoint to start from [2.3]
     kmeans_store: str = ""           # stage 2: k-means targets from kmeans.py, stream Q+1 [2.3]
@@ -62,13 +62,9 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- command line
-TYPES = {**{name: at_least(1) for name in ("steps", "batch_size", "grad_accum", "gamma_clips", "val_files",
-                                           "val_every", "log_every", "ckpt_every", "keep_last", "Q", "K", "M_gap",
-                                           "n_enc_layers", "n_heads", "d_model", "ff_dim")},
-         "workers": at_least(0), "seed": at_least(0),
-         "n_dec_layers": at_least(0), "n_kmeans_streams": at_least(0), "lr": at_least(1e-12, float),
-         "weight_decay": at_least(0.0, float), "clip_grad": at_least(0.0, float), "data": D.data_source,
-         "betas": at_least(0.0, float, 0.999999), "data_weights": at_least(1e-12, float),
+TYPES = {"workers": at_least(0), "seed": at_least(0), "n_dec_layers": at_least(0), "n_kmeans_streams": at_least(0),
+         "lr": at_least(1e-12, float), "weight_decay": at_least(0.0, float), "clip_grad": at_least(0.0, float),
+         "betas": at_least(0.0, float, 0.999999), "data_weights": at_least(1e-12, float), "data": D.data_source,
          "encodec": D.encodec_source, "device": lambda text: text if text == "auto" else str(D.device(text))}
 CHOICES = {"gamma": ("auto", "released", "estimate", "uniform"), "mask_mode": ("drop", "token")}
 
@@ -80,7 +76,8 @@ def parse_args(argv):
                  formatter_class=D.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=list(M.SIZES), help="model size [2.2] (default base)")
     for f in dataclasses.fields(TrainConfig) + dataclasses.fields(M.ModelConfig):
-        kind, item = type(f.default), TYPES.get(f.name, float if isinstance(f.default, tuple) else type(f.default))
+        kind = type(f.default)
+        item = TYPES.get(f.name, at_least(1) if kind is int else float if kind is tuple else kind)  # ints: >= 1
         if kind is bool:
             p.add_argument(f"--{f.name}", action="store_true", default=None, help="(off)")
         else:  # several values of a tuple: spaced or comma-separated
@@ -190,20 +187,9 @@ def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
     return path
 
 
-def trim_metrics(out, step):
-    """Keep the metrics of steps up to `step`: a killed run logged past its last checkpoint."""
-    path, keep = os.path.join(out, "metrics.jsonl"), []
-    with open(path) if os.path.exists(path) else contextlib.nullcontext([]) as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):  # a line torn by the kill
-                keep += [line] if json.loads(line)["step"] <= step else []
-    D.write_atomic(path, lambda f: f.write("".join(keep).encode()))
-
-
 # ---------------------------------------------------------------- ranks and device
 def setup_distributed(cfg):
-    """torchrun sets WORLD_SIZE: NCCL on GPUs, gloo on CPU; each rank takes its own GPU (LOCAL_RANK)
-    whatever --device names. Returns (rank, world, device)."""
+    """torchrun sets WORLD_SIZE: NCCL on GPUs, gloo on CPU; rank r takes GPU LOCAL_RANK -> (rank, world, device)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -211,20 +197,27 @@ def setup_distributed(cfg):
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        wait_group()  # made by every rank now, together
     return rank, world, device
 
 
-def autocast_for(device):
-    """bf16 autocast on GPUs that have it, fp16 + GradScaler on older GPUs, fp32 on CPU [3.1]."""
-    if device.type != "cuda":
-        return contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+@functools.cache
+def wait_group():
+    """barrier()'s group: rank 0 alone builds the file index and codec cache (hours), past NCCL's 10-minute timeout."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
 
 
 def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    dist.barrier(group=wait_group()) if dist.is_initialized() else None
+
+
+def autocast_for(device):
+    """bf16 autocast on GPUs with bf16 units (Ampere on), fp16 + GradScaler on older GPUs, which only
+    emulate bf16, slowly (is_bf16_supported() counts emulation unless told not to); fp32 on CPU [3.1]."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
 def print0(rank, *args):
@@ -276,7 +269,8 @@ def build_datasets(cfg, mcfg, codec, rank, files=None):
     if cfg.cache:  # the codec once per file: stored frames and codes (a deviation, extras/cache.py)
         from extras.cache import CachedCropDataset, build_cache
         if rank == 0:
-            build_cache(codec, [files.path(i) for s in splits for part in s for i in part], cfg.cache)
+            build_cache(codec, [files.path(i) for s in splits for part in s for i in part], cfg.cache,
+                        workers=cfg.workers)
         barrier()
 
     def crops(positions, seed, n_skipped=0):
@@ -324,22 +318,20 @@ def step_batches(dataset, cfg, micro_batch, rank, world, start_step):
 
 
 def inputs_and_targets(batch, codec, mcfg, device):
-    """A micro-batch -> feats, targets, mask, padding on the device; raw audio goes through the codec.
-    Targets are the first Q codec codebooks, then the k-means stream in stage 2 [2.3]."""
+    """A micro-batch -> feats, targets on the device by non-blocking copies (raw audio through the codec), mask
+    and padding on the CPU (the model reads them there). Targets: Q codebooks, then the k-means stream [2.3]."""
     item, mask = batch
     if isinstance(item, D.Crop):
         feats, codes = codec(item.wav.to(device, non_blocking=True))  # (B, T, 128), (B, T, 8)
     else:  # cached frames and codes
         feats, codes = item.feats.to(device, non_blocking=True), item.codes.to(device, non_blocking=True)
-    padding = item.padding.to(device)
     targets = codes[..., : mcfg.Q]  # (B, T, Q)
     if mcfg.n_kmeans_streams:
-        extra = item.extra.to(device)
-        if not (extra[~padding] >= 0).all():  # python -O must not remove this check
+        if not (item.extra[~item.padding] >= 0).all():  # on the CPU; python -O must not remove this check
             raise ValueError("frames without k-means targets: the --kmeans_store does not match "
                              "these files (rerun kmeans.py on them)")
-        targets = torch.cat([targets, extra.clamp(min=0)[..., None]], dim=-1)  # (B, T, Q + 1)
-    return feats, targets, mask.to(device), padding
+        targets = torch.cat([targets, item.extra.clip(0).to(device, non_blocking=True)[..., None]], -1)  # (B, T, S)
+    return feats, targets, mask, item.padding
 
 
 # ---------------------------------------------------------------- model: fresh, stage 2, or resumed
@@ -373,10 +365,9 @@ def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, c
     """Accumulate over this rank's micro-batches (DDP syncs only on the last), then step [3.1].
     |M| and T are counted over the whole batch, every micro-batch of every GPU [2.3], so the shares
     of L add up to the batch's loss. -> [loss, masked loss (S), unmasked loss (S), masked acc (S)]."""
-    counts = count_frames(batches).to(device)
+    counts = count_frames(batches).to(device, non_blocking=True)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if world > 1:
-        dist.all_reduce(counts)  # two integers: cheap
+    dist.all_reduce(counts) if world > 1 else None  # two integers: cheap
     stats = 0
     for m, batch in enumerate(batches):
         feats, targets, mask, padding = inputs_and_targets(batch, codec, mcfg, device)
@@ -385,12 +376,8 @@ def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, c
             with autocast:
                 out = ddp_model(feats, targets, mask, padding, counts=tuple(counts))
             scaler.scale(out.loss * world).backward()  # DDP averages gradients over GPUs; shares add
-        stats = stats + torch.cat([out.loss.detach()[None], out.masked_loss, out.unmasked_loss,
-                                   out.masked_acc]).float()
-    if world > 1:
-        dist.all_reduce(stats)  # every GPU's shares add up to the batch's figures
-    if not torch.isfinite(stats[0]):  # stop before the step: the model and last checkpoint stay good
-        return stats
+        stats = stats + torch.cat([out.loss.detach()[None], out.masked_loss, out.unmasked_loss, out.masked_acc]).float()
+    dist.all_reduce(stats) if world > 1 else None  # every GPU's shares add up to the batch's figures
     if clip_grad:  # Deviation only when switched on: the paper does not clip
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), clip_grad)
@@ -402,11 +389,7 @@ def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, c
 
 def count_frames(batches):
     """(|M|, T - |M|): hidden and shown frames of some micro-batches, padding in neither [2.3]."""
-    counts = torch.zeros(2, dtype=torch.int64)
-    for item, mask in batches:
-        real = ~item.padding
-        counts += torch.stack([(mask & real).sum(), (~mask & real).sum()])
-    return counts
+    return sum(torch.stack([(mask & ~item.padding).sum(), (~mask & ~item.padding).sum()]) for item, mask in batches)
 
 
 @torch.no_grad()
@@ -418,7 +401,7 @@ def validate(model, dataset, codec, mcfg, device, micro_batch, autocast):
     counts = tuple(count_frames(loader()).to(device))  # a first, cheap pass: crops and masks only
     total = 0
     for batch in loader():
-        with autocast:
+        with autocast:  # the codec runs in fp32 all the same (model.codec_precision)
             out = model(*inputs_and_targets(batch, codec, mcfg, device), counts=counts)
         total = total + torch.cat([out.loss.float()[None], out.masked_acc.float()])  # shares add up
     return [total[0].item(), total[1:].mean().item()]
@@ -455,8 +438,9 @@ def main(argv=None):
                  audio_seconds_per_step=cfg.batch_size * M.CROP_SECONDS)  # derived once, printed
     files = read_files(cfg, rank)  # before any setup: a --data mistake costs one line
     os.makedirs(cfg.out, exist_ok=True)
-    if rank == 0 and cfg.resume:
-        trim_metrics(cfg.out, ckpt["step"] if ckpt else 0)  # each step is logged once
+    if rank == 0 and cfg.resume:  # each step is logged once
+        from extras.resume import trim_metrics
+        trim_metrics(cfg.out, ckpt["step"] if ckpt else 0)
     torch.manual_seed(cfg.seed)
     codec = D.load_codec(cfg.encodec).to(device)
     train_set, val_set, train_files = build_datasets(cfg, mcfg, codec, rank, files)
@@ -465,45 +449,49 @@ def main(argv=None):
     print0(rank, f"model {json.dumps(asdict(mcfg))}\ntrain {json.dumps(asdict(cfg))}\nderived {json.dumps(extra)}"
                  f" | world {world} | device {device} | {len(train_set)} training crops, "
                  f"{train_set.crops.n_skipped + val_set.crops.n_skipped} unreadable files skipped | gamma_q {mcfg.gamma_q}")
-    ddp_model = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:  # the network, not the mask bookkeeping around it (extras/compile.py)
+        from extras.compile import compile_network
+        compile_network(model)
+    # No device_ids: DDP would copy every input to the GPU, the masks too, which stay on the CPU.
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     autocast, scaler = autocast_for(device)
     if ckpt is not None:  # the optimizer, the loss scale and the RNG continue exactly
         opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # {} from a CPU or bf16 run: an fp16 run starts its loss scale afresh
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
     run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
              ckpt["step"] if ckpt else 0, extra["micro_batch"], rank, world, device)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group() if dist.is_initialized() else None
 
 
 def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
              step, micro_batch, rank, world, device):
-    """The loop of section 3.1: constant lr, accumulate, step, log, validate, checkpoint."""
+    """The loop of section 3.1: constant lr, accumulate, step, log, validate, checkpoint. The GPU is
+    waited for only where the statistics are read: at log, validation and checkpoint steps."""
     batches = step_batches(train_set, cfg, micro_batch, rank, world, step)
-    metrics, window, t0 = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None, [], time.time()
+    metrics, window, n_steps, t0 = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None, 0, 0, time.time()
     while step < cfg.steps:  # the learning rate stays 1e-4 throughout [3.1]
-        stats = train_step(ddp_model, next(batches), codec, mcfg, opt, scaler, autocast, device, cfg.clip_grad)
-        if not torch.isfinite(stats[0]):
+        window = window + train_step(ddp_model, next(batches), codec, mcfg, opt, scaler, autocast, device,
+                                     cfg.clip_grad)  # summed on the device since the last log line
+        step, n_steps, end = step + 1, n_steps + 1, step + 1 == cfg.steps
+        val_now = (step % cfg.val_every == 0 or end) and len(val_set) > 0
+        log_now, ckpt_now = step % cfg.log_every == 0 or end or val_now, step % cfg.ckpt_every == 0 or end
+        stats = window.cpu() / n_steps if log_now or ckpt_now else None  # on every rank: all stop together
+        if stats is not None and not torch.isfinite(stats[0]):  # so no checkpoint ever holds it
             last = max(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")), default=None)
-            raise SystemExit(f"loss is {stats[0].item()} at step {step + 1}: stopping. The last good "
-                             f"checkpoint ({last or 'none yet'}) is intact; try a lower --lr or --clip_grad.")
-        step += 1
-        window.append(stats.cpu())
-        val = None
-        if rank == 0 and (step % cfg.val_every == 0 or step == cfg.steps) and len(val_set):
-            val = validate(model, val_set, codec, mcfg, device, micro_batch, autocast)
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps or val is not None):
-            text, record = log_record(step, cfg, torch.stack(window).mean(0), mcfg.n_streams,
-                                      len(window) / (time.time() - t0), val)
+            raise SystemExit(f"loss is {stats[0].item()} in steps {step - n_steps + 1}-{step}: stopping. The last "
+                             f"good checkpoint ({last or 'none yet'}) is intact; try a lower --lr or --clip_grad.")
+        val = validate(model, val_set, codec, mcfg, device, micro_batch, autocast) if rank == 0 and val_now else None
+        if rank == 0 and log_now:
+            text, record = log_record(step, cfg, stats, mcfg.n_streams, n_steps / (time.time() - t0), val)
             print(text, flush=True)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            window, t0 = [], time.time()  # each log line averages the steps since the last one
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+        if log_now:
+            window, n_steps, t0 = 0, 0, time.time()  # each log line averages the steps since the last one
+        if rank == 0 and ckpt_now:
             print(f"saved {save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)}", flush=True)
     barrier()
 

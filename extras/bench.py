@@ -24,7 +24,6 @@ import model as M
 
 
 # ---------------------------------------------------------------- a training step
-# ---------------------------------------------------------------- benchmark
 def timed(fn, device, reps=3):
     """Median wall time of fn() over reps runs, after one warm-up run."""
     times = []
@@ -90,12 +89,27 @@ def utilization_peak(achieved, peaks, remeasure, n_shapes):
     return peak, how
 
 
+def loader_rate(dataset, B, workers, n_batches=4):
+    """Crops per second that a DataLoader with `workers` processes delivers, as training loads them,
+    timed after its first batch (which includes starting the workers)."""
+    loader = iter(DataLoader(dataset, batch_size=B, sampler=[i % len(dataset) for i in range(B * n_batches)],
+                             num_workers=workers))
+    next(loader)
+    t = time.perf_counter()
+    for _ in loader:
+        pass
+    return B * (n_batches - 1) / (time.perf_counter() - t)
+
+
 def train_benchmark(cfg, mcfg, device):
-    """Where a training step's time goes: codec, MAE forward/backward, optimizer, cached data."""
+    """Where a training step's time goes, as a run with these flags spends it: codec, MAE forward and
+    backward (compiled with --compile), optimizer, each with its data ready on the device; apart,
+    the crops per second that --workers loader processes deliver, from raw audio and from a cache."""
     import resource
     import tempfile
     from extras.cache import CachedCropDataset, build_cache
     from extras.demo_audio import demo_clips, write_demo_dataset
+    from extras.compile import compile_network
     from train import MaskedCrops, autocast_for
     B = cfg.batch_size
     autocast, _ = autocast_for(device)
@@ -104,8 +118,9 @@ def train_benchmark(cfg, mcfg, device):
     wav = demo_clips(B, M.CROP_SECONDS, seed=cfg.seed).to(device)  # (B, 96000)
     t_codec = timed(lambda: codec(wav), device)
     feats, codes = codec(wav)
-    mask = M.gap_mask(torch.full((B,), M.CROP_FRAMES, device=device), M.CROP_FRAMES, mcfg.M_prop, mcfg.M_gap)
+    mask = M.gap_mask(torch.full((B,), M.CROP_FRAMES), M.CROP_FRAMES, mcfg.M_prop, mcfg.M_gap)  # on the CPU, as in training
     model = M.EnCodecMAE(mcfg).to(device)
+    compile_network(model) if cfg.compile else None  # the warm-up run of `timed` compiles it
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
     def forward_backward():
@@ -118,27 +133,29 @@ def train_benchmark(cfg, mcfg, device):
     peak, how = utilization_peak(mae_flops(mcfg, B) / t_mae, [peak_before, gemm_peak(shapes, device, dtype)],
                                  lambda: gemm_peak(shapes, device, dtype, reps=10), len(shapes))
     t_opt = timed(opt.step, device)
-    with tempfile.TemporaryDirectory() as tmp:  # a small cache, read as training reads it
-        paths = write_demo_dataset(os.path.join(tmp, "audio"), n_files=4, seed=cfg.seed, seconds=(8.0, 8.0))
-        build_cache(codec, paths, os.path.join(tmp, "cache"))
-        crops = MaskedCrops(CachedCropDataset(os.path.join(tmp, "cache"), seed=cfg.seed), mcfg, cfg.seed)
-        loader = DataLoader(crops, batch_size=B, sampler=[i % len(crops) for i in range(B)], num_workers=0)
-        t_data = timed(lambda: next(iter(loader)), torch.device("cpu"))
-    step_cache, step_raw = t_mae + t_opt + t_data, t_codec + t_mae + t_opt
-    flops = mae_flops(mcfg, B)
+    with tempfile.TemporaryDirectory() as tmp:  # demo files and their cache, loaded as training loads them
+        paths = write_demo_dataset(os.path.join(tmp, "audio"), n_files=2, seed=cfg.seed, seconds=(4.5, 4.5))
+        build_cache(codec, paths, os.path.join(tmp, "cache"), log_every=1e9)
+        raw = loader_rate(MaskedCrops(D.CropDataset(paths, seed=cfg.seed), mcfg, cfg.seed), B, cfg.workers)
+        cached = loader_rate(MaskedCrops(CachedCropDataset(os.path.join(tmp, "cache"), seed=cfg.seed), mcfg, cfg.seed),
+                             B, cfg.workers)
+    flops, rows = mae_flops(mcfg, B), []
     memory = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    for name, step, rate in (("raw audio", t_codec + t_mae + t_opt, raw), ("cache", t_mae + t_opt, cached)):
+        # workers load the next batches while the GPU steps; with none, loading and stepping take turns
+        run = max(step, B / rate) if cfg.workers else step + B / rate
+        rows += [(f"loader, {name}", f"{rate:.0f} crops/s with --workers {cfg.workers} = {rate / B:.2f} steps/s"),
+                 (f"step, {name}, data ready", f"{step:.3f} s = {1 / step:.2f} steps/s, {B / step:.1f} clips/s"),
+                 (f"run, {name}", f"{1 / run:.2f} steps/s ({'loader' if B / rate > step else 'step'}-bound)")]
     rows = [("matmul peak (measured)", f"{peak / 1e9:.0f} GFLOP/s ({dtype}); {how}"),
-            ("codec, on the fly", f"{t_codec:.3f} s/step ({t_codec / step_raw:.0%} of a raw-audio step)"),
-            ("MAE forward+backward", f"{t_mae:.3f} s ({flops / t_mae / 1e9:.0f} GFLOP/s, "
-                                     f"{flops / t_mae / peak:.0%} of the matmul peak)"),
-            ("optimizer step", f"{t_opt:.3f} s"),
-            ("data, from the cache", f"{t_data:.4f} s/step ({t_data / step_cache:.1%} of a cached step)"),
-            ("step, raw audio", f"{step_raw:.3f} s = {1 / step_raw:.2f} steps/s, {B / step_raw:.1f} clips/s"),
-            ("step, cache", f"{step_cache:.3f} s = {1 / step_cache:.2f} steps/s, {B / step_cache:.1f} clips/s"),
-            ("peak memory", f"{memory:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")]
-    print(f"benchmark: {mcfg.n_enc_layers}-layer D={mcfg.d_model} model, batch {B}, {device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+            ("codec, on the fly", f"{t_codec:.3f} s/step ({t_codec / (t_codec + t_mae + t_opt):.0%} of a raw-audio step)"),
+            ("MAE forward+backward", f"{t_mae:.3f} s, {flops / 1e12:.2f} TFLOP by mae_flops ({flops / t_mae / 1e9:.0f} "
+                                     f"GFLOP/s, {flops / t_mae / peak:.0%} of the matmul peak)"),
+            ("optimizer step", f"{t_opt:.3f} s")] + rows
+    rows.append(("peak memory", f"{memory:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})"))
+    print(f"benchmark: {mcfg.n_enc_layers}-layer D={mcfg.d_model} model, batch {B}, {device}, compile "
+          f"{'on' if cfg.compile else 'off'}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for name, value in rows:
         print(f"| {name} | {value} |")
 

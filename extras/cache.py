@@ -6,7 +6,6 @@ codes (int16) as memory-mappable .npy, about 20 kB per second of audio, resumabl
 `CachedCropDataset` reads random 4-s crops from it. Deviation: the paper encodes each 4-s crop; a
 cached crop sees the causal encoder's state from the whole file (or 60-s chunk) before it.
 """
-import itertools
 import json
 import os
 import sys
@@ -16,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 if __package__ in (None, ""):  # run as a script: the core files sit in the folder above
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,11 +70,10 @@ def open_cache(cache_dir, codec):
 
 
 @torch.no_grad()
-def encode(codec, wav, chunk_samples):
-    """Codec frames and codes of (B, n) audio, chunk by chunk -> (B, T, 128) fp16, (B, T, Q) int16."""
+def encode(codec, wav):
+    """Codec frames and codes of (B, n) audio pieces -> (B, T, 128) fp16, (B, T, Q) int16 (numpy)."""
     device = next(codec.parameters()).device
-    outs = [codec(chunk.to(device)) for chunk in wav.split(chunk_samples, dim=1)]
-    feats, codes = torch.cat([o[0] for o in outs], 1).cpu(), torch.cat([o[1] for o in outs], 1).cpu()
+    feats, codes = (x.cpu() for x in codec(wav.to(device, non_blocking=True)))
     assert feats.shape[1] == codes.shape[1] == num_frames(wav.shape[1]), "codec frame count mismatch"
     peak = feats.abs().max()  # NaN if any frame is NaN
     if not peak < 6e4:  # audio within MAX_PEAK stays far below this with EnCodec
@@ -83,24 +82,20 @@ def encode(codec, wav, chunk_samples):
     return feats.half().numpy(), codes.short().numpy()
 
 
-def encode_group(codec, wavs, chunk_samples, skipped):
-    """[(path, wav)] -> [(path, wav, feats, codes)]: one batch, or file by file if the batch fails.
-
-    A file's own failure (AudioError) skips it with one warning; so one bad file never costs the
-    others of its batch. Files of unequal length (changed since the scan) also go one by one.
-    """
+def encode_group(codec, pieces):
+    """[(key, wav)] -> ([(key, feats, codes)], [(key, reason)] that failed): one batch, or piece by
+    piece if the batch fails, so one bad file never costs the others of its batch. Pieces of
+    unequal length (a file changed since the scan) also go one by one."""
     try:
-        wav = torch.stack([w for _, w in wavs])  # (B, n)
-        feats, codes = encode(codec, wav, chunk_samples)  # (B, T, 128), (B, T, Q)
-        return [(path, wav, f, c) for (path, wav), f, c in zip(wavs, feats, codes)]
+        feats, codes = encode(codec, torch.stack([w for _, w in pieces]))  # (B, T, 128), (B, T, Q)
+        return [(key, f, c) for (key, _), f, c in zip(pieces, feats, codes)], []
     except (AudioError, RuntimeError) as err:
-        if len(wavs) > 1:
-            return [out for one in wavs for out in encode_group(codec, [one], chunk_samples, skipped)]
+        if len(pieces) > 1:
+            outs = [encode_group(codec, [one]) for one in pieces]
+            return [x for ok, _ in outs for x in ok], [x for _, bad in outs for x in bad]
         if not isinstance(err, AudioError):
-            raise  # a single file that breaks the codec is a bug: keep its traceback
-        skipped.append((wavs[0][0], f"{wavs[0][0]}: {err}"))
-        warnings.warn(f"skipping {skipped[-1][1]}")
-        return []
+            raise  # a single piece that breaks the codec is a bug: keep its traceback
+        return [], [(pieces[0][0], str(err))]
 
 
 def store_entry(cache_dir, path, n_samples, feats, codes):
@@ -118,45 +113,92 @@ def store_entry(cache_dir, path, n_samples, feats, codes):
     return entry
 
 
-def read_group(paths, skipped):
-    """[(path, wav)] for the files that read; the others are warned about and added to `skipped`."""
-    wavs = []
-    for path in paths:
-        try:
-            wavs.append((path, D.read_audio(path)))
-        except AudioError as err:
-            skipped.append((path, str(err)))
-            warnings.warn(f"skipping {err}")
-    return wavs
+def piece_batches(lengths, chunk, batch_samples):
+    """Cut each file into chunk-long pieces and a shorter last one; batch pieces of equal length, at
+    most batch_samples of audio a batch -> [[(file, start, n), ...], ...]. Files go by length, so
+    equal last pieces sit side by side and a file's pieces share few batches: few files are open."""
+    batches, groups = [], {"full": [], "last": []}
+    for f in np.argsort(lengths, kind="stable"):
+        for start in range(0, int(lengths[f]), chunk):
+            piece = (int(f), start, min(chunk, int(lengths[f]) - start))
+            group = groups["full" if piece[2] == chunk else "last"]
+            if group and group[0][2] != piece[2]:  # no later file has a last piece this long
+                batches.append(group[:])
+                group.clear()
+            group.append(piece)
+            if len(group) * piece[2] >= batch_samples:
+                batches.append(group[:])
+                group.clear()
+    return batches + [group for group in groups.values() if group]
 
 
-def build_cache(codec, paths, cache_dir, batch_seconds=240.0, chunk_seconds=60.0, log_every=30.0):
+class PieceReader(torch.utils.data.Dataset):
+    """Batch b of a plan, read in a DataLoader worker while the codec encodes the one before ->
+    (pieces, [(n,) audio or None], [(file, reason)] of the pieces that did not read)."""
+
+    def __init__(self, files, plan):
+        self.files, self.plan = files, plan
+
+    __len__ = lambda self: len(self.plan)
+
+    def __getitem__(self, b):
+        wavs, failed = [], []
+        for f, start, n in self.plan[b]:
+            try:  # only this piece of the file is read and resampled, never the whole file
+                wavs.append(D.read_audio(self.files.path(f), start, n, (self.files.rates[f], self.files.frames[f])))
+            except AudioError as err:
+                wavs.append(None)
+                failed.append((f, str(err)))
+        return self.plan[b], wavs, failed
+
+
+def build_cache(codec, paths, cache_dir, batch_seconds=240.0, chunk_seconds=60.0, log_every=30.0, workers=0):
     """Run the frozen codec once per file; store feats (T, 128) fp16 and codes (T, Q) int16 [3.1].
 
     Deviation: the paper encodes each 4-s crop; a cached crop instead sees the causal encoder's
     state from the whole file (or chunk_seconds chunk) at its start (docs/SCALE.md measures it).
-    Resumable: files in the manifest are skipped. Only files of equal length share a batch, so
-    no padding changes a frame. A bad file (unreadable, cut short, NaN or huge samples, frames
-    beyond fp16) is skipped with one warning naming it and the reason, and never costs the other
-    files of its batch. Returns (number of cached files, [(path, reason)] skipped).
+    Each chunk is encoded on its own, as a batch of pieces of equal length (a long file's chunks, and
+    other files' equal chunks): no padding changes a frame, and a GPU gets wide batches for the
+    codec's LSTM. `workers` processes read the pieces meanwhile, each only its span of the file.
+    Resumable: files in the manifest are skipped. A bad file (unreadable, cut short, NaN or huge
+    samples, frames beyond fp16) is skipped with one warning naming it and the reason, and never
+    costs the other files of its batch. Returns (number of cached files, [(path, reason)] skipped).
     """
     done = open_cache(cache_dir, codec)
     files, skipped = D.scan_audio([p for p in paths if os.path.abspath(p) not in done])
     todo, lengths = [os.fsdecode(p) for p in files.paths], files.lengths
     chunk = HOP * max(1, round(chunk_seconds * SAMPLE_RATE / HOP))  # whole frames per chunk
-    hours = lengths.sum() / SAMPLE_RATE / 3600
-    print(f"cache: {len(done)} files done, {len(todo)} to encode ({hours:.2f} h), {len(skipped)} skipped;"
-          f" codec {codec.source} -> {cache_dir}", flush=True)
-    t0, n_new, progress = time.time(), 0, D.Progress("cache", max(1, len(todo)), every=log_every)
-    for n, same in itertools.groupby(sorted(zip(lengths.tolist(), todo)), key=lambda x: x[0]):
-        same, per = [p for _, p in same], max(1, int(batch_seconds * SAMPLE_RATE) // n)
-        for group in (same[i: i + per] for i in range(0, len(same), per)):  # equal lengths: no padding
-            wavs = read_group(group, skipped)
-            encoded = encode_group(codec, wavs, chunk, skipped) if wavs else []
-            for path, wav, f, c in encoded:
-                done[os.path.abspath(path)] = store_entry(cache_dir, path, len(wav), f, c)
-            n_new += len(encoded)
-            progress.update(len(group), f"{n_new}/{len(todo)} files cached")
+    print(f"cache: {len(done)} files done, {len(todo)} to encode ({lengths.sum() / SAMPLE_RATE / 3600:.2f} h), "
+          f"{len(skipped)} skipped; codec {codec.source} -> {cache_dir}", flush=True)
+    plan = piece_batches(lengths, chunk, batch_seconds * SAMPLE_RATE)
+    cuda = next(codec.parameters()).is_cuda
+    loader = DataLoader(PieceReader(files, plan), batch_size=None, num_workers=workers, pin_memory=cuda)
+    t0, n_new, parts, failed = time.time(), 0, {}, set()  # parts: file -> {start: (feats, codes)}
+    progress = D.Progress("cache", max(1, lengths.sum()) / SAMPLE_RATE, every=log_every, unit=" s audio/s")
+
+    def fail(f, reason):  # the first failure of a file skips it; its other pieces are dropped
+        if f not in failed:
+            failed.add(f)
+            parts.pop(f, None)
+            skipped.append((todo[f], reason))
+            warnings.warn(f"skipping {reason}")
+    for pieces, wavs, bad in loader:
+        for f, reason in bad:
+            fail(f, reason)
+        ok = [(p, w) for p, w in zip(pieces, wavs) if p[0] not in failed]
+        encoded, bad = encode_group(codec, ok) if ok else ([], [])
+        for (f, _, _), reason in bad:
+            fail(f, f"{todo[f]}: {reason}")
+        for (f, start, _), feats, codes in encoded:
+            if f in failed:
+                continue
+            parts.setdefault(f, {})[start] = feats, codes
+            if len(parts[f]) == -(-int(lengths[f]) // chunk):  # every piece of the file is in: store it
+                mine = parts.pop(f)
+                feats, codes = (np.concatenate(a) for a in zip(*(mine[s] for s in sorted(mine))))
+                done[os.path.abspath(todo[f])] = store_entry(cache_dir, todo[f], int(lengths[f]), feats, codes)
+                n_new += 1
+        progress.update(sum(n for _, _, n in pieces) / SAMPLE_RATE, f"{n_new}/{len(todo)} files cached")
     print(f"cache: {len(done)} files cached ({n_new} new) in {time.time() - t0:.0f} s, "
           f"{len(skipped)} skipped", flush=True)
     return len(done), skipped
@@ -214,6 +256,7 @@ def main(argv=None):
     parser.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-seconds", type=D.at_least(0.01, float), default=240.0, help="audio per codec batch")
     parser.add_argument("--chunk-seconds", type=D.at_least(0.01, float), default=60.0, help="longer files go in chunks")
+    parser.add_argument("--workers", type=D.at_least(0), default=4, help="processes reading audio")
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a folder")
@@ -221,7 +264,8 @@ def main(argv=None):
         paths = D.list_audio(args.data, demo_dir=os.path.join(args.out, "demo_audio"))
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(f"--data: {err}") from None
-    build_cache(D.load_codec(args.encodec).to(args.device), paths, args.out, args.batch_seconds, args.chunk_seconds)
+    build_cache(D.load_codec(args.encodec).to(args.device), paths, args.out, args.batch_seconds, args.chunk_seconds,
+                workers=args.workers)
 
 
 if __name__ == "__main__":

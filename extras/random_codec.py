@@ -65,7 +65,7 @@ def unit_variance_convs(encoder, audio):
             conv.bias.div_(std)
         return output / std  # later layers see the rescaled output in this same pass
     hooks = [m.register_forward_hook(rescale) for m in encoder.modules() if isinstance(m, nn.Conv1d)]
-    with M.flush_denormals(audio.device):
+    with M.codec_precision(audio.device):
         encoder(audio[:, None])
     for hook in hooks:
         hook.remove()
