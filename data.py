@@ -46,9 +46,9 @@ class Parser(argparse.ArgumentParser):
 
 def run_cli(main, argv=None):
     """Run a command-line main (which checks every flag before any expensive setup): a UsageError is one
-    line on stderr and exit status 2; SIGTERM, SIGUSR1 (a scheduler's notice) and Ctrl-C one line and
-    128 + the signal, as shells report it: what was finished is kept, so the same command resumes."""
-    name, stops = os.path.basename(sys.argv[0]), {s: signal.signal(s, interrupt) for s in STOP_SIGNALS[1:]}
+    line on stderr and exit status 2; SIGTERM, SIGUSR1 and Ctrl-C one line and 128 + the signal, as a
+    shell says (the work finished is kept: the same command resumes); a bug keeps its traceback."""
+    name, before = os.path.basename(sys.argv[0]), {s: signal.signal(s, interrupt) for s in STOP_SIGNALS[1:]}
     try:
         return main(argv)
     except UsageError as err:  # from a DataLoader worker it comes after the worker's traceback: its last line
@@ -57,11 +57,10 @@ def run_cli(main, argv=None):
         raise SystemExit(2) from None
     except KeyboardInterrupt as err:
         signum = err.args[0] if err.args else signal.SIGINT
-        print(f"{name}: stopped by {signal.Signals(signum).name}; the work finished is kept, the same command "
-              "resumes it", file=sys.stderr, flush=True)
+        print(f"{name}: stopped by {signal.Signals(signum).name}; the work finished is kept", file=sys.stderr)
         raise SystemExit(128 + signum) from None
     finally:
-        for s, handler in stops.items():
+        for s, handler in before.items():
             signal.signal(s, handler)
 
 
@@ -69,7 +68,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, and wh
 
 
 def interrupt(signum, frame):
-    raise KeyboardInterrupt(signum)  # unwinds as Ctrl-C does: temporary files are removed on the way
+    raise KeyboardInterrupt(signum)  # unwinds as Ctrl-C does: a write_atomic on the way removes its temporary
 
 
 def at_least(low, kind=int, high=math.inf):
@@ -127,17 +126,16 @@ class Progress:
 
 
 def write_atomic(path, write):
-    """Write through a temporary file, `{path}.tmp{pid}`, then os.replace: the name never holds half a file
-    -> what write(f) returned. A write that fails or is interrupted removes its temporary file; a failed
-    one (full disk, read-only folder, a folder in the way) is a UsageError naming the path."""
+    """Write through a temporary file, `{path}.tmp{pid}`, then os.replace: the name never holds half a file.
+    A write that fails or is interrupted removes its temporary file; a failed one (full disk, read-only
+    folder, a folder in the way) is a UsageError naming the path."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            result = write(f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return result
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -497,25 +495,20 @@ def load_codec(source="pretrained"):
 
 
 def load_checkpoint(path, keys=("model", "config", "encodec")):
-    """A train.py checkpoint -> (EnCodecMAE with its weights, in eval mode; the whole checkpoint dict).
-    Strict: a file missing, not a torch file, not one of ours (no `keys`), or with weights that do not
-    fit its config is a ValueError naming the file and the problem."""
+    """A train.py checkpoint -> (EnCodecMAE in eval mode, the dict). Strict: any problem is a ValueError naming it."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, foreign pickles: the file, not the code
-        raise ValueError(f"{path}: not a readable checkpoint, truncated or another kind of file "
-                         f"({type(err).__name__} from torch.load)") from None
+        raise ValueError(f"{path}: not a readable checkpoint (truncated, or not one: {type(err).__name__})") from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a train.py checkpoint (no {', '.join(missing)})")
-    try:
+    try:  # a strict load: the weights must fit the config stored with them
         net = M.EnCodecMAE(M.ModelConfig(**ckpt["config"]))
         net.load_state_dict(ckpt["model"])
-    except (ValueError, TypeError, ArithmeticError) as err:  # n_heads 0: a ZeroDivisionError
-        raise ValueError(f"{path}: its model config is unusable ({err})") from None
-    except RuntimeError as err:
-        raise ValueError(f"{path}: its weights do not fit the config stored with them "
-                         f"({str(err).strip().splitlines()[0]})") from None
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as err:  # n_heads 0: a ZeroDivisionError
+        what = "weights do not fit the config stored with them" if isinstance(err, RuntimeError) else "config is wrong"
+        raise ValueError(f"{path}: its model {what} ({str(err).strip().splitlines()[0]})") from None
     return net.eval(), ckpt

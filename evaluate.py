@@ -575,9 +575,10 @@ def embed_main(argv):
         step = lambda seconds: progress.update(seconds, f"{k + 1}/{len(todo)} files")  # a line per piece
         try:
             D.make_folder(dest.parent)
-            scene = write_atomic(f"{dest}.npy", lambda f: write_frames(f, upstream, path, n, step))
-            if args.scene:  # after the frames: a file is done once both are there
-                write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, scene))
+            write_atomic(f"{dest}.npy", lambda f: write_frames(f, upstream, path, n, step))
+            if args.scene:  # pooled from the file just written, memory-mapped: read through, not copied
+                frames = torch.from_numpy(np.load(f"{dest}.npy", mmap_mode="c"))[None]  # (1, T, D)
+                write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled(upstream, frames, n)[0].numpy()))
         except AudioError as err:
             skipped.append((path, str(err)))
             warnings.warn(f"skipping {err}")
@@ -587,22 +588,19 @@ def embed_main(argv):
 
 
 def write_frames(f, upstream, path, n, done):
-    """A file's frames (T, D) float32 into an open .npy, piece by piece (memory: a piece, not the file),
-    calling done(seconds of audio) after each -> its scene embedding (D,), pooled as `pooled` pools."""
+    """A file's frames (T, D) float32 into an open .npy piece by piece, so memory holds a piece, not the
+    file; done(seconds of audio) after each piece (a long file's progress)."""
     header = lambda T: np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
                                                                 "shape": (T, upstream.timestamp_embedding_size)})
     header(num_frames(n))  # T as far as known; written again at the end (its length, 128 bytes, stays)
-    limit = None if getattr(upstream, "pool_all_frames", False) else real_frames(n)
-    start, seen, total = f.tell(), 0, 0
+    start, seen = f.tell(), 0
     for k, piece in enumerate(embed_pieces(upstream, path)):  # (T_piece, D)
         f.write(np.ascontiguousarray(piece.numpy(), "<f4").tobytes())
-        total = total + piece[: None if limit is None else max(0, limit - seen)].double().sum(0)  # (D,)
         seen += len(piece)
         done(min(EMBED_SEGMENT, n - k * EMBED_SEGMENT) / SAMPLE_RATE)
     f.seek(0)
     header(seen)
     assert f.tell() == start, "the .npy header changed its length"
-    return (total / min(seen, limit or seen)).float().numpy()
 
 
 def main(argv=None):

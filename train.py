@@ -112,9 +112,7 @@ def check_run(cfg, world):
              ("data_weights", len(cfg.data_weights) in (0, len(cfg.data)), f"one weight per --data entry"),
              ("init_from", not cfg.init_from or cfg.kmeans_store, "given with --kmeans_store (from kmeans.py)"),
              ("kmeans_store", not cfg.kmeans_store or os.path.isfile(os.path.join(cfg.kmeans_store, "index.json")),
-              "a folder written by kmeans.py (with index.json)"),
-             ("out", not os.path.exists(cfg.out) or os.path.isdir(cfg.out) and os.access(cfg.out, os.W_OK | os.X_OK),
-              "a folder this run can write (not a file, not read-only)")]
+              "a folder written by kmeans.py (with index.json)")]
     for name, ok, allowed in rules:
         if not ok:
             raise UsageError(f"--{name} {getattr(cfg, name)}: must be {allowed}")
@@ -145,8 +143,8 @@ def refuse_changes(given, old, now, flag, advice):
 def starting_point(cfg, mcfg, given, rank):
     """Where the run starts -> (cfg, mcfg, resume checkpoint or None, stage-1 checkpoint or None).
     A resumed run takes its configs from its checkpoint (extras/resume.py), stage 2 the stage-1 model
-    config and codec [2.3]; a flag given now that would change them is refused. Only checkpoints are
-    read here. A new run into another run's folder is refused: it would mix or delete that run's files."""
+    config and codec [2.3]; a flag given now that would change them is refused, and so is a new run in
+    another run's folder (it would mix or delete that run's files). Only checkpoints are read here."""
     theirs = sorted(glob.glob(os.path.join(cfg.out, CHECKPOINTS)))
     if not cfg.resume and theirs + glob.glob(os.path.join(cfg.out, "metrics.jsonl")):
         raise UsageError(f"--out {cfg.out}: holds another run ({os.path.basename((theirs or ['metrics.jsonl'])[-1])}"
@@ -205,8 +203,8 @@ def take_lock(path):
     """Create the lock -> path. A live run's lock (same host, its pid running; or another host's) is a
     UsageError naming it; one whose process has gone from this host is taken over with a warning."""
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):  # no lock, or half written
-        held = json.loads(open(path).read())
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError), open(path) as f:  # half written:
+        held = json.load(f)  # not taken over, the creation below then refuses
         if held["host"] != me["host"] or D.alive(held["pid"]):
             raise UsageError(f"--out {os.path.dirname(path)}: in use by pid {held['pid']} on {held['host']} ({path}); "
                              "wait for that run, or delete its lock if it has gone")
