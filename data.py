@@ -57,7 +57,8 @@ def run_cli(main, argv=None):
         raise SystemExit(2) from None
     except KeyboardInterrupt as err:
         signum = err.args[0] if err.args else signal.SIGINT
-        print(f"{name}: stopped by {signal.Signals(signum).name}; the work finished is kept", file=sys.stderr)
+        print(f"{name}: stopped by {signal.Signals(signum).name}; the work finished is kept: the same command "
+              "resumes it", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum) from None
     finally:
         for s, handler in before.items():

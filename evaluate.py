@@ -483,7 +483,8 @@ def parse_args(argv):
             raise UsageError(f"--task {name}: no task folder of that name in {root} (have: {', '.join(found)})")
         try:  # every split too: a label outside the vocabulary, an empty split
             args.tasks.append(read_task(root / name))
-            [read_split(args.tasks[-1], split) for split in splits(args.tasks[-1])]
+            for split in splits(args.tasks[-1]):
+                read_split(args.tasks[-1], split)
         except (ValueError, KeyError, OSError) as err:
             raise UsageError(f"{root / name}: cannot evaluate this task ({type(err).__name__}: {err})") from None
     for spec in args.upstream:

@@ -214,7 +214,7 @@ def take_lock(path):
         with open(path, "x") as f:  # only if absent: of two runs starting at once, one wins
             f.write(json.dumps(me))
     except OSError as err:
-        raise UsageError(f"--out: cannot take the lock {path} ({err.strerror}); is another run starting there?") from None
+        raise UsageError(f"--out: cannot take the lock {path} ({err.strerror}); is another run starting?") from None
     return path
 
 
@@ -552,7 +552,8 @@ def pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device):
         run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
                  ckpt["step"] if ckpt else 0, extra["micro_batch"], rank, world, device)
     finally:
-        [signal.signal(s, handler) for s, handler in handlers.items()]
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,

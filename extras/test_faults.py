@@ -187,7 +187,8 @@ def test_sigterm_stops_embed_cleanly_and_a_rerun_resumes(tmp_path, monkeypatch, 
     monkeypatch.setattr(E, "read_audio", stop)
     before = signal.signal(signal.SIGTERM, lambda *a: pytest.fail("SIGTERM killed the command"))
     try:
-        argv = ["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), str(tmp_path / "audio")]
+        argv = ["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"),
+                str(tmp_path / "audio")]
         code, err = one_line(E.main, argv, capsys)
         assert code == 143 and err.count("\n") == 1 and "SIGTERM" in err, err
         assert sorted(os.listdir(tmp_path / "emb")) == ["0.wav.npy", "embed.json"]
@@ -281,7 +282,7 @@ def test_a_rewritten_audio_file_is_noticed_by_the_cache_the_index_and_kmeans(cod
 
 
 def test_corrupt_cache_files_are_named_with_the_command_that_repairs_them(codec, tmp_path, capsys):
-    """A deleted array is re-encoded, a truncated one named with its repair, a garbled manifest or cache.json one line."""
+    """A deleted array is encoded again, a cut one named with its repair, a garbled manifest or cache.json: one line."""
     folder = tmp_path / "audio"
     folder.mkdir()
     paths = [write(folder, "a.wav", tone(1.0)), write(folder, "b.wav", tone(1.5))]
@@ -341,7 +342,8 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line_in_kmeans(
 # ---------------------------------------------------------------- odd inputs
 def test_evaluation_faults_are_one_line_and_a_zero_byte_cache_is_redone(tmp_path, capsys):
     """[3.2] a label outside the vocabulary or an empty split: one line; a zero-byte embedding cache: re-embedded."""
-    clips = {s: [(torch.randn(2400) * 0.1, ["a"]), (torch.randn(2400) * 0.1, ["b"])] for s in ("train", "valid", "test")}
+    clips = {s: [(torch.randn(2400) * 0.1, ["a"]), (torch.randn(2400) * 0.1, ["b"])]
+             for s in ("train", "valid", "test")}
     path = demo.write_task(tmp_path / "tasks", "t", clips, False, False, 0.1)
     argv = ["--tasks-dir", str(tmp_path / "tasks"), "--upstream", "EC", "--encodec", "random", "--grid-points", "1",
             "--max-epochs", "3", "--out", str(tmp_path / "out")]
