@@ -8,11 +8,14 @@ audio. Also what every command line shares: one-line errors with exit status 2, 
 """
 import argparse
 import contextlib
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import re
+import signal
 import sys
 import time
 import warnings
@@ -42,13 +45,31 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(main, argv=None):
-    """Run a command-line main (which checks every flag before any expensive setup): a UsageError
-    becomes one line on stderr and exit status 2; a bug keeps its traceback."""
+    """Run a command-line main (which checks every flag before any expensive setup): a UsageError is one
+    line on stderr and exit status 2; SIGTERM, SIGUSR1 and Ctrl-C one line and 128 + the signal, as a
+    shell says (the work finished is kept: the same command resumes); a bug keeps its traceback."""
+    name, before = os.path.basename(sys.argv[0]), {s: signal.signal(s, interrupt) for s in STOP_SIGNALS[1:]}
     try:
         return main(argv)
-    except UsageError as err:
-        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr, flush=True)
+    except UsageError as err:  # from a DataLoader worker it comes after the worker's traceback: its last line
+        message = re.sub(r"^[\w.]*UsageError: ", "", str(err).strip().splitlines()[-1])
+        print(f"{name}: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as err:
+        signum = err.args[0] if err.args else signal.SIGINT
+        print(f"{name}: stopped by {signal.Signals(signum).name}; the work finished is kept: the same command "
+              "resumes it", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, and what schedulers send before a kill
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)  # unwinds as Ctrl-C does: a write_atomic on the way removes its temporary
 
 
 def at_least(low, kind=int, high=math.inf):
@@ -106,8 +127,9 @@ class Progress:
 
 
 def write_atomic(path, write):
-    """Write through a temporary file, then os.replace: the name never holds half a file. A failed
-    write (full disk, read-only folder) removes the temporary file and is a UsageError naming the path."""
+    """Write through a temporary file, `{path}.tmp{pid}`, then os.replace: the name never holds half a file.
+    A write that fails or is interrupted removes its temporary file; a failed one (full disk, read-only
+    folder, a folder in the way) is a UsageError naming the path."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -115,11 +137,43 @@ def write_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise UsageError(f"cannot write {path}: {err.strerror or err}; free space or choose another "
-                         "folder (what was written before is intact)") from None
+        cause = err if isinstance(err, OSError) else err.__context__  # torch.save wraps it in a RuntimeError
+        if not isinstance(cause, OSError):
+            raise
+        raise UsageError(f"cannot write {path}: {cause.strerror or cause}; free space or choose a folder you can "
+                         "write (what was written before is intact)") from None
+
+
+def make_folder(path, flag="--out"):
+    """An output folder, made if missing: a file in its place, or no permission to write there (root may,
+    on a read-only disk neither), is a UsageError naming the flag."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:  # FileExistsError: a file of that name
+        raise UsageError(f"{flag} {path}: cannot make this folder ({err.strerror}); choose another {flag}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: read-only (no permission to write there); choose another {flag}")
+    return path
+
+
+def remove_temporaries(folder, names):
+    """Delete what write_atomic left when its process was killed: exactly `{name}.tmp{pid}` for the names
+    matching the regular expression `names` (the caller's own files), nothing else."""
+    for entry in os.listdir(folder):
+        if re.fullmatch(rf"(?:{names})\.tmp\d+", entry):
+            os.remove(os.path.join(folder, entry))
+
+
+def alive(pid):
+    """Whether process `pid` runs on this machine (signal 0 asks, sending nothing)."""
+    try:
+        os.kill(pid, 0)
+    except OSError as err:
+        return err.errno == errno.EPERM  # it runs, as another user
+    return True
 
 
 # ---------------------------------------------------------------- reading audio [3.1]
@@ -143,7 +197,7 @@ def read_header(path):
         if bad(path):
             raise AudioError(f"{path}: {why}")
     try:
-        f = sf.SoundFile(str(path))
+        f = sf.SoundFile(os.fsencode(path))  # bytes: soundfile encodes a str as UTF-8, failing other names
     except (RuntimeError, OSError) as err:  # libsndfile's text can mislead ("not a regular file")
         raise AudioError(f"{path}: not an audio file libsndfile can decode (unknown format or corrupt header)") from err
     with f:
@@ -197,7 +251,7 @@ def read_audio(path, start=0, frames=None, header=None):
     stop = n if frames is None else min(n, start + frames)
     s0, s1, offset = source_span(start, stop, rate, n_src)
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(os.fsencode(path)) as f:
             f.seek(s0)
             x = f.read(s1 - s0, dtype="float32", always_2d=True)  # (n_read, C)
     except (RuntimeError, OSError) as err:
@@ -222,7 +276,7 @@ def list_audio(sources, demo_dir="demo_audio"):
             from extras.demo_audio import write_demo_dataset  # teaching and tests only
             paths += write_demo_dataset(demo_dir)
         elif os.path.isfile(src) and src.endswith(".txt"):
-            with open(src) as f:  # one path per line; relative paths are relative to the list
+            with open(src, errors="surrogateescape") as f:  # one path per line, relative to the list
                 lines = [line.strip() for line in f]
             paths += [os.path.join(os.path.dirname(src), p) for p in lines if p and not p.startswith("#")]
         elif not os.path.isdir(src):
@@ -273,7 +327,7 @@ def scan_audio(paths):
 
 
 def file_id(path):
-    return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]  # names a file's derived arrays
+    return hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()[:16]  # names a file's derived arrays
 
 
 # ---------------------------------------------------------------- datasets of 4-s crops [3.1]
@@ -384,8 +438,12 @@ def load_frame_store(store_dir, paths):
     """Each path's k-means target file, from STORE/index.json ({audio path: {"npy", "frames"}}) ->
     (positions in paths that have targets, their .npy files as bytes, [(path, reason)] of the others,
     each named in a warning: a file without targets cannot train stage 2)."""
-    with open(os.path.join(store_dir, "index.json")) as f:
-        index = {os.path.abspath(p): e["npy"] for p, e in json.load(f).items()}
+    try:
+        with open(os.path.join(store_dir, "index.json")) as f:
+            index = {os.path.abspath(p): e["npy"] for p, e in json.load(f).items()}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as err:
+        raise UsageError(f"{store_dir}/index.json: unreadable or not a k-means store's ({type(err).__name__}); "
+                         f"rerun kmeans.py with --out {store_dir} to write it again") from None
     kept = [i for i, p in enumerate(paths) if os.path.abspath(p) in index]
     skipped = [(p, f"{p}: no k-means targets in {store_dir}") for p in paths if os.path.abspath(p) not in index]
     for _, reason in skipped:
@@ -405,8 +463,13 @@ def cut_frames(array, start, T, fill, dtype):
 
 def frame_labels(npy, start, T, n_frames):
     """Frames [start, start + T) of a file's k-means labels, -1 past its end -> (T,) int64."""
-    labels = np.load(os.fsdecode(npy), mmap_mode="r")
-    assert labels.shape == (n_frames,), f"{os.fsdecode(npy)}: {labels.shape[0]} labels for {n_frames} frames"
+    try:
+        labels = np.load(os.fsdecode(npy), mmap_mode="r")
+        wrong = f"{labels.size} labels for {n_frames} frames" if labels.shape != (n_frames,) else ""
+    except (OSError, ValueError) as err:  # deleted, cut short
+        wrong = f"unreadable ({err})"
+    if wrong:  # another file's labels, or a damaged file: it cannot train stage 2
+        raise UsageError(f"{os.fsdecode(npy)}: {wrong}; delete it and rerun kmeans.py with the same --out")
     return cut_frames(labels, start, T, -1, np.int64)
 
 
@@ -443,7 +506,7 @@ def load_checkpoint(path, keys=("model", "config", "encodec")):
     try:  # a strict load: the weights must fit the config stored with them
         net = M.EnCodecMAE(M.ModelConfig(**ckpt["config"]))
         net.load_state_dict(ckpt["model"])
-    except (ValueError, TypeError, RuntimeError) as err:  # a RuntimeError comes from load_state_dict
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as err:  # n_heads 0: a ZeroDivisionError
         what = "weights do not fit the config stored with them" if isinstance(err, RuntimeError) else "config is wrong"
         raise ValueError(f"{path}: its model {what} ({str(err).strip().splitlines()[0]})") from None
     return net.eval(), ckpt

@@ -27,7 +27,8 @@ from torch import nn
 
 import data as D
 from data import AudioError, UsageError, at_least, probe_audio, read_audio, resample_24k, write_atomic
-from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio, make_config
+from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio, make_config,
+                   num_frames)
 
 EMBED_SEGMENT = 15 * CROP_SAMPLES  # embed_file reads a minute of audio at once: whole 4-s chunks
 
@@ -127,6 +128,11 @@ def read_task(path):
                 kfold_splits(meta), None if rate is None else path / str(rate))
 
 
+def splits(task):
+    """Every split a task's folds name, sorted."""
+    return sorted({s for fold in task.folds for part in fold for s in part})
+
+
 def kfold_splits(meta):
     """HEAR's rule: split i tests on fold i, validates on fold i+1 (mod k), trains on the rest."""
     if meta["split_mode"] == "trainvaltest":
@@ -163,8 +169,12 @@ def slug(text):
 
 def read_cache(path, key, files):
     """Cached (X (N', D), kept) of this upstream on these files, else None; it names the files skipped again."""
-    stored = np.load(path) if path.exists() else None
-    if stored is None or str(stored["key"]) != key or stored["files"].tolist() != files:
+    try:
+        stored = np.load(path) if path.exists() else None
+        if stored is None or str(stored["key"]) != key or stored["files"].tolist() != files:
+            return None
+    except Exception as err:  # zero bytes, cut short, garbled: a cache, so it is embedded again
+        warnings.warn(f"{path}: a damaged embedding cache ({type(err).__name__}); embedding the split again")
         return None
     for reason in stored["skipped"].tolist():
         warnings.warn(f"skipping {reason}")
@@ -234,7 +244,7 @@ def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_c
         raise ValueError(f"{task.path}/{split}: no file of the split could be embedded")
     for i in todo:
         out[i] = (X[i][kept], kept)
-        caches[i].parent.mkdir(parents=True, exist_ok=True)
+        D.make_folder(caches[i].parent)
         write_atomic(caches[i], lambda f: np.savez(f, X=out[i][0].numpy(), kept=np.array(kept, dtype=np.int64),
                                                    skipped=np.array([bad[j] for j in sorted(bad)], dtype=str),
                                                    files=np.array(files), key=np.array(upstreams[i].key)))
@@ -380,12 +390,13 @@ def format_table(results, tasks):
 
 def evaluate(args):
     """Every upstream on every task: embed (cached), probe, write results.json, print the table."""
+    D.make_folder(args.out)  # a file in its place or a read-only folder: one line before any work
     grid = hear_grid(args.grid_points, args.probe == "linear", args.probe_seed, max_epochs=args.max_epochs)
     upstreams = [open_upstream(spec, args) for spec in args.upstream]
     results, skipped, cache = {}, set(), Path(args.out, "embeddings")
     for task in args.tasks:
         start, data = time.time(), {u.name: {} for u in upstreams}
-        for split in sorted({s for fold in task.folds for part in fold for s in part}):
+        for split in splits(task):
             files, Y = read_split(task, split)
             Xs = embed_split(upstreams, task, split, files, cache, args.batch_size, args.codec_cache)
             for u, (X, kept) in zip(upstreams, Xs):
@@ -401,7 +412,6 @@ def evaluate(args):
                   f"probes: {probe_s:.1f} s)", flush=True)
         torch.set_num_threads(threads)
     table = format_table(results, [t.name for t in args.tasks])
-    os.makedirs(args.out, exist_ok=True)
     text = json.dumps(dict(table=table, results=results, skipped=sorted(skipped)), indent=1).encode()
     write_atomic(Path(args.out, "results.json"), lambda f: f.write(text))
     print(table)
@@ -431,13 +441,18 @@ def get_scene_embeddings(audio, model):
     return pooled(model, model.frames(resample_24k(audio, model.sample_rate)), audio.shape[1], model.sample_rate)
 
 
-@torch.no_grad()
 def embed_file(upstream, path):
-    """An audio file of any length, rate or channels -> frames (T, D) float32 at 75 Hz [3.1]. Read a
-    minute at a time, memory stays bounded; segments are whole 4-s chunks, as if embedded at once."""
+    """An audio file of any length, rate or channels -> frames (T, D) float32 at 75 Hz [3.1]."""
+    return torch.cat(list(embed_pieces(upstream, path)))  # (T, D)
+
+
+@torch.no_grad()
+def embed_pieces(upstream, path):
+    """The frames of a file, a minute of audio at a time -> (T_piece, D) float32 each. Segments are whole
+    4-s chunks, so the frames are those of the file embedded at once; memory is bounded by the piece."""
     device = next(upstream.parameters()).device
-    return torch.cat([upstream.frames(read_audio(path, start, EMBED_SEGMENT)[None].to(device))[0].float().cpu()
-                      for start in range(0, probe_audio(path), EMBED_SEGMENT)])  # (T, D); a short read raises
+    for start in range(0, probe_audio(path), EMBED_SEGMENT):  # a file that reads short raises AudioError
+        yield upstream.frames(read_audio(path, start, EMBED_SEGMENT)[None].to(device))[0].float().cpu()
 
 
 # ---------------------------------------------------------------- the command line
@@ -466,8 +481,10 @@ def parse_args(argv):
     for name in args.task or found:
         if name not in found:
             raise UsageError(f"--task {name}: no task folder of that name in {root} (have: {', '.join(found)})")
-        try:
+        try:  # every split too: a label outside the vocabulary, an empty split
             args.tasks.append(read_task(root / name))
+            for split in splits(args.tasks[-1]):
+                read_split(args.tasks[-1], split)
         except (ValueError, KeyError, OSError) as err:
             raise UsageError(f"{root / name}: cannot evaluate this task ({type(err).__name__}: {err})") from None
     for spec in args.upstream:
@@ -511,12 +528,14 @@ def embed_plan(sources, out):
     out, a file lands at out/<name>. Names keep their extension, so x.wav and x.mp3 never meet."""
     plan = []
     for src in map(Path, sources):
-        found = sorted(p for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(D.AUDIO_EXTS))
-        if src.is_dir() and not found:
-            raise UsageError(f"{src}: no audio files ({' '.join(D.AUDIO_EXTS)}) in this folder")
         if not (src.is_dir() or src.is_file()):
             raise UsageError(f"{src}: no such file or folder")
-        plan += [(p, Path(out) / p.relative_to(src)) for p in found] if src.is_dir() else [(src, Path(out) / src.name)]
+        try:  # a folder is walked as for training: one it cannot read is named in a warning
+            found = [Path(p) for p in D.list_audio([os.path.abspath(src)])] if src.is_dir() else []
+        except ValueError:
+            raise UsageError(f"{src}: no audio files ({' '.join(D.AUDIO_EXTS)}) in this folder") from None
+        plan += [(p, Path(out) / p.relative_to(src.absolute())) for p in found] if src.is_dir() else [
+            (src, Path(out) / src.name)]
     first = {}
     for path, dest in plan:
         if first.setdefault(dest, path) != path:
@@ -541,11 +560,10 @@ def embed_main(argv):
     meta = json.dumps(dict(upstream=args.upstream, layer=args.layer, encodec=args.encodec, scene_pooling="real-frames",
                            seed=args.seed if args.upstream.startswith("ECMAE-R:") else None, checkpoint=[
                                os.path.getsize(file), int(os.path.getmtime(file))] if os.path.isfile(file) else None))
-    meta_path = Path(args.out, "embed.json")
-    if meta_path.exists() and meta_path.read_text() != meta:
+    meta_path = Path(D.make_folder(args.out), "embed.json")
+    if meta_path.exists() and meta_path.read_text(errors="replace") != meta:
         raise UsageError(f"--out {args.out}: holds embeddings of another upstream or setting ({meta_path}); "
                          "choose a new --out")
-    meta_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(meta_path, lambda f: f.write(meta.encode()))
     done = lambda dest: os.path.exists(f"{dest}.npy") and (not args.scene or os.path.exists(f"{dest}.scene.npy"))
     todo = [(path, dest) for path, dest in plan if not done(dest)]
@@ -555,20 +573,35 @@ def embed_main(argv):
     upstream = open_upstream(args.upstream, args) if todo else None  # the model loads only when needed
     progress = D.Progress("embed", files.lengths.sum() / SAMPLE_RATE, every=args.log_every, unit="x real time")
     for k, ((path, dest), n) in enumerate(zip(todo, files.lengths.tolist())):
+        step = lambda seconds: progress.update(seconds, f"{k + 1}/{len(todo)} files")  # a line per piece
         try:
-            frames = embed_file(upstream, path)  # (T, D)
+            D.make_folder(dest.parent)
+            write_atomic(f"{dest}.npy", lambda f: write_frames(f, upstream, path, n, step))
+            if args.scene:  # pooled from the file just written, memory-mapped: read through, not copied
+                frames = torch.from_numpy(np.load(f"{dest}.npy", mmap_mode="c"))[None]  # (1, T, D)
+                write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled(upstream, frames, n)[0].numpy()))
         except AudioError as err:
             skipped.append((path, str(err)))
             warnings.warn(f"skipping {err}")
-        else:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if args.scene:
-                write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled(upstream, frames[None], n)[0].numpy()))
-            write_atomic(f"{dest}.npy", lambda f: np.save(f, frames.numpy()))  # last: marks the file done
-        progress.update(n / SAMPLE_RATE, f"{k + 1}/{len(todo)} files")
     print(f"embed: {n_todo - len(skipped)} files written, {len(plan) - n_todo} were done, "
           f"{len(skipped)} skipped (named above)", flush=True)
     return skipped
+
+
+def write_frames(f, upstream, path, n, done):
+    """A file's frames (T, D) float32 into an open .npy piece by piece, so memory holds a piece, not the
+    file; done(seconds of audio) after each piece (a long file's progress)."""
+    header = lambda T: np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                                "shape": (T, upstream.timestamp_embedding_size)})
+    header(num_frames(n))  # T as far as known; written again at the end (its length, 128 bytes, stays)
+    start, seen = f.tell(), 0
+    for k, piece in enumerate(embed_pieces(upstream, path)):  # (T_piece, D)
+        f.write(np.ascontiguousarray(piece.numpy(), "<f4").tobytes())
+        seen += len(piece)
+        done(min(EMBED_SEGMENT, n - k * EMBED_SEGMENT) / SAMPLE_RATE)
+    f.seek(0)
+    header(seen)
+    assert f.tell() == start, "the .npy header changed its length"
 
 
 def main(argv=None):

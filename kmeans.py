@@ -7,6 +7,7 @@ centroids.pt, index.json (file -> .npy name, frame count) and one int16 .npy of 
 per file, aligned frame for frame with the codec frames (T = ceil(n_samples / 320)).
 Plain torch, CPU or GPU; `--bench` compares it with scikit-learn and faiss (extras/bench.py).
 """
+import hashlib
 import json
 import math
 import os
@@ -124,9 +125,21 @@ def save(path, centroids, meta):
 
 
 def load(path):
-    """(centroids (K, D), meta) as written by save."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state["centroids"], state["meta"]
+    """(centroids (K, D), meta) as written by save; a damaged file is a UsageError saying so."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state["centroids"], state["meta"]
+    except Exception as err:  # cut short, or not ours: the file, not the code
+        raise UsageError(f"{path}: not a centroid file written by kmeans.py ({type(err).__name__}); delete it "
+                         "to fit k-means again, or choose another --out") from None
+
+
+def weights_id(model):
+    """A hash of the model's weights: a checkpoint replaced under the same name is noticed."""
+    digest = hashlib.sha1()
+    for name, w in sorted(model.state_dict().items()):
+        digest.update(name.encode() + w.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- 2.3 self-training targets
@@ -231,6 +244,7 @@ def quantize_dataset(model, codec, source, centroids, store_dir, layer=-1, bad=N
 def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=10000, n_frames=100000,
                   k=1024, layer=-1, n_iter=100, tol=1e-4, seed=0, device="cpu", bf16=False):
     """Section 2.3 end to end: clips -> embeddings -> frames -> k-means -> labels for every file."""
+    D.make_folder(store_dir)
     model, ckpt = D.load_checkpoint(checkpoint)
     model, cfg, codec_source = model.to(device), model.cfg, ckpt["encodec"]
     if not 1 <= k <= cfg.K:  # a bad `layer` stops at model.embed, before any work
@@ -238,14 +252,15 @@ def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=1000
     codec = D.load_codec(codec_source).to(device) if cache_dir is None else None
     source = open_source(data, cache_dir, codec_source)
     bad = set(source.skipped)  # unreadable files, each named once, counted at the end
-    os.makedirs(store_dir, exist_ok=True)
-    meta = {"checkpoint": os.path.abspath(checkpoint), "layer": layer, "k": k, "codec": codec_source}
+    meta = {"checkpoint": os.path.abspath(checkpoint), "weights": weights_id(model), "layer": layer, "k": k,
+            "codec": codec_source}
     path = os.path.join(store_dir, "centroids.pt")
     if os.path.exists(path):  # resuming: never mix labels of two different fits
         centroids, old = load(path)
-        old = {key: old.get(key) for key in meta}
-        if old != meta:
-            raise ValueError(f"{path} was fit with {old}, not {meta}: use another --out")
+        changed = [key for key in meta if old.get(key) != meta[key]]
+        if changed:  # "weights": the checkpoint was replaced (retrained in place, say) since the fit
+            raise UsageError(f"{path} was fit with other {', '.join(changed)} than now ({checkpoint} changed since, "
+                             f"or the flags did): use another --out, or delete {store_dir} to fit again")
         print(f"reusing {path} ({len(centroids)} centroids)")
     else:
         clips = sample_clips(source, n_clips, seed)

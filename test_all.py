@@ -589,7 +589,7 @@ def test_kmeans_store_labels_line_up_with_crop_frames(tmp_path):
         assert torch.equal(crop.extra[:real], torch.arange(first, first + real) % 1024)
         assert (crop.extra[real:] == -1).all()
     np.save(store / "1.npy", np.zeros(149, np.int16))
-    with pytest.raises(AssertionError, match="149 labels for 150 frames"):
+    with pytest.raises(D.UsageError, match="149 labels for 150 frames"):
         D.CropDataset(paths, extra_store=str(store))[3]
 
 

@@ -15,8 +15,11 @@ import functools
 import glob
 import json
 import os
+import signal
+import socket
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -59,6 +62,7 @@ class TrainConfig:
     compile: bool = False            # torch.compile the model (opt-in)
     resume: bool = False             # continue from the newest checkpoint in --out
     bench: bool = False              # print the speed benchmark and exit (extras/bench.py)
+    tensorboard: bool = False        # also log the metrics as TensorBoard scalars (extras/tensorboard.py)
 
 
 # ---------------------------------------------------------------- command line
@@ -111,29 +115,16 @@ def check_run(cfg, world):
     if cfg.index and os.path.exists(cfg.index):
         from extras.file_index import check_index
         check_index(cfg.index, cfg.data)
+    if cfg.tensorboard:
+        import extras.tensorboard  # noqa: F401 (without the package: one line now, not after the setup)
 
 
 # ---------------------------------------------------------------- checkpoints: stage 1 for stage 2, resume
-RESUME_KEYS = ("model", "config", "encodec", "optimizer", "scaler", "step", "train_config", "rng")
-
-
-def newest_checkpoint(out, rank=0):
-    """The newest checkpoint in out that loads -> dict, naming any it had to pass over; None if none."""
-    for path in sorted(glob.glob(os.path.join(out, "ckpt-*.pt")), reverse=True):
-        try:
-            ckpt = D.load_checkpoint(path, RESUME_KEYS)[1]
-            print0(rank, f"resuming from {path} at step {ckpt['step']}")
-            return ckpt
-        except ValueError as err:
-            print0(rank, f"--resume: {err}; passing over it to the previous one")
-    return None
-
-
+CHECKPOINTS = "ckpt-" + "[0-9]" * 8 + ".pt"  # exactly the names save_checkpoint gives: no other file is ours
 # Fields that may differ between a run and its resumption: they do not change what it computes.
 # A run folder may move (out), so may a cache (same frames), the file index and the stage-1 file.
 RESUMABLE = {"steps", "log_every", "val_every", "ckpt_every", "keep_last", "workers", "device",
-             "compile", "resume", "grad_accum", "out", "cache", "index", "init_from", "bench"}
-THIS_MACHINE = {"out", "device", "workers", "compile", "resume", "bench"}  # never taken from a checkpoint
+             "compile", "resume", "grad_accum", "out", "cache", "index", "init_from", "bench", "tensorboard"}
 
 
 def refuse_changes(given, old, now, flag, advice):
@@ -147,19 +138,18 @@ def refuse_changes(given, old, now, flag, advice):
 
 def starting_point(cfg, mcfg, given, rank):
     """Where the run starts -> (cfg, mcfg, resume checkpoint or None, stage-1 checkpoint or None).
-    A resumed run takes its configs from its checkpoint, stage 2 the stage-1 model config and codec
-    [2.3]; a flag given now that would change them is refused. Only checkpoints are read here."""
-    ckpt = newest_checkpoint(cfg.out, rank) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        print0(rank, f"--resume: no checkpoint in {cfg.out} yet, starting from step 0")
-    if ckpt is not None:
-        refuse_changes(given, {**ckpt["train_config"], **ckpt["config"]}, {**asdict(cfg), **asdict(mcfg)},
-                       "--resume", f"leave these flags out to continue the run in {cfg.out}, "
-                       "or start a new run in another --out")
-        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-        kept = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()
-                if k in fields and k not in given and k not in THIS_MACHINE}
-        return dataclasses.replace(cfg, **kept), M.ModelConfig(**ckpt["config"]), ckpt, None
+    A resumed run takes its configs from its checkpoint (extras/resume.py), stage 2 the stage-1 model
+    config and codec [2.3]; a flag given now that would change them is refused, and so is a new run in
+    another run's folder (it would mix or delete that run's files). Only checkpoints are read here."""
+    theirs = sorted(glob.glob(os.path.join(cfg.out, CHECKPOINTS)))
+    if not cfg.resume and theirs + glob.glob(os.path.join(cfg.out, "metrics.jsonl")):
+        raise UsageError(f"--out {cfg.out}: holds another run ({os.path.basename((theirs or ['metrics.jsonl'])[-1])}"
+                         "); add --resume to continue it, or choose a new --out (nothing there is deleted)")
+    if cfg.resume:
+        from extras.resume import resume_point
+        cfg, mcfg, ckpt = resume_point(cfg, mcfg, given, theirs, refuse_changes, rank)
+        if ckpt is not None:
+            return cfg, mcfg, ckpt, None
     if not cfg.init_from:
         return cfg, mcfg, None, None
     try:
@@ -182,9 +172,90 @@ def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
              "gamma_q": list(mcfg.gamma_q), "rng": torch.get_rng_state()}
     path = os.path.join(cfg.out, f"ckpt-{step:08d}.pt")
     D.write_atomic(path, lambda f: torch.save(state, f))  # never half a checkpoint under this name
-    for old in sorted(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")))[: -cfg.keep_last]:
+    older = [p for p in sorted(glob.glob(os.path.join(cfg.out, CHECKPOINTS))) if p < path]  # a newer one is
+    for old in older[: len(older) + 1 - cfg.keep_last]:  # torn (resumed before it): overwritten in its turn
         os.remove(old)
     return path
+
+
+# ---------------------------------------------------------------- the run folder, and stopping in time
+@contextlib.contextmanager
+def owned_folder(cfg, rank, step):
+    """--out for this run alone: made and locked (OUT/train.lock names the run's pid and host), the
+    temporary files of a killed run removed, metrics.jsonl cut back to a resumed step; unlocked at the end."""
+    lock = take_lock(os.path.join(D.make_folder(cfg.out), "train.lock")) if rank == 0 else None
+    try:
+        if rank == 0:
+            D.remove_temporaries(cfg.out, r"ckpt-\d{8}\.pt|metrics\.jsonl")
+        if rank == 0 and cfg.resume:
+            from extras.resume import trim_metrics
+            trim_metrics(cfg.out, step)  # each step is logged once
+        yield
+    finally:
+        os.remove(lock) if lock else None
+
+
+def take_lock(path):
+    """Create the lock -> path. A live run's lock (same host, its pid running; or another host's) is a
+    UsageError naming it; one whose process has gone from this host is taken over with a warning."""
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError), open(path) as f:  # half written:
+        held = json.load(f)  # not taken over, the creation below then refuses
+        if held["host"] != me["host"] or D.alive(held["pid"]):
+            raise UsageError(f"--out {os.path.dirname(path)}: in use by pid {held['pid']} on {held['host']} ({path}); "
+                             "wait for that run, or delete its lock if it has gone")
+        warnings.warn(f"taking over the stale lock {path} of pid {held['pid']} on {held['host']}: that run is gone")
+        os.remove(path)
+    try:
+        with open(path, "x") as f:  # only if absent: of two runs starting at once, one wins
+            f.write(json.dumps(me))
+    except OSError as err:
+        raise UsageError(f"--out: cannot take the lock {path} ({err.strerror}); is another run starting?") from None
+    return path
+
+
+STOP = []  # the signals ask_to_stop received: the loop stops after the step in progress
+
+
+def ask_to_stop(signum, frame):
+    """SIGTERM, SIGUSR1 (schedulers send them before a kill) or Ctrl-C; a second Ctrl-C stops at once."""
+    if signum == signal.SIGINT and STOP:
+        raise KeyboardInterrupt(signum)
+    STOP.append(signum)
+
+
+def stop_if_asked(cfg, step, model, opt, scaler, mcfg, codec, rank, world):
+    """After a step: if a signal came (to any rank: they agree on the CPU), keep this step in a checkpoint,
+    say how to continue and exit with 128 + the signal, as a shell reports a process a signal stopped."""
+    signum = torch.tensor([STOP[-1] if STOP else 0])
+    dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=wait_group()) if world > 1 else None
+    if signum.item():
+        path = os.path.join(cfg.out, f"ckpt-{step:08d}.pt")
+        if rank == 0 and not os.path.exists(path):
+            save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)
+        barrier()
+        print0(rank, f"train.py: stopped by {signal.Signals(signum.item()).name} after step {step}, saved {path}; "
+                     f"continue with: python train.py --resume --out {cfg.out}", file=sys.stderr)
+        raise SystemExit(128 + signum.item())
+
+
+class Metrics:
+    """OUT/metrics.jsonl, one JSON line per log step; with --tensorboard the same scalars for TensorBoard."""
+
+    def __init__(self, cfg, step):
+        self.path, self.board = os.path.join(cfg.out, "metrics.jsonl"), None
+        if cfg.tensorboard:
+            from extras.tensorboard import scalar_writer
+            self.board = scalar_writer(cfg.out, step)
+
+    def write(self, record):
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: the checkpoints so far are intact
+            raise UsageError(f"cannot write {self.path}: {err.strerror}; free space, then continue with --resume "
+                             f"--out {os.path.dirname(self.path)}") from None
+        self.board(record) if self.board else None
 
 
 # ---------------------------------------------------------------- ranks and device
@@ -220,8 +291,8 @@ def autocast_for(device):
     return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
-def print0(rank, *args):
-    print(*args, flush=True) if rank == 0 else None
+def print0(rank, *args, **kwargs):
+    print(*args, **kwargs, flush=True) if rank == 0 else None
 
 
 # ---------------------------------------------------------------- data
@@ -437,10 +508,14 @@ def main(argv=None):
     extra = dict(micro_batch=cfg.batch_size // (world * cfg.grad_accum), frames_per_crop=M.CROP_FRAMES,
                  audio_seconds_per_step=cfg.batch_size * M.CROP_SECONDS)  # derived once, printed
     files = read_files(cfg, rank)  # before any setup: a --data mistake costs one line
-    os.makedirs(cfg.out, exist_ok=True)
-    if rank == 0 and cfg.resume:  # each step is logged once
-        from extras.resume import trim_metrics
-        trim_metrics(cfg.out, ckpt["step"] if ckpt else 0)
+    with owned_folder(cfg, rank, ckpt["step"] if ckpt else 0):
+        pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device):
+    """Codec -> data -> model -> optimizer -> the loop, in a folder this run owns."""
     torch.manual_seed(cfg.seed)
     codec = D.load_codec(cfg.encodec).to(device)
     train_set, val_set, train_files = build_datasets(cfg, mcfg, codec, rank, files)
@@ -461,9 +536,14 @@ def main(argv=None):
         if ckpt["scaler"]:  # {} from a CPU or bf16 run: an fp16 run starts its loss scale afresh
             scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
-    run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
-             ckpt["step"] if ckpt else 0, extra["micro_batch"], rank, world, device)
-    dist.destroy_process_group() if dist.is_initialized() else None
+    STOP.clear()
+    handlers = {s: signal.signal(s, ask_to_stop) for s in D.STOP_SIGNALS}  # from here on: stop after a step
+    try:
+        run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
+                 ckpt["step"] if ckpt else 0, extra["micro_batch"], rank, world, device)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
@@ -471,7 +551,7 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
     """The loop of section 3.1: constant lr, accumulate, step, log, validate, checkpoint. The GPU is
     waited for only where the statistics are read: at log, validation and checkpoint steps."""
     batches = step_batches(train_set, cfg, micro_batch, rank, world, step)
-    metrics, window, n_steps, t0 = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None, 0, 0, time.time()
+    metrics, window, n_steps, t0 = Metrics(cfg, step) if rank == 0 else None, 0, 0, time.time()
     while step < cfg.steps:  # the learning rate stays 1e-4 throughout [3.1]
         window = window + train_step(ddp_model, next(batches), codec, mcfg, opt, scaler, autocast, device,
                                      cfg.clip_grad)  # summed on the device since the last log line
@@ -487,12 +567,12 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
         if rank == 0 and log_now:
             text, record = log_record(step, cfg, stats, mcfg.n_streams, n_steps / (time.time() - t0), val)
             print(text, flush=True)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            metrics.write(record)
         if log_now:
             window, n_steps, t0 = 0, 0, time.time()  # each log line averages the steps since the last one
         if rank == 0 and ckpt_now:
             print(f"saved {save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)}", flush=True)
+        stop_if_asked(cfg, step, model, opt, scaler, mcfg, codec, rank, world)
     barrier()
 
 

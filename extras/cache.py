@@ -6,6 +6,7 @@ codes (int16) as memory-mappable .npy, about 20 kB per second of audio, resumabl
 `CachedCropDataset` reads random 4-s crops from it. Deviation: the paper encodes each 4-s crop; a
 cached crop sees the causal encoder's state from the whole file (or 60-s chunk) before it.
 """
+import contextlib
 import json
 import os
 import sys
@@ -33,37 +34,51 @@ class CachedCrop(NamedTuple):
 
 
 def read_manifest(cache_dir):
-    """Finished files {abs audio path: {"path", "id", "samples", "frames"}} from CACHE/manifest.jsonl.
+    """Finished files {abs audio path: {"path", "id", "samples", "frames", "stamp"}} from CACHE/manifest.jsonl.
 
     A line is appended only after both .npy files are complete, so a file missing here is redone;
-    a line torn by a crash is not valid JSON and is dropped.
+    a line torn by a crash (or garbled: not an entry) is dropped. "stamp" is the audio file's
+    size and modification time when it was encoded (older caches have none).
     """
     entries, path = {}, os.path.join(cache_dir, "manifest.jsonl")
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             for line in f:
-                try:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
                     entry = json.loads(line)
                     entries[entry["path"]] = entry
-                except json.JSONDecodeError:
-                    pass
     return entries
 
 
+def stamp(path):
+    """An audio file's [size, modification time in ns]: a file rewritten in place changes it."""
+    info = os.stat(path)
+    return [info.st_size, info.st_mtime_ns]
+
+
+def changed_since(entries):
+    """The paths whose audio file exists and was rewritten since it was encoded (its stamp differs)."""
+    return [p for p, e in entries.items() if "stamp" in e and os.path.exists(p) and stamp(p) != e["stamp"]]
+
+
 def open_cache(cache_dir, codec):
-    """Create or resume a cache: check its codec, drop temporaries and torn lines -> finished entries."""
-    os.makedirs(cache_dir, exist_ok=True)
+    """Create or resume a cache: check its codec, drop temporaries and torn lines, and the entries whose
+    audio changed since or whose arrays are missing (each named: they are encoded again) -> finished entries."""
+    D.make_folder(cache_dir)
     meta_path = os.path.join(cache_dir, "cache.json")
     meta = {"codec": codec.source, "sample_rate": SAMPLE_RATE, "hop": HOP}
     if not os.path.exists(meta_path):
         D.write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
-    with open(meta_path) as f:
-        if json.load(f) != meta:
-            raise ValueError(f"{cache_dir} was built with another codec ({meta_path}): use a new --out")
-    for name in os.listdir(cache_dir):
-        if ".tmp" in name:  # left by a killed run
-            os.remove(os.path.join(cache_dir, name))
-    done = read_manifest(cache_dir)
+    if read_meta(cache_dir) != meta:
+        raise ValueError(f"{cache_dir} was built with another codec ({meta_path}): use a new --out")
+    D.remove_temporaries(cache_dir, r"[0-9a-f]{16}\.(feats|codes)\.npy|manifest\.jsonl|cache\.json")  # ours only
+    done, names = read_manifest(cache_dir), set(os.listdir(cache_dir))
+    for path in changed_since(done):
+        warnings.warn(f"{path}: changed since it was cached (size or time); encoding it again")
+        del done[path]
+    for path in [p for p, e in done.items() if not {e["id"] + ".feats.npy", e["id"] + ".codes.npy"} <= names]:
+        warnings.warn(f"{path}: its cached arrays in {cache_dir} are missing; encoding it again")
+        del done[path]
     lines = "".join(json.dumps(e) + "\n" for e in done.values()).encode()
     D.write_atomic(os.path.join(cache_dir, "manifest.jsonl"), lambda f: f.write(lines))
     return done
@@ -101,16 +116,30 @@ def encode_group(codec, pieces):
 def store_entry(cache_dir, path, n_samples, feats, codes):
     """Write one file's arrays, then commit it with a manifest line (the arrays are complete by then)."""
     key = os.path.abspath(path)
-    entry = {"path": key, "id": D.file_id(key), "samples": n_samples,
-             "frames": len(feats)}
+    entry = {"path": key, "id": D.file_id(key), "samples": n_samples, "frames": len(feats), "stamp": stamp(key)}
     base = os.path.join(cache_dir, entry["id"])
     D.write_atomic(base + ".feats.npy", lambda f: np.save(f, feats))  # (T, 128) fp16
     D.write_atomic(base + ".codes.npy", lambda f: np.save(f, codes))  # (T, Q) int16
-    with open(os.path.join(cache_dir, "manifest.jsonl"), "a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    manifest = os.path.join(cache_dir, "manifest.jsonl")
+    try:
+        with open(manifest, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # a torn line is dropped when the cache is opened again
+        raise UsageError(f"cannot write {manifest}: {err.strerror}; free space, then rerun: the files cached "
+                         "so far are kept") from None
     return entry
+
+
+def read_meta(cache_dir):
+    """CACHE/cache.json (what the cache was built with), or a UsageError saying it is damaged."""
+    try:
+        with open(os.path.join(cache_dir, "cache.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{cache_dir}/cache.json: unreadable ({type(err).__name__}); this is not a whole cache: "
+                         "rebuild it with `python extras/cache.py` into a new --out") from None
 
 
 def piece_batches(lengths, chunk, batch_samples):
@@ -213,6 +242,10 @@ class CachedCropDataset(D.Visits):
     def __init__(self, cache_dir, crop_frames=CROP_FRAMES, seed=0, extra_store=None, paths=None):
         done = read_manifest(cache_dir)
         keys = sorted(done) if paths is None else [os.path.abspath(os.fsdecode(p)) for p in paths]
+        stale = changed_since({k: done[k] for k in keys if k in done})
+        if stale:  # frames of the old audio: train.py --cache has re-encoded them by now
+            raise UsageError(f"{stale[0]} changed since it was cached ({len(stale)} files changed): rerun "
+                             f"`python extras/cache.py --data ... --out {cache_dir}` to encode them again")
         self.skipped = [(k, f"{k}: not in the cache {cache_dir}") for k in keys if k not in done]
         if self.skipped:  # one line: the build named each file it skipped, with the reason
             warnings.warn(f"{cache_dir}: {len(self.skipped)} of {len(keys)} files are not in the cache, "
@@ -237,9 +270,15 @@ class CachedCropDataset(D.Visits):
         f, T = self.file_of(item), self.crop
         start, n = self.crop_start(item, 1), int(self.lengths[f])
         base = os.path.join(self.dir, self.ids[f].decode())
-        feats = np.load(base + ".feats.npy", mmap_mode="r")  # (n, 128) fp16, nothing read yet
-        codes = np.load(base + ".codes.npy", mmap_mode="r")  # (n, Q) int16
-        assert len(feats) == len(codes) == n, f"{base}: cached arrays do not match the manifest"
+        try:
+            feats = np.load(base + ".feats.npy", mmap_mode="r")  # (n, 128) fp16, nothing read yet
+            codes = np.load(base + ".codes.npy", mmap_mode="r")  # (n, Q) int16
+            wrong = "" if len(feats) == len(codes) == n else f"{len(feats)} and {len(codes)} frames, not {n}"
+        except (OSError, ValueError) as err:  # deleted, cut short or garbled since the build
+            wrong = str(err)
+        if wrong:  # the cache build encodes a file again once its arrays are gone
+            raise UsageError(f"{base}.feats.npy or .codes.npy is damaged ({wrong}): delete both, then run "
+                             f"`python extras/cache.py --data ... --out {self.dir}` to encode that file again")
         padding = torch.arange(T) >= n - start  # (T,)
         extra = torch.full((T,), -1, dtype=torch.int64)
         if self.store is not None:
@@ -258,12 +297,11 @@ def main(argv=None):
     parser.add_argument("--chunk-seconds", type=D.at_least(0.01, float), default=60.0, help="longer files go in chunks")
     parser.add_argument("--workers", type=D.at_least(0), default=4, help="processes reading audio")
     args = parser.parse_args(argv)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out}: exists and is not a folder")
     try:  # every check before the codec loads (a download, or seconds of calibration for "random")
         paths = D.list_audio(args.data, demo_dir=os.path.join(args.out, "demo_audio"))
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(f"--data: {err}") from None
+    D.make_folder(args.out)
     build_cache(D.load_codec(args.encodec).to(args.device), paths, args.out, args.batch_seconds, args.chunk_seconds,
                 workers=args.workers)
 

@@ -3,28 +3,31 @@
 The cache holds every file's frozen-EnCodec frames, so kmeans.py reads those instead of the audio
 and the model embeds them in the same 4-s windows as model.embed_audio cuts raw audio into.
 """
-import json
 import os
 
 import numpy as np
 import torch
 
-from data import AudioError
-from extras.cache import read_manifest
+from data import AudioError, UsageError
+from extras.cache import changed_since, read_manifest, read_meta
 from model import CROP_FRAMES
 
 
 def read_cache_source(cache_dir, codec_source):
     """The cached files, sorted by path -> (audio paths, frames per file (F,), their .feats.npy);
-    a ValueError if the cache is empty or holds another codec's frames than the checkpoint's."""
-    with open(os.path.join(cache_dir, "cache.json")) as f:
-        cached_with = json.load(f)["codec"]
+    a UsageError if the cache is empty or holds another codec's frames than the checkpoint's."""
+    cached_with = read_meta(cache_dir).get("codec")
     if cached_with != codec_source:
-        raise ValueError(f"{cache_dir} holds frames of codec {cached_with!r}, but the checkpoint was trained "
+        raise UsageError(f"{cache_dir} holds frames of codec {cached_with!r}, but the checkpoint was trained "
                          f"on {codec_source!r}: rebuild the cache with that codec")
-    entries = sorted(read_manifest(cache_dir).values(), key=lambda e: e["path"])
+    entries = read_manifest(cache_dir)
+    stale = changed_since(entries)
+    if stale:  # its frames are of the old audio, and so would its labels be
+        raise UsageError(f"{stale[0]} changed since it was cached ({len(stale)} files changed): run "
+                         f"`python extras/cache.py --data ... --out {cache_dir}` to encode them again")
+    entries = sorted(entries.values(), key=lambda e: e["path"])
     if not entries:
-        raise ValueError(f"{cache_dir}: empty or missing cache manifest (run `python extras/cache.py`)")
+        raise UsageError(f"{cache_dir}: empty or missing cache manifest (run `python extras/cache.py`)")
     return ([e["path"] for e in entries], np.array([e["frames"] for e in entries]),
             [os.path.join(cache_dir, e["id"] + ".feats.npy") for e in entries])
 

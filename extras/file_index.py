@@ -4,12 +4,14 @@ Reading every header at every start (and on every DDP rank and resume) costs min
 paper's scale, so (path, sample rate, length) is read once, in resumable shards of parallel
 processes, into one file that later runs load in a second: `python extras/file_index.py --data
 DIR [DIR ...] --out INDEX.npz`, then `train.py --data DIR ... --index INDEX.npz` (which also builds
-it when missing, and rebuilds it when a --data source changed since).
+it when missing, and rebuilds it when a --data source or a file in it changed since: each file's
+size and modification time are stored with its header).
 """
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import signal
 import sys
 import time
 import warnings
@@ -21,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: the core files sit in the fold
 
 import data as D
 from data import UsageError
+from extras.cache import stamp
 from model import SAMPLE_RATE
 
 
@@ -30,7 +33,7 @@ def source_names(sources):
     return [str(s) if str(s) == "demo" else os.path.abspath(s) for s in sources]
 
 
-def stamp(source):
+def source_stamp(source):
     """A source's modification time (a folder's changes when files are added to or removed from
     it); -1 once it is gone, so a moved source warns instead of failing."""
     return 0 if source == "demo" else os.stat(source).st_mtime_ns if os.path.exists(source) else -1
@@ -47,7 +50,8 @@ def index_shard(task):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reasons are stored; every reader of the index names them
         files, skipped = D.scan_audio(paths)
-    save_files(path, files, skipped=np.frombuffer(json.dumps(skipped).encode(), np.uint8))
+    stamps = np.array([stamp(p) for p in files.paths], dtype=np.int64).reshape(-1, 2)  # (F, 2) size, time
+    save_files(path, files, stamps=stamps, skipped=np.frombuffer(json.dumps(skipped).encode(), np.uint8))
     return time.process_time() - cpu
 
 
@@ -59,13 +63,12 @@ def build_index(sources, out, workers=None, shard_files=2000, demo_dir="demo_aud
     """
     names, t0 = source_names(sources), time.time()
     per_source = [D.list_audio([s], demo_dir) for s in names]
-    parts = out + ".parts"
-    os.makedirs(parts, exist_ok=True)
+    parts = D.make_folder(out + ".parts")
     tasks = []
     for s, paths in enumerate(per_source):
         for i in range(0, len(paths), shard_files):
             chunk = paths[i: i + shard_files]  # a shard is named by its paths, so a changed source redoes it
-            key = hashlib.sha1("\n".join(chunk).encode()).hexdigest()[:12]
+            key = hashlib.sha1(os.fsencode("\n".join(chunk))).hexdigest()[:12]
             tasks.append((os.path.join(parts, f"{s:03d}-{i // shard_files:06d}-{key}.npz"), chunk))
     todo = [t for t in tasks if not os.path.exists(t[0])]
     n_files, n_read = sum(map(len, per_source)), sum(len(c) for _, c in todo)
@@ -74,7 +77,7 @@ def build_index(sources, out, workers=None, shard_files=2000, demo_dir="demo_aud
     cpu = 0.0  # CPU seconds of the readers: the rate per core, whatever else the machine runs
     if todo:
         import multiprocessing  # fork: the workers need this module, not a fresh interpreter
-        with multiprocessing.get_context("fork").Pool(workers or os.cpu_count()) as pool:
+        with multiprocessing.get_context("fork").Pool(workers or os.cpu_count(), initializer=quiet) as pool:
             cpu = sum(pool.imap_unordered(index_shard, todo))
     files, source, bad = merge_shards(tasks, names, out)
     took = time.time() - t0
@@ -86,21 +89,40 @@ def build_index(sources, out, workers=None, shard_files=2000, demo_dir="demo_aud
     return files, source, len(bad)
 
 
+def quiet():
+    """A pool worker leaves Ctrl-C and SIGTERM to the main process, which stops the pool (and says so once)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def merge_shards(tasks, names, out):
     """Concatenate the shards into one index file (atomically), with the reasons for the bad files."""
-    shards, sources, bad = [], [], []
+    shards, sources, bad, stamps = [], [], [], []
     for path, _ in tasks:
         with np.load(path) as z:
             shards.append(D.Files(z["paths"], z["rates"], z["frames"]))
             bad += [reason for _, reason in json.loads(z["skipped"].tobytes())]
+            stamps.append(z["stamps"] if "stamps" in z else np.full((len(z["paths"]), 2), -1))
         sources.append(np.full(len(shards[-1].paths), int(os.path.basename(path)[:3]), np.int64))
     files = D.Files(*(np.concatenate([s[i] for s in shards]) if shards else np.zeros(0, np.int64) for i in range(3)))
     source = np.concatenate(sources) if sources else np.zeros(0, np.int64)
-    meta = json.dumps({"sources": names, "stamps": [stamp(s) for s in names], "bad": bad}).encode()
+    meta = json.dumps({"sources": names, "stamps": [source_stamp(s) for s in names], "bad": bad}).encode()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_files(out, files, source=source, meta=np.frombuffer(meta, np.uint8))
-    shutil.rmtree(out + ".parts")
+    save_files(out, files, source=source, stamps=np.concatenate(stamps) if stamps else np.zeros((0, 2), np.int64),
+               meta=np.frombuffer(meta, np.uint8))
+    for path, _ in tasks:  # our shards by name, then the folder if nothing else is in it
+        os.remove(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(out + ".parts")
     return files, source, bad
+
+
+def changed_files(out):
+    """The files of the index at `out` rewritten since their headers were read: size or time differ."""
+    with np.load(out) as z:
+        paths, stamps = z["paths"], z["stamps"] if "stamps" in z else None  # an older index: no stamps
+    return [] if stamps is None else [os.fsdecode(p) for p, s in zip(paths, stamps.tolist())
+                                      if os.path.exists(p) and stamp(p) != s]
 
 
 def read_index(out, sources):
@@ -115,7 +137,7 @@ def read_index(out, sources):
         files, source = D.Files(z["paths"], z["rates"], z["frames"]), z["source"]
     for reason in meta["bad"]:  # every run names what it leaves out, as a header scan did
         warnings.warn(f"skipping {reason}", stacklevel=2)
-    changed = [s for s, t in zip(meta["sources"], meta["stamps"]) if stamp(s) != t]
+    changed = [s for s, t in zip(meta["sources"], meta["stamps"]) if source_stamp(s) != t]
     if changed:
         warnings.warn(f"{changed} changed since the index {out} was built; added files are not used until "
                       f"`python extras/file_index.py --data {' '.join(meta['sources'])} --out {out}` rebuilds it")
@@ -141,8 +163,12 @@ def ensure_index(sources, out, rank=0, workers=None):
     since -> (Files, the --data entry of each, unreadable count)."""
     if rank == 0:
         changed = [s for s, t in zip(*(lambda m: (m["sources"], m["stamps"]))(check_index(out, sources)))
-                   if stamp(s) != t] if os.path.exists(out) else []
-        if changed or not os.path.exists(out):
+                   if source_stamp(s) != t] if os.path.exists(out) else []
+        rewritten = changed_files(out) if os.path.exists(out) and not changed else []
+        if rewritten:  # its old length (and rate) would be used
+            warnings.warn(f"{rewritten[0]} changed since the index {out} read its header ({len(rewritten)} files "
+                          "changed): reading every header again")
+        if changed or rewritten or not os.path.exists(out):
             print(f"index {out}: {'missing' if not changed else f'{changed} changed since it was built'}; "
                   "building it", flush=True)
             build_index(sources, out, workers)

@@ -1,13 +1,52 @@
-"""`train.py --resume` beside loading the checkpoint (not the paper): the run folder's metrics.jsonl is cut back to it.
+"""`train.py --resume` (beside the paper): a run continues from the newest checkpoint in its folder that loads.
 
-A killed run logged steps past its last checkpoint; the resumed run logs them again, so each step
-is logged once (test_all.py's resume test reads the file).
+Flags left out come from that checkpoint, a flag that would change what the run computes is refused,
+and metrics.jsonl is cut back to the checkpoint's step, so each step is logged once. A folder whose
+checkpoints all fail to load is refused: a fresh run there would cut the stopped run's history away.
 """
 import contextlib
+import dataclasses
 import json
 import os
 
 import data as D
+import model as M
+from data import UsageError
+
+RESUME_KEYS = ("model", "config", "encodec", "optimizer", "scaler", "step", "train_config", "rng")
+THIS_MACHINE = {"out", "device", "workers", "compile", "resume", "bench"}  # never taken from a checkpoint
+
+
+def newest_checkpoint(paths, rank=0):
+    """The newest of a run's checkpoints (oldest first) that loads -> dict, naming each one it passes over;
+    None if there are none yet, a UsageError if none of them loads."""
+    for path in paths[::-1]:
+        try:
+            ckpt = D.load_checkpoint(path, RESUME_KEYS)[1]
+            print(f"resuming from {path} at step {ckpt['step']}", flush=True) if rank == 0 else None
+            return ckpt
+        except ValueError as err:
+            print(f"--resume: {err}; passing over it to the previous one", flush=True) if rank == 0 else None
+    if paths:
+        raise UsageError(f"--resume: none of {', '.join(map(os.path.basename, paths))} in {os.path.dirname(paths[0])} "
+                         "loads (why: above); nothing was changed: move them away, or start in another --out")
+    return None
+
+
+def resume_point(cfg, mcfg, given, paths, refuse_changes, rank=0):
+    """-> (cfg, mcfg, checkpoint) as the run was trained, or (cfg, mcfg, None) before its first checkpoint;
+    refuse_changes(given, old, now, flag, advice) is train.py's check of the flags given now."""
+    ckpt = newest_checkpoint(paths, rank)
+    if ckpt is None:
+        print(f"--resume: no checkpoint in {cfg.out} yet, starting from step 0", flush=True) if rank == 0 else None
+        return cfg, mcfg, None
+    refuse_changes(given, {**ckpt["train_config"], **ckpt["config"]}, {**dataclasses.asdict(cfg),
+                   **dataclasses.asdict(mcfg)}, "--resume", f"leave these flags out to continue the run in {cfg.out}, "
+                   "or start a new run in another --out")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()
+            if k in fields and k not in given and k not in THIS_MACHINE}
+    return dataclasses.replace(cfg, **kept), M.ModelConfig(**ckpt["config"]), ckpt
 
 
 def trim_metrics(out, step):
