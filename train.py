@@ -9,7 +9,6 @@ OUT/ckpt-*.pt and OUT/metrics.jsonl. Every ModelConfig and TrainConfig field is 
 --M_prop 0.3, --delta 1, --gamma uniform, ... (`python train.py --help` lists them).
 """
 import contextlib
-import dataclasses
 import datetime
 import functools
 import glob
@@ -20,7 +19,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -79,7 +78,7 @@ def parse_args(argv):
     p = D.Parser(prog="train.py", description=__doc__, allow_abbrev=False,
                  formatter_class=D.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=list(M.SIZES), help="model size [2.2] (default base)")
-    for f in dataclasses.fields(TrainConfig) + dataclasses.fields(M.ModelConfig):
+    for f in fields(TrainConfig) + fields(M.ModelConfig):
         kind = type(f.default)
         item = TYPES.get(f.name, at_least(1) if kind is int else float if kind is tuple else kind)  # ints: >= 1
         if kind is bool:
@@ -105,7 +104,7 @@ def check_run(cfg, world):
     rules = [("batch_size", cfg.batch_size % (world * cfg.grad_accum) == 0,
               f"divisible by {world} GPUs x --grad_accum {cfg.grad_accum}"),
              ("betas", len(cfg.betas) == 2, "two numbers in [0, 1)"),
-             ("data_weights", len(cfg.data_weights) in (0, len(cfg.data)), f"one weight per --data entry"),
+             ("data_weights", len(cfg.data_weights) in (0, len(cfg.data)), "one weight per --data entry"),
              ("init_from", not cfg.init_from or cfg.kmeans_store, "given with --kmeans_store (from kmeans.py)"),
              ("kmeans_store", not cfg.kmeans_store or os.path.isfile(os.path.join(cfg.kmeans_store, "index.json")),
               "a folder written by kmeans.py (with index.json)")]
@@ -159,10 +158,11 @@ def starting_point(cfg, mcfg, given, rank):
     refuse_changes(given, {**stage1["config"], "encodec": stage1["encodec"]}, {**asdict(mcfg), **asdict(cfg)},
                    "--init_from", "stage 2 continues the stage-1 model on its codec; leave these flags out")
     old = M.ModelConfig(**stage1["config"])
-    mcfg = dataclasses.replace(old, n_kmeans_streams=old.n_kmeans_streams + 1)
-    print0(rank, f"stage 2 from {cfg.init_from}: its model config and codec {stage1['encodec']!r}, "
-                 f"S = {mcfg.n_streams} streams")
-    return dataclasses.replace(cfg, encodec=stage1["encodec"]), mcfg, None, stage1
+    mcfg = replace(old, n_kmeans_streams=old.n_kmeans_streams + 1)
+    if rank == 0:
+        print(f"stage 2 from {cfg.init_from}: its model config and codec {stage1['encodec']!r}, "
+              f"S = {mcfg.n_streams} streams", flush=True)
+    return replace(cfg, encodec=stage1["encodec"]), mcfg, None, stage1
 
 
 def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
@@ -181,37 +181,34 @@ def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
 # ---------------------------------------------------------------- the run folder, and stopping in time
 @contextlib.contextmanager
 def owned_folder(cfg, rank, step):
-    """--out for this run alone: made and locked (OUT/train.lock names the run's pid and host), the
-    temporary files of a killed run removed, metrics.jsonl cut back to a resumed step; unlocked at the end."""
-    lock = take_lock(os.path.join(D.make_folder(cfg.out), "train.lock")) if rank == 0 else None
+    """--out for this run alone: rank 0 makes it and holds OUT/train.lock (its pid and host) to the end. A live
+    run's lock (same host, its pid running; or another host's) is a UsageError naming it; one whose process has
+    gone from this host is taken over with a warning. A killed run's temporary files are removed, and
+    metrics.jsonl is cut back to a resumed step."""
+    if rank != 0:
+        yield
+        return
+    lock, me = os.path.join(D.make_folder(cfg.out), "train.lock"), {"pid": os.getpid(), "host": socket.gethostname()}
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError), open(lock) as f:  # half written:
+        held = json.load(f)  # not taken over, the creation below then refuses
+        if held["host"] != me["host"] or D.alive(held["pid"]):
+            raise UsageError(f"--out {os.path.dirname(lock)}: in use by pid {held['pid']} on {held['host']} ({lock}); "
+                             "wait for that run, or delete its lock if it has gone")
+        warnings.warn(f"taking over the stale lock {lock} of pid {held['pid']} on {held['host']}: that run is gone")
+        os.remove(lock)
     try:
-        if rank == 0:
-            D.remove_temporaries(cfg.out, r"ckpt-\d{8}\.pt|metrics\.jsonl")
-        if rank == 0 and cfg.resume:
+        with open(lock, "x") as f:  # only if absent: of two runs starting at once, one wins
+            f.write(json.dumps(me))
+    except OSError as err:
+        raise UsageError(f"--out: cannot take the lock {lock} ({err.strerror}); is another run starting?") from None
+    try:
+        D.remove_temporaries(cfg.out, r"ckpt-\d{8}\.pt|metrics\.jsonl")
+        if cfg.resume:
             from extras.resume import trim_metrics
             trim_metrics(cfg.out, step)  # each step is logged once
         yield
     finally:
-        os.remove(lock) if lock else None
-
-
-def take_lock(path):
-    """Create the lock -> path. A live run's lock (same host, its pid running; or another host's) is a
-    UsageError naming it; one whose process has gone from this host is taken over with a warning."""
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError), open(path) as f:  # half written:
-        held = json.load(f)  # not taken over, the creation below then refuses
-        if held["host"] != me["host"] or D.alive(held["pid"]):
-            raise UsageError(f"--out {os.path.dirname(path)}: in use by pid {held['pid']} on {held['host']} ({path}); "
-                             "wait for that run, or delete its lock if it has gone")
-        warnings.warn(f"taking over the stale lock {path} of pid {held['pid']} on {held['host']}: that run is gone")
-        os.remove(path)
-    try:
-        with open(path, "x") as f:  # only if absent: of two runs starting at once, one wins
-            f.write(json.dumps(me))
-    except OSError as err:
-        raise UsageError(f"--out: cannot take the lock {path} ({err.strerror}); is another run starting?") from None
-    return path
+        os.remove(lock)
 
 
 STOP = []  # the signals ask_to_stop received: the loop stops after the step in progress
@@ -228,34 +225,51 @@ def stop_if_asked(cfg, step, model, opt, scaler, mcfg, codec, rank, world):
     """After a step: if a signal came (to any rank: they agree on the CPU), keep this step in a checkpoint,
     say how to continue and exit with 128 + the signal, as a shell reports a process a signal stopped."""
     signum = torch.tensor([STOP[-1] if STOP else 0])
-    dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=wait_group()) if world > 1 else None
-    if signum.item():
-        path = os.path.join(cfg.out, f"ckpt-{step:08d}.pt")
-        if rank == 0 and not os.path.exists(path):
-            save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)
-        barrier()
-        print0(rank, f"train.py: stopped by {signal.Signals(signum.item()).name} after step {step}, saved {path}; "
-                     f"continue with: python train.py --resume --out {cfg.out}", file=sys.stderr)
-        raise SystemExit(128 + signum.item())
+    if world > 1:
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=wait_group())
+    if not signum.item():
+        return
+    path = os.path.join(cfg.out, f"ckpt-{step:08d}.pt")
+    if rank == 0 and not os.path.exists(path):
+        save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)
+    barrier()
+    if rank == 0:
+        print(f"train.py: stopped by {signal.Signals(signum.item()).name} after step {step}, saved {path}; "
+              f"continue with: python train.py --resume --out {cfg.out}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum.item())
 
 
 class Metrics:
-    """OUT/metrics.jsonl, one JSON line per log step; with --tensorboard the same scalars for TensorBoard."""
+    """What a student watches, each log step: loss and masked accuracy per stream, speed and ETA, printed and
+    appended to OUT/metrics.jsonl; with --tensorboard also as TensorBoard scalars (extras/tensorboard.py)."""
 
     def __init__(self, cfg, step):
-        self.path, self.board = os.path.join(cfg.out, "metrics.jsonl"), None
+        self.cfg, self.path, self.board = cfg, os.path.join(cfg.out, "metrics.jsonl"), None
         if cfg.tensorboard:
             from extras.tensorboard import scalar_writer
             self.board = scalar_writer(cfg.out, step)
 
-    def write(self, record):
+    def log(self, step, s, S, rate, val):
+        """s: train_step's figures averaged since the last line; val: validate's, or None."""
+        cfg, audio_h = self.cfg, rate * self.cfg.batch_size * M.CROP_SECONDS / 3600
+        text = (f"step {step}/{cfg.steps} | loss {s[0]:.4f} | masked acc/stream "
+                f"{' '.join(f'{a:.2f}' for a in s[1 + 2 * S:].tolist())} | {rate:.2f} steps/s | {audio_h:.4f} h audio/s"
+                f" | ETA {(cfg.steps - step) / max(rate, 1e-9) / 3600:.2f} h")
+        record = {"step": step, "loss": s[0].item(), "masked_loss": s[1: 1 + S].tolist(),
+                  "unmasked_loss": s[1 + S: 1 + 2 * S].tolist(), "masked_acc": s[1 + 2 * S:].tolist(),
+                  "steps_per_s": rate, "audio_hours_per_s": audio_h, "time": time.time()}
+        if val is not None:
+            text += f" | val loss {val[0]:.4f} acc {val[1]:.3f}"
+            record.update(val_loss=val[0], val_masked_acc=val[1])
+        print(text, flush=True)
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as err:  # a full disk: the checkpoints so far are intact
             raise UsageError(f"cannot write {self.path}: {err.strerror}; free space, then continue with --resume "
                              f"--out {os.path.dirname(self.path)}") from None
-        self.board(record) if self.board else None
+        if self.board:
+            self.board(record)
 
 
 # ---------------------------------------------------------------- ranks and device
@@ -279,7 +293,8 @@ def wait_group():
 
 
 def barrier():
-    dist.barrier(group=wait_group()) if dist.is_initialized() else None
+    if dist.is_initialized():
+        dist.barrier(group=wait_group())
 
 
 def autocast_for(device):
@@ -289,10 +304,6 @@ def autocast_for(device):
         return contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-
-def print0(rank, *args, **kwargs):
-    print(*args, **kwargs, flush=True) if rank == 0 else None
 
 
 # ---------------------------------------------------------------- data
@@ -337,23 +348,15 @@ def build_datasets(cfg, mcfg, codec, rank, files=None):
     groups = ([np.flatnonzero(source == s) for s in range(len(cfg.data))] if cfg.data_weights
               else [np.arange(len(files.paths))])  # file positions of each mixed source
     splits = [D.readable_holdout(files, g, cfg.val_files, cfg.seed) for g in groups]
+    crops = functools.partial(D.CropDataset, extra_store=cfg.kmeans_store or None)
     if cfg.cache:  # the codec once per file: stored frames and codes (a deviation, extras/cache.py)
-        from extras.cache import CachedCropDataset, build_cache
-        if rank == 0:
-            build_cache(codec, [files.path(i) for s in splits for part in s for i in part], cfg.cache,
-                        workers=cfg.workers)
-        barrier()
-
-    def crops(positions, seed, n_skipped=0):
-        chosen, store = files.take(positions), cfg.kmeans_store or None
-        if cfg.cache:
-            return CachedCropDataset(cfg.cache, seed=seed, extra_store=store, paths=chosen.paths)
-        return D.CropDataset(chosen, seed=seed, extra_store=store, n_skipped=n_skipped)
-    train = [crops(t, cfg.seed, n_bad if i == 0 else 0) for i, (t, _) in enumerate(splits)]
+        from extras.cache import cached_crops
+        crops = cached_crops(codec, [files.path(i) for s in splits for part in s for i in part], cfg, rank, barrier)
+    train = [crops(files.take(t), seed=cfg.seed, n_skipped=n_bad if i == 0 else 0) for i, (t, _) in enumerate(splits)]
     if cfg.data_weights:
         from extras.mixing import MixedDataset
         train = [MixedDataset(train, cfg.data_weights, cfg.seed)]
-    valid = crops(np.concatenate([v for _, v in splits]), cfg.seed + 1)
+    valid = crops(files.take(np.concatenate([v for _, v in splits])), seed=cfg.seed + 1)
     train_files = files.take(np.concatenate([t for t, _ in splits]))
     return MaskedCrops(train[0], mcfg, cfg.seed), MaskedCrops(valid, mcfg, cfg.seed + 1), train_files
 
@@ -427,7 +430,7 @@ def build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device):
         model.load_state_dict((ckpt or stage1)["model"])  # strict
         model = model if ckpt is not None else M.add_kmeans_stream(model)
     else:
-        model = M.EnCodecMAE(dataclasses.replace(mcfg, gamma_q=choose_gamma(cfg, mcfg, codec, train_files, device)))
+        model = M.EnCodecMAE(replace(mcfg, gamma_q=choose_gamma(cfg, mcfg, codec, train_files, device)))
     return model.to(device), model.cfg
 
 
@@ -438,7 +441,8 @@ def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, c
     of L add up to the batch's loss. -> [loss, masked loss (S), unmasked loss (S), masked acc (S)]."""
     counts = count_frames(batches).to(device, non_blocking=True)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    dist.all_reduce(counts) if world > 1 else None  # two integers: cheap
+    if world > 1:
+        dist.all_reduce(counts)  # two integers: cheap
     stats = 0
     for m, batch in enumerate(batches):
         feats, targets, mask, padding = inputs_and_targets(batch, codec, mcfg, device)
@@ -448,7 +452,8 @@ def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, c
                 out = ddp_model(feats, targets, mask, padding, counts=tuple(counts))
             scaler.scale(out.loss * world).backward()  # DDP averages gradients over GPUs; shares add
         stats = stats + torch.cat([out.loss.detach()[None], out.masked_loss, out.unmasked_loss, out.masked_acc]).float()
-    dist.all_reduce(stats) if world > 1 else None  # every GPU's shares add up to the batch's figures
+    if world > 1:
+        dist.all_reduce(stats)  # every GPU's shares add up to the batch's figures
     if clip_grad:  # Deviation only when switched on: the paper does not clip
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), clip_grad)
@@ -476,21 +481,6 @@ def validate(model, dataset, codec, mcfg, device, micro_batch, autocast):
             out = model(*inputs_and_targets(batch, codec, mcfg, device), counts=counts)
         total = total + torch.cat([out.loss.float()[None], out.masked_acc.float()])  # shares add up
     return [total[0].item(), total[1:].mean().item()]
-
-
-def log_record(step, cfg, s, S, rate, val):
-    """What a student watches: loss and masked accuracy per stream, speed, ETA -> (line, metrics record)."""
-    audio_h = rate * cfg.batch_size * M.CROP_SECONDS / 3600
-    text = (f"step {step}/{cfg.steps} | loss {s[0]:.4f} | masked acc/stream "
-            f"{' '.join(f'{a:.2f}' for a in s[1 + 2 * S:].tolist())} | {rate:.2f} steps/s | {audio_h:.4f} h audio/s"
-            f" | ETA {(cfg.steps - step) / max(rate, 1e-9) / 3600:.2f} h")
-    record = {"step": step, "loss": s[0].item(), "masked_loss": s[1: 1 + S].tolist(),
-              "unmasked_loss": s[1 + S: 1 + 2 * S].tolist(), "masked_acc": s[1 + 2 * S:].tolist(),
-              "steps_per_s": rate, "audio_hours_per_s": audio_h, "time": time.time()}
-    if val is not None:
-        text += f" | val loss {val[0]:.4f} acc {val[1]:.3f}"
-        record.update(val_loss=val[0], val_masked_acc=val[1])
-    return text, record
 
 
 # ---------------------------------------------------------------- the run
@@ -521,9 +511,11 @@ def pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device):
     train_set, val_set, train_files = build_datasets(cfg, mcfg, codec, rank, files)
     model, mcfg = build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device)
     train_set.cfg = val_set.cfg = mcfg
-    print0(rank, f"model {json.dumps(asdict(mcfg))}\ntrain {json.dumps(asdict(cfg))}\nderived {json.dumps(extra)}"
-                 f" | world {world} | device {device} | {len(train_set)} training crops, "
-                 f"{train_set.crops.n_skipped + val_set.crops.n_skipped} unreadable files skipped | gamma_q {mcfg.gamma_q}")
+    if rank == 0:
+        print(f"model {json.dumps(asdict(mcfg))}\ntrain {json.dumps(asdict(cfg))}\nderived {json.dumps(extra)}"
+              f" | world {world} | device {device} | {len(train_set)} training crops, "
+              f"{train_set.crops.n_skipped + val_set.crops.n_skipped} unreadable files skipped | gamma_q {mcfg.gamma_q}",
+              flush=True)
     if cfg.compile:  # the network, not the mask bookkeeping around it (extras/compile.py)
         from extras.compile import compile_network
         compile_network(model)
@@ -531,11 +523,9 @@ def pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device):
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     autocast, scaler = autocast_for(device)
-    if ckpt is not None:  # the optimizer, the loss scale and the RNG continue exactly
-        opt.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:  # {} from a CPU or bf16 run: an fp16 run starts its loss scale afresh
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
+    if ckpt is not None:  # --resume: the optimizer, the loss scale and the RNG continue exactly
+        from extras.resume import restore_state
+        restore_state(ckpt, opt, scaler)
     STOP.clear()
     handlers = {s: signal.signal(s, ask_to_stop) for s in D.STOP_SIGNALS}  # from here on: stop after a step
     try:
@@ -565,9 +555,7 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
                              f"good checkpoint ({last or 'none yet'}) is intact; try a lower --lr or --clip_grad.")
         val = validate(model, val_set, codec, mcfg, device, micro_batch, autocast) if rank == 0 and val_now else None
         if rank == 0 and log_now:
-            text, record = log_record(step, cfg, stats, mcfg.n_streams, n_steps / (time.time() - t0), val)
-            print(text, flush=True)
-            metrics.write(record)
+            metrics.log(step, stats, mcfg.n_streams, n_steps / (time.time() - t0), val)
         if log_now:
             window, n_steps, t0 = 0, 0, time.time()  # each log line averages the steps since the last one
         if rank == 0 and ckpt_now:

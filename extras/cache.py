@@ -287,6 +287,16 @@ class CachedCropDataset(D.Visits):
                           D.cut_frames(codes, start, T, 0, np.int64), padding, extra)  # (T, Q)
 
 
+def cached_crops(codec, paths, cfg, rank, barrier):
+    """train.py --cache: the cache of `paths` completed by rank 0 (the others wait at barrier()) -> a function
+    (files, seed, n_skipped) -> CachedCropDataset of those files, in place of data.CropDataset."""
+    if rank == 0:
+        build_cache(codec, paths, cfg.cache, workers=cfg.workers)
+    barrier()
+    store = cfg.kmeans_store or None
+    return lambda files, seed, n_skipped=0: CachedCropDataset(cfg.cache, seed=seed, extra_store=store, paths=files.paths)
+
+
 def main(argv=None):
     parser = D.Parser(prog="extras/cache.py", description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", required=True, type=D.data_source, help="folders, .txt lists, or demo")

@@ -9,6 +9,8 @@ import dataclasses
 import json
 import os
 
+import torch
+
 import data as D
 import model as M
 from data import UsageError
@@ -47,6 +49,14 @@ def resume_point(cfg, mcfg, given, paths, refuse_changes, rank=0):
     kept = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()
             if k in fields and k not in given and k not in THIS_MACHINE}
     return dataclasses.replace(cfg, **kept), M.ModelConfig(**ckpt["config"]), ckpt
+
+
+def restore_state(ckpt, opt, scaler):
+    """The optimizer, the loss scale and the RNG of a resumed checkpoint, so the run continues exactly."""
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:  # {} from a CPU or bf16 run: an fp16 run starts its loss scale afresh
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])
 
 
 def trim_metrics(out, step):
