@@ -45,9 +45,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(main, argv=None):
-    """Run a command-line main (which checks every flag before any expensive setup): a UsageError is one
-    line on stderr and exit status 2; SIGTERM, SIGUSR1 and Ctrl-C one line and 128 + the signal, as a
-    shell says (the work finished is kept: the same command resumes); a bug keeps its traceback."""
+    """Run a command-line main (it checks every flag before any expensive setup): a UsageError is one line on stderr
+    and exit status 2; SIGTERM, SIGUSR1 and Ctrl-C one line and 128 + the signal, as a shell says; a bug a traceback."""
     name, before = os.path.basename(sys.argv[0]), {s: signal.signal(s, interrupt) for s in STOP_SIGNALS[1:]}
     try:
         return main(argv)
@@ -127,9 +126,8 @@ class Progress:
 
 
 def write_atomic(path, write):
-    """Write through a temporary file, `{path}.tmp{pid}`, then os.replace: the name never holds half a file.
-    A write that fails or is interrupted removes its temporary file; a failed one (full disk, read-only
-    folder, a folder in the way) is a UsageError naming the path."""
+    """Write through `{path}.tmp{pid}`, then os.replace: the name never holds half a file. A failed or interrupted
+    write removes its temporary; a failed one (full disk, read-only folder, a folder in the way) is a UsageError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -160,8 +158,7 @@ def make_folder(path, flag="--out"):
 
 
 def remove_temporaries(folder, names):
-    """Delete what write_atomic left when its process was killed: exactly `{name}.tmp{pid}` for the names
-    matching the regular expression `names` (the caller's own files), nothing else."""
+    """Delete exactly the `{name}.tmp{pid}` files a killed write_atomic left, for the names matching regex `names`."""
     for entry in os.listdir(folder):
         if re.fullmatch(rf"(?:{names})\.tmp\d+", entry):
             os.remove(os.path.join(folder, entry))
@@ -186,11 +183,9 @@ def resampled_length(n_src, rate):
 
 
 def read_header(path):
-    """(sample rate, samples) from the header, its last sample read back; bad files -> AudioError.
-
-    The last sample catches a file cut short whose header promises the full length (one seek,
-    0.1 ms). Not for mp3, where a seek parses every frame before it: read_audio catches it then.
-    """
+    """(sample rate, samples) from the header, its last sample read back; bad files -> AudioError. The last sample
+    catches a file cut short whose header promises the full length (one seek, 0.1 ms). Not for mp3, where a seek
+    parses every frame before it: read_audio catches it then."""
     for bad, why in ((os.path.isdir, "a folder, not an audio file"), (lambda p: not os.path.isfile(p), "no such file"),
                      (lambda p: not os.access(p, os.R_OK), "permission denied"),
                      (lambda p: os.path.getsize(p) == 0, "empty file (0 bytes)")):
@@ -219,12 +214,10 @@ def probe_audio(path):
 
 
 def source_span(start, stop, rate, n_src):
-    """Source samples [s0, s1) covering 24-kHz samples [start, stop), and start's offset in them.
-
-    Segments start on a multiple of o, so the polyphase filter keeps its phase, with margins wider
-    than the sinc filter and than an mp3 decoder's warm-up after a seek (2304 samples): a crop then
-    equals that part of the whole file, read and resampled, while reading only the crop.
-    """
+    """Source samples [s0, s1) covering 24-kHz samples [start, stop), and start's offset in them. Segments start on
+    a multiple of o, so the polyphase filter keeps its phase, with margins wider than the sinc filter and than an
+    mp3 decoder's warm-up after a seek (2304 samples): a crop then equals that part of the whole file, read and
+    resampled, while reading only the crop."""
     g = math.gcd(rate, SAMPLE_RATE)
     o, q = rate // g, SAMPLE_RATE // g  # o source samples <-> q output samples
     m = math.ceil((6 * o / (0.99 * min(o, q)) + 2 + 2304) / o)
@@ -368,15 +361,11 @@ class Visits(Dataset):
 
 
 class CropDataset(Visits):
-    """Random 4-s crops of raw audio files -> Crop(wav, padding, extra).
+    """Random 4-s crops of raw audio files -> Crop(wav, padding, extra). `paths`: a list (every header read now, bad
+    files named) or Files (nothing is read now); `extra_store`: a k-means target store (kmeans.py) for stage 2, files
+    without targets left out. A file that fails when read is named and skipped: its items become the next that reads."""
 
-    `paths`: a list (every header read now, bad files named) or Files (nothing is read now); `extra_store`:
-    a k-means target store (kmeans.py) for stage 2, files without targets left out. A file that fails
-    when read is named and skipped from then on: its items become the next item that reads.
-    """
-
-    def __init__(self, paths, crop_samples=CROP_SAMPLES, seed=0, extra_store=None, n_skipped=0):
-        assert crop_samples % HOP == 0, "crops must be whole codec frames"
+    def __init__(self, paths, seed=0, extra_store=None, n_skipped=0):
         self.files, self.skipped = (paths, []) if isinstance(paths, Files) else scan_audio(paths)
         self.store, self.failed, self.n_scanned_out = None, {}, n_skipped  # failed: path -> reason
         if extra_store is not None:
@@ -384,7 +373,7 @@ class CropDataset(Visits):
             self.files, self.skipped = self.files.take(kept), self.skipped + unlabelled
         if not len(self.files.paths):
             raise ValueError(f"no readable audio among {len(paths)} files")
-        super().__init__(self.files.lengths, crop_samples, seed)
+        super().__init__(self.files.lengths, CROP_SAMPLES, seed)
 
     n_skipped = property(lambda self: len(self.skipped) + len(self.failed) + self.n_scanned_out)
 

@@ -3,10 +3,9 @@
 `python evaluate.py --tasks-dir TASKS --upstream EC --upstream ECMAE-R:base --upstream ckpt.pt --out OUT`
 reads HEAR 2021 task folders, writes OUT/embeddings/<upstream>/<task>/<split>.npz (reused on rerun) and
 OUT/results.json (every grid point's validation score, every fold's test score), and prints Table 1 with
-standard errors. It is also a HEAR module (`hear-validator evaluate --model ckpt.pt`); `load_upstream` + `embed_file` embed
-a file, `python evaluate.py embed --upstream ckpt.pt --out EMB AUDIO_DIR` every file of a folder.
+standard errors. It is also a HEAR module (`hear-validator evaluate --model ckpt.pt`); `load_upstream` +
+`embed_file` embed a file, `python evaluate.py embed --upstream ckpt.pt --out EMB AUDIO_DIR` every file of a folder.
 """
-import argparse
 import copy
 import csv
 import json
@@ -72,17 +71,12 @@ def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
     authors' released models: their network, extras/released.py; their HEAR wrapper pools all frames)."""
     if spec.startswith("released:"):
         from extras.released import load_released
-        model = load_released(spec.split(":", 1)[1], layer, device, encodec)
-        model.pool_all_frames = True
-        return model
-    key = f"seed{seed}"
-    if spec == "EC" or spec.startswith("ECMAE-R:"):
-        source = encodec or "pretrained"  # never a silent random codec: "random" must be asked for
-        mae = None
-        if spec != "EC":
-            torch.manual_seed(seed)  # ECMAE-R: the same random MAE on every run (Table 1, row 2)
-            mae = EnCodecMAE(make_config(spec.split(":", 1)[1]))
-    else:
+        return load_released(spec.split(":", 1)[1], layer, device, encodec)
+    source, mae, key = encodec or "pretrained", None, f"seed{seed}"  # never a silent random codec: ask for "random"
+    if spec.startswith("ECMAE-R:"):
+        torch.manual_seed(seed)  # ECMAE-R: the same random MAE on every run (Table 1, row 2)
+        mae = EnCodecMAE(make_config(spec.split(":", 1)[1]))
+    elif spec != "EC":
         mae, ckpt = D.load_checkpoint(spec)  # a ValueError naming the file and what is wrong with it
         source = encodec or ckpt["encodec"]  # the codec it was trained on, unless told otherwise
         if (source == "random") != (ckpt["encodec"] == "random"):
@@ -106,6 +100,10 @@ class Task:
     folds: list  # [(train splits, valid splits, test splits)]
     audio_dir: Path  # the sample-rate folder we read (None: the task has no audio)
 
+    @property
+    def splits(self):  # every split its folds name, sorted
+        return sorted({s for fold in self.folds for part in fold for s in part})
+
 
 def read_task(path):
     """A HEAR 2021 task folder -> Task, with clear errors for what we cannot evaluate."""
@@ -126,11 +124,6 @@ def read_task(path):
     rate = next((r for r in (SAMPLE_RATE, Upstream.sample_rate) if r in rates), rates[-1] if rates else None)
     return Task(meta["task_name"], path, meta["prediction_type"] == "multilabel", metric, vocab,
                 kfold_splits(meta), None if rate is None else path / str(rate))
-
-
-def splits(task):
-    """Every split a task's folds name, sorted."""
-    return sorted({s for fold in task.folds for part in fold for s in part})
 
 
 def kfold_splits(meta):
@@ -162,8 +155,7 @@ def read_split(task, split):
 
 
 # ---------------------------------------------------------------- 3.2 scene embeddings of a split
-def slug(text):
-    """A safe folder name for an upstream, a codec or a task."""
+def slug(text):  # a safe folder name for an upstream, a codec or a task
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[-80:]
 
 
@@ -189,9 +181,9 @@ def pooled(upstream, frames, n, rate=SAMPLE_RATE):
 
 @torch.no_grad()
 def codec_batches(codec, paths, batch_size, bad):
-    """(clip indices, samples at 24 kHz, codec frames (B, T, 128)) of a split, batch_size clips at a time, unpadded
-    (an embedding never depends on other clips; HEAR cuts a task's clips to one length); failures go to `bad`.
-    codec None: the 24-kHz audio (B, n) itself, for an upstream with its own front end."""
+    """(clip indices, samples at 24 kHz, codec frames (B, T, 128), or with codec None the audio (B, n) for an upstream
+    with its own front end) of a split, batch_size clips at a time, unpadded (an embedding never depends on other
+    clips; HEAR cuts a task's clips to one length); failures go to `bad`."""
     device = next(codec.parameters()).device if codec is not None else None
     for at in range(0, len(paths), batch_size):
         wavs = {}  # clip -> (n,) at 24 kHz
@@ -396,7 +388,7 @@ def evaluate(args):
     results, skipped, cache = {}, set(), Path(args.out, "embeddings")
     for task in args.tasks:
         start, data = time.time(), {u.name: {} for u in upstreams}
-        for split in splits(task):
+        for split in task.splits:
             files, Y = read_split(task, split)
             Xs = embed_split(upstreams, task, split, files, cache, args.batch_size, args.codec_cache)
             for u, (X, kept) in zip(upstreams, Xs):
@@ -457,7 +449,7 @@ def embed_pieces(upstream, path):
 
 # ---------------------------------------------------------------- the command line
 def parse_args(argv):
-    p = D.Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(prog="evaluate.py", description=__doc__, formatter_class=D.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks-dir", required=True, help="folder of HEAR task folders")
     p.add_argument("--task", action="append", help="a task folder name (default: all)")
     p.add_argument("--upstream", action="append", required=True, help="EC, ECMAE-R:<size> or checkpoint; repeat")
@@ -483,7 +475,7 @@ def parse_args(argv):
             raise UsageError(f"--task {name}: no task folder of that name in {root} (have: {', '.join(found)})")
         try:  # every split too: a label outside the vocabulary, an empty split
             args.tasks.append(read_task(root / name))
-            for split in splits(args.tasks[-1]):
+            for split in args.tasks[-1].splits:
                 read_split(args.tasks[-1], split)
         except (ValueError, KeyError, OSError) as err:
             raise UsageError(f"{root / name}: cannot evaluate this task ({type(err).__name__}: {err})") from None

@@ -120,26 +120,21 @@ def check_run(cfg, world):
 
 # ---------------------------------------------------------------- checkpoints: stage 1 for stage 2, resume
 CHECKPOINTS = "ckpt-" + "[0-9]" * 8 + ".pt"  # exactly the names save_checkpoint gives: no other file is ours
-# Fields that may differ between a run and its resumption: they do not change what it computes.
-# A run folder may move (out), so may a cache (same frames), the file index and the stage-1 file.
-RESUMABLE = {"steps", "log_every", "val_every", "ckpt_every", "keep_last", "workers", "device",
-             "compile", "resume", "grad_accum", "out", "cache", "index", "init_from", "bench", "tensorboard"}
 
 
 def refuse_changes(given, old, now, flag, advice):
     """Flags given now that differ from what a checkpoint was trained with -> one UsageError."""
     same = lambda a, b: json.dumps(a) == json.dumps(b)  # tuples and lists alike
-    changed = [k for k in sorted(given) if k not in RESUMABLE and k in old and not same(old[k], now[k])]
+    changed = [k for k in sorted(given) if k in old and not same(old[k], now[k])]
     if changed:
         what = ", ".join(f"--{k} {now[k]} (the checkpoint has {old[k]})" for k in changed)
         raise UsageError(f"{flag}: {what}; {advice}")
 
 
 def starting_point(cfg, mcfg, given, rank):
-    """Where the run starts -> (cfg, mcfg, resume checkpoint or None, stage-1 checkpoint or None).
-    A resumed run takes its configs from its checkpoint (extras/resume.py), stage 2 the stage-1 model
-    config and codec [2.3]; a flag given now that would change them is refused, and so is a new run in
-    another run's folder (it would mix or delete that run's files). Only checkpoints are read here."""
+    """-> (cfg, mcfg, resume checkpoint or None, stage-1 checkpoint or None), reading only checkpoints. A resumed
+    run takes its configs from its checkpoint (extras/resume.py), stage 2 the stage-1 model config and codec [2.3]:
+    a flag that would change them is refused, and so is a new run in another run's folder (it would mix its files)."""
     theirs = sorted(glob.glob(os.path.join(cfg.out, CHECKPOINTS)))
     if not cfg.resume and theirs + glob.glob(os.path.join(cfg.out, "metrics.jsonl")):
         raise UsageError(f"--out {cfg.out}: holds another run ({os.path.basename((theirs or ['metrics.jsonl'])[-1])}"
@@ -181,10 +176,9 @@ def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
 # ---------------------------------------------------------------- the run folder, and stopping in time
 @contextlib.contextmanager
 def owned_folder(cfg, rank, step):
-    """--out for this run alone: rank 0 makes it and holds OUT/train.lock (its pid and host) to the end. A live
-    run's lock (same host, its pid running; or another host's) is a UsageError naming it; one whose process has
-    gone from this host is taken over with a warning. A killed run's temporary files are removed, and
-    metrics.jsonl is cut back to a resumed step."""
+    """--out for this run alone: rank 0 makes it and holds OUT/train.lock (its pid and host) to the end. A live run's
+    lock (its pid running here, or another host's) is a UsageError naming it; a gone run's is taken over with a
+    warning. A killed run's temporary files are removed, metrics.jsonl is cut back to a resumed step."""
     if rank != 0:
         yield
         return
@@ -250,7 +244,6 @@ class Metrics:
             self.board = scalar_writer(cfg.out, step)
 
     def log(self, step, s, S, rate, val):
-        """s: train_step's figures averaged since the last line; val: validate's, or None."""
         cfg, audio_h = self.cfg, rate * self.cfg.batch_size * M.CROP_SECONDS / 3600
         text = (f"step {step}/{cfg.steps} | loss {s[0]:.4f} | masked acc/stream "
                 f"{' '.join(f'{a:.2f}' for a in s[1 + 2 * S:].tolist())} | {rate:.2f} steps/s | {audio_h:.4f} h audio/s"
@@ -512,10 +505,10 @@ def pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device):
     model, mcfg = build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device)
     train_set.cfg = val_set.cfg = mcfg
     if rank == 0:
-        print(f"model {json.dumps(asdict(mcfg))}\ntrain {json.dumps(asdict(cfg))}\nderived {json.dumps(extra)}"
-              f" | world {world} | device {device} | {len(train_set)} training crops, "
-              f"{train_set.crops.n_skipped + val_set.crops.n_skipped} unreadable files skipped | gamma_q {mcfg.gamma_q}",
-              flush=True)
+        skipped = train_set.crops.n_skipped + val_set.crops.n_skipped
+        print(f"model {json.dumps(asdict(mcfg))}\ntrain {json.dumps(asdict(cfg))}\nderived {json.dumps(extra)} | world "
+              f"{world} | device {device} | {len(train_set)} training crops, {skipped} unreadable files skipped | "
+              f"gamma_q {mcfg.gamma_q}", flush=True)
     if cfg.compile:  # the network, not the mask bookkeeping around it (extras/compile.py)
         from extras.compile import compile_network
         compile_network(model)

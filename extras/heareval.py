@@ -57,8 +57,8 @@ def main(argv=None):
     torch.set_num_threads(args.probe_threads)
     results = {root.name: {}}
     for task in tasks:
-        splits = sorted({s for fold in task.folds for part in fold for s in part})
-        row = E.probe_task({s: read_heareval_split(task, s) for s in splits}, task, grid, args.device, args.probe_seed)
+        row = E.probe_task({s: read_heareval_split(task, s) for s in task.splits}, task, grid, args.device,
+                           args.probe_seed)
         results[root.name][task.name] = dict(row, probe=args.probe)
         print(f"{root.name} {task.name}: {task.metric} {row['test']:.4f}", flush=True)
     table = E.format_table(results, [t.name for t in tasks])

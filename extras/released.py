@@ -404,6 +404,7 @@ class ReleasedEnCodecMAE(nn.Module):
     """The feature path of their EncodecMAE; state_dict keys are their v2 keys."""
 
     sample_rate = HEAR_RATE  # HEAR rule: declare 48 kHz, hand frames() the audio resampled 2:1
+    pool_all_frames = True  # evaluate.pooled: their HEAR wrapper's scene embedding is the mean of all frames
 
     def __init__(self, a: Arch, layer=-1):
         super().__init__()

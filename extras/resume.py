@@ -17,6 +17,10 @@ from data import UsageError
 
 RESUME_KEYS = ("model", "config", "encodec", "optimizer", "scaler", "step", "train_config", "rng")
 THIS_MACHINE = {"out", "device", "workers", "compile", "resume", "bench"}  # never taken from a checkpoint
+# Fields that may differ between a run and its resumption: they do not change what it computes.
+# A run folder may move (out), so may a cache (same frames), the file index and the stage-1 file.
+RESUMABLE = {"steps", "log_every", "val_every", "ckpt_every", "keep_last", "workers", "device",
+             "compile", "resume", "grad_accum", "out", "cache", "index", "init_from", "bench", "tensorboard"}
 
 
 def newest_checkpoint(paths, rank=0):
@@ -42,7 +46,7 @@ def resume_point(cfg, mcfg, given, paths, refuse_changes, rank=0):
     if ckpt is None:
         print(f"--resume: no checkpoint in {cfg.out} yet, starting from step 0", flush=True) if rank == 0 else None
         return cfg, mcfg, None
-    refuse_changes(given, {**ckpt["train_config"], **ckpt["config"]}, {**dataclasses.asdict(cfg),
+    refuse_changes(given - RESUMABLE, {**ckpt["train_config"], **ckpt["config"]}, {**dataclasses.asdict(cfg),
                    **dataclasses.asdict(mcfg)}, "--resume", f"leave these flags out to continue the run in {cfg.out}, "
                    "or start a new run in another --out")
     fields = {f.name for f in dataclasses.fields(cfg)}
