@@ -424,9 +424,8 @@ def readable_holdout(files, group, n_files, seed=0):
 
 # ---------------------------------------------------------------- k-means targets of stage 2 [2.3]
 def load_frame_store(store_dir, paths):
-    """Each path's k-means target file, from STORE/index.json ({audio path: {"npy", "frames"}}) ->
-    (positions in paths that have targets, their .npy files as bytes, [(path, reason)] of the others,
-    each named in a warning: a file without targets cannot train stage 2)."""
+    """Each path's k-means targets, from STORE/index.json ({audio path: {"npy", "frames"}}) -> (positions in paths
+    that have them, their .npy files as bytes, [(path, reason)] of the others, each named: stage 2 needs targets)."""
     try:
         with open(os.path.join(store_dir, "index.json")) as f:
             index = {os.path.abspath(p): e["npy"] for p, e in json.load(f).items()}

@@ -226,9 +226,8 @@ def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_c
             batches = kept_batches(keep, codec, paths, batch_size, bad, batches)
         for same, n, feats in batches:
             for i in users:
-                u = upstreams[i]
-                X[i][same] = pooled(u, u.frames(feats.to(next(u.parameters()).device)) if codec is None
-                                    else u.frames_from_codec(feats), n).cpu()
+                u = upstreams[i]  # with no codec of its own (the authors' models), frames() takes the audio
+                X[i][same] = pooled(u, u.frames(feats) if codec is None else u.frames_from_codec(feats), n).cpu()
     for j in sorted(bad):
         warnings.warn(f"skipping {bad[j]}")
     kept = [j for j in range(len(paths)) if j not in bad]

@@ -120,7 +120,8 @@ def train_benchmark(cfg, mcfg, device):
     feats, codes = codec(wav)
     mask = M.gap_mask(torch.full((B,), M.CROP_FRAMES), M.CROP_FRAMES, mcfg.M_prop, mcfg.M_gap)  # on the CPU, as in training
     model = M.EnCodecMAE(mcfg).to(device)
-    compile_network(model) if cfg.compile else None  # the warm-up run of `timed` compiles it
+    if cfg.compile:  # the warm-up run of `timed` compiles it
+        compile_network(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
     def forward_backward():

@@ -29,10 +29,12 @@ def newest_checkpoint(paths, rank=0):
     for path in paths[::-1]:
         try:
             ckpt = D.load_checkpoint(path, RESUME_KEYS)[1]
-            print(f"resuming from {path} at step {ckpt['step']}", flush=True) if rank == 0 else None
+            if rank == 0:
+                print(f"resuming from {path} at step {ckpt['step']}", flush=True)
             return ckpt
         except ValueError as err:
-            print(f"--resume: {err}; passing over it to the previous one", flush=True) if rank == 0 else None
+            if rank == 0:
+                print(f"--resume: {err}; passing over it to the previous one", flush=True)
     if paths:
         raise UsageError(f"--resume: none of {', '.join(map(os.path.basename, paths))} in {os.path.dirname(paths[0])} "
                          "loads (why: above); nothing was changed: move them away, or start in another --out")
@@ -44,7 +46,8 @@ def resume_point(cfg, mcfg, given, paths, refuse_changes, rank=0):
     refuse_changes(given, old, now, flag, advice) is train.py's check of the flags given now."""
     ckpt = newest_checkpoint(paths, rank)
     if ckpt is None:
-        print(f"--resume: no checkpoint in {cfg.out} yet, starting from step 0", flush=True) if rank == 0 else None
+        if rank == 0:
+            print(f"--resume: no checkpoint in {cfg.out} yet, starting from step 0", flush=True)
         return cfg, mcfg, None
     refuse_changes(given - RESUMABLE, {**ckpt["train_config"], **ckpt["config"]}, {**dataclasses.asdict(cfg),
                    **dataclasses.asdict(mcfg)}, "--resume", f"leave these flags out to continue the run in {cfg.out}, "
