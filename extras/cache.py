@@ -294,7 +294,10 @@ def cached_crops(codec, paths, cfg, rank, barrier):
         build_cache(codec, paths, cfg.cache, workers=cfg.workers)
     barrier()
     store = cfg.kmeans_store or None
-    return lambda files, seed, n_skipped=0: CachedCropDataset(cfg.cache, seed=seed, extra_store=store, paths=files.paths)
+
+    def crops(files, seed, n_skipped=0):  # n_skipped: the files' scan; the cache counts what it lacks itself
+        return CachedCropDataset(cfg.cache, seed=seed, extra_store=store, paths=files.paths)
+    return crops
 
 
 def main(argv=None):
