@@ -8,7 +8,6 @@ audio. Also what every command line shares: one-line errors with exit status 2, 
 """
 import argparse
 import contextlib
-import errno
 import functools
 import hashlib
 import json
@@ -162,15 +161,6 @@ def remove_temporaries(folder, names):
     for entry in os.listdir(folder):
         if re.fullmatch(rf"(?:{names})\.tmp\d+", entry):
             os.remove(os.path.join(folder, entry))
-
-
-def alive(pid):
-    """Whether process `pid` runs on this machine (signal 0 asks, sending nothing)."""
-    try:
-        os.kill(pid, 0)
-    except OSError as err:
-        return err.errno == errno.EPERM  # it runs, as another user
-    return True
 
 
 # ---------------------------------------------------------------- reading audio [3.1]
@@ -401,25 +391,6 @@ class CropDataset(Visits):
             extra = frame_labels(self.store[f], start // HOP, T, num_frames(int(self.lengths[f])))
         wav = cut_frames(wav.numpy(), 0, self.crop, 0, np.float32)  # (CROP_SAMPLES,) zero-padded
         return Crop(wav, padding, extra.masked_fill(padding, -1))
-
-
-def readable_holdout(files, group, n_files, seed=0):
-    """A fixed validation subset of n_files of the files at positions `group` -> (train, valid) positions.
-    Held-out files are ones whose first 4 s read (validation crops are fixed, so a held-out file that
-    fails would fail every validation): one that fails is named in a warning and replaced."""
-    while 0 < n_files < len(group):
-        valid = np.isin(np.arange(len(group)), np.random.default_rng(seed).permutation(len(group))[:n_files])
-        bad = []
-        for f in group[valid]:
-            try:
-                read_audio(files.path(f), 0, CROP_SAMPLES, (files.rates[f], files.frames[f]))
-            except AudioError as err:
-                warnings.warn(f"skipping {err}", stacklevel=2)
-                bad.append(f)
-        if not bad:
-            return group[~valid], group[valid]
-        group = np.setdiff1d(group, bad)
-    raise UsageError(f"--val_files {n_files}: must be below the {len(group)} readable files of the data")
 
 
 # ---------------------------------------------------------------- k-means targets of stage 2 [2.3]

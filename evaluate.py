@@ -26,8 +26,7 @@ from torch import nn
 
 import data as D
 from data import AudioError, UsageError, at_least, probe_audio, read_audio, resample_24k, write_atomic
-from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio, make_config,
-                   num_frames)
+from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio, make_config
 
 EMBED_SEGMENT = 15 * CROP_SAMPLES  # embed_file reads a minute of audio at once: whole 4-s chunks
 
@@ -513,92 +512,16 @@ def open_upstream(spec, args):
         raise UsageError(str(err)) from None
 
 
-# ---------------------------------------------------------------- embed: your audio -> .npy files
-def embed_plan(sources, out):
-    """Files and folders -> [(audio path, output path without .npy)]: a folder's tree is mirrored under
-    out, a file lands at out/<name>. Names keep their extension, so x.wav and x.mp3 never meet."""
-    plan = []
-    for src in map(Path, sources):
-        if not (src.is_dir() or src.is_file()):
-            raise UsageError(f"{src}: no such file or folder")
-        try:  # a folder is walked as for training: one it cannot read is named in a warning
-            found = [Path(p) for p in D.list_audio([os.path.abspath(src)])] if src.is_dir() else []
-        except ValueError:
-            raise UsageError(f"{src}: no audio files ({' '.join(D.AUDIO_EXTS)}) in this folder") from None
-        plan += [(p, Path(out) / p.relative_to(src.absolute())) for p in found] if src.is_dir() else [
-            (src, Path(out) / src.name)]
-    first = {}
-    for path, dest in plan:
-        if first.setdefault(dest, path) != path:
-            raise UsageError(f"{path} and {first[dest]} would both write {dest}.npy: embed them separately")
-    return plan
-
-
-def embed_main(argv):
-    p = D.Parser(prog="evaluate.py embed", description="Frame embeddings (T, D) float32 at 75 Hz of every audio "
-                 "file given or found under the folders given, as OUT/<path>.npy mirroring the folders "
-                 "(OUT/x.wav.npy for a file given alone). Resumable: files already written are skipped.")
-    p.add_argument("sources", nargs="+", metavar="FILE_OR_FOLDER", help="audio files and folders (recursive)")
-    p.add_argument("--upstream", required=True, help="EC, ECMAE-R:<size>, a train.py checkpoint or released:FILE")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--scene", action="store_true", help="also <path>.scene.npy (D,): the scene embedding [3.2]")
-    upstream_args(p)
-    p.add_argument("--log-every", type=at_least(0.0, float), default=5.0, help="seconds between progress lines")
-    args = p.parse_args(argv)
-    check_upstream(args.upstream, args.layer)
-    plan, file = embed_plan(args.sources, args.out), args.upstream.removeprefix("released:")
-    # --out remembers which upstream wrote it: a rerun resumes, another upstream needs another --out
-    meta = json.dumps(dict(upstream=args.upstream, layer=args.layer, encodec=args.encodec, scene_pooling="real-frames",
-                           seed=args.seed if args.upstream.startswith("ECMAE-R:") else None, checkpoint=[
-                               os.path.getsize(file), int(os.path.getmtime(file))] if os.path.isfile(file) else None))
-    meta_path = Path(D.make_folder(args.out), "embed.json")
-    if meta_path.exists() and meta_path.read_text(errors="replace") != meta:
-        raise UsageError(f"--out {args.out}: holds embeddings of another upstream or setting ({meta_path}); "
-                         "choose a new --out")
-    write_atomic(meta_path, lambda f: f.write(meta.encode()))
-    done = lambda dest: os.path.exists(f"{dest}.npy") and (not args.scene or os.path.exists(f"{dest}.scene.npy"))
-    todo = [(path, dest) for path, dest in plan if not done(dest)]
-    print(f"embed: {len(plan)} files, {len(plan) - len(todo)} already done; {args.upstream} -> {args.out}", flush=True)
-    files, skipped = D.scan_audio([path for path, _ in todo])  # bad headers: warned here
-    n_todo, todo = len(todo), [(path, dest) for path, dest in todo if str(path) not in {str(p) for p, _ in skipped}]
-    upstream = open_upstream(args.upstream, args) if todo else None  # the model loads only when needed
-    progress = D.Progress("embed", files.lengths.sum() / SAMPLE_RATE, every=args.log_every, unit="x real time")
-    for k, ((path, dest), n) in enumerate(zip(todo, files.lengths.tolist())):
-        step = lambda seconds: progress.update(seconds, f"{k + 1}/{len(todo)} files")  # a line per piece
-        try:
-            D.make_folder(dest.parent)
-            write_atomic(f"{dest}.npy", lambda f: write_frames(f, upstream, path, n, step))
-            if args.scene:  # pooled from the file just written, memory-mapped: read through, not copied
-                frames = torch.from_numpy(np.load(f"{dest}.npy", mmap_mode="c"))[None]  # (1, T, D)
-                write_atomic(f"{dest}.scene.npy", lambda f: np.save(f, pooled(upstream, frames, n)[0].numpy()))
-        except AudioError as err:
-            skipped.append((path, str(err)))
-            warnings.warn(f"skipping {err}")
-    print(f"embed: {n_todo - len(skipped)} files written, {len(plan) - n_todo} were done, "
-          f"{len(skipped)} skipped (named above)", flush=True)
-    return skipped
-
-
-def write_frames(f, upstream, path, n, done):
-    """A file's frames (T, D) float32 into an open .npy piece by piece, so memory holds a piece, not the
-    file; done(seconds of audio) after each piece (a long file's progress)."""
-    header = lambda T: np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
-                                                                "shape": (T, upstream.timestamp_embedding_size)})
-    header(num_frames(n))  # T as far as known; written again at the end (its length, 128 bytes, stays)
-    start, seen = f.tell(), 0
-    for k, piece in enumerate(embed_pieces(upstream, path)):  # (T_piece, D)
-        f.write(np.ascontiguousarray(piece.numpy(), "<f4").tobytes())
-        seen += len(piece)
-        done(min(EMBED_SEGMENT, n - k * EMBED_SEGMENT) / SAMPLE_RATE)
-    f.seek(0)
-    header(seen)
-    assert f.tell() == start, "the .npy header changed its length"
-
-
 def main(argv=None):
-    """`evaluate.py embed ...` embeds audio files; anything else evaluates on HEAR tasks."""
+    """`evaluate.py embed ...` embeds a folder of audio (extras/embed.py); anything else evaluates on HEAR tasks."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return embed_main(argv[1:]) if argv[:1] == ["embed"] else evaluate(parse_args(argv))
+    if argv[:1] != ["embed"]:
+        return evaluate(parse_args(argv))
+    try:  # the folder tool: embed_file above is what it runs for each file
+        from extras.embed import embed_main
+    except ImportError:
+        raise UsageError("embed needs extras/embed.py (in Python: evaluate.embed_file(load_upstream(spec), path))")
+    return embed_main(argv[1:])
 
 
 if __name__ == "__main__":

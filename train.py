@@ -10,6 +10,7 @@ OUT/ckpt-*.pt and OUT/metrics.jsonl. Every ModelConfig and TrainConfig field is 
 """
 import contextlib
 import datetime
+import fcntl
 import functools
 import glob
 import json
@@ -50,7 +51,7 @@ class TrainConfig:
     gamma_clips: int = 150           # clips for estimating gamma_q [3.1]
     init_from: str = ""              # stage 2: the stage-1 checkpoint to start from [2.3]
     kmeans_store: str = ""           # stage 2: k-means targets from kmeans.py, stream Q+1 [2.3]
-    val_files: int = 16              # held-out files for the validation loss (fixed seed)
+    val_files: int = 0               # held-out files for a validation loss (not in the paper; extras/validation.py)
     val_every: int = 1000
     log_every: int = 50
     ckpt_every: int = 5000
@@ -152,11 +153,8 @@ def starting_point(cfg, mcfg, given, rank):
         raise UsageError(f"--init_from {err}") from None
     refuse_changes(given, {**stage1["config"], "encodec": stage1["encodec"]}, {**asdict(mcfg), **asdict(cfg)},
                    "--init_from", "stage 2 continues the stage-1 model on its codec; leave these flags out")
-    old = M.ModelConfig(**stage1["config"])
+    old = M.ModelConfig(**stage1["config"])  # the start line prints it, with S = Q + 1 streams
     mcfg = replace(old, n_kmeans_streams=old.n_kmeans_streams + 1)
-    if rank == 0:
-        print(f"stage 2 from {cfg.init_from}: its model config and codec {stage1['encodec']!r}, "
-              f"S = {mcfg.n_streams} streams", flush=True)
     return replace(cfg, encodec=stage1["encodec"]), mcfg, None, stage1
 
 
@@ -176,61 +174,43 @@ def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
 # ---------------------------------------------------------------- the run folder, and stopping in time
 @contextlib.contextmanager
 def owned_folder(cfg, rank, step):
-    """--out for this run alone: rank 0 makes it and holds OUT/train.lock (its pid and host) to the end. A live run's
-    lock (its pid running here, or another host's) is a UsageError naming it; a gone run's is taken over with a
-    warning. A killed run's temporary files are removed, metrics.jsonl is cut back to a resumed step."""
+    """--out for this run alone: rank 0 makes it and holds an OS lock on OUT/train.lock (its pid and host written
+    in it) to the end; the system releases it however the run ends. A second run on the folder is a UsageError
+    naming the holder. A killed run's temporary files are removed, metrics.jsonl is cut back to a resumed step."""
     if rank != 0:
         yield
         return
-    lock, me = os.path.join(D.make_folder(cfg.out), "train.lock"), {"pid": os.getpid(), "host": socket.gethostname()}
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError), open(lock) as f:  # half written:
-        held = json.load(f)  # not taken over, the creation below then refuses
-        if held["host"] != me["host"] or D.alive(held["pid"]):
-            raise UsageError(f"--out {os.path.dirname(lock)}: in use by pid {held['pid']} on {held['host']} ({lock}); "
-                             "wait for that run, or delete its lock if it has gone")
-        warnings.warn(f"taking over the stale lock {lock} of pid {held['pid']} on {held['host']}: that run is gone")
-        os.remove(lock)
-    try:
-        with open(lock, "x") as f:  # only if absent: of two runs starting at once, one wins
-            f.write(json.dumps(me))
-    except OSError as err:
-        raise UsageError(f"--out: cannot take the lock {lock} ({err.strerror}); is another run starting?") from None
-    try:
+    with open(os.path.join(D.make_folder(cfg.out), "train.lock"), "a+") as lock:
+        lock.seek(0)
+        held = lock.read().strip()  # what the last run wrote: empty once it ended normally
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # one lock per folder, on every host sharing the disk
+        except BlockingIOError:
+            raise UsageError(f"--out {cfg.out}: in use by {held or 'another run'} ({lock.name}); wait for that run, "
+                             "or choose another --out") from None
+        if held:
+            warnings.warn(f"taking over the stale lock {lock.name} of {held}: that run is gone")
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
         D.remove_temporaries(cfg.out, r"ckpt-\d{8}\.pt|metrics\.jsonl")
         if cfg.resume:
             from extras.resume import trim_metrics
             trim_metrics(cfg.out, step)  # each step is logged once
-        yield
-    finally:
-        os.remove(lock)
+        try:
+            yield
+        finally:  # an end the run saw (not a kill): the next run finds nothing to take over
+            lock.truncate(0)
 
 
-STOP = []  # the signals ask_to_stop received: the loop stops after the step in progress
+STOP = []  # the signals received: the loop stops after the step in progress, keeping it in a checkpoint
 
 
-def ask_to_stop(signum, frame):
+def stop_after_the_step(signum, frame):
     """SIGTERM, SIGUSR1 (schedulers send them before a kill) or Ctrl-C; a second Ctrl-C stops at once."""
     if signum == signal.SIGINT and STOP:
         raise KeyboardInterrupt(signum)
     STOP.append(signum)
-
-
-def stop_if_asked(cfg, step, model, opt, scaler, mcfg, codec, rank, world):
-    """After a step: if a signal came (to any rank: they agree on the CPU), keep this step in a checkpoint,
-    say how to continue and exit with 128 + the signal, as a shell reports a process a signal stopped."""
-    signum = torch.tensor([STOP[-1] if STOP else 0])
-    if world > 1:
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=wait_group())
-    if not signum.item():
-        return
-    path = os.path.join(cfg.out, f"ckpt-{step:08d}.pt")
-    if rank == 0 and not os.path.exists(path):
-        save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)
-    barrier()
-    if rank == 0:
-        print(f"train.py: stopped by {signal.Signals(signum.item()).name} after step {step}, saved {path}; "
-              f"continue with: python train.py --resume --out {cfg.out}", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum.item())
 
 
 class Metrics:
@@ -340,7 +320,10 @@ def build_datasets(cfg, mcfg, codec, rank, files=None):
     files, source, n_bad = read_files(cfg, rank) if files is None else files
     groups = ([np.flatnonzero(source == s) for s in range(len(cfg.data))] if cfg.data_weights
               else [np.arange(len(files.paths))])  # file positions of each mixed source
-    splits = [D.readable_holdout(files, g, cfg.val_files, cfg.seed) for g in groups]
+    splits = [(g, g[:0]) for g in groups]  # (train, held-out) file positions of each source
+    if cfg.val_files:
+        from extras.validation import readable_holdout
+        splits = [readable_holdout(files, g, cfg.val_files, cfg.seed) for g in groups]
     crops = functools.partial(D.CropDataset, extra_store=cfg.kmeans_store or None)
     if cfg.cache:  # the codec once per file: stored frames and codes (a deviation, extras/cache.py)
         from extras.cache import cached_crops
@@ -349,9 +332,9 @@ def build_datasets(cfg, mcfg, codec, rank, files=None):
     if cfg.data_weights:
         from extras.mixing import MixedDataset
         train = [MixedDataset(train, cfg.data_weights, cfg.seed)]
-    valid = crops(files.take(np.concatenate([v for _, v in splits])), seed=cfg.seed + 1)
-    train_files = files.take(np.concatenate([t for t, _ in splits]))
-    return MaskedCrops(train[0], mcfg, cfg.seed), MaskedCrops(valid, mcfg, cfg.seed + 1), train_files
+    held_out = np.concatenate([v for _, v in splits])
+    valid = MaskedCrops(crops(files.take(held_out), seed=cfg.seed + 1), mcfg, cfg.seed + 1) if len(held_out) else None
+    return MaskedCrops(train[0], mcfg, cfg.seed), valid, files.take(np.concatenate([t for t, _ in splits]))
 
 
 def epoch_plan(n_items, cfg, micro_batch, rank, world, epoch, first_step):
@@ -408,11 +391,10 @@ def choose_gamma(cfg, mcfg, codec, files, device):
     if mode != "estimate":  # make_config holds the released values (first Q, renormalized)
         return mcfg.gamma_q if mode == "released" else (1.0 / mcfg.Q,) * mcfg.Q
     crops = D.CropDataset(files, seed=cfg.seed)
-    pick = torch.randperm(len(crops), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.gamma_clips]
-    picked = [crops[int(i)] for i in pick]
-    wav = torch.stack([c.wav for c in picked]).to(device)  # (n, CROP_SAMPLES)
-    lengths = torch.stack([(~c.padding).sum() * M.HOP for c in picked])  # (n,) real samples, whole frames
-    gamma = M.estimate_gamma(codec, wav, mcfg.Q, lengths=lengths)  # the zero padding of short crops left out
+    picked = [crops[int(i)] for i in torch.randperm(len(crops), generator=torch.Generator().manual_seed(cfg.seed))
+              [: cfg.gamma_clips]]
+    lengths = torch.stack([(~c.padding).sum() * M.HOP for c in picked])  # (n,) real samples: padding left out
+    gamma = M.estimate_gamma(codec, torch.stack([c.wav for c in picked]).to(device), mcfg.Q, lengths=lengths)
     return tuple(round(float(g), 6) for g in gamma / gamma.sum())
 
 
@@ -461,21 +443,6 @@ def count_frames(batches):
     return sum(torch.stack([(mask & ~item.padding).sum(), (~mask & ~item.padding).sum()]) for item, mask in batches)
 
 
-@torch.no_grad()
-def validate(model, dataset, codec, mcfg, device, micro_batch, autocast):
-    """Loss and masked accuracy on the held-out files: fixed crops, fixed masks, and |M| and T
-    counted over the whole held-out set, so the figures do not depend on the micro-batch size."""
-    dataset.set_epoch(0)
-    loader = lambda: DataLoader(dataset, batch_size=micro_batch, num_workers=0)
-    counts = tuple(count_frames(loader()).to(device))  # a first, cheap pass: crops and masks only
-    total = 0
-    for batch in loader():
-        with autocast:  # the codec runs in fp32 all the same (model.codec_precision)
-            out = model(*inputs_and_targets(batch, codec, mcfg, device), counts=counts)
-        total = total + torch.cat([out.loss.float()[None], out.masked_acc.float()])  # shares add up
-    return [total[0].item(), total[1:].mean().item()]
-
-
 # ---------------------------------------------------------------- the run
 def main(argv=None):
     """Parse and check every flag -> resume point -> ranks and device -> data -> model -> loop."""
@@ -503,9 +470,10 @@ def pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device):
     codec = D.load_codec(cfg.encodec).to(device)
     train_set, val_set, train_files = build_datasets(cfg, mcfg, codec, rank, files)
     model, mcfg = build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device)
-    train_set.cfg = val_set.cfg = mcfg
+    for dataset in (train_set, val_set or train_set):
+        dataset.cfg = mcfg
     if rank == 0:
-        skipped = train_set.crops.n_skipped + val_set.crops.n_skipped
+        skipped = train_set.crops.n_skipped + (val_set.crops.n_skipped if val_set else 0)
         print(f"model {json.dumps(asdict(mcfg))}\ntrain {json.dumps(asdict(cfg))}\nderived {json.dumps(extra)} | world "
               f"{world} | device {device} | {len(train_set)} training crops, {skipped} unreadable files skipped | "
               f"gamma_q {mcfg.gamma_q}", flush=True)
@@ -520,7 +488,7 @@ def pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device):
         from extras.resume import restore_state
         restore_state(ckpt, opt, scaler)
     STOP.clear()
-    handlers = {s: signal.signal(s, ask_to_stop) for s in D.STOP_SIGNALS}  # from here on: stop after a step
+    handlers = {s: signal.signal(s, stop_after_the_step) for s in D.STOP_SIGNALS}
     try:
         run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
                  ckpt["step"] if ckpt else 0, extra["micro_batch"], rank, world, device)
@@ -539,21 +507,33 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
         window = window + train_step(ddp_model, next(batches), codec, mcfg, opt, scaler, autocast, device,
                                      cfg.clip_grad)  # summed on the device since the last log line
         step, n_steps, end = step + 1, n_steps + 1, step + 1 == cfg.steps
-        val_now = (step % cfg.val_every == 0 or end) and len(val_set) > 0
-        log_now, ckpt_now = step % cfg.log_every == 0 or end or val_now, step % cfg.ckpt_every == 0 or end
+        stop = torch.tensor([STOP[-1] if STOP else 0])  # a signal to any rank stops them all, read on the CPU
+        if world > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=wait_group())
+        val_now = val_set is not None and (step % cfg.val_every == 0 or end)
+        log_now, ckpt_now = step % cfg.log_every == 0 or end or val_now, step % cfg.ckpt_every == 0 or end or stop > 0
         stats = window.cpu() / n_steps if log_now or ckpt_now else None  # on every rank: all stop together
         if stats is not None and not torch.isfinite(stats[0]):  # so no checkpoint ever holds it
             last = max(glob.glob(os.path.join(cfg.out, "ckpt-*.pt")), default=None)
             raise SystemExit(f"loss is {stats[0].item()} in steps {step - n_steps + 1}-{step}: stopping. The last "
                              f"good checkpoint ({last or 'none yet'}) is intact; try a lower --lr or --clip_grad.")
-        val = validate(model, val_set, codec, mcfg, device, micro_batch, autocast) if rank == 0 and val_now else None
+        val = None
+        if rank == 0 and val_now:  # the held-out loss, --val_files (extras/validation.py)
+            from extras.validation import validate
+            val = validate(model, val_set, lambda batch: inputs_and_targets(batch, codec, mcfg, device), count_frames,
+                           device, micro_batch, autocast)
         if rank == 0 and log_now:
             metrics.log(step, stats, mcfg.n_streams, n_steps / (time.time() - t0), val)
         if log_now:
             window, n_steps, t0 = 0, 0, time.time()  # each log line averages the steps since the last one
         if rank == 0 and ckpt_now:
             print(f"saved {save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)}", flush=True)
-        stop_if_asked(cfg, step, model, opt, scaler, mcfg, codec, rank, world)
+        if stop:  # preempted: this step is in its checkpoint; exit as a shell reports a process a signal stopped
+            barrier()
+            if rank == 0:
+                print(f"train.py: stopped by {signal.Signals(int(stop)).name} after step {step}, saved it; continue "
+                      f"with: python train.py --resume --out {cfg.out}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + int(stop))
     barrier()
 
 

@@ -38,11 +38,12 @@ def test_mixing_follows_weights_and_holdout_is_fixed(tmp_path):
     assert len(mixed) == 12 and (where[:, 0] == 1).sum() == 9 and len(mixed[11].wav) == CROP_SAMPLES
     assert (where[where[:, 0] == 1, 1] < 2).all() and len(set(where[where[:, 0] == 0, 1])) == 3
     assert where[3:11].tolist() == [[1, 0], [1, 1]] * 4  # whole passes in order, then a random part
+    from extras.validation import readable_holdout
     files = D.scan_audio([write(tmp_path, f"f{i}.wav", tone(0.1)) for i in range(20)])[0]
-    train_part, valid = D.readable_holdout(files, np.arange(20), 4, seed=0)
+    train_part, valid = readable_holdout(files, np.arange(20), 4, seed=0)
     assert len(valid) == 4 and sorted(np.r_[train_part, valid]) == list(range(20))
-    assert np.array_equal(D.readable_holdout(files, np.arange(20), 4, seed=0)[1], valid)
-    assert not np.array_equal(D.readable_holdout(files, np.arange(20), 4, seed=1)[1], valid)
+    assert np.array_equal(readable_holdout(files, np.arange(20), 4, seed=0)[1], valid)
+    assert not np.array_equal(readable_holdout(files, np.arange(20), 4, seed=1)[1], valid)
 
 
 def test_benchmark_utilization_cannot_exceed_100_percent():
