@@ -241,29 +241,6 @@ def embed_split(upstreams, task, split, files, cache_dir, batch_size=16, codec_c
     return out
 
 
-# ---------------------------------------------------------------- metrics (heareval's definitions)
-def top1_accuracy(scores, Y):
-    """Share of clips whose highest score is their label."""
-    return (scores.argmax(1) == Y.argmax(1)).sum().item() / len(Y)
-
-
-def mean_average_precision(scores, Y):
-    """Macro mAP as scikit-learn's average_precision_score: sum over thresholds of (R_k - R_k-1) P_k;
-    ties share a threshold, a class with no positive scores 0 (scikit-learn's convention)."""
-    aps = []
-    for s, y in zip(scores.T.double().numpy(), Y.T.numpy() > 0):
-        order = np.argsort(-s, kind="mergesort")
-        s, y = s[order], y[order]
-        last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last clip of each distinct score
-        tp = np.cumsum(y)[last]
-        recall, precision = tp / max(tp[-1], 1), tp / (last + 1)  # no positive: recall 0, AP 0
-        aps.append(float(np.sum(np.diff(np.r_[0.0, recall]) * precision)))
-    return float(np.mean(aps))
-
-
-METRICS = {"top1_acc": top1_accuracy, "pitch_acc": top1_accuracy, "mAP": mean_average_precision}
-
-
 # ---------------------------------------------------------------- probes: heareval's MLP grid
 @dataclass
 class ProbeConfig:
@@ -309,6 +286,30 @@ def predict(probe, X, multilabel):
     return torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)  # (N, C)
 
 
+# ---------------------------------------------------------------- metrics (heareval's definitions), the probe's training
+# >>> assignment probe
+def top1_accuracy(scores, Y):
+    """Share of clips whose highest score is their label."""
+    return (scores.argmax(1) == Y.argmax(1)).sum().item() / len(Y)
+
+
+def mean_average_precision(scores, Y):
+    """Macro mAP as scikit-learn's average_precision_score: sum over thresholds of (R_k - R_k-1) P_k;
+    ties share a threshold, a class with no positive scores 0 (scikit-learn's convention)."""
+    aps = []
+    for s, y in zip(scores.T.double().numpy(), Y.T.numpy() > 0):
+        order = np.argsort(-s, kind="mergesort")
+        s, y = s[order], y[order]
+        last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last clip of each distinct score
+        tp = np.cumsum(y)[last]
+        recall, precision = tp / max(tp[-1], 1), tp / (last + 1)  # no positive: recall 0, AP 0
+        aps.append(float(np.sum(np.diff(np.r_[0.0, recall]) * precision)))
+    return float(np.mean(aps))
+
+
+METRICS = {"top1_acc": top1_accuracy, "pitch_acc": top1_accuracy, "mAP": mean_average_precision}
+
+
 def train_probe(X, Y, Xv, Yv, task, cfg, seed=None):
     """Adam, validated every check_every epochs, keeping the best weights. Init, dropout and shuffling draw
     on torch's global generator: seeded here if `seed` is given, else as probe_task (and heareval) left it."""
@@ -341,6 +342,7 @@ def train_probe(X, Y, Xv, Yv, task, cfg, seed=None):
                 break
     probe.load_state_dict(best_state)
     return probe, best, best_epoch
+# <<< assignment probe
 
 
 def probe_task(data, task, grid, device="cpu", seed=42):

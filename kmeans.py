@@ -54,6 +54,7 @@ def assign(x, centroids, chunk_size=4096):
     return nearest_centroid(x, centroids.to(x.device, torch.float32), chunk_size)[0]
 
 
+# >>> assignment kmeans
 @torch.no_grad()
 def init_centroids(x, k, generator, sample_size=None):
     """Greedy k-means++ (Arthur & Vassilvitskii 2007, as in scikit-learn): K rows of x (K, D).
@@ -109,6 +110,7 @@ def lloyd(x, centroids, n_iter=100, tol=1e-4, chunk_size=4096, bf16=False):
         if len(history) > 1 and history[-2] - history[-1] <= tol * history[-2]:
             break
     return KMeansResult(c + mean, history)
+# <<< assignment kmeans
 
 
 def fit(x, k=1024, n_iter=100, tol=1e-4, seed=0, chunk_size=4096, bf16=False):

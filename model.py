@@ -147,6 +147,7 @@ def build_encodec(pretrained, state=None):
     return model
 
 
+# >>> assignment gamma
 @torch.no_grad()
 def estimate_gamma(codec, clips, Q=8, batch=8, lengths=None):
     """gamma_q: mean quantization error of codebook q over the clips, normalized to sum to 1 [3.1].
@@ -165,17 +166,11 @@ def estimate_gamma(codec, clips, Q=8, batch=8, lengths=None):
         n_frames += len(residual)
     errors = total / n_frames  # (Q,)
     return errors / errors.sum()
-
-
-# ---------------------------------------------------------------- 2.2 positions, before masking
-def sinusoidal_positions(T, D, device=None):
-    """The transformer's fixed sin/cos table (T, D)."""
-    position = torch.arange(T, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, D, 2, device=device) * (-math.log(10000.0) / D))
-    return torch.stack([torch.sin(position * freq), torch.cos(position * freq)], -1).flatten(1)  # sin even, cos odd
+# <<< assignment gamma
 
 
 # ---------------------------------------------------------------- 2. masking (M_prop, M_gap)
+# >>> assignment gap_mask
 def gap_mask(lengths, T, M_prop, M_gap, generator=None):
     """Hide exactly round(M_prop * length) frames of each clip, in gaps of M_gap frames [2].
 
@@ -198,6 +193,16 @@ def gap_mask(lengths, T, M_prop, M_gap, generator=None):
                 break
         mask[b] = torch.tensor(row)
     return mask.to(lengths.device)
+# <<< assignment gap_mask
+
+
+# ---------------------------------------------------------------- 2.2 positions, dropping and restoring frames
+# >>> assignment positions
+def sinusoidal_positions(T, D, device=None):
+    """The transformer's fixed sin/cos table (T, D)."""
+    position = torch.arange(T, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, D, 2, device=device) * (-math.log(10000.0) / D))
+    return torch.stack([torch.sin(position * freq), torch.cos(position * freq)], -1).flatten(1)  # sin even, cos odd
 
 
 def gather_visible(x, mask, padding, min_slots=0):
@@ -220,14 +225,6 @@ def gather_visible(x, mask, padding, min_slots=0):
     return x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1])), ids_restore, visible_padding  # (B, N, D)
 
 
-def key_padding(padding, device):  # None when no clip is padded (fast kernels), decided where padding is
-    return None if padding is None or not padding.any() else to_device(padding, device)
-
-
-def to_device(t, device):  # a copy that does not wait for the GPU; None stays None
-    return None if t is None else t.to(device, non_blocking=True)
-
-
 def restore_sequence(h, ids_restore, visible_padding, mask_token):
     """Put the encoded visible frames back in place and a shared mask token everywhere else."""
     (B, N, D), T = h.shape, ids_restore.shape[1]
@@ -235,6 +232,15 @@ def restore_sequence(h, ids_restore, visible_padding, mask_token):
         h = torch.where(visible_padding[..., None], mask_token, h)  # unused slots hold tokens too
     full = torch.cat([h, mask_token.expand(B, T - N, D)], dim=1)  # (B, T, D), in shuffled order
     return full.gather(1, ids_restore[..., None].expand(-1, -1, D))  # (B, T, D), in time order
+# <<< assignment positions
+
+
+def key_padding(padding, device):  # None when no clip is padded (fast kernels), decided where padding is
+    return None if padding is None or not padding.any() else to_device(padding, device)
+
+
+def to_device(t, device):  # a copy that does not wait for the GPU; None stays None
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------- 2.2 the transformer
@@ -324,6 +330,7 @@ def stream_weights(cfg):
     return torch.tensor(gamma, dtype=torch.float32)  # (S,)
 
 
+# >>> assignment loss
 def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None):
     """L = sum_q gamma_q [alpha sum_{t in M} C + beta sum_{t not in M} C] [2.3], alpha = delta / |M| and
     beta = (1 - delta) / (T - |M|), |M| and T counted over the whole batch; padding is in neither set.
@@ -344,6 +351,7 @@ def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None)
         correct = (logits.argmax(-1) == targets).float()  # (B, T, S)
         masked_acc = (correct * hidden).sum((0, 1)) / n_hidden  # (S,)
     return LossOut(loss, hidden_ce.detach() / n_hidden, shown_ce.detach() / n_shown, masked_acc)
+# <<< assignment loss
 
 
 # ---------------------------------------------------------------- the model, Fig. 1

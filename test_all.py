@@ -93,6 +93,14 @@ def test_gap_mask_covers_every_frame_over_many_draws():
     assert rate.min() > 0.02 and rate[100:200].min() > 0.4 and abs(rate.mean().item() - 0.5) < 1e-6
 
 
+def test_gap_mask_scatters_gaps_from_random_starts():
+    """[2] gaps start at random frames, not in one block or a fixed pattern: clips hold several runs,
+    and how many varies (overlapping spans merge)."""
+    mask = gap_mask(torch.full((64,), 300), 300, 0.5, 15, torch.Generator().manual_seed(2))
+    n_runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]  # (64,) rising edges
+    assert n_runs.float().mean() >= 3 and n_runs.unique().numel() >= 3, n_runs.tolist()
+
+
 def test_gap_mask_hides_spans_in_the_order_randperm_draws_their_starts_reference():
     """[2] reference check of this implementation (its RNG stream): each clip's starts come from one
     torch.randperm draw, the spans after them are hidden in that order, the last one trimmed."""
@@ -127,6 +135,20 @@ def test_offline_pretrained_codec_fails_loudly_with_the_alternatives(tmp_path):
 
 
 # ---------------------------------------------------------------- 2.2 the masked autoencoder
+def fixed_mask(lengths, T, M_prop=0.5, seed=0):
+    """A stored mask for the tests of other functions: round(M_prop * length) real frames hidden at random."""
+    g, mask = torch.Generator().manual_seed(seed), torch.zeros(len(lengths), T, dtype=torch.bool)
+    for b, length in enumerate(lengths.tolist()):
+        mask[b, torch.randperm(length, generator=g)[:round(M_prop * length)]] = True
+    return mask
+
+
+@pytest.fixture
+def logits_out(monkeypatch):
+    """forward returns the head's logits: these tests do not run the loss (another assignment)."""
+    monkeypatch.setattr(M, "masked_token_loss", lambda logits, *rest: logits)
+
+
 def encoder_io(net, *args):
     """Run net.forward and capture what its encoder receives and returns (forward hook)."""
     seen = {}
@@ -136,12 +158,12 @@ def encoder_io(net, *args):
     return out, seen["x"], seen["h"]
 
 
-def test_positions_are_added_before_masking():
+def test_positions_are_added_before_masking(logits_out):
     """[2.2] each visible frame enters the encoder as embed sees it at its own time, not its slot."""
     torch.manual_seed(0)
     net = EnCodecMAE(make_config("tiny")).eval()
     feats, targets = torch.randn(2, 60, 128), torch.randint(0, 1024, (2, 60, 8))
-    mask = gap_mask(torch.full((2,), 60), 60, 0.5, 5, torch.Generator().manual_seed(6))
+    mask = fixed_mask(torch.full((2,), 60), 60, seed=6)
     _, x_visible, _ = encoder_io(net, feats, targets, mask)  # (2, 30, D)
     with torch.no_grad():
         seen = {}
@@ -171,7 +193,7 @@ def test_gather_visible_and_restore_sequence_round_trip():
     B, T, D = 3, 60, 4
     x = torch.randn(B, T, D)
     padding = torch.arange(T)[None] >= torch.tensor([60, 40, 10])[:, None]
-    mask = gap_mask((~padding).sum(1), T, 0.5, 5, torch.Generator().manual_seed(7))
+    mask = fixed_mask((~padding).sum(1), T, seed=7)
     x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)
     assert x_visible.shape[1] == 30 and visible_padding.sum(1).tolist() == [0, 10, 25]
     seen = ~mask & ~padding
@@ -183,35 +205,35 @@ def test_gather_visible_and_restore_sequence_round_trip():
     assert dense[0].shape == (1, 30, D) and dense[2] is None  # no padding: no attention mask
 
 
-def test_encoder_output_ignores_hidden_and_padded_frames():
+def test_encoder_output_ignores_hidden_and_padded_frames(logits_out):
     """[2.2] the encoder never sees hidden or padded frames: changing them changes nothing."""
     torch.manual_seed(8)
     net = EnCodecMAE(make_config("tiny")).eval()
     feats, targets = torch.randn(2, 60, 128), torch.randint(0, 1024, (2, 60, 8))
     padding = torch.arange(60)[None] >= torch.tensor([60, 37])[:, None]  # clip 1 is short
-    mask = gap_mask((~padding).sum(1), 60, 0.5, 5, torch.Generator().manual_seed(8))
+    mask = fixed_mask((~padding).sum(1), 60, seed=8)
     unseen = mask | padding
     altered = torch.where(unseen[..., None], 10 * torch.randn_like(feats), feats)
     out, x, h = encoder_io(net, feats, targets, mask, padding)
     out2, x2, h2 = encoder_io(net, altered, targets, mask, padding)
     real = (torch.arange(x.shape[1])[None] < (~unseen).sum(1)[:, None])[..., None]  # (2, N, 1) used slots
     assert torch.equal(x * real, x2 * real) and torch.allclose(h * real, h2 * real, atol=1e-5)
-    assert torch.allclose(out.loss, out2.loss, atol=1e-5)
+    assert torch.allclose(out, out2, atol=1e-5)  # the logits, at every frame
     assert x.shape[1] == int((~unseen).sum(1).max())  # the encoder is given the visible frames only
 
 
-def test_decoder_puts_one_learned_mask_token_at_hidden_positions_with_their_positions():
+def test_decoder_puts_one_learned_mask_token_at_hidden_positions_with_their_positions(logits_out):
     """[2.2] hidden positions get the same learned token plus their own position; visible ones keep h."""
     torch.manual_seed(9)
     net = EnCodecMAE(make_config("tiny")).eval()
     feats, targets = torch.randn(1, 60, 128), torch.randint(0, 1024, (1, 60, 8))
-    mask = gap_mask(torch.tensor([60]), 60, 0.5, 5, torch.Generator().manual_seed(9))
+    mask = fixed_mask(torch.tensor([60]), 60, seed=9)
     seen = {}
     hook = net.decoder.layers[0].register_forward_pre_hook(lambda m, inputs: seen.update(h=inputs[0]))
-    out = net(feats, targets, mask)
-    out.loss.backward()
+    logits = net(feats, targets, mask)
+    logits.square().sum().backward()
     h = seen["h"][0]  # (T, D) the decoder's first block input
-    assert net.decoder.mask_token.grad.abs().sum() > 0  # learned: the loss reaches it
+    assert net.decoder.mask_token.grad.abs().sum() > 0  # learned: gradients reach it
     assert any(p is net.decoder.mask_token for p in net.parameters())
     with torch.no_grad():
         net.decoder.mask_token.add_(1.0)
@@ -293,8 +315,57 @@ def test_config_refuses_inconsistent_values():
 
 
 # ---------------------------------------------------------------- 2.3 the loss
+def frame_logits(ce, K=4):
+    """Logits (..., K) whose cross-entropy against target 0 is exactly `ce` (...): the test sets C per frame."""
+    ce = torch.as_tensor(ce, dtype=torch.float64)
+    # target logit 0, the K - 1 others equal to l: C = log(1 + (K - 1) e^l), so l = log((e^C - 1) / (K - 1))
+    other = torch.log(torch.expm1(ce).clamp_min(1e-30) / (K - 1))
+    return torch.cat([torch.zeros_like(ce)[..., None], other[..., None].expand(*ce.shape, K - 1)], -1).float()
+
+
+def test_loss_weighs_hidden_frames_by_delta_and_visible_ones_by_one_minus_delta():
+    """[2.3] alpha = delta / |M|, beta = (1 - delta) / (T - |M|): with C = c_M on every hidden frame and c_V on
+    every visible one, L = sum_q gamma_q (delta c_M + (1 - delta) c_V), whatever the masks."""
+    g = torch.Generator().manual_seed(0)
+    for trial, delta in enumerate((0.9, 0.5, 0.0, 1.0)):
+        mask = torch.rand(3, 20, generator=g) < 0.2 + 0.2 * trial
+        padding = torch.zeros(3, 20, dtype=torch.bool)
+        ce = torch.where(mask, 2.0, 0.5)[..., None].expand(3, 20, 2)  # (B, T, S): c_M = 2.0, c_V = 0.5
+        out = M.masked_token_loss(frame_logits(ce), torch.zeros(3, 20, 2, dtype=torch.long), mask, padding,
+                                  torch.tensor([0.7, 0.3]), delta)
+        assert out.loss.item() == pytest.approx(delta * 2.0 + (1 - delta) * 0.5, abs=1e-5), delta
+        assert torch.allclose(out.masked_loss, torch.tensor([2.0, 2.0])) and torch.allclose(out.unmasked_loss,
+                                                                                             torch.tensor([0.5, 0.5]))
+
+
+def test_loss_counts_M_over_the_whole_batch_and_weighs_each_stream_by_gamma_q():
+    """[2.3] |M| and T - |M| are counted over the whole batch, not per clip; stream q weighs gamma_q."""
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, :1], mask[1, :3] = True, True  # clip 0 hides 1 frame, clip 1 hides 3
+    ce = torch.zeros(2, 8, 2)
+    ce[0, 0], ce[0, 1:] = 4.0, 1.0  # clip 0: its hidden frame costs 4, its visible ones 1; clip 1 costs 0
+    ce[:, :, 1] *= 3  # stream 1 costs three times as much
+    out = M.masked_token_loss(frame_logits(ce), torch.zeros(2, 8, 2, dtype=torch.long), mask,
+                              torch.zeros(2, 8, dtype=torch.bool), torch.tensor([0.6, 0.4]), 0.9)
+    hidden_mean, visible_mean = 4.0 / 4, 7 * 1.0 / 12  # over the batch's 4 hidden and 12 visible frames
+    expected = (0.6 + 0.4 * 3) * (0.9 * hidden_mean + 0.1 * visible_mean)
+    assert out.loss.item() == pytest.approx(expected, abs=1e-5)  # per clip: 0.9 * (4 + 0) / 2 = 1.8, not 0.9
+
+
+def test_padding_is_in_neither_set_of_the_loss():
+    """[2.3] frames past a clip's end count neither as hidden nor as visible, whatever their logits."""
+    mask, padding = torch.zeros(2, 10, dtype=torch.bool), torch.zeros(2, 10, dtype=torch.bool)
+    mask[:, :4], padding[1, 6:] = True, True  # clip 1: frames 6-9 are padding (one marked hidden as well)
+    mask[1, 8] = True
+    ce = torch.full((2, 10, 1), 1.0)
+    ce[1, 6:] = 50.0  # the padding's logits are far off
+    out = M.masked_token_loss(frame_logits(ce), torch.zeros(2, 10, 1, dtype=torch.long), mask, padding,
+                              torch.tensor([1.0]), 0.9)
+    assert out.loss.item() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_loss_equals_the_equation_term_by_term():
-    """[2.3] the vectorised loss equals a naive loop over q, t and the batch."""
+    """[2.3] reference check: the vectorised loss equals a naive loop over q, t and the batch."""
     torch.manual_seed(0)
     B, T, S, K = 2, 12, 3, 7
     logits = torch.randn(B, T, S, K)
@@ -350,6 +421,20 @@ def test_loss_weights_come_from_the_config():
     assert torch.allclose(out.loss, expected, atol=1e-6)
     assert torch.allclose(M.stream_weights(make_config("tiny", Q=2, gamma_q=(0.7, 0.3), n_kmeans_streams=2)),
                           torch.tensor([0.7, 0.3, 1.0, 1.0]))
+
+
+def test_loss_shares_of_a_split_batch_add_up_with_the_whole_batchs_counts():
+    """[2.3] passed counts = (|M|, T - |M|) of the whole batch, each part returns its share: they add up."""
+    g = torch.Generator().manual_seed(4)
+    logits, targets = 3 * torch.randn(4, 16, 2, 5, generator=g), torch.randint(0, 5, (4, 16, 2), generator=g)
+    mask, padding = torch.rand(4, 16, generator=g) < 0.5, torch.arange(16)[None] >= torch.tensor([16, 9, 16, 5])[:, None]
+    args = (torch.tensor([0.8, 0.2]), 0.9)
+    whole = M.masked_token_loss(logits, targets, mask, padding, *args)
+    counts = (int((mask & ~padding).sum()), int((~mask & ~padding).sum()))
+    parts = [M.masked_token_loss(logits[i:i + 2], targets[i:i + 2], mask[i:i + 2], padding[i:i + 2], *args, counts)
+             for i in (0, 2)]
+    for field in ("loss", "masked_loss", "unmasked_loss", "masked_acc"):
+        assert torch.allclose(getattr(parts[0], field) + getattr(parts[1], field), getattr(whole, field), atol=1e-5)
 
 
 def test_micro_batch_losses_add_up_to_the_whole_batch():
