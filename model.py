@@ -3,9 +3,8 @@
 Top to bottom it follows the figure: frozen EnCodec encoder -> sinusoidal positions -> gap
 masking -> encoder on the visible frames -> decoder with mask tokens -> per-codebook head ->
 weighted cross-entropy -> features. `python model.py` prints the parameter counts of Table 1.
-`mask` is True where a frame is hidden, `padding` True where a frame is not real audio. Shapes:
-B batch, T frames, N visible frames, D width, S target streams (Q codebooks, plus the k-means
-stream after self-training), K codebook size.
+`mask` is True where a frame is hidden, `padding` True where it is not real audio. Shapes: B batch,
+T frames, N visible frames, D width, S target streams (Q codebooks, + k-means after self-training), K entries.
 """
 import contextlib
 import math
@@ -23,12 +22,11 @@ FRAME_RATE = SAMPLE_RATE // HOP
 CROP_SECONDS = 4.0                  # training crops [3.1]
 CROP_SAMPLES = int(CROP_SECONDS * SAMPLE_RATE)
 CROP_FRAMES = CROP_SAMPLES // HOP   # T = 300
-# gamma_q as the authors released them for the pretrained 24 kHz EnCodec [3.1]
-RELEASED_GAMMA_Q = (0.2241, 0.1760, 0.1450, 0.1215, 0.1032, 0.0883, 0.0761, 0.0659)
+RELEASED_GAMMA_Q = (0.2241, 0.1760, 0.1450, 0.1215, 0.1032, 0.0883, 0.0761, 0.0659)  # released, pretrained codec [3.1]
 
 
-def num_frames(n_samples):
-    return math.ceil(n_samples / HOP)  # the encoder pads the last hop
+def num_frames(n_samples):  # the encoder pads the last hop
+    return math.ceil(n_samples / HOP)
 
 
 # ---------------------------------------------------------------- configuration [2.2, 2.3, 3.1]
@@ -154,7 +152,8 @@ def estimate_gamma(codec, clips, Q=8, batch=8, lengths=None):
     The error of stage q is the norm of what it leaves unexplained, |r_q - e_q(r_q)|, r_q the residual
     entering it: errors shrink stage by stage, so early codebooks weigh more. clips (B, n) at 24 kHz;
     lengths (B,) real samples per clip (default n): frames past them are left out."""
-    lengths, total, n_frames = torch.full((len(clips),), clips.shape[1]) if lengths is None else lengths, torch.zeros(Q), 0
+    lengths = torch.full((len(clips),), clips.shape[1]) if lengths is None else lengths
+    total, n_frames = torch.zeros(Q), 0
     for part, part_lengths in zip(clips.split(batch), lengths.split(batch)):  # 150 clips at once: too big
         frames = codec.raw_frames(part).transpose(1, 2)  # (b, T, 128)
         real = torch.arange(frames.shape[1]) < -(-part_lengths[:, None] // HOP)  # (b, T) num_frames(length)
@@ -208,11 +207,9 @@ def sinusoidal_positions(T, D, device=None):
 def gather_visible(x, mask, padding, min_slots=0):
     """Drop the hidden frames: x (B, T, D) -> x_visible (B, N, D), MAE style [2.2].
 
-    A stable sort of the hide flags lists visible frames first, in time order (ids_shuffle);
-    sorting that permutation again gives its inverse, ids_restore, which puts frames back. Without
-    padding x_visible is dense; else visible_padding (B, N) marks unused slots (None if none), N >=
-    min_slots. Runs where the masks are (the CPU in training): reading N never makes the GPU wait.
-    """
+    A stable sort of the hide flags lists visible frames first, in time order (ids_shuffle); sorting
+    it again gives its inverse, ids_restore, which puts frames back. visible_padding (B, N) marks unused
+    slots (None if none), N >= min_slots. Runs where the masks are (the CPU in training): no GPU wait."""
     dropped = mask | padding  # (B, T)
     ids_shuffle = dropped.int().argsort(dim=1, stable=True)  # (B, T)
     ids_restore = ids_shuffle.argsort(dim=1)  # (B, T)
@@ -245,15 +242,14 @@ def to_device(t, device):  # a copy that does not wait for the GPU; None stays N
 
 # ---------------------------------------------------------------- 2.2 the transformer
 class Block(nn.Module):
-    """A pre-norm transformer layer, attention by scaled_dot_product_attention. Deviation: plain
-    pre-norm; the authors use ResiDual normalization, which the paper does not mention."""
+    """A pre-norm transformer layer, attention by scaled_dot_product_attention. Deviations: plain pre-norm
+    (the authors use ResiDual normalization, which the paper does not mention); a feed-forward block per
+    layer (the authors' code shares one across depth, which Table 1's 51M / 94M / 269M rule out)."""
 
     def __init__(self, D, n_heads, ff_dim):
         super().__init__()
         self.n_heads, self.norm1, self.norm2 = n_heads, nn.LayerNorm(D), nn.LayerNorm(D)
         self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
-        # Deviation: a feed-forward block per layer; the authors' code shares one across depth,
-        # which the paper's parameter counts (51M / 94M / 269M) rule out.
         self.ff = nn.Sequential(nn.Linear(D, ff_dim), nn.GELU(), nn.Linear(ff_dim, D))
 
     def forward(self, x, key_padding=None):
@@ -361,19 +357,16 @@ class EnCodecMAE(nn.Module):
         self.cfg = cfg
         self.in_proj = nn.Linear(cfg.d_codec, cfg.d_model)  # codec frames -> D
         self.encoder, self.decoder, self.head = Encoder(cfg), Decoder(cfg), Head(cfg.d_model, cfg.n_streams, cfg.K)
-        # BERT/HuBERT-style ablation only: hidden frames replaced by a token inside the encoder.
-        if cfg.mask_mode == "token":
+        if cfg.mask_mode == "token":  # BERT/HuBERT-style ablation: hidden frames become a token in the encoder
             self.enc_mask_token = nn.Parameter(0.02 * torch.randn(1, 1, cfg.d_model))
         self.register_buffer("gamma", stream_weights(cfg), persistent=False)
         self.apply(init_weights)
 
     def forward(self, feats, targets, mask, padding=None, counts=None):
-        """feats (B, T, 128), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1].
-
-        feats and targets come from one codec pass (`Codec.forward`, or the cache); the mask from
-        `gap_mask`, drawn per clip by the data pipeline (train.MaskedCrops), which may leave mask and
-        padding on the CPU. counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3].
-        """
+        """feats (B, T, 128), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1]. feats and
+        targets come from one codec pass (`Codec.forward`, or the cache); the mask from `gap_mask`, drawn
+        per clip by the data pipeline (train.MaskedCrops), which may leave mask and padding on the CPU.
+        counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3]."""
         check_inputs(feats, targets, mask, padding, self.cfg)
         T, device = mask.shape[1], feats.device
         padding = torch.zeros_like(mask) if padding is None else padding
@@ -410,9 +403,9 @@ def check_inputs(feats, targets, mask, padding, cfg):
     """Refuse inputs that do not fit with a TypeError / ValueError, from shapes alone (no value is read:
     the GPU never waits). Masks must be bool: 0/1 integers would index frames instead of selecting them."""
     B, T = feats.shape[:2]
-    for name, x, shape, dtype in (("feats", feats, (B, T, cfg.d_codec), feats.dtype), ("mask", mask, (B, T), torch.bool),
-                                  ("padding", padding, (B, T), torch.bool),
-                                  ("targets", targets, (B, T, cfg.n_streams), torch.int64)):
+    expected = {"feats": (feats, (B, T, cfg.d_codec), feats.dtype), "mask": (mask, (B, T), torch.bool),
+                "padding": (padding, (B, T), torch.bool), "targets": (targets, (B, T, cfg.n_streams), torch.int64)}
+    for name, (x, shape, dtype) in expected.items():
         if x is not None and (x.dtype != dtype or tuple(x.shape) != shape):
             raise TypeError(f"{name} {x.dtype} {tuple(x.shape)}: expected {dtype} of shape {shape}")
 
