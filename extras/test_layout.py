@@ -58,6 +58,33 @@ def test_the_paper_path_loads_with_extras_deleted(tmp_path):
     assert done.returncode == 0 and "--M_prop" in done.stdout, done.stderr
 
 
+def test_the_paper_path_runs_with_extras_deleted(tmp_path):
+    """Stage 1, k-means, stage 2 and an embedding, with the five core files alone and a codec given as a
+    weights file (--encodec PATH, the offline path to EnCodec's real weights; here untrained ones)."""
+    import shutil
+    from encodec import EncodecModel
+    for name in BELOW:
+        shutil.copy(os.path.join(ROOT, f"{name}.py"), tmp_path)
+    torch.manual_seed(0)
+    torch.save(EncodecModel.encodec_model_24khz(pretrained=False).state_dict(), tmp_path / "codec.th")
+    (tmp_path / "wavs").mkdir()
+    for i in range(4):
+        sf.write(tmp_path / "wavs" / f"{i}.wav", np.random.default_rng(i).normal(0, 0.1, 36000), 24000)
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    run = ["--config", "tiny", "--data", "wavs", "--encodec", "codec.th", "--batch_size", "2", "--workers", "0",
+           "--gamma", "estimate", "--gamma_clips", "2", "--log_every", "1"]
+    for cmd in (["train.py", *run, "--out", "s1", "--steps", "2"],
+                ["kmeans.py", "--checkpoint", "s1/ckpt-00000002.pt", "--data", "wavs", "--out", "km", "--k", "2",
+                 "--n-clips", "4", "--n-frames", "100"],
+                ["train.py", *run, "--out", "s2", "--steps", "1", "--init_from", "s1/ckpt-00000002.pt",
+                 "--kmeans_store", "km"],
+                ["-c", "import evaluate; print(*evaluate.embed_file(evaluate.load_upstream('s2/ckpt-00000001.pt',"
+                       " encodec='codec.th'), 'wavs/0.wav').shape)"]):
+        done = subprocess.run([sys.executable, *cmd], cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, (cmd, done.stderr[-2000:])
+    assert done.stdout.split() == ["113", "128"]  # 1.5 s at 75 Hz, tiny's width
+
+
 def test_the_root_holds_the_eight_files_and_three_folders():
     """The repository's root: README.md, requirements.txt, the five core files, test_all.py, .ci/, extras/, docs/."""
     done = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
