@@ -4,7 +4,7 @@ Run: python .ci/mutate.py            (about 5 minutes on 2 CPU cores; --only WOR
 Each mutant is (file, exact original snippet, mutated snippet, what it breaks, pytest -k expression
 of the fast tests that should notice). For each, the tracked files are copied to a temporary folder,
 the snippet is replaced there (it must occur exactly once, else the mutant is reported stale), and
-`python -m pytest -q -x test_all.py -k EXPR` runs: a failing run kills the mutant, a passing one
+`python -m pytest -q -x test_all.py extras/ -k EXPR` runs: a failing run kills the mutant, a passing one
 lets it survive. Prints a markdown table and "N mutants, K killed, S survived"; exits 0.
 """
 import argparse
@@ -25,18 +25,20 @@ LOSS = "masked_accuracy or loss_equals or loss_weights or delta_one or micro_bat
 # ---------------------------------------------------------------- model.py
 MODEL_MUTANTS = [
     ("model.py",
-     "        x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, feats.device)  # (B, T, D)\n"
-     "        if self.cfg.mask_mode == \"drop\":\n"
-     "            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # (B, N, D)\n",
+     "        x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, device)  # (B, T, D)\n"
+     "        if self.cfg.mask_mode == \"drop\":  # N >= what gap_mask leaves of a full clip: one shape to compile\n"
+     "            slots = T - min(round(self.cfg.M_prop * T), T - 1)\n"
+     "            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding, slots)  # (B, N, D)\n",
      "        x = self.in_proj(feats)  # (B, T, D)\n"
-     "        if self.cfg.mask_mode == \"drop\":\n"
-     "            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # (B, N, D)\n"
-     "            x_visible = x_visible + sinusoidal_positions(x_visible.shape[1], self.cfg.d_model, feats.device)\n",
+     "        if self.cfg.mask_mode == \"drop\":  # N >= what gap_mask leaves of a full clip: one shape to compile\n"
+     "            slots = T - min(round(self.cfg.M_prop * T), T - 1)\n"
+     "            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding, slots)  # (B, N, D)\n"
+     "            x_visible = x_visible + sinusoidal_positions(x_visible.shape[1], self.cfg.d_model, device)\n",
      "positions added after masking instead of before", "positions_are_added"),
     ("model.py", "    dropped = mask | padding  # (B, T)", "    dropped = padding  # (B, T)",
      "the encoder is given every frame, hidden ones included", "encoder_output"),
     ("model.py", "            h = self.encoder(x_visible, visible_padding)  # (B, N, D)",
-     "            h = gather_visible(self.encoder(x, padding), mask, padding)[0]  # (B, N, D)",
+     "            h = gather_visible(self.encoder(x, key_padding(padding, device)), mask, padding, slots)[0]",
      "the encoder attends over all frames, then keeps the visible outputs", "encoder_output"),
     ("model.py", "        masked_acc = (correct * hidden).sum((0, 1)) / n_hidden  # (S,)",
      "        masked_acc = correct.mean((0, 1))  # (S,)",
@@ -53,8 +55,8 @@ MODEL_MUTANTS = [
     ("model.py", "            h = self.encoder(x_visible, visible_padding)  # (B, N, D)",
      "            h = self.encoder(x_visible, None)  # (B, N, D)",
      "visible_padding not passed: short clips attend to unused slots", "encoder_output"),
-    ("model.py", "visible_padding = torch.arange(N, device=x.device)[None] >= n_visible[:, None]",
-     "visible_padding = torch.arange(N, device=x.device)[None] > n_visible[:, None]",
+    ("model.py", "visible_padding = torch.arange(N, device=mask.device)[None] >= n_visible[:, None]",
+     "visible_padding = torch.arange(N, device=mask.device)[None] > n_visible[:, None]",
      "visible_padding misses the first unused slot", "gather_visible or encoder_output"),
     ("model.py", "keep = None if key_padding is None else ~key_padding[:, None, None, :]",
      "keep = None if key_padding is None else key_padding[:, None, None, :]",
@@ -67,18 +69,18 @@ MODEL_MUTANTS = [
      "    n_hidden, n_shown = (hidden.sum(), shown.sum()) if counts is None else counts  # |M|, T - |M|",
      "    n_hidden, n_shown = hidden.sum(), shown.sum()  # |M|, T - |M|",
      "counts taken per micro-batch, the whole batch's counts ignored", "micro_batch"),
-    ("model.py", "    shown = (~mask & ~padding)[..., None].float()  # (B, T, 1), its complement",
-     "    shown = (~mask)[..., None].float()  # (B, T, 1), its complement",
-     "padded frames counted as visible in the loss", LOSS),
-    ("model.py", "    hidden = (mask & ~padding)[..., None].float()  # (B, T, 1), the set M",
-     "    hidden = mask[..., None].float()  # (B, T, 1), the set M",
-     "padded frames counted as hidden in the loss", LOSS),
+    ("model.py", "    shown = to_device(~mask & ~padding, ce.device)[..., None].float()",
+     "    shown = to_device(~mask, ce.device)[..., None].float()",
+     "padded frames counted as visible in the loss", LOSS + " or padding_is_in_neither"),
+    ("model.py", "    hidden = to_device(mask & ~padding, ce.device)[..., None].float()",
+     "    hidden = to_device(mask, ce.device)[..., None].float()",
+     "padded frames counted as hidden in the loss", LOSS + " or padding_is_in_neither"),
     ("model.py", "    loss = (gamma * (alpha * hidden_ce + beta * shown_ce)).sum()",
      "    loss = (alpha * hidden_ce + beta * shown_ce).mean()", "gamma_q ignored (equal weights)", LOSS),
     ("model.py", "self.gamma, self.cfg.delta, counts)", "self.gamma, 0.9, counts)",
      "forward ignores the configured delta", LOSS),
-    ("model.py", "    masked_loss = hidden_ce.detach() / n_hidden  # (S,) mean CE over M, per stream",
-     "    masked_loss = hidden_ce.detach() / n_shown  # (S,) mean CE over M, per stream",
+    ("model.py", "LossOut(loss, hidden_ce.detach() / n_hidden, shown_ce.detach() / n_shown, masked_acc)",
+     "LossOut(loss, hidden_ce.detach() / n_shown, shown_ce.detach() / n_shown, masked_acc)",
      "logged masked loss divided by the visible count", LOSS),
     ("model.py", "    gamma = list(cfg.gamma_q) + [sum(cfg.gamma_q)] * cfg.n_kmeans_streams",
      "    gamma = list(cfg.gamma_q) + [cfg.gamma_q[0]] * cfg.n_kmeans_streams",
@@ -86,7 +88,7 @@ MODEL_MUTANTS = [
     ("model.py", "    gamma = list(cfg.gamma_q) + [sum(cfg.gamma_q)] * cfg.n_kmeans_streams",
      "    gamma = list(cfg.gamma_q) + [1.0] * cfg.n_kmeans_streams",
      "k-means stream weighted 1 (equivalent: gamma_q sums to 1)", "loss_weights"),
-    ("model.py", "            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))",
+    ("model.py", "            self.mask_token = nn.Parameter(0.02 * torch.randn(1, 1, cfg.d_model))",
      "            self.register_buffer(\"mask_token\", torch.zeros(1, 1, cfg.d_model))",
      "mask token fixed at zero, not learned", "decoder_puts"),
     ("model.py", "    full = torch.cat([h, mask_token.expand(B, T - N, D)], dim=1)",
@@ -100,29 +102,38 @@ MODEL_MUTANTS = [
      "            h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)\n"
      "            h = restore_sequence(h, ids_restore, visible_padding, self.mask_token)  # (B, T, D)\n",
      "decoder positions added in shuffled order, before the restore", "decoder_puts"),
-    ("model.py", "    table[:, 1::2] = torch.cos(position * freq)", "    table[:, 1::2] = torch.sin(position * freq)",
+    ("model.py", "torch.stack([torch.sin(position * freq), torch.cos(position * freq)], -1)",
+     "torch.stack([torch.sin(position * freq), torch.sin(position * freq)], -1)",
      "position table with sin in place of cos", "sinusoidal"),
-    ("model.py", "    for g in range(1, min(M_gap, T)):", "    for g in range(1, min(M_gap + 1, T)):",
-     "gaps of M_gap + 1 frames", "gap_mask"),
-    ("model.py", "    for g in range(1, min(M_gap, T)):", "    for g in range(1, min(M_gap - 1, T)):",
-     "gaps of M_gap - 1 frames", "gap_mask"),
-    ("model.py", "valid_start = t[None] <= (lengths - M_gap).clamp(min=0)[:, None]",
-     "valid_start = t[None] < lengths[:, None]", "spans may start too late and run off the clip", "gap_mask"),
-    ("model.py", "    return place < n_hidden[:, None]", "    return place <= n_hidden[:, None]",
-     "one frame too many hidden", "gap_mask"),
-    ("model.py", "n_hidden = torch.round(M_prop * lengths.double()).long()",
-     "n_hidden = (M_prop * lengths.double()).long()", "hidden count truncated, not rounded", "gap_mask"),
-    ("model.py", "    first_draw = torch.where(t[None] < lengths[:, None], first_draw, never)  # padding last",
-     "    first_draw = first_draw  # padding last", "padding of short clips may be hidden", "gap_mask"),
-    ("model.py", "    if not isinstance(flags, torch.Tensor) or flags.dtype != torch.bool:",
-     "    if not isinstance(flags, torch.Tensor):", "integer and float masks accepted", "non_bool"),
+    ("model.py", "            for t in range(start, min(start + M_gap, length)):",
+     "            for t in range(start, min(start + M_gap + 1, length)):", "gaps of M_gap + 1 frames", "gap_mask"),
+    ("model.py", "            for t in range(start, min(start + M_gap, length)):",
+     "            for t in range(start, min(start + M_gap - 1, length)):", "gaps of M_gap - 1 frames", "gap_mask"),
+    ("model.py", "torch.randperm(max(length - M_gap, 0) + 1, generator=generator)",
+     "torch.randperm(length, generator=generator)",
+     "spans may start too late and are cut short at the clip's end", "gap_mask"),
+    ("model.py", "                if not row[t] and hidden < n_hidden:",
+     "                if not row[t] and hidden <= n_hidden:", "one frame too many hidden", "gap_mask"),
+    ("model.py", "min(round(M_prop * length), length - 1)",
+     "min(int(M_prop * length), length - 1)", "hidden count truncated, not rounded", "gap_mask"),
+    ("model.py",
+     "        for start in torch.randperm(max(length - M_gap, 0) + 1, generator=generator).tolist():\n"
+     "            for t in range(start, min(start + M_gap, length)):\n",
+     "        for start in torch.randperm(max(T - M_gap, 0) + 1, generator=generator).tolist():\n"
+     "            for t in range(start, min(start + M_gap, T)):\n",
+     "spans drawn over the whole row: padding may be hidden", "gap_mask"),
+    ("model.py", "min(round(M_prop * length), length - 1)",
+     "min(round(M_prop * length), length)", "a short clip may be hidden whole", "every_clip_keeps_a_visible_frame"),
+    ("model.py", "(x.dtype != dtype or tuple(x.shape) != shape)",
+     "(tuple(x.shape) != shape)", "integer and float masks accepted", "non_bool"),
     ("model.py", "        return self.norm(x) if n_layers in (None, len(self.layers)) else x",
      "        return self.norm(x)", "intermediate layers come out layer-normed", "embed_layers"),
-    ("model.py", "        key_padding = padding if padding is not None and padding.any() else None",
-     "        key_padding = None", "embed attends to padding", "embed_layers"),
-    ("model.py", "        fresh[:rows] = state[name]  # the codec streams keep what stage 1 learned",
-     "        pass", "stage 2 forgets the stage-1 head", "adding_the_kmeans_stream"),
-    ("model.py", "(0 < cfg.M_prop < 1, ", "(0 < cfg.M_prop <= 2, ", "M_prop above 1 accepted", "config_refuses"),
+    ("model.py", "        return self.encoder(x, key_padding(padding, x.device), None if layer == -1 else layer)",
+     "        return self.encoder(x, None, None if layer == -1 else layer)",
+     "embed attends to padding", "embed_layers"),
+    ("model.py", "state[name] = torch.cat([state[name], new.state_dict()[name][rows:].to(state[name].device)])",
+     "state[name] = new.state_dict()[name]", "stage 2 forgets the stage-1 head", "adding_the_kmeans_stream"),
+    ("model.py", "(0 < self.M_prop < 1, ", "(0 < self.M_prop <= 2, ", "M_prop above 1 accepted", "config_refuses"),
 ]
 
 # ---------------------------------------------------------------- kmeans.py
@@ -156,8 +167,8 @@ KMEANS_MUTANTS = [
      "stopping tolerance absolute instead of relative", KM),
     ("kmeans.py", "    if args.layer != -1 and not 1 <= args.layer <= cfg.n_enc_layers:",
      "    if args.layer > cfg.n_enc_layers:", "--layer -2 accepted", "kmeans_command"),
-    ("kmeans.py", "                warn_skipped(path, err, bad)\n                progress.update(",
-     "                raise\n                progress.update(", "an unreadable file ends the run", "kmeans_skips"),
+    ("kmeans.py", "            warn_skipped(path, err, bad)\n        progress.update(",
+     "            raise\n        progress.update(", "an unreadable file ends the run", "kmeans_skips"),
     ("kmeans.py", "    if path not in bad:\n        warnings.warn(", "    if True:\n        warnings.warn(",
      "a bad file is warned about at every stage", "kmeans_skips"),
 ]
@@ -179,17 +190,17 @@ EVALUATE_MUTANTS = [
     ("evaluate.py", "return max(1, (2 * n_samples * SAMPLE_RATE + HOP * rate) // (2 * HOP * rate))",
      "return max(1, (n_samples * SAMPLE_RATE) // (HOP * rate))",
      "the last frame centred inside the audio is dropped", "hear_api"),
-    ("evaluate.py", "return frames[:, :real_frames(n_samples, rate)].mean(1)",
-     "return frames[:, 0]",
+    ("evaluate.py", 'return frames[:, :None if getattr(upstream, "pool_all_frames", False) else real_frames(n, rate)]',
+     "return frames[:, 0:1]",
      "scene embedding = the first frame", "hear_api or embed_command"),
-    ("evaluate.py", "return frames[:, :real_frames(n_samples, rate)].mean(1)",
-     "return frames.mean(1)",
+    ("evaluate.py", "else real_frames(n, rate)].float().mean(1)",
+     "else None].float().mean(1)",
      "scene embedding also pools the frame centred past the end", "hear_api or embed_command"),
-    ("evaluate.py", "], [folds[(i + 1) % k]],",
-     "], [folds[(i - 1) % k]],",
+    ("evaluate.py", "for t, v in zip(folds, folds[1:] + folds[:1])]",
+     "for t, v in zip(folds, folds[-1:] + folds[:-1])]",
      "k-fold validates on the previous fold instead of the next", "kfold"),
-    ("evaluate.py", 'test=float(np.mean([f["test_score"] for f in folds]))',
-     'test=folds[0]["test_score"]',
+    ("evaluate.py", 'mean, n = float(np.mean([f["test_score"] for f in folds])), ',
+     'mean, n = folds[0]["test_score"], ',
      "the task score is the first fold's, not the mean over folds", "kfold or hear_tasks_run"),
     ("evaluate.py", "if score > best:  # strict",
      "if score >= best:  # strict",
@@ -203,8 +214,8 @@ EVALUATE_MUTANTS = [
     ("evaluate.py", " and not (epoch + 1 == cfg.max_epochs and best_state is None)",
      "",
      "bug: --max-epochs below the validation interval has no weights to return", "first_best"),
-    ("evaluate.py", "Y[i, task.vocab[label]] = 1",
-     "Y[(i + 1) % len(files), task.vocab[label]] = 1",
+    ("evaluate.py", "Y[i, [task.vocab[label] for label in labels]] = 1",
+     "Y[(i + 1) % len(files), [task.vocab[label] for label in labels]] = 1",
      "labels shifted by one clip against the embeddings", "hear_tasks_run"),
     ("evaluate.py", "data[u.name][split] = (X, Y[kept])",
      "data[u.name][split] = (X, Y[: len(kept)])",
@@ -212,21 +223,37 @@ EVALUATE_MUTANTS = [
     ("evaluate.py", '    for j in sorted(bad):\n        warnings.warn(f"skipping {bad[j]}")\n',
      "",
      "unreadable HEAR clips are dropped without a warning", "unreadable_hear"),
-    ("evaluate.py", 'finished = lambda dest: os.path.exists(f"{dest}.npy")',
-     'finished = lambda dest: False and os.path.exists(f"{dest}.npy")',
-     "embed re-embeds files already written (no resume)", "embed_command"),
-    ("evaluate.py", "plan += [(p, Path(out) / p.relative_to(src)) for p in found]",
-     "plan += [(p, Path(out) / p.name) for p in found]",
-     "embed flattens the folder tree instead of mirroring it", "embed_command"),
-    ("evaluate.py", '    check_range("--max-epochs", args.max_epochs, 1)\n',
-     "",
-     "--max-epochs 0 is not refused up front", "command_lines"),
-    ("evaluate.py", "    if layer != -1 and layer < 1:\n",
-     "    if layer < -1:\n",
-     "--layer 0 is not refused", "command_lines"),
+    ("evaluate.py", 'p.add_argument("--max-epochs", type=at_least(1), default=500)',
+     'p.add_argument("--max-epochs", type=int, default=500)',
+     "--max-epochs 0 is not refused up front", "bad_evaluate_command_lines"),
+    ("evaluate.py", "if layer != -1 and not (1 if file == spec else 0) <= layer <= depth:",
+     "if layer != -1 and not 0 <= layer <= depth:",
+     "--layer 0 is not refused", "bad_evaluate_command_lines"),
 ]
 
-MUTANTS = MODEL_MUTANTS + KMEANS_MUTANTS + EVALUATE_MUTANTS
+# ---------------------------------------------------------------- train.py and extras/
+EXTRAS_MUTANTS = [
+    ("extras/embed.py", 'done = lambda dest: os.path.exists(f"{dest}.npy")',
+     'done = lambda dest: False and os.path.exists(f"{dest}.npy")',
+     "embed re-embeds files already written (no resume)", "embed_command"),
+    ("extras/embed.py", "plan += [(p, Path(out) / p.relative_to(src.absolute())) for p in found]",
+     "plan += [(p, Path(out) / p.name) for p in found]",
+     "embed flattens the folder tree instead of mirroring it", "embed_command"),
+    ("train.py", "            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+     "            pass", "a second run on a folder in use is not refused", "second_run_on_one_folder"),
+    ("train.py", "        finally:  # an end the run saw (not a kill): the next run finds nothing to take over\n"
+     "            lock.truncate(0)\n",
+     "        finally:  # an end the run saw (not a kill): the next run finds nothing to take over\n"
+     "            pass\n",
+     "a run that ended normally leaves its note, so the next run warns of a stale lock",
+     "second_run_on_one_folder"),
+    ("extras/resume.py", 'keep += [line] if json.loads(line)["step"] <= step else []',
+     "keep += [line]", "resume keeps the metrics past the checkpoint: steps logged twice", "killed_run_resumes"),
+    ("extras/resume.py", "    for path in paths[::-1]:", "    for path in paths[-1:]:",
+     "resume stops at a torn newest checkpoint instead of passing over it", "killed_run_resumes"),
+]
+
+MUTANTS = MODEL_MUTANTS + KMEANS_MUTANTS + EVALUATE_MUTANTS + EXTRAS_MUTANTS
 
 
 def tracked_files():
@@ -241,7 +268,7 @@ def copy_tree(files, dest):
 
 
 def pytest_args(expr):
-    return ["-q", "-x", "-p", "no:cacheprovider", "test_all.py", "-k", expr]
+    return ["-q", "-x", "-p", "no:cacheprovider", "test_all.py", "extras/", "-k", expr]
 
 
 def run_tests(folder, expr, timeout):
