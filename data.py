@@ -31,6 +31,7 @@ from model import CROP_SAMPLES, HOP, SAMPLE_RATE, num_frames
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
 MIN_RATE, MAX_RATE = 1000, 384000  # outside this range a header is broken, not exotic
 MAX_PEAK = 1e3  # samples 60 dB beyond full scale: a broken file (or integer PCM stored as float)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, and what schedulers send before a kill
 
 
 # ---------------------------------------------------------------- a user's mistakes: one line, exit 2
@@ -44,8 +45,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(main, argv=None):
-    """Run a command-line main (it checks every flag before any expensive setup): a UsageError is one line on stderr
-    and exit status 2; SIGTERM, SIGUSR1 and Ctrl-C one line and 128 + the signal, as a shell says; a bug a traceback."""
+    """Run a command-line main: a UsageError is one line and exit 2, a stop signal one line and 128 + its number."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signum)  # unwinds as Ctrl-C does: a write_atomic on the way removes its temporary
     name, before = os.path.basename(sys.argv[0]), {s: signal.signal(s, interrupt) for s in STOP_SIGNALS[1:]}
     try:
         return main(argv)
@@ -61,13 +63,6 @@ def run_cli(main, argv=None):
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, and what schedulers send before a kill
-
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt(signum)  # unwinds as Ctrl-C does: a write_atomic on the way removes its temporary
 
 
 def at_least(low, kind=int, high=math.inf):
@@ -108,8 +103,7 @@ def device(text):
 
 
 class Progress:
-    """A line at most every `every` seconds and at the end: share done, speed, ETA. Work found done
-    (a resume) counts as done, not in the speed. The cache build, k-means and embed use it."""
+    """A line at most every `every` seconds and at the end: share done, speed, ETA (work found done is not speed)."""
 
     def __init__(self, stage, total, every=10.0, unit=None):
         self.stage, self.total, self.every, self.unit, self.done, self.resumed = stage, total, every, unit, 0, 0
@@ -125,8 +119,7 @@ class Progress:
 
 
 def write_atomic(path, write):
-    """Write through `{path}.tmp{pid}`, then os.replace: the name never holds half a file. A failed or interrupted
-    write removes its temporary; a failed one (full disk, read-only folder, a folder in the way) is a UsageError."""
+    """Write via `{path}.tmp{pid}` and os.replace: the name never holds half a file; a failed write is a UsageError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -145,8 +138,7 @@ def write_atomic(path, write):
 
 
 def make_folder(path, flag="--out"):
-    """An output folder, made if missing: a file in its place, or no permission to write there (root may,
-    on a read-only disk neither), is a UsageError naming the flag."""
+    """An output folder, made if missing; one we cannot write (root may, except on a read-only disk) is a UsageError."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:  # FileExistsError: a file of that name
@@ -173,9 +165,8 @@ def resampled_length(n_src, rate):
 
 
 def read_header(path):
-    """(sample rate, samples) from the header, its last sample read back; bad files -> AudioError. The last sample
-    catches a file cut short whose header promises the full length (one seek, 0.1 ms). Not for mp3, where a seek
-    parses every frame before it: read_audio catches it then."""
+    """(sample rate, samples) from the header, or AudioError. Its last sample is read back (one seek, 0.1 ms) to catch
+    a file cut short; not for mp3, where a seek parses every frame before it: read_audio catches it then."""
     for bad, why in ((os.path.isdir, "a folder, not an audio file"), (lambda p: not os.path.isfile(p), "no such file"),
                      (lambda p: not os.access(p, os.R_OK), "permission denied"),
                      (lambda p: os.path.getsize(p) == 0, "empty file (0 bytes)")):
@@ -203,18 +194,6 @@ def probe_audio(path):
     return resampled_length(*read_header(path)[::-1])
 
 
-def source_span(start, stop, rate, n_src):
-    """Source samples [s0, s1) covering 24-kHz samples [start, stop), and start's offset in them. Segments start on
-    a multiple of o, so the polyphase filter keeps its phase, with margins wider than the sinc filter and than an
-    mp3 decoder's warm-up after a seek (2304 samples): a crop then equals that part of the whole file, read and
-    resampled, while reading only the crop."""
-    g = math.gcd(rate, SAMPLE_RATE)
-    o, q = rate // g, SAMPLE_RATE // g  # o source samples <-> q output samples
-    m = math.ceil((6 * o / (0.99 * min(o, q)) + 2 + 2304) / o)
-    p0 = max(0, start // q - m)
-    return p0 * o, min(n_src, (stop // q + 1 + m) * o), start - p0 * q
-
-
 @functools.lru_cache(maxsize=None)
 def resampler(rate):
     import torchaudio.transforms as AT  # lazily: only off 24 kHz; the sinc kernel is built once per rate
@@ -227,12 +206,17 @@ def resample_24k(x, rate):
 
 
 def read_audio(path, start=0, frames=None, header=None):
-    """Samples [start, start + frames) of a file (24-kHz units) as mono float32 at 24 kHz -> (n,).
-    `header` = (sample rate, samples) when already known (a header scan): only the span is opened."""
+    """24-kHz samples [start, start + frames) of a file as mono float32 -> (n,); `header`: (rate, samples) if known."""
     rate, n_src = read_header(path) if header is None else (int(header[0]), int(header[1]))
     n = resampled_length(n_src, rate)
     stop = n if frames is None else min(n, start + frames)
-    s0, s1, offset = source_span(start, stop, rate, n_src)
+    # Only source samples [s0, s1) are read: starting on a multiple of o keeps the polyphase filter's phase, margins
+    # wider than the sinc filter and an mp3 seek's warm-up (2304 samples) make it equal the whole file resampled.
+    g = math.gcd(rate, SAMPLE_RATE)
+    o, q = rate // g, SAMPLE_RATE // g  # o source samples <-> q output samples
+    m = math.ceil((6 * o / (0.99 * min(o, q)) + 2 + 2304) / o)
+    p0 = max(0, start // q - m)
+    s0, s1, offset = p0 * o, min(n_src, (stop // q + 1 + m) * o), start - p0 * q  # offset: where `start` falls
     try:
         with sf.SoundFile(os.fsencode(path)) as f:
             f.seek(s0)
@@ -285,11 +269,10 @@ class Files(NamedTuple):
     paths: np.ndarray   # (F,) bytes, os.fsencode of each path
     rates: np.ndarray   # (F,) int64 source sample rate
     frames: np.ndarray  # (F,) int64 source samples
+    lengths = property(lambda self: resampled_length(self.frames, self.rates))  # (F,) at 24 kHz
 
     def path(self, i):
         return os.fsdecode(self.paths[i])
-
-    lengths = property(lambda self: resampled_length(self.frames, self.rates))  # (F,) at 24 kHz
 
     def take(self, idx):
         return Files(*(a[idx] for a in self))
@@ -326,9 +309,8 @@ def visits_per_file(lengths, crop):
 
 
 class Visits(Dataset):
-    """Items over files, a file counting ceil(length / crop) times [3.1]. Item i belongs to the file
-    whose cumulative count first exceeds i (a binary search), so the dataset holds (F,) arrays only.
-    An item's crop depends on (seed, epoch, index) only: call set_epoch(e) every epoch."""
+    """Items over files, a file counting ceil(length / crop) times [3.1], found by a binary search: the dataset holds
+    (F,) arrays only. An item's crop depends on (seed, epoch, index) only: call set_epoch(e) every epoch."""
 
     def __init__(self, lengths, crop, seed):
         self.ends = np.cumsum(visits_per_file(lengths, crop))  # (F,) items of files 0..f together
@@ -341,8 +323,7 @@ class Visits(Dataset):
         return int(self.ends[-1]) if len(self.ends) else 0
 
     def file_of(self, item):
-        """The file (or files, for an array of items) that an item crops."""
-        return np.searchsorted(self.ends, item, side="right")
+        return np.searchsorted(self.ends, item, side="right")  # the file an item crops (files, for an array)
 
     def crop_start(self, item, step):
         """A random start on a multiple of `step` with the crop inside the file (0 if shorter)."""
@@ -351,9 +332,8 @@ class Visits(Dataset):
 
 
 class CropDataset(Visits):
-    """Random 4-s crops of raw audio files -> Crop(wav, padding, extra). `paths`: a list (every header read now, bad
-    files named) or Files (nothing is read now); `extra_store`: a k-means target store (kmeans.py) for stage 2, files
-    without targets left out. A file that fails when read is named and skipped: its items become the next that reads."""
+    """Random 4-s crops of audio files -> Crop(wav, padding, extra); `paths` a list (headers read now) or Files, and
+    `extra_store` stage 2's k-means targets (kmeans.py). A file failing when read is named; the next item stands in."""
 
     def __init__(self, paths, seed=0, extra_store=None, n_skipped=0):
         self.files, self.skipped = (paths, []) if isinstance(paths, Files) else scan_audio(paths)
@@ -412,8 +392,7 @@ def load_frame_store(store_dir, paths):
 
 
 def cut_frames(array, start, T, fill, dtype):
-    """Rows [start, start + T) of a (memory-mapped) array, padded with `fill` past its end -> tensor.
-    In numpy: small torch ops in a busy main process can stall on thread hand-offs."""
+    """Rows [start, start + T), `fill` past the end -> tensor; in numpy, as small torch ops can stall a busy process."""
     out = np.full((T,) + array.shape[1:], fill, dtype)
     part = array[start: start + T]
     out[: len(part)] = part

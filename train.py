@@ -31,6 +31,9 @@ import data as D
 import model as M
 from data import UsageError, at_least
 
+CHECKPOINTS = "ckpt-" + "[0-9]" * 8 + ".pt"  # exactly the names save_checkpoint gives: no other file is ours
+STOP = []  # the signals received: the loop stops after the step in progress, keeping it in a checkpoint
+
 
 @dataclass
 class TrainConfig:
@@ -74,8 +77,7 @@ CHOICES = {"gamma": ("auto", "released", "estimate", "uniform"), "mask_mode": ("
 
 
 def parse_args(argv):
-    """--field value (or --field=value) for any TrainConfig or ModelConfig field, plus --config SIZE ->
-    (cfg, mcfg, the fields set on this command line: the only ones a resumed run compares)."""
+    """--field value for each TrainConfig or ModelConfig field, --config SIZE -> (cfg, mcfg, the fields given)."""
     p = D.Parser(prog="train.py", description=__doc__, allow_abbrev=False,
                  formatter_class=D.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=list(M.SIZES), help="model size [2.2] (default base)")
@@ -120,13 +122,9 @@ def check_run(cfg, world):
 
 
 # ---------------------------------------------------------------- checkpoints: stage 1 for stage 2, resume
-CHECKPOINTS = "ckpt-" + "[0-9]" * 8 + ".pt"  # exactly the names save_checkpoint gives: no other file is ours
-
-
 def refuse_changes(given, old, now, flag, advice):
     """Flags given now that differ from what a checkpoint was trained with -> one UsageError."""
-    same = lambda a, b: json.dumps(a) == json.dumps(b)  # tuples and lists alike
-    changed = [k for k in sorted(given) if k in old and not same(old[k], now[k])]
+    changed = [k for k in sorted(given) if k in old and json.dumps(old[k]) != json.dumps(now[k])]  # tuples = lists
     if changed:
         what = ", ".join(f"--{k} {now[k]} (the checkpoint has {old[k]})" for k in changed)
         raise UsageError(f"{flag}: {what}; {advice}")
@@ -134,19 +132,17 @@ def refuse_changes(given, old, now, flag, advice):
 
 def starting_point(cfg, mcfg, given, rank):
     """-> (cfg, mcfg, resume checkpoint or None, stage-1 checkpoint or None), reading only checkpoints. A resumed
-    run takes its configs from its checkpoint (extras/resume.py), stage 2 the stage-1 model config and codec [2.3]:
-    a flag that would change them is refused, and so is a new run in another run's folder (it would mix its files)."""
+    run takes its configs from its checkpoint (extras/resume.py), stage 2 the stage-1 model config and codec [2.3]."""
     theirs = sorted(glob.glob(os.path.join(cfg.out, CHECKPOINTS)))
-    if not cfg.resume and theirs + glob.glob(os.path.join(cfg.out, "metrics.jsonl")):
+    if not cfg.resume and theirs + glob.glob(os.path.join(cfg.out, "metrics.jsonl")):  # a new run would mix files
         raise UsageError(f"--out {cfg.out}: holds another run ({os.path.basename((theirs or ['metrics.jsonl'])[-1])}"
                          "); add --resume to continue it, or choose a new --out (nothing there is deleted)")
+    ckpt = None
     if cfg.resume:
         from extras.resume import resume_point
         cfg, mcfg, ckpt = resume_point(cfg, mcfg, given, theirs, refuse_changes, rank)
-        if ckpt is not None:
-            return cfg, mcfg, ckpt, None
-    if not cfg.init_from:
-        return cfg, mcfg, None, None
+    if ckpt is not None or not cfg.init_from:
+        return cfg, mcfg, ckpt, None
     try:
         stage1 = D.load_checkpoint(cfg.init_from)[1]
     except ValueError as err:
@@ -173,13 +169,9 @@ def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
 
 # ---------------------------------------------------------------- the run folder, and stopping in time
 @contextlib.contextmanager
-def owned_folder(cfg, rank, step):
-    """--out for this run alone: rank 0 makes it and holds an OS lock on OUT/train.lock (its pid and host written
-    in it) to the end; the system releases it however the run ends. A second run on the folder is a UsageError
-    naming the holder. A killed run's temporary files are removed, metrics.jsonl is cut back to a resumed step."""
-    if rank != 0:
-        yield
-        return
+def owned_folder(cfg, step):
+    """--out for this run alone: an OS lock on OUT/train.lock (our pid and host written in it) that the system
+    releases however the run ends; a killed run's temporary files go, and on --resume its metrics past `step`."""
     with open(os.path.join(D.make_folder(cfg.out), "train.lock"), "a+") as lock:
         lock.seek(0)
         held = lock.read().strip()  # what the last run wrote: empty once it ended normally
@@ -191,8 +183,7 @@ def owned_folder(cfg, rank, step):
         if held:
             warnings.warn(f"taking over the stale lock {lock.name} of {held}: that run is gone")
         lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
+        print(f"pid {os.getpid()} on {socket.gethostname()}", file=lock, flush=True)
         D.remove_temporaries(cfg.out, r"ckpt-\d{8}\.pt|metrics\.jsonl")
         if cfg.resume:
             from extras.resume import trim_metrics
@@ -203,9 +194,6 @@ def owned_folder(cfg, rank, step):
             lock.truncate(0)
 
 
-STOP = []  # the signals received: the loop stops after the step in progress, keeping it in a checkpoint
-
-
 def stop_after_the_step(signum, frame):
     """SIGTERM, SIGUSR1 (schedulers send them before a kill) or Ctrl-C; a second Ctrl-C stops at once."""
     if signum == signal.SIGINT and STOP:
@@ -213,36 +201,27 @@ def stop_after_the_step(signum, frame):
     STOP.append(signum)
 
 
-class Metrics:
-    """What a student watches, each log step: loss and masked accuracy per stream, speed and ETA, printed and
-    appended to OUT/metrics.jsonl; with --tensorboard also as TensorBoard scalars (extras/tensorboard.py)."""
-
-    def __init__(self, cfg, step):
-        self.cfg, self.path, self.board = cfg, os.path.join(cfg.out, "metrics.jsonl"), None
-        if cfg.tensorboard:
-            from extras.tensorboard import scalar_writer
-            self.board = scalar_writer(cfg.out, step)
-
-    def log(self, step, s, S, rate, val):
-        cfg, audio_h = self.cfg, rate * self.cfg.batch_size * M.CROP_SECONDS / 3600
-        text = (f"step {step}/{cfg.steps} | loss {s[0]:.4f} | masked acc/stream "
-                f"{' '.join(f'{a:.2f}' for a in s[1 + 2 * S:].tolist())} | {rate:.2f} steps/s | {audio_h:.4f} h audio/s"
-                f" | ETA {(cfg.steps - step) / max(rate, 1e-9) / 3600:.2f} h")
-        record = {"step": step, "loss": s[0].item(), "masked_loss": s[1: 1 + S].tolist(),
-                  "unmasked_loss": s[1 + S: 1 + 2 * S].tolist(), "masked_acc": s[1 + 2 * S:].tolist(),
-                  "steps_per_s": rate, "audio_hours_per_s": audio_h, "time": time.time()}
-        if val is not None:
-            text += f" | val loss {val[0]:.4f} acc {val[1]:.3f}"
-            record.update(val_loss=val[0], val_masked_acc=val[1])
-        print(text, flush=True)
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:  # a full disk: the checkpoints so far are intact
-            raise UsageError(f"cannot write {self.path}: {err.strerror}; free space, then continue with --resume "
-                             f"--out {os.path.dirname(self.path)}") from None
-        if self.board:
-            self.board(record)
+def log_metrics(cfg, step, s, S, rate, val, board):
+    """The line a student watches (loss, masked accuracy per stream, speed, ETA), also a record in metrics.jsonl."""
+    path, audio_h = os.path.join(cfg.out, "metrics.jsonl"), rate * cfg.batch_size * M.CROP_SECONDS / 3600
+    text = (f"step {step}/{cfg.steps} | loss {s[0]:.4f} | masked acc/stream "
+            f"{' '.join(f'{a:.2f}' for a in s[1 + 2 * S:].tolist())} | {rate:.2f} steps/s | {audio_h:.4f} h audio/s"
+            f" | ETA {(cfg.steps - step) / max(rate, 1e-9) / 3600:.2f} h")
+    record = {"step": step, "loss": s[0].item(), "masked_loss": s[1: 1 + S].tolist(),
+              "unmasked_loss": s[1 + S: 1 + 2 * S].tolist(), "masked_acc": s[1 + 2 * S:].tolist(),
+              "steps_per_s": rate, "audio_hours_per_s": audio_h, "time": time.time()}
+    if val is not None:
+        text += f" | val loss {val[0]:.4f} acc {val[1]:.3f}"
+        record.update(val_loss=val[0], val_masked_acc=val[1])
+    print(text, flush=True)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:  # a full disk: the checkpoints so far are intact
+        raise UsageError(f"cannot write {path}: {err.strerror}; free space, then continue with --resume "
+                         f"--out {os.path.dirname(path)}") from None
+    if board:
+        board(record)
 
 
 # ---------------------------------------------------------------- ranks and device
@@ -271,8 +250,7 @@ def barrier():
 
 
 def autocast_for(device):
-    """bf16 autocast on GPUs with bf16 units (Ampere on), fp16 + GradScaler on older GPUs, which only
-    emulate bf16, slowly (is_bf16_supported() counts emulation unless told not to); fp32 on CPU [3.1]."""
+    """bf16 autocast on GPUs with bf16 units (Ampere on), else fp16 + GradScaler: emulated bf16 is slow; CPU fp32."""
     if device.type != "cuda":
         return contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
@@ -281,8 +259,7 @@ def autocast_for(device):
 
 # ---------------------------------------------------------------- data
 class MaskedCrops(Dataset):
-    """Crops plus their gap masks [2]. A clip's mask is drawn from a generator seeded by
-    (seed, epoch, index), so it does not depend on the GPU count, the accumulation or a resume."""
+    """Crops plus gap masks [2], seeded by (seed, epoch, index): no GPU count, accumulation or resume changes one."""
 
     def __init__(self, crops, cfg, seed):
         self.crops, self.cfg, self.seed, self.epoch = crops, cfg, seed, 0
@@ -302,8 +279,7 @@ class MaskedCrops(Dataset):
 
 
 def read_files(cfg, rank):
-    """The audio files of --data -> (Files, the --data entry of each (F,), unreadable count): every
-    header read now, or the file index with --index (the paper's 1.7M files: headers read once)."""
+    """The audio files of --data -> (Files, each one's --data entry (F,), unreadable count), or --index's file index."""
     if cfg.index:
         from extras.file_index import ensure_index
         return ensure_index(cfg.data, cfg.index, rank)
@@ -338,9 +314,8 @@ def build_datasets(cfg, mcfg, codec, rank, files=None):
 
 
 def epoch_plan(n_items, cfg, micro_batch, rank, world, epoch, first_step):
-    """This rank's micro-batches for the steps of one epoch from first_step on: [[indices, ...], ...].
-    Step s takes the window [s * B, (s + 1) * B) of the epoch's permutation (B the global batch) and
-    rank r every world-th item of it, so a step's items never depend on the number of GPUs."""
+    """This rank's micro-batches for the steps of one epoch from first_step on: [[indices, ...], ...]. Rank r
+    takes every world-th item of step s's window of the global batch, so no step's items depend on the GPU count."""
     order = np.random.default_rng([cfg.seed, epoch]).permutation(n_items)  # (seed, epoch) jointly
     plan = []
     for s in range(first_step, n_items // cfg.batch_size):
@@ -350,8 +325,7 @@ def epoch_plan(n_items, cfg, micro_batch, rank, world, epoch, first_step):
 
 
 def step_batches(dataset, cfg, micro_batch, rank, world, start_step):
-    """Yield this rank's loaded micro-batches for every optimizer step from start_step on.
-    The data position is just the step: a resumed run rebuilds the same plan and skips ahead."""
+    """This rank's micro-batches, step by step from start_step: a resumed run rebuilds the plan and skips ahead."""
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"--batch_size {cfg.batch_size}: more than the {len(dataset)} training crops")
@@ -384,7 +358,7 @@ def inputs_and_targets(batch, codec, mcfg, device):
     return feats, targets, mask, item.padding
 
 
-# ---------------------------------------------------------------- model: fresh, stage 2, or resumed
+# ---------------------------------------------------------------- gamma_q of a fresh model [3.1]
 def choose_gamma(cfg, mcfg, codec, files, device):
     """gamma_q [3.1]: the released values, uniform weights, or estimated on gamma_clips random crops."""
     mode = cfg.gamma if cfg.gamma != "auto" else ("estimate" if codec.source == "random" else "released")
@@ -396,17 +370,6 @@ def choose_gamma(cfg, mcfg, codec, files, device):
     lengths = torch.stack([(~c.padding).sum() * M.HOP for c in picked])  # (n,) real samples: padding left out
     gamma = M.estimate_gamma(codec, torch.stack([c.wav for c in picked]).to(device), mcfg.Q, lengths=lengths)
     return tuple(round(float(g), 6) for g in gamma / gamma.sum())
-
-
-def build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device):
-    """Resumed, stage 2 from the stage-1 weights plus a k-means stream [2.3], or fresh with gamma_q chosen."""
-    if ckpt is not None or stage1 is not None:
-        model = M.EnCodecMAE(M.ModelConfig(**(ckpt or stage1)["config"]))
-        model.load_state_dict((ckpt or stage1)["model"])  # strict
-        model = model if ckpt is not None else M.add_kmeans_stream(model)
-    else:
-        model = M.EnCodecMAE(replace(mcfg, gamma_q=choose_gamma(cfg, mcfg, codec, train_files, device)))
-    return model.to(device), model.cfg
 
 
 # ---------------------------------------------------------------- one optimizer step
@@ -458,20 +421,24 @@ def main(argv=None):
     extra = dict(micro_batch=cfg.batch_size // (world * cfg.grad_accum), frames_per_crop=M.CROP_FRAMES,
                  audio_seconds_per_step=cfg.batch_size * M.CROP_SECONDS)  # derived once, printed
     files = read_files(cfg, rank)  # before any setup: a --data mistake costs one line
-    with owned_folder(cfg, rank, ckpt["step"] if ckpt else 0):
+    with owned_folder(cfg, ckpt["step"] if ckpt else 0) if rank == 0 else contextlib.nullcontext():
         pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device):
-    """Codec -> data -> model -> optimizer -> the loop, in a folder this run owns."""
+    """Codec -> data -> model (fresh, stage 2 or resumed) -> optimizer -> the loop, in a folder this run owns."""
     torch.manual_seed(cfg.seed)
     codec = D.load_codec(cfg.encodec).to(device)
-    train_set, val_set, train_files = build_datasets(cfg, mcfg, codec, rank, files)
-    model, mcfg = build_model(cfg, mcfg, ckpt, stage1, codec, train_files, device)
-    for dataset in (train_set, val_set or train_set):
-        dataset.cfg = mcfg
+    train_set, val_set, train_files = build_datasets(cfg, mcfg, codec, rank, files)  # masks need M_prop, M_gap only
+    if ckpt is None and stage1 is None:
+        model = M.EnCodecMAE(replace(mcfg, gamma_q=choose_gamma(cfg, mcfg, codec, train_files, device)))
+    else:  # resumed, or stage 2: the stage-1 weights plus a k-means stream [2.3]
+        model = M.EnCodecMAE(M.ModelConfig(**(ckpt or stage1)["config"]))
+        model.load_state_dict((ckpt or stage1)["model"])  # strict
+        model = model if ckpt is not None else M.add_kmeans_stream(model)
+    model, mcfg = model.to(device), model.cfg
     if rank == 0:
         skipped = train_set.crops.n_skipped + (val_set.crops.n_skipped if val_set else 0)
         print(f"model {json.dumps(asdict(mcfg))}\ntrain {json.dumps(asdict(cfg))}\nderived {json.dumps(extra)} | world "
@@ -488,21 +455,22 @@ def pretrain(cfg, mcfg, ckpt, stage1, files, extra, rank, world, device):
         from extras.resume import restore_state
         restore_state(ckpt, opt, scaler)
     STOP.clear()
-    handlers = {s: signal.signal(s, stop_after_the_step) for s in D.STOP_SIGNALS}
-    try:
+    with contextlib.ExitStack() as restore:  # the handlers before ours come back however the loop ends
+        for s in D.STOP_SIGNALS:
+            restore.callback(signal.signal, s, signal.signal(s, stop_after_the_step))
         run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
                  ckpt["step"] if ckpt else 0, extra["micro_batch"], rank, world, device)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
 
 
 def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_set, val_set,
              step, micro_batch, rank, world, device):
     """The loop of section 3.1: constant lr, accumulate, step, log, validate, checkpoint. The GPU is
     waited for only where the statistics are read: at log, validation and checkpoint steps."""
-    batches = step_batches(train_set, cfg, micro_batch, rank, world, step)
-    metrics, window, n_steps, t0 = Metrics(cfg, step) if rank == 0 else None, 0, 0, time.time()
+    batches, board = step_batches(train_set, cfg, micro_batch, rank, world, step), None
+    if rank == 0 and cfg.tensorboard:  # the same records as TensorBoard scalars (extras/tensorboard.py)
+        from extras.tensorboard import scalar_writer
+        board = scalar_writer(cfg.out, step)
+    window, n_steps, t0 = 0, 0, time.time()
     while step < cfg.steps:  # the learning rate stays 1e-4 throughout [3.1]
         window = window + train_step(ddp_model, next(batches), codec, mcfg, opt, scaler, autocast, device,
                                      cfg.clip_grad)  # summed on the device since the last log line
@@ -523,7 +491,7 @@ def run_loop(cfg, mcfg, ddp_model, model, opt, scaler, autocast, codec, train_se
             val = validate(model, val_set, lambda batch: inputs_and_targets(batch, codec, mcfg, device), count_frames,
                            device, micro_batch, autocast)
         if rank == 0 and log_now:
-            metrics.log(step, stats, mcfg.n_streams, n_steps / (time.time() - t0), val)
+            log_metrics(cfg, step, stats, mcfg.n_streams, n_steps / (time.time() - t0), val, board)
         if log_now:
             window, n_steps, t0 = 0, 0, time.time()  # each log line averages the steps since the last one
         if rank == 0 and ckpt_now:
