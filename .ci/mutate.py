@@ -20,7 +20,8 @@ os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads: one thread per test r
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-LOSS = "masked_accuracy or loss_equals or loss_weights or delta_one or micro_batch"
+LOSS = ("masked_accuracy or loss_equals or loss_weights or loss_weighs or loss_counts or loss_shares or delta_one"
+        " or micro_batch")
 
 # ---------------------------------------------------------------- model.py
 MODEL_MUTANTS = [
