@@ -203,6 +203,8 @@ def test_gather_visible_and_restore_sequence_round_trip():
     assert torch.equal(full[seen], x[seen]) and (full[~seen] == 7.0).all()
     dense = gather_visible(x[:1], mask[:1], padding[:1])
     assert dense[0].shape == (1, 30, D) and dense[2] is None  # no padding: no attention mask
+    wide = gather_visible(x, mask, padding, min_slots=45)  # at least min_slots slots, the extra ones unused
+    assert wide[0].shape[1] == 45 and wide[2].sum(1).tolist() == [15, 25, 40]
 
 
 def test_encoder_output_ignores_hidden_and_padded_frames(logits_out):
@@ -552,13 +554,15 @@ def test_a_lloyd_step_moves_each_centroid_to_the_mean_of_its_points():
 
 
 def test_kmeans_plus_plus_seeds_one_centroid_in_each_separated_cluster_and_beats_random_rows():
-    """[2.3] k-means++: draws proportional to D^2 find every far cluster; its start beats random rows."""
+    """[2.3] k-means++: draws proportional to D^2 usually find every far cluster; its start beats random rows."""
     g = torch.Generator().manual_seed(7)
     centres = 20 * torch.randn(16, 8, generator=g)
     x = centres.repeat(50, 1) + torch.randn(800, 8, generator=g)  # 16 tight, far-apart clusters
-    for seed in range(3):
-        start = kmeans.init_centroids(x, 16, torch.Generator().manual_seed(seed))
-        assert kmeans.assign(centres, start).unique().numel() == 16  # each centre has its own seed
+    # Seeds whose start has one centroid in each of the 16 clusters: the greedy variant 20 of 20, one draw
+    # per step about 2 in 3 (13 expected, fewer than 7 about once in 1,000), draws by D instead of D^2 1 in 8.
+    hits = sum(kmeans.assign(centres, kmeans.init_centroids(x, 16, torch.Generator().manual_seed(seed)))
+               .unique().numel() == 16 for seed in range(20))
+    assert hits >= 7, hits
     y = torch.randn(2000, 2, generator=g)  # no structure: only the greedy D^2 choice helps
     inertia = lambda c: kmeans.nearest_centroid(y, c)[1].sum().item()
     plus = sum(inertia(kmeans.init_centroids(y, 32, torch.Generator().manual_seed(s))) for s in range(3))
@@ -1008,7 +1012,7 @@ def test_probe_is_near_perfect_when_separable_and_chance_on_shuffled_labels():
     for hidden_layers in (0, 1):
         cfg = E.ProbeConfig(hidden_layers=hidden_layers, lr=1e-2, hidden_dim=128, max_epochs=60)
         probe, valid, _ = E.train_probe(X[:160], Y[:160], X[160:200], Y[160:200], task, cfg, seed=0)
-        assert E.top1_accuracy(E.predict(probe, X[200:], False), Y[200:]) >= 0.95
+        assert E.top1_accuracy(E.predict(probe, X[200:], False), Y[200:]) >= 0.95 - 1e-6  # 38 of 40 in float32
     Y_shuffled = Y[torch.randperm(len(Y), generator=torch.Generator().manual_seed(1))]
     cfg = E.ProbeConfig(hidden_layers=1, lr=3.2e-3, hidden_dim=128, max_epochs=60)
     probe, _, _ = E.train_probe(X[:160], Y_shuffled[:160], X[160:200], Y_shuffled[160:200], task, cfg, seed=0)
@@ -1028,13 +1032,13 @@ def test_accuracy_and_mAP_match_naive_references_with_ties_and_empty_classes():
         precisions = [sum(yj for sj, yj in zip(s, y) if sj >= si) / sum(sj >= si for sj in s)
                       for si, yi in zip(s, y) if yi]
         naive_aps.append(sum(precisions) / len(precisions) if precisions else 0.0)
-    assert naive_aps[5] == 0 and E.mean_average_precision(scores, Y) == pytest.approx(sum(naive_aps) / 6, abs=1e-9)
+    assert naive_aps[5] == 0 and E.mean_average_precision(scores, Y) == pytest.approx(sum(naive_aps) / 6, abs=1e-6)
     # scikit-learn 1.9 gives 0.583333 for this tie (the two top clips share one threshold)
     tie = E.mean_average_precision(torch.tensor([[0.5], [0.5], [0.2]]), torch.tensor([[1.0], [0], [1]]))
     assert tie == pytest.approx(7 / 12)
     Y1 = torch.nn.functional.one_hot(torch.randint(0, 6, (60,), generator=g), 6).float()
     naive_acc = sum(int(scores[i].tolist().index(max(scores[i].tolist())) == Y1[i].argmax()) for i in range(60)) / 60
-    assert E.top1_accuracy(scores, Y1) == naive_acc
+    assert E.top1_accuracy(scores, Y1) == pytest.approx(naive_acc, abs=1e-6)
 
 
 def test_probe_returns_its_first_best_validated_weights_even_below_one_validation_interval():
@@ -1046,7 +1050,7 @@ def test_probe_returns_its_first_best_validated_weights_even_below_one_validatio
     for max_epochs, labels in ((2, Y), (30, Y), (30, Y_shuffled)):
         cfg = E.ProbeConfig(hidden_layers=1, lr=1e-2, hidden_dim=64, max_epochs=max_epochs)
         probe, best, epoch = E.train_probe(X[:160], labels[:160], X[160:200], labels[160:200], task, cfg, seed=0)
-        assert E.top1_accuracy(E.predict(probe, X[160:200], False), labels[160:200]) == best
+        assert E.top1_accuracy(E.predict(probe, X[160:200], False), labels[160:200]) == pytest.approx(best, abs=1e-6)
         if max_epochs == 2:
             assert epoch == 1
         elif labels is Y:  # perfect within the first few validations; later ties must not replace it

@@ -35,8 +35,9 @@ ASSIGNMENTS = {
     "gap_mask": Assignment("model.py", "2", {
         "gap_mask": """Which frames to hide, per clip [2]: "a proportion M_prop of the embeddings is randomly
     masked, sampling the starting indices for the mask without replacement, and masking the subsequent
-    M_gap time steps for every sampled index": exactly round(M_prop * length) frames of each clip, in
-    spans of M_gap (spans may overlap; the last one is trimmed to hit the count).
+    M_gap time steps for every sampled index": exactly round(M_prop * length) frames of each clip (Python's
+    round: halves to even), in spans of M_gap that lie inside the clip (starts 0..max(0, length - M_gap); spans
+    may overlap; the last one is trimmed to hit the count).
 
     lengths (B,) int: real frames of each clip (>= 1); frames t >= length are padding and never hidden.
     T: frames per row of the mask. M_prop (float in [0, 1]), M_gap (int >= 1).
@@ -90,13 +91,13 @@ ASSIGNMENTS = {
         "estimate_gamma": """gamma_q from the codec's quantization error [3.1]: "the mean quantization error of each
     codebook", normalized so the Q weights sum to 1.
 
-    codec: codec.raw_frames(wav (b, n)) -> (b, 128, T) frames before quantization; stage q's codebook is
-    codec.quantizer.vq.layers[q]._codebook, with .quantize(r (n, 128)) -> codes and .dequantize(codes)
-    -> (n, 128). Stage q quantizes the residual r_q left by the stages before it (r_1 = the frame);
+    codec: codec.raw_frames(wav (b, n)) -> (b, C, T) frames before quantization (C = codec.dim, 128 for
+    EnCodec); stage q's codebook is codec.quantizer.vq.layers[q]._codebook, with .quantize(r (n, C)) ->
+    codes and .dequantize(codes) -> (n, C). Stage q quantizes the residual r_q left by the stages before it (r_1 = the frame);
     its error is the L2 norm |r_q - e_q(r_q)|, averaged over frames.
     clips (B, n) at 24 kHz; lengths (B,) real samples per clip (None: all n); only a clip's first
     ceil(length / HOP) frames are real, the others are left out. Runs `batch` clips at a time.
-    Returns (Q,) float, positive, summing to 1.""",
+    Returns (Q,) float32, positive, summing to 1.""",
     }, grading=("test_gamma_q_is_the_error_each_stage_leaves_on_real_frames",
                 "test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks")),
     "kmeans": Assignment("kmeans.py", "2.3", {
