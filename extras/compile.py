@@ -3,7 +3,7 @@
 The encoder, decoder and head read no tensor value, so they compile into whole graphs; the forward
 around them reads the masks on the CPU (model.gather_visible), which would break a compiled graph
 there. Compiled in place, the checkpoint keys stay. Each part compiles twice at most: for dense
-micro-batches and for padded ones (docs/GPU.md; extras/test_gpu_path.py counts the graphs).
+micro-batches and for padded ones (docs/GPU.md; extras/tests/test_gpu_path.py counts the graphs).
 """
 
 

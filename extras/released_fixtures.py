@@ -1,4 +1,4 @@
-"""Serves extras/test_released.py: the AUTHORS' code makes tiny random models in their formats + their embeddings.
+"""Serves extras/tests/test_released.py: the AUTHORS' code makes tiny random models in their formats + their embeddings.
 
 `build` and `fullsize` need their package (gin, ginpipe, Lightning; docs/RELEASED.md shows the venv):
   VENV/bin/python -m extras.released_fixtures build --v1 AUTHORS/encodecmae-v1 --v2 AUTHORS/encodecmae-head

@@ -1,4 +1,4 @@
-"""Serves extras/test_released.py: breaks extras/released.py one way at a time and lists which tests notice.
+"""Serves extras/tests/test_released.py: breaks extras/released.py one way at a time and lists which tests notice.
 
 `python -m extras.released_mutations` (about 4 minutes on 2 cores): each mutation is applied to a copy of
 extras/ in a temporary folder (the fixtures linked, not copied), the test file runs there, and a
@@ -60,8 +60,8 @@ def run(mutation):
             src = src.replace(old, new)
         (extras / "released.py").write_text(src)
         res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
-                              "--tb=no", "-rf", "extras/test_released.py"], cwd=tmp, capture_output=True, text=True)
-        return sorted(set(re.findall(r"^FAILED extras/test_released.py::(\w+)", res.stdout, re.M)))
+                              "--tb=no", "-rf", "extras/tests/test_released.py"], cwd=tmp, capture_output=True, text=True)
+        return sorted(set(re.findall(r"^FAILED extras/tests/test_released.py::(\w+)", res.stdout, re.M)))
 
 
 def main():

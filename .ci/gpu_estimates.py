@@ -1,8 +1,8 @@
 """The GPU arithmetic of docs/GPU.md, on a CPU (not the paper): FLOPs, bytes, activations, syncs, bf16 codes.
 
-`python extras/gpu_estimates.py` prints each figure docs/GPU.md quotes. Nothing is computed for real:
+`python .ci/gpu_estimates.py` prints each figure docs/GPU.md quotes. Nothing is computed for real:
 the 'meta' device gives shapes without values, so the base model at batch 128 costs seconds. The
-host-device syncs of one training step are counted the way extras/test_gpu_path.py refuses them.
+host-device syncs of one training step are counted the way extras/tests/test_gpu_path.py refuses them.
 """
 import collections
 import os

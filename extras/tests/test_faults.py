@@ -29,7 +29,7 @@ from model import CROP_SAMPLES, SAMPLE_RATE, num_frames
 from test_all import TINY_RUN, codec, losses, short_cache, stage_one, tone, write  # noqa: F401
 
 torch.set_num_threads(1)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_run(short_cache, out, *extra):

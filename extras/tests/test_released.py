@@ -1,6 +1,6 @@
 """Tests of extras/released.py: the authors' released checkpoints load and give THEIR embeddings.
 
-`python -m pytest -q extras/test_released.py -s` from the repository root (CPU, offline, no authors'
+`python -m pytest -q extras/tests/test_released.py -s` from the repository root (CPU, offline, no authors'
 package; -s prints every max abs diff). The fixtures in extras/fixtures/released/ were written by the
 authors' own code (extras/released_fixtures.py build): tiny random models in their file formats.
 """

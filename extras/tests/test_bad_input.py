@@ -125,7 +125,7 @@ def test_bad_command_lines_get_one_line_naming_the_flag_and_exit_status_2(tmp_pa
     assert not wrong, wrong
     assert not (tmp_path / "run").exists()  # nothing was set up
     done = subprocess.run([sys.executable, "train.py", "--steps", "-1"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "argument --steps: -1: must be an integer >= 1" in done.stderr, done.stderr
 

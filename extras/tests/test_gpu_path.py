@@ -233,7 +233,7 @@ def test_each_random_codec_is_a_copy_so_moving_one_leaves_the_others(codec):
 
 
 def test_the_suite_runs_on_the_cpu_even_on_a_gpu_machine():
-    """Tests use --device auto: GPUs are hidden from them and from every subprocess (extras/conftest.py)."""
+    """Tests use --device auto: GPUs are hidden from them and from every subprocess (extras/tests/conftest.py)."""
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
     assert train.parse_args(TINY_RUN)[0].device == "auto"  # so that setting is what keeps them on the CPU
 

@@ -27,7 +27,7 @@ from test_all import (TINY_RUN, codec, demo_cache, losses, short_cache, stage_on
 torch.set_num_threads(1)
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BELOW = {"model": set(), "data": {"model"}, "train": {"model", "data"}, "kmeans": {"model", "data"},
          "evaluate": {"model", "data"}}  # what each core file may import of the others
 
