@@ -1,26 +1,36 @@
 """The course kit: hand out the paper's core functions as assignments and grade them with one command.
 
     python extras/course.py make --out DIR [--only gap_mask,loss]   a student copy, those bodies removed
-    python extras/course.py grade DIR [--only loss]                 one line per assignment, exit 0 if all pass
+    python extras/course.py grade DIR [--only loss] [--timeout 20]  one block per assignment, exit 0 if all pass
     python extras/course.py list                                    the assignments and their grading tests
 
 Each assignment is a group of functions between `# >>> assignment NAME` and `# <<< assignment NAME`
-in the core files. `make` copies the repository, replaces each function body in the chosen groups
-with its contract (below: inputs, outputs, the paper's words, no solution hints) and
-`raise NotImplementedError`, and drops the reference checks that would give the solution away
-(tests that pin this implementation). The grading tests call only their own assignment's functions,
-on fixed inputs, and accept any correct implementation. docs/COURSE.md is the handout.
+in the core files. `make` copies the repository (not .ci/, the developers' tools), replaces each
+function body in the chosen groups with its contract (below: inputs, outputs, the paper's words, no
+solution hints) and `raise NotImplementedError`, and drops the reference checks that would give the
+solution away (tests that pin this implementation). `grade` takes from the student's copy only the
+code between each assignment's markers (and imports added at the top of the file), puts it into a
+temporary copy of THIS repository, and runs this repository's grading tests there, each with a time
+limit: the copy's own test_all.py is never used. The grading tests call only their own assignment's
+functions, on fixed inputs, and accept any correct implementation. docs/COURSE.md is the handout.
 """
 import argparse
 import ast
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORE = ("model.py", "data.py", "train.py", "kmeans.py", "evaluate.py")
+COPY_MARK = ".course-copy"  # written by make into a student copy: its assignments and the commit it came from
+TIMEOUT = 20.0  # seconds per grading test's call: the slowest takes about 1 s on the reference (docs/COURSE.md)
+IMPORT_TIMEOUT = 60.0  # seconds to import the graded files (torch included) before any test runs
 
 
 class Assignment(NamedTuple):
@@ -189,22 +199,37 @@ def choose(only):
     return names
 
 
-def tracked_files():
+def tracked_files(root=ROOT):
     """The repository's files: git's list when it is a clone, else every file but runs/ and caches."""
     try:
-        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        return [p for p in out.splitlines() if os.path.isfile(os.path.join(ROOT, p))]
+        out = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout
+        return [p for p in out.splitlines() if os.path.isfile(os.path.join(root, p))]
     except (OSError, subprocess.CalledProcessError):
         skip = {".git", "runs", "__pycache__", ".pytest_cache"}
-        return [os.path.relpath(os.path.join(d, f), ROOT) for d, dirs, files in os.walk(ROOT)
+        return [os.path.relpath(os.path.join(d, f), root) for d, dirs, files in os.walk(root)
                 if not dirs.__setitem__(slice(None), [x for x in dirs if x not in skip]) for f in files]
+
+
+def commit(root=ROOT):
+    """The repository's git commit, or None outside a clone."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def in_copy(path):
+    """Whether `make` copies this file: not .ci/, the developers' tools (the trial's solutions, the
+    mutation check's quotes of the reference), and not the lecturer's own marker of a copy."""
+    return not path.startswith(".ci/") and path != COPY_MARK
 
 
 def make(out, names):
     """Copy the repository to `out` with the chosen assignments blanked and their reference checks dropped."""
     if os.path.exists(out) and os.listdir(out):
         raise UsageError(f"--out {out}: exists and is not empty; give a new folder (nothing is overwritten)")
-    files = tracked_files()
+    files = [p for p in tracked_files() if in_copy(p)]
     texts = {}
     for name in names:
         a = ASSIGNMENTS[name]
@@ -212,7 +237,8 @@ def make(out, names):
     tests = drop_tests(open(os.path.join(ROOT, "test_all.py")).read(),
                        [t for n in names for t in ASSIGNMENTS[n].reference])
     texts["test_all.py"] = tests
-    for path in files:
+    texts[COPY_MARK] = json.dumps({"assignments": names, "made_from_commit": commit()}) + "\n"
+    for path in files + [COPY_MARK]:
         dest = os.path.join(out, path)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         if path in texts:
@@ -230,41 +256,275 @@ def claims(test_file):
     return {n.name: n.name.removeprefix("test_").replace("_", " ") for n in tree.body if isinstance(n, ast.FunctionDef)}
 
 
-def grade(folder, names):
-    """Run the chosen assignments' grading tests in `folder`; one line each and a total. True if all pass."""
-    test_file = os.path.join(folder, "test_all.py")
-    if not os.path.isfile(test_file):
-        raise UsageError(f"{folder}: no test_all.py there; give the folder `make` wrote (or . for this repository)")
-    words = claims(test_file)
-    ids = [f"test_all.py::{t}" for n in names for t in ASSIGNMENTS[n].grading]
-    missing = [i for i in ids if i.split("::")[1] not in words]
+# ---------------------------------------------------------------- grading: the lecturer's tests on the student's code
+class Ungradable(Exception):
+    """An assignment whose code cannot be graded (missing file or markers, a syntax error): one line."""
+
+
+def top_names(nodes, imports=False):
+    """Names that these module-level statements bind (definitions and assignments; imports if asked)."""
+    names = set()
+    for n in nodes:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(n.name)
+        elif isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+            names |= {x.id for t in targets for x in ast.walk(t) if isinstance(x, ast.Name)}
+        elif imports and isinstance(n, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in n.names}
+    return names
+
+
+def outside(tree, spans):
+    """The module-level statements of `tree` outside every (first, last) marker span."""
+    return [n for n in tree.body if not any(first < n.lineno < last for first, last in spans)]
+
+
+def student_region(folder, file, name, lecturer):
+    """(the student's lines between NAME's markers, the line number of the first) or Ungradable."""
+    path = os.path.join(folder, file)
+    if not os.path.isfile(path):
+        raise Ungradable(f"no {file} in {folder}")
+    lines = open(path).read().splitlines(keepends=True)
+    try:
+        first, last = region(lines, name)
+    except UsageError:
+        raise Ungradable(f"{file} needs one '# >>> assignment {name}' line and one '# <<< assignment {name}' "
+                         f"line around the code") from None
+    code = lines[first:last - 1]
+    try:
+        tree = ast.parse("".join(code))
+    except SyntaxError as e:
+        raise Ungradable(f"{file} line {first + (e.lineno or 1)}: SyntaxError: {e.msg}") from None
+    lecturer_tree = ast.parse(lecturer)
+    first_l, last_l = region(lecturer.splitlines(), name)
+    clash = top_names(tree.body) & top_names(outside(lecturer_tree, [(first_l, last_l)]), imports=True)
+    if clash:
+        raise Ungradable(f"the code between the markers redefines {', '.join(sorted(clash))}, which {file} "
+                         f"defines outside the assignment: rename it")
+    return code, first + 1
+
+
+def added_imports(folder, file, lecturer, notes):
+    """The imports the student added at the top of FILE (names the lecturer's file does not bind):
+    carried into the graded file. Definitions added outside the markers are not: a note says so."""
+    try:
+        text = open(os.path.join(folder, file)).read()
+        tree = ast.parse(text)
+    except (OSError, SyntaxError):
+        return []
+    lines = text.splitlines()
+    spans = [region(lines, n) for n in ASSIGNMENTS if ASSIGNMENTS[n].file == file
+             and sum(l.strip() in (f"# >>> assignment {n}", f"# <<< assignment {n}") for l in lines) == 2]
+    theirs = top_names(ast.parse(lecturer).body, imports=True)
+    mine = outside(tree, spans)
+    extra = sorted(top_names(mine) - theirs)
+    if extra:
+        notes.append(f"note: {file} defines {', '.join(extra)} outside the assignment markers; grading takes only "
+                     f"the code between them (and imports added at the top): move {extra[0]} between them")
+    return [ast.get_source_segment(text, n) + "\n" for n in mine if isinstance(n, (ast.Import, ast.ImportFrom))
+            and not top_names([n], imports=True) <= theirs]
+
+
+def graded_tree(folder, names, work, notes, forced):
+    """Write into `work` the lecturer's files (core files, test_all.py, extras/*.py) with, between each graded
+    assignment's markers, the student's code from `folder` (blanked where it cannot be graded).
+
+    Returns (regions, ungradable): regions maps each graded file's path in `work` to
+    [first, last, student's first line, assignment, file] per pasted region, so that a traceback's
+    line is shown as the student's; ungradable maps an assignment to why it cannot be graded (`forced`:
+    those found out while running, whose code is blanked as well)."""
+    keep = set(CORE) | {"test_all.py"}
+    for path in tracked_files():
+        if path in keep or (path.startswith("extras/") and path.count("/") == 1 and path.endswith(".py")):
+            os.makedirs(os.path.dirname(os.path.join(work, path)) or work, exist_ok=True)
+            shutil.copy(os.path.join(ROOT, path), os.path.join(work, path))
+    with open(os.path.join(work, "pytest.ini"), "w") as f:
+        f.write("[pytest]\n")  # the root is `work`: no configuration or conftest.py from elsewhere
+    regions, ungradable = {}, dict(forced)
+    for file in sorted({ASSIGNMENTS[n].file for n in names}):
+        lecturer = open(os.path.join(ROOT, file)).read()
+        imports = added_imports(folder, file, lecturer, notes)
+        here = [n for n in names if ASSIGNMENTS[n].file == file]
+        code = {}
+        for name in here:
+            try:
+                if name in forced:
+                    raise Ungradable(forced[name])
+                code[name] = student_region(folder, file, name, lecturer)
+            except Ungradable as e:
+                ungradable[name] = str(e)
+                blanked = blank(lecturer, name, ASSIGNMENTS[name].contracts).splitlines(keepends=True)
+                first, last = region(blanked, name)
+                code[name] = (blanked[first:last - 1], None)
+        out, spans, skipping = [], [], None
+        for line in lecturer.splitlines(keepends=True):
+            mark = line.strip()
+            if skipping:
+                if mark == f"# <<< assignment {skipping}":
+                    out.append(line)
+                    skipping = None
+                continue
+            out.append(line)
+            name = mark.removeprefix("# >>> assignment ")
+            if mark.startswith("# >>> assignment ") and name in code:
+                lines, student_first = code[name]
+                if imports and student_first:
+                    out += imports  # at the top of the first graded region, in the region's scope: the module's
+                    imports = []
+                if student_first:
+                    spans.append([len(out) + 1, len(out) + len(lines), student_first, name, file])
+                out += lines
+                skipping = name
+        with open(os.path.join(work, file), "w") as f:
+            f.write("".join(out))
+        regions[os.path.realpath(os.path.join(work, file))] = spans
+    return regions, ungradable
+
+
+def locate(regions, filename, lineno, function=None):
+    """(where, assignment) when the graded file's line lies in a student's pasted code, as the student's
+    file and line; else None. Used here and by extras/course_plugin.py."""
+    for first, last, student_first, name, file in regions.get(os.path.realpath(filename), []):
+        if first <= lineno <= last:
+            return f"{file} line {lineno - first + student_first}" + (f", in {function}" if function else ""), name
+    return None
+
+
+def stack_place(regions, path):
+    """Where a timed-out process was, from faulthandler's dump: (where, assignment) or None."""
+    try:
+        dump = open(path).read()
+    except OSError:
+        return None
+    for filename, lineno, function in re.findall(r'File "(.*)", line (\d+) in (\S+)', dump):  # most recent first
+        found = locate(regions, filename, int(lineno), function)
+        if found:
+            return found
+    return None
+
+
+def run_tests(work, tests, regions, modules, timeout):
+    """One pytest process on `tests` in `work`, watched. Returns (events, stack dump path, output tail)."""
+    events, stacks = os.path.join(work, "events.jsonl"), os.path.join(work, "stacks.txt")
+    for path in (events, stacks):
+        open(path, "w").close()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COURSE_EVENTS": events,
+           "COURSE_STACKS": stacks, "COURSE_TIMEOUT": str(timeout), "COURSE_IMPORT_TIMEOUT": str(IMPORT_TIMEOUT),
+           "COURSE_REGIONS": json.dumps(regions), "COURSE_MODULES": ",".join(modules)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=no", "-p", "no:cacheprovider", "-p", "extras.course_plugin",
+           *[f"test_all.py::{t}" for t in tests]]
+    with open(os.path.join(work, "pytest.log"), "w+") as log:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # faulthandler ends a test past its limit from inside; this is the backstop if it cannot.
+        while proc.poll() is None:
+            time.sleep(0.1)
+            if time.time() - os.path.getmtime(events) > max(timeout, IMPORT_TIMEOUT) + 120:
+                proc.kill()
+                proc.wait()
+        log.seek(0)
+        tail = log.read()[-2000:]
+    return [json.loads(line) for line in open(events) if line.strip()], stacks, tail
+
+
+def grade(folder, names, timeout=TIMEOUT):
+    """Run the lecturer's grading tests of the chosen assignments on the student's code in `folder`,
+    each test's call limited to `timeout` seconds; one block per assignment and a total. True if all pass."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder}: no such folder; give the folder `make` wrote (or . for this repository)")
+    if not any(os.path.isfile(os.path.join(folder, ASSIGNMENTS[n].file)) for n in names):
+        raise UsageError(f"{folder}: no {' or '.join(sorted({ASSIGNMENTS[n].file for n in names}))} there; "
+                         f"give the folder `make` wrote (or . for this repository)")
+    words = claims(os.path.join(ROOT, "test_all.py"))
+    missing = [t for n in names for t in ASSIGNMENTS[n].grading if t not in words]
     if missing:
-        raise UsageError(f"{folder}/test_all.py lacks the grading tests {', '.join(m.split('::')[1] for m in missing)}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "400"}  # untruncated
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "--tb=no", "-p", "no:cacheprovider", *ids],
-                         cwd=folder, capture_output=True, text=True, env=env)
-    results = {}  # test name -> None (passed) or the short reason
-    for line in run.stdout.splitlines():
-        m = re.match(r"(PASSED|FAILED|ERROR) test_all\.py::(\w+)(\[[^\]]*\])?(?: - (.*))?$", line)
-        if m and results.get(m.group(2)) is None:
-            results[m.group(2)] = None if m.group(1) == "PASSED" else (m.group(4) or m.group(1).lower())
-    passed_all, total, total_passed = True, 0, 0
+        raise UsageError(f"{ROOT}/test_all.py lacks the grading tests {', '.join(missing)}")
+    notes = []
+    if os.path.isfile(os.path.join(ROOT, COPY_MARK)):
+        notes.append(f"note: this course.py is a student copy's: its tests are the copy's own (a self-check); "
+                     f"the lecturer grades with the course.py of their own repository")
+    try:
+        made = json.load(open(os.path.join(folder, COPY_MARK)))["made_from_commit"]
+    except (OSError, ValueError, KeyError, TypeError):
+        made = None
+    now = commit()
+    if made and now and made != now:
+        notes.append(f"note: the copy was made at commit {made[:10]}; the tests are at {now[:10]}")
+    results, forced = {}, {}  # test -> (passed, cause, where); assignment -> why it turned out ungradable
+    modules = sorted({ASSIGNMENTS[n].file.removesuffix(".py") for n in names})
+    with tempfile.TemporaryDirectory(prefix="course-grade-") as work:
+        regions, ungradable = graded_tree(folder, names, work, notes, forced)
+        print(f"grading the code in {os.path.abspath(folder)} with the tests of {ROOT} "
+              f"({timeout:g} s per test)", flush=True)
+        for note in notes:
+            print(note, flush=True)
+        while True:
+            pending = [t for n in names if n not in ungradable for t in ASSIGNMENTS[n].grading if t not in results]
+            if not pending:
+                break
+            events, stacks, tail = run_tests(work, pending, regions, modules, timeout)
+            progress, running = len(results) + len(forced), None
+            for e in events:
+                if e["event"] == "start":
+                    running = e["test"]
+                elif e["event"] == "result":
+                    running = None
+                    if results.get(e["test"], (True,))[0]:  # the first failure stays (a teardown's comes later)
+                        results[e["test"]] = (e["outcome"] == "passed", e.get("cause"), e.get("where"))
+                elif e["event"] == "import_error":
+                    if e.get("assignment") is None:  # not the student's code: the lecturer's files are broken
+                        raise UsageError(f"{e['module']}.py of {ROOT} does not import: {e['cause']}")
+                    forced[e["assignment"]] = f"it does not import: {e['cause']} ({e['where']})"
+            place = stack_place(regions, stacks)
+            if running is not None:  # the process ended inside this test: its time limit
+                results[running] = (False, f"timed out: no result after {timeout:g} s", place and place[0])
+            elif not events and place:  # ended while importing the student's code
+                forced[place[1]] = f"importing it ran past {IMPORT_TIMEOUT:g} s (at {place[0]})"
+            if len(results) + len(forced) == progress:  # nothing learnt: say why and stop
+                why = (tail.strip().splitlines() or ["no output"])[-1]
+                if not results:  # not one test ran: pytest itself failed
+                    raise UsageError(f"pytest did not run the grading tests: {why}")
+                results.update({t: (False, f"did not run: {why}", None) for t in pending})
+            regions, ungradable = graded_tree(folder, names, work, [], forced)  # blanks the forced ones
+    return report(names, results, ungradable, words)
+
+
+def report(names, results, ungradable, words):
+    """Print one line per assignment (and, where it did not pass, a line per claim) and the total."""
+    passed_all, total, total_passed, done = True, 0, 0, 0
     for name in names:
         tests = ASSIGNMENTS[name].grading
-        failed = [t for t in tests if results.get(t, "did not run") is not None]
-        total, total_passed = total + len(tests), total_passed + len(tests) - len(failed)
-        line = f"{name:<10} [{ASSIGNMENTS[name].section}] {len(tests) - len(failed)}/{len(tests)} passed"
-        if failed:
-            passed_all = False
-            reason = results.get(failed[0]) or "did not run"
-            reason = "not implemented yet" if "NotImplementedError" in reason else reason
-            line += f"; fails: {words[failed[0]]} ({reason[:120]})"
-        print(line)
-    print(f"total      {total_passed}/{total} grading tests passed, "
-          f"{sum(all(results.get(t, 1) is None for t in ASSIGNMENTS[n].grading) for n in names)}/{len(names)} assignments")
-    if not results:  # pytest itself failed (a syntax error in the copy, say): show why
-        print(run.stdout[-2000:] + run.stderr[-2000:], file=sys.stderr)
+        ok = [t for t in tests if name not in ungradable and results.get(t, (False,))[0]]
+        total, total_passed = total + len(tests), total_passed + len(ok)
+        head = f"{name:<10} [{ASSIGNMENTS[name].section}] {len(ok)}/{len(tests)} passed"
+        causes = {results.get(t, (False, "did not run", None))[1] for t in tests}
+        if name in ungradable:
+            print(f"{head}: cannot grade: {ungradable[name]}")
+        elif len(ok) == len(tests):
+            print(head)
+            done += 1
+        elif not ok and causes == {"not implemented yet"}:
+            print(f"{head}: not implemented yet")
+        else:
+            print(head)
+            for t in tests:
+                good, cause, where = results.get(t, (False, "did not run", None))
+                if good:
+                    print(f"    passed     {words[t]}")
+                else:
+                    kind = "TIMED OUT" if cause.startswith("timed out") else "FAILED"
+                    cause = cause.removeprefix("timed out: ")
+                    print(f"    {kind:<10} {words[t]}: {cause[:400]}" + (f" ({where})" if where else ""))
+        passed_all = passed_all and len(ok) == len(tests)
+    print(f"total      {total_passed}/{total} grading tests passed, {done}/{len(names)} assignments")
     return passed_all
+
+
+def seconds(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: give a number of seconds above 0")
+    return value
 
 
 def main(argv=None):
@@ -273,9 +533,11 @@ def main(argv=None):
     m = sub.add_parser("make", help="write a student copy")
     m.add_argument("--out", required=True)
     m.add_argument("--only", help="comma-separated assignments (default: all)")
-    g = sub.add_parser("grade", help="grade a copy (or . for this repository)")
+    g = sub.add_parser("grade", help="grade a copy (or . for this repository) with this repository's tests")
     g.add_argument("folder")
     g.add_argument("--only", help="comma-separated assignments (default: all)")
+    g.add_argument("--timeout", type=seconds, default=TIMEOUT,
+                   help=f"seconds a grading test's call may run (default {TIMEOUT:g})")
     sub.add_parser("list", help="the assignments and their grading tests")
     args = p.parse_args(argv)
     try:
@@ -287,7 +549,7 @@ def main(argv=None):
         if args.command == "make":
             make(args.out, names)
             return 0
-        return 0 if grade(args.folder, names) else 1
+        return 0 if grade(args.folder, names, args.timeout) else 1
     except UsageError as e:
         print(f"course.py: {e}", file=sys.stderr)
         return 2
