@@ -44,13 +44,40 @@ def codec():
 
 
 # ---------------------------------------------------------------- 2. masking (M_prop, M_gap)
+def runs_of(row):
+    """The lengths of the runs of hidden frames in one mask row, in order."""
+    runs, n = [], 0
+    for v in row + [False]:
+        if v:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return runs
+
+
 def test_gap_mask_hides_exactly_M_prop_of_frames():
-    """[2] every clip hides exactly round(M_prop * T) frames."""
+    """[2] every clip hides exactly round(M_prop * T) frames (Python's round), in a (B, T) bool mask."""
     g = torch.Generator().manual_seed(0)
     for T, M_prop, M_gap in [(300, 0.5, 15), (301, 0.5, 15), (300, 0.3, 5), (64, 0.8, 10)]:
         mask = gap_mask(torch.full((16,), T), T, M_prop, M_gap, g)
-        assert mask.shape == (16, T)
-        assert (mask.sum(1) == round(M_prop * T)).all()
+        assert mask.shape == (16, T), f"expected a mask of shape (16, {T}), got {tuple(mask.shape)}"
+        assert mask.dtype == torch.bool, f"expected a bool mask, got {mask.dtype}"
+        counts = mask.sum(1).tolist()
+        assert counts == [round(M_prop * T)] * 16, \
+            f"T={T}, M_prop={M_prop}: expected {round(M_prop * T)} hidden frames per clip, got {counts}"
+
+
+def test_gap_mask_keeps_one_frame_of_each_clip_visible():
+    """[2] a clip keeps at least one frame for the encoder: min(round(M_prop * length), length - 1) hidden,
+    also where the rounded count would be the whole clip (a 1-frame clip at M_prop 0.8)."""
+    lengths = torch.tensor([1, 2, 3, 5, 40])
+    for M_prop, M_gap in [(0.8, 15), (1.0, 1), (0.9, 2)]:
+        mask = gap_mask(lengths, 40, M_prop, M_gap, torch.Generator().manual_seed(10))
+        expected = [min(round(M_prop * n), n - 1) for n in lengths.tolist()]
+        got = mask.sum(1).tolist()
+        assert got == expected, f"clips of {lengths.tolist()} frames at M_prop {M_prop}: expected {expected} " \
+                                f"hidden, got {got}"
 
 
 def test_gap_mask_hides_contiguous_gaps_of_M_gap_frames():
@@ -58,23 +85,20 @@ def test_gap_mask_hides_contiguous_gaps_of_M_gap_frames():
     g = torch.Generator().manual_seed(1)
     M_gap = 15
     mask = gap_mask(torch.full((32,), 300), 300, 0.5, M_gap, g)
-    for row in mask.int().tolist():
-        runs, n = [], 0
-        for v in row + [0]:
-            if v:
-                n += 1
-            elif n:
-                runs.append(n)
-                n = 0
-        assert sum(r < M_gap for r in runs) <= 1, runs
+    for row in mask.tolist():
+        runs = runs_of(row)
+        assert sum(r < M_gap for r in runs) <= 1, \
+            f"expected at most one run shorter than M_gap = {M_gap} per clip, got the runs {runs}"
 
 
 def test_gap_mask_differs_between_examples_and_follows_the_seed():
     """[2] each example gets its own mask; the same generator seed gives the same masks."""
     masks = gap_mask(torch.full((8,), 300), 300, 0.5, 15, torch.Generator().manual_seed(3))
-    assert len({tuple(m.tolist()) for m in masks}) == 8
+    distinct = len({tuple(m.tolist()) for m in masks})
+    assert distinct == 8, f"expected 8 different masks for 8 clips, got {distinct}"
     again = gap_mask(torch.full((8,), 300), 300, 0.5, 15, torch.Generator().manual_seed(3))
-    assert torch.equal(masks, again)
+    differ = (masks != again).any(1).sum().item()
+    assert differ == 0, f"expected the same masks from the same seed, got {differ} of 8 clips different"
 
 
 def test_gap_mask_never_hides_padding():
@@ -82,23 +106,32 @@ def test_gap_mask_never_hides_padding():
     lengths = torch.tensor([300, 200, 37, 9, 1])
     mask = gap_mask(lengths, 300, 0.5, 15, torch.Generator().manual_seed(4))
     t = torch.arange(300)
-    assert not (mask & (t[None] >= lengths[:, None])).any()
-    assert mask.sum(1).tolist() == [round(0.5 * L) for L in lengths.tolist()]
+    hidden_padding = (mask & (t[None] >= lengths[:, None])).sum(1).tolist()
+    assert hidden_padding == [0] * 5, f"clips of {lengths.tolist()} frames in rows of 300: expected no padding " \
+                                      f"frame hidden, got {hidden_padding} hidden"
+    expected = [round(0.5 * n) for n in lengths.tolist()]
+    assert mask.sum(1).tolist() == expected, f"expected {expected} hidden, got {mask.sum(1).tolist()}"
 
 
 def test_gap_mask_covers_every_frame_over_many_draws():
     """[2] every frame is sometimes hidden; edges less often, as only one span start covers frame 0."""
     mask = gap_mask(torch.full((400,), 300), 300, 0.5, 15, torch.Generator().manual_seed(5))
     rate = mask.float().mean(0)
-    assert rate.min() > 0.02 and rate[100:200].min() > 0.4 and abs(rate.mean().item() - 0.5) < 1e-6
+    assert rate.min() > 0.02, f"expected every frame hidden in over 2% of 400 clips, got frame " \
+                              f"{rate.argmin().item()} in {rate.min().item():.1%}"
+    assert rate[100:200].min() > 0.4, f"expected frames 100-199 hidden in over 40% of clips, got " \
+                                      f"{rate[100:200].min().item():.1%} at frame {100 + rate[100:200].argmin().item()}"
+    assert abs(rate.mean().item() - 0.5) < 1e-6, f"expected half the frames hidden, got {rate.mean().item():.4f}"
 
 
 def test_gap_mask_scatters_gaps_from_random_starts():
     """[2] gaps start at random frames, not in one block or a fixed pattern: clips hold several runs,
     and how many varies (overlapping spans merge)."""
     mask = gap_mask(torch.full((64,), 300), 300, 0.5, 15, torch.Generator().manual_seed(2))
-    n_runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]  # (64,) rising edges
-    assert n_runs.float().mean() >= 3 and n_runs.unique().numel() >= 3, n_runs.tolist()
+    n_runs = [len(runs_of(row)) for row in mask.tolist()]
+    assert sum(n_runs) / 64 >= 3 and len(set(n_runs)) >= 3, \
+        f"expected 3 or more runs of hidden frames per clip on average, their number varying (3 or more " \
+        f"different counts), got {n_runs}"
 
 
 def test_gap_mask_hides_spans_in_the_order_randperm_draws_their_starts_reference():
@@ -138,8 +171,8 @@ def test_offline_pretrained_codec_fails_loudly_with_the_alternatives(tmp_path):
 def fixed_mask(lengths, T, M_prop=0.5, seed=0):
     """A stored mask for the tests of other functions: round(M_prop * length) real frames hidden at random."""
     g, mask = torch.Generator().manual_seed(seed), torch.zeros(len(lengths), T, dtype=torch.bool)
-    for b, length in enumerate(lengths.tolist()):
-        mask[b, torch.randperm(length, generator=g)[:round(M_prop * length)]] = True
+    for b, n in enumerate(lengths.tolist()):
+        mask[b, torch.randperm(n, generator=g)[:round(M_prop * n)]] = True
     return mask
 
 
@@ -171,21 +204,32 @@ def test_positions_are_added_before_masking(logits_out):
         net.embed(feats)  # no masking: every frame at its own time
         hook.remove()
     for b in range(2):
-        assert torch.equal(x_visible[b], seen["x"][b][~mask[b]])
+        want = seen["x"][b][~mask[b]]  # (30, D) each visible frame as embed sees it at its own time
+        assert x_visible[b].shape == want.shape, f"clip {b}: expected the encoder to get {tuple(want.shape)} " \
+                                                 f"(its visible frames), got {tuple(x_visible[b].shape)}"
+        diff = (x_visible[b] - want).abs().max().item()
+        assert diff == 0, f"clip {b}: expected each visible frame with its own time's position, as embed " \
+                          f"gives it, got values off by up to {diff:.3g}"
     # The same visible content at other times gives another encoder output.
     early, late = torch.arange(60) >= 30, torch.arange(60) < 30  # hide the second or the first half
     moved = torch.cat([feats[:, 30:], feats[:, :30]], 1)  # the first half now sits at t = 30..59
     _, _, h_early = encoder_io(net, feats, targets, early[None].expand(2, -1))
     _, _, h_late = encoder_io(net, moved, targets, late[None].expand(2, -1))
-    assert (h_early - h_late).abs().max() > 1e-3
+    diff = (h_early - h_late).abs().max().item()
+    assert diff > 1e-3, f"expected the same frames at other times to encode differently, got a change of {diff:.3g}"
 
 
 def test_sinusoidal_positions_follow_the_transformer_formula():
     """[2.2] PE(t, 2i) = sin(t / 10000^(2i/D)), PE(t, 2i+1) = cos(t / 10000^(2i/D))."""
     pe = M.sinusoidal_positions(50, 8)
+    assert pe.shape == (50, 8) and pe.dtype == torch.float32, \
+        f"expected a (50, 8) float32 table, got {tuple(pe.shape)} {pe.dtype}"
     for t, i in [(0, 0), (1, 0), (7, 1), (49, 3)]:
         angle = t / 10000 ** (2 * i / 8)
-        assert abs(pe[t, 2 * i] - np.sin(angle)) < 1e-5 and abs(pe[t, 2 * i + 1] - np.cos(angle)) < 1e-5
+        got = (pe[t, 2 * i].item(), pe[t, 2 * i + 1].item())
+        assert abs(got[0] - np.sin(angle)) < 1e-5 and abs(got[1] - np.cos(angle)) < 1e-5, \
+            f"D=8, t={t}: expected PE[t, {2 * i}], PE[t, {2 * i + 1}] = sin, cos of {angle:.6g} = " \
+            f"{np.sin(angle):.6f}, {np.cos(angle):.6f}, got {got[0]:.6f}, {got[1]:.6f}"
 
 
 def test_gather_visible_and_restore_sequence_round_trip():
@@ -194,17 +238,29 @@ def test_gather_visible_and_restore_sequence_round_trip():
     x = torch.randn(B, T, D)
     padding = torch.arange(T)[None] >= torch.tensor([60, 40, 10])[:, None]
     mask = fixed_mask((~padding).sum(1), T, seed=7)
-    x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)
-    assert x_visible.shape[1] == 30 and visible_padding.sum(1).tolist() == [0, 10, 25]
+    x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # 30, 20 and 5 visible frames
+    assert x_visible.shape == (B, 30, D), f"expected x_visible of shape {(B, 30, D)}, got {tuple(x_visible.shape)}"
+    unused = None if visible_padding is None else visible_padding.sum(1).tolist()
+    assert unused == [0, 10, 25], f"expected visible_padding marking [0, 10, 25] unused slots, got {unused}"
     seen = ~mask & ~padding
     for b in range(B):
-        assert torch.equal(x_visible[b][~visible_padding[b]], x[b][seen[b]])
+        got, want = x_visible[b][~visible_padding[b]], x[b][seen[b]]
+        assert torch.equal(got, want), f"clip {b}: expected its {len(want)} visible frames in time order in " \
+                                       f"the first slots, got other values"
     full = restore_sequence(x_visible, ids_restore, visible_padding, torch.full((1, 1, D), 7.0))
-    assert torch.equal(full[seen], x[seen]) and (full[~seen] == 7.0).all()
+    assert full.shape == (B, T, D), f"expected restore_sequence to give {(B, T, D)}, got {tuple(full.shape)}"
+    wrong = (full[seen] != x[seen]).any(-1).sum().item()
+    assert wrong == 0, f"expected every visible frame back at its own time, got {wrong} of {int(seen.sum())} elsewhere"
+    not_token = (full[~seen] != 7.0).any(-1).sum().item()
+    assert not_token == 0, f"expected the mask token (7.0) at every hidden and padded time, got {not_token} " \
+                           f"of {int((~seen).sum())} times holding something else"
     dense = gather_visible(x[:1], mask[:1], padding[:1])
-    assert dense[0].shape == (1, 30, D) and dense[2] is None  # no padding: no attention mask
+    assert dense[0].shape == (1, 30, D), f"one clip, 30 visible: expected (1, 30, {D}), got {tuple(dense[0].shape)}"
+    assert dense[2] is None, f"no unused slot: expected visible_padding None, got {dense[2]}"  # no attention mask
     wide = gather_visible(x, mask, padding, min_slots=45)  # at least min_slots slots, the extra ones unused
-    assert wide[0].shape[1] == 45 and wide[2].sum(1).tolist() == [15, 25, 40]
+    unused = None if wide[2] is None else wide[2].sum(1).tolist()
+    assert wide[0].shape[1] == 45 and unused == [15, 25, 40], \
+        f"min_slots=45: expected 45 slots with [15, 25, 40] unused, got {wide[0].shape[1]} with {unused} unused"
 
 
 def test_encoder_output_ignores_hidden_and_padded_frames(logits_out):
@@ -218,10 +274,14 @@ def test_encoder_output_ignores_hidden_and_padded_frames(logits_out):
     altered = torch.where(unseen[..., None], 10 * torch.randn_like(feats), feats)
     out, x, h = encoder_io(net, feats, targets, mask, padding)
     out2, x2, h2 = encoder_io(net, altered, targets, mask, padding)
+    n_visible = int((~unseen).sum(1).max())
+    assert x.shape[1] == n_visible, f"expected the encoder to get the {n_visible} visible frames' slots, " \
+                                    f"got {x.shape[1]}"
     real = (torch.arange(x.shape[1])[None] < (~unseen).sum(1)[:, None])[..., None]  # (2, N, 1) used slots
-    assert torch.equal(x * real, x2 * real) and torch.allclose(h * real, h2 * real, atol=1e-5)
-    assert torch.allclose(out, out2, atol=1e-5)  # the logits, at every frame
-    assert x.shape[1] == int((~unseen).sum(1).max())  # the encoder is given the visible frames only
+    changes = [(x * real - x2 * real).abs().max().item(), (h * real - h2 * real).abs().max().item(),
+               (out - out2).abs().max().item()]  # the encoder's input, its output, the logits at every frame
+    assert changes[0] == 0 and max(changes[1:]) < 1e-5, f"new values at hidden and padded frames: expected " \
+        f"no change, got the encoder input, output and logits off by up to {', '.join(f'{c:.3g}' for c in changes)}"
 
 
 def test_decoder_puts_one_learned_mask_token_at_hidden_positions_with_their_positions(logits_out):
@@ -235,19 +295,24 @@ def test_decoder_puts_one_learned_mask_token_at_hidden_positions_with_their_posi
     logits = net(feats, targets, mask)
     logits.square().sum().backward()
     h = seen["h"][0]  # (T, D) the decoder's first block input
-    assert net.decoder.mask_token.grad.abs().sum() > 0  # learned: gradients reach it
-    assert any(p is net.decoder.mask_token for p in net.parameters())
+    grad = net.decoder.mask_token.grad
+    assert grad is not None and grad.abs().sum() > 0, "expected gradients to reach the mask token, got none"
+    assert any(p is net.decoder.mask_token for p in net.parameters()), "expected the mask token to be a parameter"
     with torch.no_grad():
         net.decoder.mask_token.add_(1.0)
         net(feats, targets, mask)
     hook.remove()
     change = seen["h"][0] - h  # (T, D)
-    assert torch.allclose(change[mask[0]], torch.ones_like(change[mask[0]]))  # one shared token
-    assert change[~mask[0]].abs().max() == 0  # visible positions do not hold it
+    off = (change[mask[0]] - 1).abs().max().item()
+    assert off < 1e-5, f"mask token + 1: expected every hidden position's input to grow by 1, got one off by {off:.3g}"
+    moved = change[~mask[0]].abs().max().item()
+    assert moved == 0, f"mask token + 1: expected no change at visible positions, got one of {moved:.3g}"
     pos = M.sinusoidal_positions(60, net.cfg.d_model)
     hidden = mask[0].nonzero()[:, 0]
     a, b = hidden[0], hidden[-1]  # two hidden frames differ only by their positions
-    assert torch.allclose(h[a] - h[b], pos[a] - pos[b], atol=1e-5)
+    off = ((h[a] - h[b]) - (pos[a] - pos[b])).abs().max().item()
+    assert off < 1e-5, f"hidden frames {a.item()} and {b.item()}: expected inputs differing by their positions " \
+                       f"alone, got a difference off by {off:.3g}"
 
 
 @pytest.mark.parametrize("n_kmeans_streams", [0, 1])
@@ -317,6 +382,12 @@ def test_config_refuses_inconsistent_values():
 
 
 # ---------------------------------------------------------------- 2.3 the loss
+def fmt(t):
+    """A tensor's values, rounded, for a failing test's message."""
+    values = torch.as_tensor(t).detach().double().tolist()
+    return [round(v, 4) for v in values] if isinstance(values, list) else round(values, 4)
+
+
 def frame_logits(ce, K=4):
     """Logits (..., K) whose cross-entropy against target 0 is exactly `ce` (...): the test sets C per frame."""
     ce = torch.as_tensor(ce, dtype=torch.float64)
@@ -335,9 +406,21 @@ def test_loss_weighs_hidden_frames_by_delta_and_visible_ones_by_one_minus_delta(
         ce = torch.where(mask, 2.0, 0.5)[..., None].expand(3, 20, 2)  # (B, T, S): c_M = 2.0, c_V = 0.5
         out = M.masked_token_loss(frame_logits(ce), torch.zeros(3, 20, 2, dtype=torch.long), mask, padding,
                                   torch.tensor([0.7, 0.3]), delta)
-        assert out.loss.item() == pytest.approx(delta * 2.0 + (1 - delta) * 0.5, abs=1e-5), delta
-        assert torch.allclose(out.masked_loss, torch.tensor([2.0, 2.0])) and torch.allclose(out.unmasked_loss,
-                                                                                             torch.tensor([0.5, 0.5]))
+        expected = delta * 2.0 + (1 - delta) * 0.5
+        assert out.loss.item() == pytest.approx(expected, abs=1e-5), \
+            f"delta {delta}, C = 2 on hidden and 0.5 on visible frames: expected L = {expected:.4f}, got {fmt(out.loss)}"
+        assert fmt(out.masked_loss) == [2.0, 2.0] and fmt(out.unmasked_loss) == [0.5, 0.5], \
+            f"expected masked_loss [2.0, 2.0] and unmasked_loss [0.5, 0.5] per stream, got " \
+            f"{fmt(out.masked_loss)} and {fmt(out.unmasked_loss)}"
+    # An empty set's count 0 is taken as 1 (its sum is 0): no NaN, the other set's term alone.
+    for hidden, expected in ((False, 0.1 * 0.5), (True, 0.9 * 2.0)):
+        mask = torch.full((3, 20), hidden)
+        ce = torch.where(mask, 2.0, 0.5)[..., None].expand(3, 20, 2)
+        out = M.masked_token_loss(frame_logits(ce), torch.zeros(3, 20, 2, dtype=torch.long), mask,
+                                  torch.zeros(3, 20, dtype=torch.bool), torch.tensor([0.7, 0.3]), 0.9)
+        assert out.loss.item() == pytest.approx(expected, abs=1e-5), \
+            f"{'every' if hidden else 'no'} frame hidden, delta 0.9 (count 0 taken as 1): expected L = " \
+            f"{expected:.4f}, got {fmt(out.loss)}"
 
 
 def test_loss_counts_M_over_the_whole_batch_and_weighs_each_stream_by_gamma_q():
@@ -351,7 +434,9 @@ def test_loss_counts_M_over_the_whole_batch_and_weighs_each_stream_by_gamma_q():
                               torch.zeros(2, 8, dtype=torch.bool), torch.tensor([0.6, 0.4]), 0.9)
     hidden_mean, visible_mean = 4.0 / 4, 7 * 1.0 / 12  # over the batch's 4 hidden and 12 visible frames
     expected = (0.6 + 0.4 * 3) * (0.9 * hidden_mean + 0.1 * visible_mean)
-    assert out.loss.item() == pytest.approx(expected, abs=1e-5)  # per clip: 0.9 * (4 + 0) / 2 = 1.8, not 0.9
+    assert out.loss.item() == pytest.approx(expected, abs=1e-5), \
+        f"clips hiding 1 and 3 of 8 frames: expected L = {expected:.4f} with |M| = 4 and T - |M| = 12 counted " \
+        f"over the batch, got {fmt(out.loss)}"  # per clip: 0.9 * (4 + 0) / 2 = 1.8, not 0.9
 
 
 def test_padding_is_in_neither_set_of_the_loss():
@@ -363,7 +448,8 @@ def test_padding_is_in_neither_set_of_the_loss():
     ce[1, 6:] = 50.0  # the padding's logits are far off
     out = M.masked_token_loss(frame_logits(ce), torch.zeros(2, 10, 1, dtype=torch.long), mask, padding,
                               torch.tensor([1.0]), 0.9)
-    assert out.loss.item() == pytest.approx(1.0, abs=1e-5)
+    assert out.loss.item() == pytest.approx(1.0, abs=1e-5), \
+        f"C = 1 on every real frame, 50 on padding: expected L = 1.0, got {fmt(out.loss)}"
 
 
 def test_loss_equals_the_equation_term_by_term():
@@ -395,7 +481,8 @@ def test_with_delta_one_and_equal_gamma_the_loss_is_ce_on_hidden_frames():
     out = M.masked_token_loss(logits, targets, mask, torch.zeros(3, 20, dtype=torch.bool),
                               torch.full((4,), 0.25), 1.0)
     expected = F.cross_entropy(logits[mask].reshape(-1, 16), targets[mask].reshape(-1))
-    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert abs(out.loss.item() - expected.item()) < 1e-6, \
+        f"expected L = the mean cross-entropy over hidden frames, {expected.item():.6f}, got {out.loss.item():.6f}"
 
 
 def test_masked_accuracy_counts_hidden_frames_only():
@@ -407,7 +494,9 @@ def test_masked_accuracy_counts_hidden_frames_only():
     mask = torch.tensor([[True, True, True, False, False, True]])  # frame 5 is hidden but padding
     padding = torch.tensor([[False, False, False, False, False, True]])
     out = M.masked_token_loss(logits, targets, mask, padding, torch.tensor([0.5, 0.5]), 0.9)
-    assert torch.allclose(out.masked_acc, torch.tensor([2 / 3, 0.0]))  # all frames: 3/6, 0
+    assert fmt(out.masked_acc) == fmt([2 / 3, 0.0]), \
+        f"expected masked_acc {fmt([2 / 3, 0.0])} (2 of 3 hidden real frames right on stream 0), " \
+        f"got {fmt(out.masked_acc)}"  # all frames: 3/6, 0
 
 
 def test_loss_weights_come_from_the_config():
@@ -436,7 +525,10 @@ def test_loss_shares_of_a_split_batch_add_up_with_the_whole_batchs_counts():
     parts = [M.masked_token_loss(logits[i:i + 2], targets[i:i + 2], mask[i:i + 2], padding[i:i + 2], *args, counts)
              for i in (0, 2)]
     for field in ("loss", "masked_loss", "unmasked_loss", "masked_acc"):
-        assert torch.allclose(getattr(parts[0], field) + getattr(parts[1], field), getattr(whole, field), atol=1e-5)
+        total, want = getattr(parts[0], field) + getattr(parts[1], field), getattr(whole, field)
+        assert torch.allclose(total, want, atol=1e-5), \
+            f"counts {counts} passed: expected the halves' {field} to add up to the whole batch's {fmt(want)}, " \
+            f"got {fmt(total)}"
 
 
 def test_micro_batch_losses_add_up_to_the_whole_batch():
@@ -457,30 +549,66 @@ def test_micro_batch_losses_add_up_to_the_whole_batch():
     assert abs(per_call[0].loss + per_call[1].loss - 2 * whole.loss) > 1e-3  # counts matter here
 
 
-def test_gamma_q_is_the_error_each_stage_leaves_on_real_frames():
-    """[3.1] gamma_q ~ |r_q - e_q(r_q)| on the residual leaving stage q, over real frames only."""
+def stub_codec():
+    """A codec of 2-wide frames (a frame = the first two samples of its hop) and three small codebooks."""
     from types import SimpleNamespace
     from encodec.quantization.core_vq import EuclideanCodebook
-    books = [EuclideanCodebook(1, 1), EuclideanCodebook(1, 1)]  # one entry each: 0.5, then 0.4
-    for book, entry in zip(books, (0.5, 0.4)):
-        book.embed.fill_(entry)
-    stub = SimpleNamespace(dim=1, raw_frames=lambda wav: wav[:, None, ::HOP],  # a frame = its first sample
-                           quantizer=SimpleNamespace(vq=SimpleNamespace(layers=[SimpleNamespace(_codebook=b)
-                                                                                 for b in books])))
+    entries = [[(0, 0), (10, 0), (0, 10)], [(0, 0), (3, 4), (-3, 4), (0, -5)], [(0, 0), (1, 0), (0, 1), (-1, 0)]]
+    books = []
+    for stage in entries:
+        book = EuclideanCodebook(2, len(stage))
+        book.embed.copy_(torch.tensor(stage, dtype=torch.float32))
+        books.append(SimpleNamespace(_codebook=book))
+
+    def raw_frames(wav):  # (b, n) -> (b, 2, ceil(n / HOP))
+        hops = F.pad(wav, (0, -wav.shape[1] % HOP)).view(len(wav), -1, HOP)
+        return hops[:, :, :2].transpose(1, 2)
+    return SimpleNamespace(dim=2, raw_frames=raw_frames, quantizer=SimpleNamespace(vq=SimpleNamespace(layers=books)))
+
+
+def test_gamma_q_is_the_error_each_stage_leaves_on_real_frames():
+    """[3.1] gamma_q ~ the mean over real frames of |r_q - e_q(r_q)|, r_q the residual entering stage q
+    (r_1 = the frame, r_(q+1) = r_q - e_q(r_q)); a clip's partial last frame is real, padding is not."""
+    frames = [[(10, 0), (13, 4), (3, 4), (2, 9)], [(0, 6), (8, 7)]]  # clip 1's second frame is a partial hop
     clips = torch.zeros(2, 4 * HOP)
-    clips[0], clips[1, : 2 * HOP] = 1.0, 1.0  # clip 1: 2 real frames, then 2 frames of zero padding
-    # Real frames (1.0) leave 0.5 then 0.1; the padding's frames (0.0) would leave 0.5 then 0.9.
-    gamma = M.estimate_gamma(stub, clips, Q=2, batch=1, lengths=torch.tensor([4 * HOP, 2 * HOP - 5]))
-    assert torch.allclose(gamma, torch.tensor([5 / 6, 1 / 6]))
-    assert torch.allclose(M.estimate_gamma(stub, clips[:1], Q=2), torch.tensor([5 / 6, 1 / 6]))
+    for b, clip in enumerate(frames):
+        for t, (x, y) in enumerate(clip):
+            clips[b, t * HOP], clips[b, t * HOP + 1] = x, y
+    clips[1, 2 * HOP:] = 5.0  # past clip 1's end (2 * HOP - 5 samples): frames (5, 5) that must be left out
+    # Worked by hand, frame by frame: the nearest entry of each stage and what it leaves.
+    #   frame    stage 1: entry -> leaves    stage 2: entry -> leaves    stage 3: entry -> leaves
+    #   (10, 0)  (10, 0)  (0, 0)             (0, 0)   (0, 0)             (0, 0)  (0, 0)
+    #   (13, 4)  (10, 0)  (3, 4)             (3, 4)   (0, 0)             (0, 0)  (0, 0)
+    #   (3, 4)   (0, 0)   (3, 4)             (3, 4)   (0, 0)             (0, 0)  (0, 0)
+    #   (2, 9)   (0, 10)  (2, -1)            (0, 0)   (2, -1)            (1, 0)  (1, -1)
+    #   (0, 6)   (0, 10)  (0, -4)            (0, -5)  (0, 1)             (0, 1)  (0, 0)
+    #   (8, 7)   (10, 0)  (-2, 7)            (-3, 4)  (1, 3)             (0, 1)  (1, 2)
+    left = [[(0, 0), (3, 4), (3, 4), (2, -1), (0, -4), (-2, 7)],
+            [(0, 0), (0, 0), (0, 0), (2, -1), (0, 1), (1, 3)],
+            [(0, 0), (0, 0), (0, 0), (1, -1), (0, 0), (1, 2)]]
+    errors = [[math.hypot(*r) for r in stage] for stage in left]  # the L2 norm of what each stage leaves
+    mean = [sum(e) / 6 for e in errors]
+    expected = [m / sum(mean) for m in mean]
+    for batch in (1, 2):
+        gamma = M.estimate_gamma(stub_codec(), clips, Q=3, batch=batch, lengths=torch.tensor([4 * HOP, 2 * HOP - 5]))
+        assert gamma.shape == (3,) and abs(gamma - torch.tensor(expected)).max() < 1e-4, \
+            f"batch={batch}: expected {fmt(expected)} (errors averaged over the 6 real frames of both clips, " \
+            f"then normalized), got {fmt(gamma)}"
+    mean = [sum(e[:4]) / 4 for e in errors]  # clip 0 alone, lengths None: all its samples are real
+    expected = [m / sum(mean) for m in mean]
+    gamma = M.estimate_gamma(stub_codec(), clips[:1], Q=3)
+    assert abs(gamma - torch.tensor(expected)).max() < 1e-4, \
+        f"clip 0 alone, lengths None: expected {fmt(expected)}, got {fmt(gamma)}"
 
 
 def test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks(codec):
     """[3.1] on the codec, gamma_q sums to 1 and falls from the first residual stage to the last."""
     gamma = M.estimate_gamma(codec, demo.demo_clips(8, seconds=1.0, seed=11))
-    assert gamma.shape == (8,) and abs(gamma.sum().item() - 1) < 1e-6 and (gamma > 0).all()
-    assert gamma[0] > gamma[-1]  # residual stages explain less and less
-    assert abs(sum(M.RELEASED_GAMMA_Q) - 1) < 1e-3  # the released default for pretrained EnCodec
+    assert gamma.shape == (8,), f"expected 8 weights, got shape {tuple(gamma.shape)}"
+    assert abs(gamma.sum().item() - 1) < 1e-6 and (gamma > 0).all(), \
+        f"expected positive weights summing to 1, got {fmt(gamma)} (sum {gamma.sum().item():.6f})"
+    assert gamma[0] > gamma[-1], f"expected the first stage's weight above the last's, got {fmt(gamma)}"
+    assert abs(sum(M.RELEASED_GAMMA_Q) - 1) < 1e-3, "expected the released gamma_q to sum to 1"
 
 
 def test_tiny_model_overfits_one_batch(codec):
@@ -508,16 +636,20 @@ def test_kmeans_recovers_well_separated_gaussian_clusters():
     x = centres.repeat(200, 1) + torch.randn(1600, 16, generator=g)  # (1600, 16), unit noise
     result = kmeans.fit(x, k=8, seed=0)
     match = kmeans.assign(centres, result.centroids)  # fitted centroid nearest each true centre
-    assert sorted(match.tolist()) == list(range(8)), "not a one-to-one match"
-    assert (result.centroids[match] - centres).norm(dim=1).max() < 0.5
+    assert sorted(match.tolist()) == list(range(8)), \
+        f"expected one centroid near each of the 8 true centres, got the nearest centroids {match.tolist()}"
+    off = (result.centroids[match] - centres).norm(dim=1).max().item()
+    assert off < 0.5, f"expected each centroid within 0.5 of its true centre, got one {off:.3g} away"
 
 
 def test_kmeans_inertia_never_increases():
     """[2.3] every Lloyd step (and every re-seeding) lowers or keeps the inertia."""
     x = torch.randn(3000, 8, generator=torch.Generator().manual_seed(1))  # no structure: many steps
     history = kmeans.fit(x, k=64, n_iter=40, tol=0.0, seed=0).inertia_history
-    assert len(history) > 10
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:])), history
+    assert len(history) > 10, f"tol=0: expected more than 10 steps on unstructured data, got {len(history)}"
+    rises = [(i, a, b) for i, (a, b) in enumerate(zip(history, history[1:])) if b > a * (1 + 1e-6)]
+    assert not rises, f"expected the inertia never to rise, got step {rises[0][0] + 1}: {rises[0][1]:.6g} -> " \
+                      f"{rises[0][2]:.6g}"
 
 
 def test_lloyd_stops_once_inertia_improves_by_less_than_tol():
@@ -525,8 +657,10 @@ def test_lloyd_stops_once_inertia_improves_by_less_than_tol():
     x = torch.randn(2000, 4, generator=torch.Generator().manual_seed(8))
     start = kmeans.init_centroids(x, 16, torch.Generator().manual_seed(0))
     history = kmeans.lloyd(x, start, n_iter=100, tol=0.01).inertia_history
-    drops = [(a - b) / a for a, b in zip(history, history[1:])]
-    assert 2 <= len(history) < 100 and drops[-1] <= 0.01 and all(d > 0.01 for d in drops[:-1]), drops
+    drops = [round((a - b) / a, 4) for a, b in zip(history, history[1:])]
+    assert 2 <= len(history) < 100 and drops[-1] <= 0.01 and all(d > 0.01 for d in drops[:-1]), \
+        f"tol=0.01: expected steps while the relative drop exceeds 0.01 and a stop right after the first that " \
+        f"does not, got the drops {drops}"
 
 
 def test_kmeans_reseeds_empty_clusters_on_the_worst_served_points():
@@ -549,8 +683,13 @@ def test_a_lloyd_step_moves_each_centroid_to_the_mean_of_its_points():
     labels = d2.argmin(1)
     step = kmeans.lloyd(x, start, n_iter=1)
     for j in range(4):
-        torch.testing.assert_close(step.centroids[j], x[labels == j].mean(0), rtol=1e-5, atol=1e-5)
-    assert abs(step.inertia_history[0] / d2.min(1).values.sum().item() - 1) < 1e-6
+        want = x[labels == j].mean(0)
+        assert (step.centroids[j] - want).abs().max() < 1e-4, \
+            f"centroid {j}: expected the mean of its {int((labels == j).sum())} points, {fmt(want)}, " \
+            f"got {fmt(step.centroids[j])}"
+    start_inertia = d2.min(1).values.sum().item()
+    assert abs(step.inertia_history[0] / start_inertia - 1) < 1e-6, \
+        f"expected inertia_history[0] = the start's inertia {start_inertia:.6g}, got {fmt(step.inertia_history)}"
 
 
 def test_kmeans_plus_plus_seeds_one_centroid_in_each_separated_cluster_and_beats_random_rows():
@@ -562,12 +701,13 @@ def test_kmeans_plus_plus_seeds_one_centroid_in_each_separated_cluster_and_beats
     # per step about 2 in 3 (13 expected, fewer than 7 about once in 1,000), draws by D instead of D^2 1 in 8.
     hits = sum(kmeans.assign(centres, kmeans.init_centroids(x, 16, torch.Generator().manual_seed(seed)))
                .unique().numel() == 16 for seed in range(20))
-    assert hits >= 7, hits
+    assert hits >= 7, f"expected a centroid in every one of 16 far clusters for 7 or more of 20 seeds, got {hits}"
     y = torch.randn(2000, 2, generator=g)  # no structure: only the greedy D^2 choice helps
     inertia = lambda c: kmeans.nearest_centroid(y, c)[1].sum().item()
     plus = sum(inertia(kmeans.init_centroids(y, 32, torch.Generator().manual_seed(s))) for s in range(3))
     rows = sum(inertia(y[torch.randperm(2000, generator=torch.Generator().manual_seed(s))[:32]]) for s in range(3))
-    assert plus < 0.7 * rows, (plus, rows)
+    assert plus < 0.7 * rows, f"expected the k-means++ start's inertia below 0.7 x random rows' ({rows:.1f}), " \
+                              f"got {plus:.1f}"
 
 
 def test_chunked_distances_give_the_brute_force_assignment():
@@ -595,8 +735,10 @@ def test_kmeans_is_deterministic_for_a_seed():
     """[2.3] the same seed gives the same centroids and inertia; another seed does not."""
     x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(5))
     a, b = kmeans.fit(x, k=32, seed=7), kmeans.fit(x, k=32, seed=7)
-    assert torch.equal(a.centroids, b.centroids) and a.inertia_history == b.inertia_history
-    assert not torch.equal(kmeans.fit(x, k=32, seed=8).centroids, a.centroids)
+    assert torch.equal(a.centroids, b.centroids) and a.inertia_history == b.inertia_history, \
+        "seed 7 twice: expected the same centroids and inertia, got different ones"
+    assert not torch.equal(kmeans.fit(x, k=32, seed=8).centroids, a.centroids), \
+        "seeds 7 and 8: expected different centroids, got the same"
 
 
 def test_centroids_save_load_round_trip(tmp_path):
@@ -1012,11 +1154,14 @@ def test_probe_is_near_perfect_when_separable_and_chance_on_shuffled_labels():
     for hidden_layers in (0, 1):
         cfg = E.ProbeConfig(hidden_layers=hidden_layers, lr=1e-2, hidden_dim=128, max_epochs=60)
         probe, valid, _ = E.train_probe(X[:160], Y[:160], X[160:200], Y[160:200], task, cfg, seed=0)
-        assert E.top1_accuracy(E.predict(probe, X[200:], False), Y[200:]) >= 0.95 - 1e-6  # 38 of 40 in float32
+        accuracy = E.top1_accuracy(E.predict(probe, X[200:], False), Y[200:])
+        assert accuracy >= 0.95 - 1e-6, f"{hidden_layers} hidden layers, a separable task: expected a test " \
+                                        f"accuracy of 0.95 or more, got {accuracy:.3f}"  # 38 of 40 in float32
     Y_shuffled = Y[torch.randperm(len(Y), generator=torch.Generator().manual_seed(1))]
     cfg = E.ProbeConfig(hidden_layers=1, lr=3.2e-3, hidden_dim=128, max_epochs=60)
     probe, _, _ = E.train_probe(X[:160], Y_shuffled[:160], X[160:200], Y_shuffled[160:200], task, cfg, seed=0)
-    assert E.top1_accuracy(E.predict(probe, X[200:], False), Y_shuffled[200:]) < 0.5  # chance 0.25
+    accuracy = E.top1_accuracy(E.predict(probe, X[200:], False), Y_shuffled[200:])
+    assert accuracy < 0.5, f"shuffled labels: expected about chance (0.25), got {accuracy:.3f}"
 
 
 def test_accuracy_and_mAP_match_naive_references_with_ties_and_empty_classes():
@@ -1032,13 +1177,23 @@ def test_accuracy_and_mAP_match_naive_references_with_ties_and_empty_classes():
         precisions = [sum(yj for sj, yj in zip(s, y) if sj >= si) / sum(sj >= si for sj in s)
                       for si, yi in zip(s, y) if yi]
         naive_aps.append(sum(precisions) / len(precisions) if precisions else 0.0)
-    assert naive_aps[5] == 0 and E.mean_average_precision(scores, Y) == pytest.approx(sum(naive_aps) / 6, abs=1e-6)
+    got = E.mean_average_precision(scores, Y)
+    assert got == pytest.approx(sum(naive_aps) / 6, abs=1e-6), \
+        f"6 classes with tied scores, class 5 without positives: expected mAP {sum(naive_aps) / 6:.6f} (per class " \
+        f"{fmt(naive_aps)}), got {got:.6f}"
     # scikit-learn 1.9 gives 0.583333 for this tie (the two top clips share one threshold)
     tie = E.mean_average_precision(torch.tensor([[0.5], [0.5], [0.2]]), torch.tensor([[1.0], [0], [1]]))
-    assert tie == pytest.approx(7 / 12)
+    assert tie == pytest.approx(7 / 12), f"scores 0.5, 0.5, 0.2 for labels 1, 0, 1: expected AP 7/12 = 0.583333 " \
+                                         f"(the tie is one threshold), got {tie:.6f}"
+    # Accuracy on scores without ties (the contract leaves the tie rule open).
+    scores = torch.rand(60, 6, generator=g)
     Y1 = torch.nn.functional.one_hot(torch.randint(0, 6, (60,), generator=g), 6).float()
-    naive_acc = sum(int(scores[i].tolist().index(max(scores[i].tolist())) == Y1[i].argmax()) for i in range(60)) / 60
-    assert E.top1_accuracy(scores, Y1) == pytest.approx(naive_acc, abs=1e-6)
+    rows = scores.tolist()
+    assert all(sorted(r)[-1] > sorted(r)[-2] for r in rows), "the test's scores hold a tie"  # none: any tie rule
+    naive_acc = sum(int(r.index(max(r)) == y.index(1.0)) for r, y in zip(rows, Y1.tolist())) / 60
+    got = E.top1_accuracy(scores, Y1)
+    assert got == pytest.approx(naive_acc, abs=1e-6), f"expected top-1 accuracy {naive_acc:.6f} " \
+                                                      f"({round(naive_acc * 60)} of 60), got {got:.6f}"
 
 
 def test_probe_returns_its_first_best_validated_weights_even_below_one_validation_interval():
@@ -1050,11 +1205,40 @@ def test_probe_returns_its_first_best_validated_weights_even_below_one_validatio
     for max_epochs, labels in ((2, Y), (30, Y), (30, Y_shuffled)):
         cfg = E.ProbeConfig(hidden_layers=1, lr=1e-2, hidden_dim=64, max_epochs=max_epochs)
         probe, best, epoch = E.train_probe(X[:160], labels[:160], X[160:200], labels[160:200], task, cfg, seed=0)
-        assert E.top1_accuracy(E.predict(probe, X[160:200], False), labels[160:200]) == pytest.approx(best, abs=1e-6)
+        now = E.top1_accuracy(E.predict(probe, X[160:200], False), labels[160:200])
+        assert now == pytest.approx(best, abs=1e-6), f"max_epochs {max_epochs}: expected the returned probe to " \
+                                                     f"score the returned best {best:.4f}, got {now:.4f}"
         if max_epochs == 2:
-            assert epoch == 1
+            assert epoch == 1, f"2 epochs, validation every 3: expected the score of epoch 1, got epoch {epoch}"
         elif labels is Y:  # perfect within the first few validations; later ties must not replace it
-            assert best == 1.0 and epoch % 3 == 2 and epoch <= 8
+            assert best == 1.0 and epoch % 3 == 2 and epoch <= 8, f"a separable task, validation every 3 " \
+                f"epochs: expected best 1.0 at epoch 2, 5 or 8 (the first perfect score), got {best} at epoch {epoch}"
+
+
+def test_probe_stops_after_patience_validations_without_improvement():
+    """[3.2, HEAR] patience counts validations, not epochs: with validation every 2 epochs and patience 3, the
+    probe stops at the third validation after its best; a later equal score is no improvement."""
+    X, Y = separable_data(n=80)
+    script = [0.5, 0.4, 0.6, 0.55, 0.6, 0.58, 0.9, 0.95, 0.97, 0.99]  # the scores of validations 1, 2, ...
+    seen = []  # the predictions each validation scored
+
+    def scripted(scores, labels):
+        seen.append(scores.detach().clone())
+        return script[min(len(seen), len(script)) - 1]
+    task = E.Task("t", None, False, "scripted", {}, [], None)
+    cfg = E.ProbeConfig(hidden_layers=1, hidden_dim=16, lr=1e-2, max_epochs=40, check_every=2, patience=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(E.METRICS, "scripted", scripted)
+        probe, best, epoch = E.train_probe(X[:60], Y[:60], X[60:], Y[60:], task, cfg, seed=0)
+    # Validations after epochs 1, 3, 5, 7, 9, 11: the best, 0.6, comes at epoch 5 (the third); 0.55, 0.6 (equal)
+    # and 0.58 make three without improvement, so the probe stops before the 0.9 of a seventh.
+    assert len(seen) == 6, f"expected 6 validations (the best at the 3rd, then 3 without improvement), " \
+                           f"got {len(seen)}"
+    assert (best, epoch) == (0.6, 5), f"expected the best score 0.6 at epoch 5, got {best} at epoch {epoch}"
+    now = E.predict(probe, X[60:], False)
+    off = (now - seen[2]).abs().max().item()
+    assert off < 1e-6, f"expected the returned probe to predict as at its best validation, got predictions " \
+                       f"off by up to {off:.3g}"
 
 
 def test_kfold_bookkeeping_and_mean_over_folds():

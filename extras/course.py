@@ -45,16 +45,17 @@ ASSIGNMENTS = {
     "gap_mask": Assignment("model.py", "2", {
         "gap_mask": """Which frames to hide, per clip [2]: "a proportion M_prop of the embeddings is randomly
     masked, sampling the starting indices for the mask without replacement, and masking the subsequent
-    M_gap time steps for every sampled index": exactly round(M_prop * length) frames of each clip (Python's
-    round: halves to even), in spans of M_gap that lie inside the clip (starts 0..max(0, length - M_gap); spans
-    may overlap; the last one is trimmed to hit the count).
+    M_gap time steps for every sampled index": exactly min(round(M_prop * length), length - 1) frames of each
+    clip (Python's round: halves to even; one frame always stays visible, so a 1-frame clip hides none), in
+    spans of M_gap that lie inside the clip (starts 0..max(0, length - M_gap); spans may overlap; the last
+    one is trimmed to hit the count).
 
     lengths (B,) int: real frames of each clip (>= 1); frames t >= length are padding and never hidden.
     T: frames per row of the mask. M_prop (float in [0, 1]), M_gap (int >= 1).
     generator: a torch.Generator; every random draw comes from it (same seed, same masks).
-    Returns mask (B, T) bool, True = hidden, on lengths' device. Keep at least one frame of each clip
-    visible: hide min(round(M_prop * length), length - 1).""",
-    }, grading=("test_gap_mask_hides_exactly_M_prop_of_frames", "test_gap_mask_hides_contiguous_gaps_of_M_gap_frames",
+    Returns mask (B, T) bool (dtype torch.bool), True = hidden, on lengths' device.""",
+    }, grading=("test_gap_mask_hides_exactly_M_prop_of_frames", "test_gap_mask_keeps_one_frame_of_each_clip_visible",
+                "test_gap_mask_hides_contiguous_gaps_of_M_gap_frames",
                 "test_gap_mask_differs_between_examples_and_follows_the_seed", "test_gap_mask_never_hides_padding",
                 "test_gap_mask_covers_every_frame_over_many_draws", "test_gap_mask_scatters_gaps_from_random_starts"),
         reference=("test_gap_mask_hides_spans_in_the_order_randperm_draws_their_starts_reference",)),
@@ -103,11 +104,12 @@ ASSIGNMENTS = {
 
     codec: codec.raw_frames(wav (b, n)) -> (b, C, T) frames before quantization (C = codec.dim, 128 for
     EnCodec); stage q's codebook is codec.quantizer.vq.layers[q]._codebook, with .quantize(r (n, C)) ->
-    codes and .dequantize(codes) -> (n, C). Stage q quantizes the residual r_q left by the stages before it (r_1 = the frame);
-    its error is the L2 norm |r_q - e_q(r_q)|, averaged over frames.
+    codes and .dequantize(codes) -> (n, C), e_q(r) its nearest entry. Stage q quantizes the residual r_q left
+    by the stages before it: r_1 = the frame, r_(q+1) = r_q - e_q(r_q). Stage q's error is the mean of the L2
+    norm |r_q - e_q(r_q)| over all real frames of all clips together (one mean, not a mean per clip).
     clips (B, n) at 24 kHz; lengths (B,) real samples per clip (None: all n); only a clip's first
-    ceil(length / HOP) frames are real, the others are left out. Runs `batch` clips at a time.
-    Returns (Q,) float32, positive, summing to 1.""",
+    ceil(length / HOP) frames are real (a partial last hop is a real frame), the others are left out.
+    Runs `batch` clips at a time. Returns (Q,) float32, positive, summing to 1.""",
     }, grading=("test_gamma_q_is_the_error_each_stage_leaves_on_real_frames",
                 "test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks")),
     "kmeans": Assignment("kmeans.py", "2.3", {
@@ -132,7 +134,8 @@ ASSIGNMENTS = {
                 "test_kmeans_plus_plus_seeds_one_centroid_in_each_separated_cluster_and_beats_random_rows",
                 "test_kmeans_is_deterministic_for_a_seed")),
     "probe": Assignment("evaluate.py", "3.2", {
-        "top1_accuracy": """Share of clips whose highest score is their label: scores (N, C), Y (N, C) one-hot -> float.""",
+        "top1_accuracy": """Share of clips whose highest score is their label: scores (N, C), Y (N, C) one-hot -> float.
+    A tie for a clip's highest score may go to any of the tied classes (the grading tests hold none).""",
         "mean_average_precision": """Macro mean average precision, as scikit-learn's average_precision_score [3.2]:
     per class, AP = sum over score thresholds of (R_k - R_{k-1}) P_k, clips with equal scores sharing one
     threshold; a class without a positive clip scores 0 and still counts in the mean.
@@ -145,11 +148,13 @@ ASSIGNMENTS = {
     epoch. Epochs are numbered from 0; after epoch e with (e + 1) % cfg.check_every == 0 score the
     validation set with METRICS[task.metric](predict(probe, Xv, task.multilabel), Yv), and if no epoch
     was scored by the last one (cfg.max_epochs), score that one. Keep the weights of the first best score
-    (a later equal score does not replace it); stop after cfg.patience scorings without improvement or
-    after cfg.max_epochs. Returns (probe holding the best weights, best score, its epoch).""",
+    (a later equal score does not replace it); stop after cfg.patience scorings in a row without
+    improvement (counted in scorings, not epochs; an equal score is no improvement) or after
+    cfg.max_epochs. Returns (probe holding the best weights, best score, its epoch).""",
     }, grading=("test_probe_is_near_perfect_when_separable_and_chance_on_shuffled_labels",
                 "test_accuracy_and_mAP_match_naive_references_with_ties_and_empty_classes",
-                "test_probe_returns_its_first_best_validated_weights_even_below_one_validation_interval")),
+                "test_probe_returns_its_first_best_validated_weights_even_below_one_validation_interval",
+                "test_probe_stops_after_patience_validations_without_improvement")),
 }
 
 
@@ -416,12 +421,15 @@ def run_tests(work, tests, regions, modules, timeout):
            *[f"test_all.py::{t}" for t in tests]]
     with open(os.path.join(work, "pytest.log"), "w+") as log:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-        # faulthandler ends a test past its limit from inside; this is the backstop if it cannot.
-        while proc.poll() is None:
-            time.sleep(0.1)
-            if time.time() - os.path.getmtime(events) > max(timeout, IMPORT_TIMEOUT) + 120:
+        try:  # faulthandler ends a test past its limit from inside; this is the backstop if it cannot
+            while proc.poll() is None:
+                time.sleep(0.1)
+                if time.time() - os.path.getmtime(events) > max(timeout, IMPORT_TIMEOUT) + 120:
+                    proc.kill()
+        finally:  # grade itself stopped (Ctrl-C): no test process left behind
+            if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.wait()
         log.seek(0)
         tail = log.read()[-2000:]
     return [json.loads(line) for line in open(events) if line.strip()], stacks, tail
@@ -527,8 +535,15 @@ def seconds(text):
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line (UsageError) instead of the usage block."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("make", help="write a student copy")
     m.add_argument("--out", required=True)
@@ -539,8 +554,8 @@ def main(argv=None):
     g.add_argument("--timeout", type=seconds, default=TIMEOUT,
                    help=f"seconds a grading test's call may run (default {TIMEOUT:g})")
     sub.add_parser("list", help="the assignments and their grading tests")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         if args.command == "list":
             for name, a in ASSIGNMENTS.items():
                 print(f"{name} [{a.section}] {a.file}: {', '.join(a.contracts)}; {len(a.grading)} grading tests")

@@ -85,4 +85,4 @@ def fill_codebooks(quantizer, emb, n_q, generator):
         a, b = (torch.randperm(len(residual), generator=generator)[: book.codebook_size] for _ in "ab")
         book.embed.copy_(0.5 * (residual[a] + residual[b]))
         book.inited.fill_(1)
-        residual = residual - book.dequantize(book.quantize(residual))
+        residual = residual - book.decode(book.encode(residual))  # what stage q leaves to the next

@@ -1,6 +1,7 @@
 """Tests of the course kit (extras/course.py): a student copy, its grading, the grading tests' isolation."""
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -16,27 +17,162 @@ def run_course(*args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
+def between(text, name):
+    """The text between an assignment's marker lines."""
+    return text.split(f"# >>> assignment {name}\n")[1].split(f"# <<< assignment {name}")[0]
+
+
+def put(copy, name, code):
+    """Write `code` between NAME's markers in the student copy."""
+    path = copy / course.ASSIGNMENTS[name].file
+    text = path.read_text()
+    path.write_text(text.replace(between(text, name), code))
+
+
+def reference(name):
+    return between(open(os.path.join(ROOT, course.ASSIGNMENTS[name].file)).read(), name)
+
+
+def claim_lines(stdout, name):
+    """The assignment's head line and its claim lines, as grade prints them."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{name} "))
+    block = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("    "):
+            break
+        block.append(line)
+    return block
+
+
 def test_a_fresh_copy_fails_its_assignment_in_one_line_and_the_reference_body_passes_it(tmp_path):
     copy = tmp_path / "student"
     assert run_course("make", "--out", str(copy), "--only", "gap_mask").returncode == 0
     model = (copy / "model.py").read_text()
     assert 'raise NotImplementedError("assignment gap_mask: gap_mask")' in model
-    assert "randperm" not in model.split("# >>> assignment gap_mask")[1].split("# <<<")[0]  # no hint left
+    assert "randperm" not in between(model, "gap_mask")  # no hint left
     tests = (copy / "test_all.py").read_text()
     assert "def test_gap_mask_hides_exactly_M_prop_of_frames" in tests  # grading tests kept ...
     assert "randperm_draws_their_starts_reference" not in tests  # ... the check that holds the answer dropped
     assert (copy / "kmeans.py").read_text() == open(os.path.join(ROOT, "kmeans.py")).read()  # others untouched
+    n = len(course.ASSIGNMENTS["gap_mask"].grading)
     graded = run_course("grade", str(copy), "--only", "gap_mask")
     assert graded.returncode == 1
-    assert graded.stdout.splitlines()[0].startswith("gap_mask   [2] 0/6 passed; fails: gap mask hides exactly")
-    assert "(not implemented yet)" in graded.stdout and "0/1 assignments" in graded.stdout
-    # Paste the reference body back: the assignment passes.
-    ref = open(os.path.join(ROOT, "model.py")).read()
-    body = lambda text: text.split("# >>> assignment gap_mask")[1].split("# <<< assignment gap_mask")[0]
-    (copy / "model.py").write_text(model.replace(body(model), body(ref)))
+    assert claim_lines(graded.stdout, "gap_mask") == [f"gap_mask   [2] 0/{n} passed: not implemented yet"]
+    assert "0/1 assignments" in graded.stdout
+    put(copy, "gap_mask", reference("gap_mask"))  # the reference body pasted back: the assignment passes
     graded = run_course("grade", str(copy), "--only", "gap_mask")
     assert graded.returncode == 0, graded.stdout + graded.stderr
-    assert "6/6 passed" in graded.stdout
+    assert claim_lines(graded.stdout, "gap_mask") == [f"gap_mask   [2] {n}/{n} passed"]
+
+
+def test_grade_runs_the_lecturers_tests_with_a_time_limit_per_test(tmp_path):
+    """The copy's own test_all.py is not used (tests made to pass by `return` still fail), and an endless
+    loop on one input times out that claim alone: the assignment's other claims and the others are graded."""
+    copy = tmp_path / "student"
+    assert run_course("make", "--out", str(copy), "--only", "gap_mask,positions,loss").returncode == 0
+    tests = (copy / "test_all.py").read_text()
+    tampered = re.sub(r'(\ndef (test_\w+)\(.*\):\n    """[^"]*"""\n)',
+                      lambda m: m.group(1) + "    return\n" if m.group(2) in course.ASSIGNMENTS["positions"].grading
+                      else m.group(1), tests)
+    assert tampered.count("    return\n") - tests.count("    return\n") == len(course.ASSIGNMENTS["positions"].grading)
+    (copy / "test_all.py").write_text(tampered)
+    loop = "\n        while length == 37:  # a student's bug: one input never ends\n            pass\n"
+    code = reference("gap_mask")
+    put(copy, "gap_mask", code.replace("\n        n_hidden, hidden, row", loop + "        n_hidden, hidden, row"))
+    put(copy, "loss", reference("loss"))
+    graded = run_course("grade", str(copy), "--only", "gap_mask,positions,loss", "--timeout", "5")
+    assert graded.returncode == 1, graded.stdout + graded.stderr
+    assert claim_lines(graded.stdout, "positions")[0].endswith("0/5 passed: not implemented yet"), graded.stdout
+    block = claim_lines(graded.stdout, "gap_mask")
+    n = len(course.ASSIGNMENTS["gap_mask"].grading)
+    assert block[0] == f"gap_mask   [2] {n - 1}/{n} passed", graded.stdout
+    loop_line = 1 + next(i for i, line in enumerate((copy / "model.py").read_text().splitlines())
+                         if "while length == 37" in line)
+    assert ("    TIMED OUT  gap mask never hides padding: no result after 5 s "
+            f"(model.py line {loop_line}, in gap_mask)") in block, block
+    assert sum(line.startswith("    passed     gap mask") for line in block) == n - 1, block
+    assert claim_lines(graded.stdout, "loss") == ["loss       [2.3] 6/6 passed"]
+
+
+def test_grade_shows_each_failures_cause_and_the_line_of_a_syntax_or_import_error(tmp_path):
+    """A syntax error names its file and line; so does an error while importing; a wrong answer's claim says
+    what was expected and what came back; each time the other assignments are still graded."""
+    copy = tmp_path / "student"
+    assert run_course("make", "--out", str(copy), "--only", "gap_mask,kmeans,probe").returncode == 0
+    put(copy, "gap_mask", reference("gap_mask").replace("for start in", "for start inn"))
+    put(copy, "probe", reference("probe") + "NAMES = undefined_name\n")
+    lloyd = reference("kmeans").replace("sums / counts.clamp_min(1)[:, None]", "sums")  # the sum, not the mean
+    assert lloyd != reference("kmeans")
+    put(copy, "kmeans", lloyd)
+    graded = run_course("grade", str(copy), "--only", "gap_mask,kmeans,probe")
+    text = (copy / "model.py").read_text().splitlines()
+    syntax_line = 1 + next(i for i, line in enumerate(text) if "for start inn" in line)
+    name_line = 1 + (copy / "evaluate.py").read_text().splitlines().index("NAMES = undefined_name")
+    assert claim_lines(graded.stdout, "gap_mask")[0].endswith(
+        f"passed: cannot grade: model.py line {syntax_line}: SyntaxError: invalid syntax"), graded.stdout
+    assert claim_lines(graded.stdout, "probe")[0].endswith(
+        "cannot grade: it does not import: NameError: name 'undefined_name' is not defined "
+        f"(evaluate.py line {name_line}, in <module>)"), graded.stdout
+    failed = [line for line in claim_lines(graded.stdout, "kmeans") if line.startswith("    FAILED")]
+    step = [line for line in failed if "a lloyd step moves each centroid to the mean of its points" in line]
+    assert step and "expected" in step[0] and "got" in step[0], failed
+
+
+def test_every_grading_assertion_says_what_it_expected_and_what_came_back():
+    """Each assert of a grading test carries a message (pytest's own cuts the failing clause short), and
+    no grading test uses an assertion helper whose report grade cannot shorten to one line."""
+    tree = ast.parse(open(os.path.join(ROOT, "test_all.py")).read())
+    tests = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    helpers = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("test_")}
+    for name, a in course.ASSIGNMENTS.items():
+        for t in a.grading:
+            nodes = list(ast.walk(tests[t]))
+            called = {n.func.id for n in nodes if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+            nodes += [x for h in called & set(helpers) for x in ast.walk(helpers[h])]
+            bare = [n.lineno for n in nodes if isinstance(n, ast.Assert) and n.msg is None]
+            assert not bare, f"{t}: assert without a message at test_all.py lines {bare}"
+            uses = {ast.unparse(n.func) for n in nodes if isinstance(n, ast.Call)}
+            assert not {u for u in uses if u.endswith(("assert_close", "assert_allclose", "assert_equal"))}, t
+
+
+def reference_lines():
+    """(assignment, line) for every non-trivial line of every assignment's reference functions (their bodies,
+    docstrings left out): at least 24 characters once the comment is cut and spaces are collapsed."""
+    found = []
+    for name, a in course.ASSIGNMENTS.items():
+        text = open(os.path.join(ROOT, a.file)).read()
+        lines = text.splitlines()
+        first, last = course.region(lines, name)
+        for f in ast.parse(text).body:
+            if isinstance(f, ast.FunctionDef) and first < f.lineno < last:
+                body = f.body[1:] if ast.get_docstring(f) is not None else f.body
+                for line in lines[body[0].lineno - 1:f.end_lineno]:
+                    code = " ".join(line.split("  #")[0].split())
+                    if len(code) >= 24:
+                        found.append((name, code))
+    return found
+
+
+def test_a_student_copy_holds_no_line_of_any_reference_solution(tmp_path):
+    """Nowhere in a fresh copy of all six assignments (code, docs, tests, tools) is a reference line."""
+    copy = tmp_path / "student"
+    course.make(str(copy), list(course.ASSIGNMENTS))
+    wanted = reference_lines()
+    assert len(wanted) > 100 and {name for name, _ in wanted} == set(course.ASSIGNMENTS)
+    leaks = []
+    for folder, _, files in os.walk(copy):
+        for file in files:
+            path = os.path.join(folder, file)
+            try:
+                text = open(path, encoding="utf-8").read()
+            except UnicodeDecodeError:
+                continue  # binary (model weights)
+            flat = [" ".join(line.split()) for line in text.splitlines()]
+            for name, code in wanted:
+                leaks += [f"{name}: {code!r} in {os.path.relpath(path, copy)}:{i + 1}"
+                          for i, line in enumerate(flat) if code in line]
+    assert not leaks, "\n".join(leaks)
 
 
 def test_make_blanks_every_assignment_to_its_contract(tmp_path):
@@ -67,11 +203,14 @@ def test_grading_tests_exist_and_never_name_another_assignments_functions():
 @pytest.mark.parametrize("args, message", [
     (["make", "--out", "{tmp}", "--only", "gap_mask,nope"], "--only nope: no such assignment"),
     (["make", "--out", "{full}"], "exists and is not empty"),
-    (["grade", "{tmp}"], "no test_all.py there"),
+    (["grade", "{tmp}"], "no such folder"),
+    (["grade", "{full}"], "no evaluate.py or kmeans.py or model.py there"),
+    (["grade", ".", "--timeout", "0"], "give a number of seconds above 0"),
 ])
 def test_course_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("a student's work")
     out = run_course(*[a.format(tmp=tmp_path / "new", full=tmp_path / "full") for a in args])
-    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert (tmp_path / "full" / "mine.txt").read_text() == "a student's work"
