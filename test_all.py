@@ -57,9 +57,10 @@ def runs_of(row):
 
 
 def test_gap_mask_hides_exactly_M_prop_of_frames():
-    """[2] every clip hides exactly round(M_prop * T) frames (Python's round), in a (B, T) bool mask."""
+    """[2] every clip hides exactly round(M_prop * T) frames (Python's round: 150.5 -> 150, 149.5 -> 150), in a
+    (B, T) bool mask."""
     g = torch.Generator().manual_seed(0)
-    for T, M_prop, M_gap in [(300, 0.5, 15), (301, 0.5, 15), (300, 0.3, 5), (64, 0.8, 10)]:
+    for T, M_prop, M_gap in [(300, 0.5, 15), (301, 0.5, 15), (299, 0.5, 15), (300, 0.3, 5), (64, 0.8, 10)]:
         mask = gap_mask(torch.full((16,), T), T, M_prop, M_gap, g)
         assert mask.shape == (16, T), f"expected a mask of shape (16, {T}), got {tuple(mask.shape)}"
         assert mask.dtype == torch.bool, f"expected a bool mask, got {mask.dtype}"

@@ -1,8 +1,9 @@
 """Tries the course kit's grader with independently written correct and wrong implementations of every assignment.
 
-    python extras/course_trial.py [--only gap_mask,loss]     a markdown table; exit 1 on any wrong verdict
+    python .ci/course_trial.py [--only gap_mask,loss] [--match WORD]   a markdown table; exit 1 on any wrong verdict
 
-Each implementation below was written from the contract docstrings of a student copy
+A developer's tool, in .ci/ because it holds complete solutions: `course.py make` leaves .ci/ out of
+student copies. Each implementation below was written from the contract docstrings of a student copy
 (`course.py make`) and the copy's grading tests, never from the reference solutions. For each one the
 runner makes a fresh copy, pastes the implementation between the assignment's `# >>> assignment NAME`
 and `# <<< assignment NAME` lines, runs `course.py grade` on it and compares with what it should get:
@@ -139,6 +140,37 @@ def gap_mask(lengths, T, M_prop, M_gap, generator=None):
     return mask
 ''')
 
+# Issue 32: round(0.8 * 1) = 1 hides the whole of a 1-frame clip; the contract caps the count at length - 1.
+impl("gap_mask", "no length - 1 cap: a 1-frame clip wholly hidden", False,
+     GAP_LOOP.replace("want = min(round(M_prop * length), length - 1)", "want = round(M_prop * length)"))
+
+impl("gap_mask", "a float mask (torch.zeros' default dtype)", False,
+     GAP_LOOP.replace("torch.zeros(len(lengths), T, dtype=torch.bool)", "torch.zeros(len(lengths), T)")
+     .replace("new = (~span).nonzero()[:, 0]", "new = (span == 0).nonzero()[:, 0]"))
+
+impl("gap_mask", "count rounded half up, int(x + 0.5)", False,
+     GAP_LOOP.replace("round(M_prop * length)", "int(M_prop * length + 0.5)"))
+
+impl("gap_mask", "count truncated, int(x)", False, GAP_LOOP.replace("round(M_prop * length)", "int(M_prop * length)"))
+
+impl("gap_mask", "starts from torch.multinomial without replacement", True, '''
+def gap_mask(lengths, T, M_prop, M_gap, generator=None):
+    out = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for i, n in enumerate(lengths.tolist()):
+        target = min(round(M_prop * n), n - 1)
+        last_start = max(n - M_gap, 0)
+        order = torch.multinomial(torch.ones(last_start + 1), last_start + 1, replacement=False, generator=generator)
+        hidden = 0
+        for s in order.tolist():
+            if hidden == target:
+                break
+            for t in range(s, min(s + M_gap, n)):
+                if hidden < target and not out[i, t]:
+                    out[i, t] = True
+                    hidden += 1
+    return out.to(lengths.device)
+''')
+
 # ---------------------------------------------------------------- positions [2.2]
 SINUS = '''
 def sinusoidal_positions(T, D, device=None):
@@ -227,6 +259,37 @@ impl("positions", "padding counted as visible", False, SINUS + "\n\n"
 impl("positions", "ignores min_slots", False, SINUS + "\n\n"
      + SORT_GATHER.replace("max(int(n_visible.max()), min_slots)", "int(n_visible.max())") + "\n\n" + SORT_RESTORE)
 
+impl("positions", "ids_restore is the sort order itself, not its inverse", False, SINUS + "\n\n"
+     + SORT_GATHER.replace("torch.argsort(order, dim=1)", "order") + "\n\n" + SORT_RESTORE)
+
+impl("positions", "a float64 table (float() forgotten)", False,
+     SINUS.replace("return pe.float().to(device)", "return pe.to(device)") + "\n\n" + SORT_GATHER + "\n\n" + SORT_RESTORE)
+
+impl("positions", "a loop over clips, -1 for tokens", True, SINUS + "\n\n" + '''
+def gather_visible(x, mask, padding, min_slots=0):
+    B, T, D = x.shape
+    visible = ~(mask | padding).to(x.device)
+    counts = visible.sum(1).tolist()
+    N = max(max(counts), min_slots)
+    rows, restore = [], torch.full((B, T), -1, dtype=torch.long, device=x.device)
+    for b in range(B):
+        idx = visible[b].nonzero()[:, 0]
+        rows.append(torch.cat([x[b, idx], x.new_zeros(N - len(idx), D)]))
+        restore[b, idx] = torch.arange(len(idx), device=x.device)
+    unused = torch.tensor([[j >= c for j in range(N)] for c in counts], device=x.device)
+    return torch.stack(rows), restore, unused if unused.any() else None
+
+
+def restore_sequence(h, ids_restore, visible_padding, mask_token):
+    out = []
+    for b in range(h.shape[0]):
+        row = mask_token[0, 0].to(h.dtype).repeat(ids_restore.shape[1], 1)
+        where = (ids_restore[b] >= 0).nonzero()[:, 0]
+        row[where] = h[b, ids_restore[b, where]]
+        out.append(row)
+    return torch.stack(out)
+''')
+
 # ---------------------------------------------------------------- loss [2.3]
 LOSS_VECTOR = '''
 def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None):
@@ -296,6 +359,29 @@ impl("loss", "accuracy over all real frames", False, LOSS_VECTOR.replace(
     "hits.sum((0, 1)).float() / n_hidden",
     "((logits.argmax(-1) == targets) & ~padding[..., None]).sum((0, 1)).float() / max(int((~padding).sum()), 1)"))
 
+impl("loss", "no guard for an empty set: 0 / 0", False,
+     LOSS_VECTOR.replace("    n_hidden, n_shown = max(n_hidden, 1), max(n_shown, 1)\n", ""))
+
+impl("loss", "counts unpacked in the wrong order", False,
+     LOSS_VECTOR.replace("if counts is None else map(int, counts)", "if counts is None else map(int, counts[::-1])"))
+
+impl("loss", "sums per clip, then over the batch", True, '''
+def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None):
+    logp = torch.log_softmax(logits.float(), -1)
+    C = -logp.gather(-1, targets[..., None]).squeeze(-1)  # (B, T, S)
+    real = ~padding.to(C.device)
+    m = (mask.to(C.device) & real).float()[..., None]
+    v = (~mask.to(C.device) & real).float()[..., None]
+    if counts is None:
+        counts = (m.sum().item(), v.sum().item())
+    nm, nv = (max(float(c), 1.0) for c in counts)
+    sum_m = (C * m).sum(1).sum(0)  # per clip, then over clips: (S,)
+    sum_v = (C * v).sum(1).sum(0)
+    loss = (gamma.to(C) * (delta / nm * sum_m + (1 - delta) / nv * sum_v)).sum()
+    right = (logits.argmax(-1) == targets).float() * m
+    return LossOut(loss, sum_m.detach() / nm, sum_v.detach() / nv, right.sum((0, 1)) / nm)
+''')
+
 # ---------------------------------------------------------------- gamma [3.1]
 GAMMA_BATCHES = '''
 @torch.no_grad()
@@ -357,6 +443,48 @@ impl("gamma", "each stage quantizes the frame, not the residual", False, GAMMA_B
     "        x = r\n        for q in range(Q):\n            r = x\n"))
 
 impl("gamma", "not normalized", False, GAMMA_BATCHES.replace("(mean / mean.sum()).float()", "mean.float()"))
+
+# Issue 32: three answers the stub codec of constant frames and 1-entry codebooks could not tell apart.
+impl("gamma", "each clip's partial last frame dropped (floor)", False, GAMMA_BATCHES.replace(
+    "[num_frames(n) for n in lengths[i:i + batch]]", "[n // HOP for n in lengths[i:i + batch]]"))
+
+impl("gamma", "RMS error instead of the mean norm", False, GAMMA_BATCHES.replace(
+    "error[q] += r.norm(dim=1).double().sum().cpu()", "error[q] += r.norm(dim=1).double().square().sum().cpu()")
+    .replace("mean = error / n_frames", "mean = (error / n_frames).sqrt()"))
+
+impl("gamma", "e_q(r) passed on to the next stage, not r - e_q(r)", False, GAMMA_BATCHES.replace(
+    "            r = r - book.dequantize(book.quantize(r))  # what stage q leaves: the next stage's input\n"
+    "            error[q] += r.norm(dim=1).double().sum().cpu()",
+    "            e = book.dequantize(book.quantize(r))\n"
+    "            error[q] += (r - e).norm(dim=1).double().sum().cpu()\n"
+    "            r = e"))
+
+impl("gamma", "L1 norm", False, GAMMA_BATCHES.replace("r.norm(dim=1).double()", "r.abs().sum(1).double()"))
+
+impl("gamma", "mean per clip, then over clips", False, '''
+@torch.no_grad()
+def estimate_gamma(codec, clips, Q=8, batch=8, lengths=None):
+    per_clip = []
+    for i in range(0, len(clips), batch):
+        frames = codec.raw_frames(clips[i:i + batch])
+        for j in range(len(frames)):
+            n = clips.shape[1] if lengths is None else int(lengths[i + j])
+            r = frames[j, :, :math.ceil(n / HOP)].T
+            errs = []
+            for layer in codec.quantizer.vq.layers[:Q]:
+                e = layer._codebook.dequantize(layer._codebook.quantize(r))
+                errs.append((r - e).norm(dim=1).mean())
+                r = r - e
+            per_clip.append(torch.stack(errs))
+    mean = torch.stack(per_clip).mean(0)
+    return (mean / mean.sum()).float()
+''')
+
+impl("gamma", "only the first batch of clips", False,
+     GAMMA_BATCHES.replace("for i in range(0, len(clips), batch):", "for i in [0]:  # one batch"))
+
+impl("gamma", "nearest entry by cdist over the codebook's entries", True, GAMMA_BATCHES.replace(
+    "r = r - book.dequantize(book.quantize(r))", "r = r - book.embed[torch.cdist(r, book.embed).argmin(1)]"))
 
 # ---------------------------------------------------------------- kmeans [2.3]
 INIT_TEXTBOOK = '''
@@ -467,6 +595,17 @@ impl("kmeans", "k-means++ ignores the generator", False, INIT_TEXTBOOK.replace(
 
 impl("kmeans", "k-means++ draws proportional to D, not D^2", False, INIT_TEXTBOOK.replace(
     "weights = d2.double().cpu()", "weights = d2.double().cpu().sqrt()") + "\n\n" + LLOYD_CDIST)
+
+impl("kmeans", "Lloyd runs n_iter + 1 steps", False, INIT_TEXTBOOK + "\n\n" + LLOYD_CDIST.replace(
+    "for i in range(n_iter):", "for i in range(n_iter + 1):"))
+
+impl("kmeans", "inertia as the sum of distances, not squared", False, INIT_TEXTBOOK + "\n\n" + LLOYD_CDIST.replace(
+    "(x - c[labels]).double().square().sum().item()", "(x - c[labels]).double().norm(dim=1).sum().item()"))
+
+impl("kmeans", "Lloyd in float64", True, INIT_TEXTBOOK + "\n\n" + LLOYD_CDIST.replace(
+    "    x = x.float()\n    c = centroids.float().to(x.device).clone()",
+    "    x = x.double()\n    c = centroids.double().to(x.device).clone()").replace(
+    "return KMeansResult(c, history)", "return KMeansResult(c.float(), history)"))
 
 # ---------------------------------------------------------------- probe [3.2]
 SORTED_TOP1 = '''
@@ -626,6 +765,43 @@ impl("probe", "no validation below one interval", False, METRICS_SORT + "\n\n" +
     " or (epoch == cfg.max_epochs - 1 and best_state is None)", ""))
 
 
+# Issue 32: patience counted in epochs stops a probe that validates every 3 epochs 3x too early.
+impl("probe", "patience counted in epochs, not validations", False, METRICS_SORT + "\n\n" + TRAIN_DEEPCOPY.replace(
+    """            if score > best:  # strictly: the first best stays
+                best, best_epoch, best_state, stale = score, epoch, copy.deepcopy(probe.state_dict()), 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+""", """            if score > best:  # strictly: the first best stays
+                best, best_epoch, best_state = score, epoch, copy.deepcopy(probe.state_dict())
+        if best_state is not None and epoch - best_epoch >= cfg.patience:  # patience in epochs
+            break
+"""))
+
+impl("probe", "validates every epoch (check_every ignored)", False, METRICS_SORT + "\n\n" + TRAIN_DEEPCOPY.replace(
+    "if (epoch + 1) % cfg.check_every == 0 or (epoch == cfg.max_epochs - 1 and best_state is None):",
+    "if True:  # every epoch"))
+
+impl("probe", "the stale count never reset by an improvement", False, METRICS_SORT + "\n\n" + TRAIN_DEEPCOPY.replace(
+    "score, epoch, copy.deepcopy(probe.state_dict()), 0", "score, epoch, copy.deepcopy(probe.state_dict()), stale"))
+
+# Epochs since the best >= patience x check_every: the same stop as counting validations.
+impl("probe", "patience as epochs since the best >= patience x check_every", True, METRICS_SORT + "\n\n"
+     + TRAIN_DEEPCOPY.replace("""            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+""", """            elif epoch - best_epoch >= cfg.patience * cfg.check_every:  # as many validations, in epochs
+                break
+"""))
+
+# Issue 32: the old test broke ties; the contract leaves the tie rule open and the test now has none.
+impl("probe", "top-1 ties broken toward the last class", True, METRICS_SORT.replace(
+    "torch.as_tensor(scores).argmax(1)",
+    "(torch.as_tensor(scores).shape[1] - 1 - torch.as_tensor(scores).flip(1).argmax(1))") + "\n\n" + TRAIN_DEEPCOPY)
+
+
 # ---------------------------------------------------------------- the runner
 def paste(copy, assignment, source):
     """Put `source` between the assignment's marker lines in the copy."""
@@ -646,15 +822,18 @@ def grade(item, work):
     paste(copy, item.assignment, item.source)
     out = subprocess.run([sys.executable, COURSE, "grade", copy, "--only", item.assignment],
                          capture_output=True, text=True).stdout
-    m = re.search(rf"^{item.assignment}\s+\[[^\]]*\] (\d+)/(\d+) passed(?:; fails: (.*))?$", out, re.M)
+    m = re.search(rf"^{item.assignment}\s+\[[^\]]*\] (\d+)/(\d+) passed(.*)$", out, re.M)
     if not m:  # the grader printed no line for it: count it as nothing passed
         return 0, len(ASSIGNMENTS[item.assignment].grading), out.strip()[-120:]
-    return int(m.group(1)), int(m.group(2)), m.group(3) or ""
+    why = m.group(3).lstrip(":; ").strip()  # "not implemented yet", "cannot grade: ...", or the first failed claim
+    first = re.search(r"^    (FAILED|TIMED OUT) +(.*)$", out[m.end():], re.M)
+    return int(m.group(1)), int(m.group(2)), why or (f"{first.group(1)} {first.group(2)}" if first else "")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", help="comma-separated assignments (default: all)")
+    p.add_argument("--match", default="", help="only the implementations whose name holds this text")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(ASSIGNMENTS)
     unknown = set(names) - set(ASSIGNMENTS)
@@ -665,7 +844,7 @@ def main(argv=None):
     start, bad = time.time(), 0
     print("| assignment | implementation | expected | grader result | verdict |\n|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory(prefix="course-trial-") as work:
-        for item in (i for i in IMPLS if i.assignment in names):
+        for item in (i for i in IMPLS if i.assignment in names and args.match in i.name):
             passed, total, why = grade(item, work)
             ok = (passed == total) == item.correct  # a wrong one must fail at least one test
             bad += not ok
