@@ -57,28 +57,31 @@ def runs_of(row):
 
 
 def test_gap_mask_hides_exactly_M_prop_of_frames():
-    """[2] every clip hides exactly round(M_prop * T) frames (Python's round: 150.5 -> 150, 149.5 -> 150), in a
-    (B, T) bool mask."""
+    """[2] every clip hides exactly round(M_prop * T) frames (Python's round: 150.5 -> 150, 149.5 ->
+    150), in a (B, T) bool mask."""
     g = torch.Generator().manual_seed(0)
-    for T, M_prop, M_gap in [(300, 0.5, 15), (301, 0.5, 15), (299, 0.5, 15), (300, 0.3, 5), (64, 0.8, 10)]:
+    for T, M_prop, M_gap in [(300, 0.5, 15), (301, 0.5, 15), (299, 0.5, 15), (300, 0.3, 5),
+                             (64, 0.8, 10)]:
         mask = gap_mask(torch.full((16,), T), T, M_prop, M_gap, g)
         assert mask.shape == (16, T), f"expected a mask of shape (16, {T}), got {tuple(mask.shape)}"
         assert mask.dtype == torch.bool, f"expected a bool mask, got {mask.dtype}"
         counts = mask.sum(1).tolist()
-        assert counts == [round(M_prop * T)] * 16, \
-            f"T={T}, M_prop={M_prop}: expected {round(M_prop * T)} hidden frames per clip, got {counts}"
+        assert counts == [round(M_prop * T)] * 16, (
+            f"T={T}, M_prop={M_prop}: expected {round(M_prop * T)} hidden frames per clip, got "
+            f"{counts}")
 
 
 def test_gap_mask_keeps_one_frame_of_each_clip_visible():
-    """[2] a clip keeps at least one frame for the encoder: min(round(M_prop * length), length - 1) hidden,
-    also where the rounded count would be the whole clip (a 1-frame clip at M_prop 0.8)."""
+    """[2] a clip keeps at least one frame for the encoder: min(round(M_prop * length), length - 1)
+    hidden, also where the rounded count would be the whole clip (a 1-frame clip at M_prop 0.8)."""
     lengths = torch.tensor([1, 2, 3, 5, 40])
     for M_prop, M_gap in [(0.8, 15), (1.0, 1), (0.9, 2)]:
         mask = gap_mask(lengths, 40, M_prop, M_gap, torch.Generator().manual_seed(10))
         expected = [min(round(M_prop * n), n - 1) for n in lengths.tolist()]
         got = mask.sum(1).tolist()
-        assert got == expected, f"clips of {lengths.tolist()} frames at M_prop {M_prop}: expected {expected} " \
-                                f"hidden, got {got}"
+        assert got == expected, (
+            f"clips of {lengths.tolist()} frames at M_prop {M_prop}: expected {expected} hidden, "
+            f"got {got}")
 
 
 def test_gap_mask_hides_contiguous_gaps_of_M_gap_frames():
@@ -99,7 +102,8 @@ def test_gap_mask_differs_between_examples_and_follows_the_seed():
     assert distinct == 8, f"expected 8 different masks for 8 clips, got {distinct}"
     again = gap_mask(torch.full((8,), 300), 300, 0.5, 15, torch.Generator().manual_seed(3))
     differ = (masks != again).any(1).sum().item()
-    assert differ == 0, f"expected the same masks from the same seed, got {differ} of 8 clips different"
+    assert differ == 0, (
+        f"expected the same masks from the same seed, got {differ} of 8 clips different")
 
 
 def test_gap_mask_never_hides_padding():
@@ -108,10 +112,12 @@ def test_gap_mask_never_hides_padding():
     mask = gap_mask(lengths, 300, 0.5, 15, torch.Generator().manual_seed(4))
     t = torch.arange(300)
     hidden_padding = (mask & (t[None] >= lengths[:, None])).sum(1).tolist()
-    assert hidden_padding == [0] * 5, f"clips of {lengths.tolist()} frames in rows of 300: expected no padding " \
-                                      f"frame hidden, got {hidden_padding} hidden"
+    assert hidden_padding == [0] * 5, (
+        f"clips of {lengths.tolist()} frames in rows of 300: expected no padding frame hidden, "
+        f"got {hidden_padding} hidden")
     expected = [round(0.5 * n) for n in lengths.tolist()]
-    assert mask.sum(1).tolist() == expected, f"expected {expected} hidden, got {mask.sum(1).tolist()}"
+    assert mask.sum(1).tolist() == expected, (
+        f"expected {expected} hidden, got {mask.sum(1).tolist()}")
 
 
 def test_gap_mask_covers_every_frame_over_many_draws():
@@ -120,9 +126,11 @@ def test_gap_mask_covers_every_frame_over_many_draws():
     rate = mask.float().mean(0)
     assert rate.min() > 0.02, f"expected every frame hidden in over 2% of 400 clips, got frame " \
                               f"{rate.argmin().item()} in {rate.min().item():.1%}"
-    assert rate[100:200].min() > 0.4, f"expected frames 100-199 hidden in over 40% of clips, got " \
-                                      f"{rate[100:200].min().item():.1%} at frame {100 + rate[100:200].argmin().item()}"
-    assert abs(rate.mean().item() - 0.5) < 1e-6, f"expected half the frames hidden, got {rate.mean().item():.4f}"
+    assert rate[100:200].min() > 0.4, (
+        "expected frames 100-199 hidden in over 40% of clips, got "
+        f"{rate[100:200].min().item():.1%} at frame {100 + rate[100:200].argmin().item()}")
+    assert abs(rate.mean().item() - 0.5) < 1e-6, (
+        f"expected half the frames hidden, got {rate.mean().item():.4f}")
 
 
 def test_gap_mask_scatters_gaps_from_random_starts():
@@ -130,9 +138,9 @@ def test_gap_mask_scatters_gaps_from_random_starts():
     and how many varies (overlapping spans merge)."""
     mask = gap_mask(torch.full((64,), 300), 300, 0.5, 15, torch.Generator().manual_seed(2))
     n_runs = [len(runs_of(row)) for row in mask.tolist()]
-    assert sum(n_runs) / 64 >= 3 and len(set(n_runs)) >= 3, \
-        f"expected 3 or more runs of hidden frames per clip on average, their number varying (3 or more " \
-        f"different counts), got {n_runs}"
+    assert sum(n_runs) / 64 >= 3 and len(set(n_runs)) >= 3, (
+        "expected 3 or more runs of hidden frames per clip on average, their number varying (3 "
+        f"or more different counts), got {n_runs}")
 
 
 def test_gap_mask_hides_spans_in_the_order_randperm_draws_their_starts_reference():
@@ -206,18 +214,22 @@ def test_positions_are_added_before_masking(logits_out):
         hook.remove()
     for b in range(2):
         want = seen["x"][b][~mask[b]]  # (30, D) each visible frame as embed sees it at its own time
-        assert x_visible[b].shape == want.shape, f"clip {b}: expected the encoder to get {tuple(want.shape)} " \
-                                                 f"(its visible frames), got {tuple(x_visible[b].shape)}"
+        assert x_visible[b].shape == want.shape, (
+            f"clip {b}: expected the encoder to get {tuple(want.shape)} (its visible frames), got "
+            f"{tuple(x_visible[b].shape)}")
         diff = (x_visible[b] - want).abs().max().item()
-        assert diff == 0, f"clip {b}: expected each visible frame with its own time's position, as embed " \
-                          f"gives it, got values off by up to {diff:.3g}"
+        assert diff == 0, (
+            f"clip {b}: expected each visible frame with its own time's position, as embed gives "
+            f"it, got values off by up to {diff:.3g}")
     # The same visible content at other times gives another encoder output.
     early, late = torch.arange(60) >= 30, torch.arange(60) < 30  # hide the second or the first half
     moved = torch.cat([feats[:, 30:], feats[:, :30]], 1)  # the first half now sits at t = 30..59
     _, _, h_early = encoder_io(net, feats, targets, early[None].expand(2, -1))
     _, _, h_late = encoder_io(net, moved, targets, late[None].expand(2, -1))
     diff = (h_early - h_late).abs().max().item()
-    assert diff > 1e-3, f"expected the same frames at other times to encode differently, got a change of {diff:.3g}"
+    assert diff > 1e-3, (
+        "expected the same frames at other times to encode differently, got a change of "
+        f"{diff:.3g}")
 
 
 def test_sinusoidal_positions_follow_the_transformer_formula():
@@ -228,9 +240,9 @@ def test_sinusoidal_positions_follow_the_transformer_formula():
     for t, i in [(0, 0), (1, 0), (7, 1), (49, 3)]:
         angle = t / 10000 ** (2 * i / 8)
         got = (pe[t, 2 * i].item(), pe[t, 2 * i + 1].item())
-        assert abs(got[0] - np.sin(angle)) < 1e-5 and abs(got[1] - np.cos(angle)) < 1e-5, \
-            f"D=8, t={t}: expected PE[t, {2 * i}], PE[t, {2 * i + 1}] = sin, cos of {angle:.6g} = " \
-            f"{np.sin(angle):.6f}, {np.cos(angle):.6f}, got {got[0]:.6f}, {got[1]:.6f}"
+        assert abs(got[0] - np.sin(angle)) < 1e-5 and abs(got[1] - np.cos(angle)) < 1e-5, (
+            f"D=8, t={t}: expected PE[t, {2 * i}], PE[t, {2 * i + 1}] = sin, cos of {angle:.6g} = "
+            f"{np.sin(angle):.6f}, {np.cos(angle):.6f}, got {got[0]:.6f}, {got[1]:.6f}")
 
 
 def test_gather_visible_and_restore_sequence_round_trip():
@@ -239,29 +251,40 @@ def test_gather_visible_and_restore_sequence_round_trip():
     x = torch.randn(B, T, D)
     padding = torch.arange(T)[None] >= torch.tensor([60, 40, 10])[:, None]
     mask = fixed_mask((~padding).sum(1), T, seed=7)
-    x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # 30, 20 and 5 visible frames
-    assert x_visible.shape == (B, 30, D), f"expected x_visible of shape {(B, 30, D)}, got {tuple(x_visible.shape)}"
+    x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding)  # 30, 20, 5 visible
+    assert x_visible.shape == (B, 30, D), (
+        f"expected x_visible of shape {(B, 30, D)}, got {tuple(x_visible.shape)}")
     unused = None if visible_padding is None else visible_padding.sum(1).tolist()
-    assert unused == [0, 10, 25], f"expected visible_padding marking [0, 10, 25] unused slots, got {unused}"
+    assert unused == [0, 10, 25], (
+        f"expected visible_padding marking [0, 10, 25] unused slots, got {unused}")
     seen = ~mask & ~padding
     for b in range(B):
         got, want = x_visible[b][~visible_padding[b]], x[b][seen[b]]
-        assert torch.equal(got, want), f"clip {b}: expected its {len(want)} visible frames in time order in " \
-                                       f"the first slots, got other values"
+        assert torch.equal(got, want), (
+            f"clip {b}: expected its {len(want)} visible frames in time order in the first slots, "
+            "got other values")
     full = restore_sequence(x_visible, ids_restore, visible_padding, torch.full((1, 1, D), 7.0))
-    assert full.shape == (B, T, D), f"expected restore_sequence to give {(B, T, D)}, got {tuple(full.shape)}"
+    assert full.shape == (B, T, D), (
+        f"expected restore_sequence to give {(B, T, D)}, got {tuple(full.shape)}")
     wrong = (full[seen] != x[seen]).any(-1).sum().item()
-    assert wrong == 0, f"expected every visible frame back at its own time, got {wrong} of {int(seen.sum())} elsewhere"
+    assert wrong == 0, (
+        f"expected every visible frame back at its own time, got {wrong} of {int(seen.sum())} "
+        "elsewhere")
     not_token = (full[~seen] != 7.0).any(-1).sum().item()
-    assert not_token == 0, f"expected the mask token (7.0) at every hidden and padded time, got {not_token} " \
-                           f"of {int((~seen).sum())} times holding something else"
+    assert not_token == 0, (
+        f"expected the mask token (7.0) at every hidden and padded time, got {not_token} of "
+        f"{int((~seen).sum())} times holding something else")
     dense = gather_visible(x[:1], mask[:1], padding[:1])
-    assert dense[0].shape == (1, 30, D), f"one clip, 30 visible: expected (1, 30, {D}), got {tuple(dense[0].shape)}"
-    assert dense[2] is None, f"no unused slot: expected visible_padding None, got {dense[2]}"  # no attention mask
+    assert dense[0].shape == (1, 30, D), (
+        f"one clip, 30 visible: expected (1, 30, {D}), got {tuple(dense[0].shape)}")
+    # no attention mask
+    assert dense[2] is None, (
+        f"no unused slot: expected visible_padding None, got {dense[2]}")
     wide = gather_visible(x, mask, padding, min_slots=45)  # at least min_slots slots, the extra ones unused
     unused = None if wide[2] is None else wide[2].sum(1).tolist()
-    assert wide[0].shape[1] == 45 and unused == [15, 25, 40], \
-        f"min_slots=45: expected 45 slots with [15, 25, 40] unused, got {wide[0].shape[1]} with {unused} unused"
+    assert wide[0].shape[1] == 45 and unused == [15, 25, 40], (
+        f"min_slots=45: expected 45 slots with [15, 25, 40] unused, got {wide[0].shape[1]} with "
+        f"{unused} unused")
 
 
 def test_encoder_output_ignores_hidden_and_padded_frames(logits_out):
@@ -276,13 +299,14 @@ def test_encoder_output_ignores_hidden_and_padded_frames(logits_out):
     out, x, h = encoder_io(net, feats, targets, mask, padding)
     out2, x2, h2 = encoder_io(net, altered, targets, mask, padding)
     n_visible = int((~unseen).sum(1).max())
-    assert x.shape[1] == n_visible, f"expected the encoder to get the {n_visible} visible frames' slots, " \
-                                    f"got {x.shape[1]}"
+    assert x.shape[1] == n_visible, (
+        f"expected the encoder to get the {n_visible} visible frames' slots, got {x.shape[1]}")
     real = (torch.arange(x.shape[1])[None] < (~unseen).sum(1)[:, None])[..., None]  # (2, N, 1) used slots
     changes = [(x * real - x2 * real).abs().max().item(), (h * real - h2 * real).abs().max().item(),
-               (out - out2).abs().max().item()]  # the encoder's input, its output, the logits at every frame
-    assert changes[0] == 0 and max(changes[1:]) < 1e-5, f"new values at hidden and padded frames: expected " \
-        f"no change, got the encoder input, output and logits off by up to {', '.join(f'{c:.3g}' for c in changes)}"
+               (out - out2).abs().max().item()]  # the encoder's input and output, all the logits
+    assert changes[0] == 0 and max(changes[1:]) < 1e-5, (
+        "new values at hidden and padded frames: expected no change, got the encoder input, "
+        f"output and logits off by up to {', '.join(f'{c:.3g}' for c in changes)}")
 
 
 def test_decoder_puts_one_learned_mask_token_at_hidden_positions_with_their_positions(logits_out):
@@ -297,23 +321,29 @@ def test_decoder_puts_one_learned_mask_token_at_hidden_positions_with_their_posi
     logits.square().sum().backward()
     h = seen["h"][0]  # (T, D) the decoder's first block input
     grad = net.decoder.mask_token.grad
-    assert grad is not None and grad.abs().sum() > 0, "expected gradients to reach the mask token, got none"
-    assert any(p is net.decoder.mask_token for p in net.parameters()), "expected the mask token to be a parameter"
+    assert grad is not None and grad.abs().sum() > 0, (
+        "expected gradients to reach the mask token, got none")
+    assert any(p is net.decoder.mask_token for p in net.parameters()), (
+        "expected the mask token to be a parameter")
     with torch.no_grad():
         net.decoder.mask_token.add_(1.0)
         net(feats, targets, mask)
     hook.remove()
     change = seen["h"][0] - h  # (T, D)
     off = (change[mask[0]] - 1).abs().max().item()
-    assert off < 1e-5, f"mask token + 1: expected every hidden position's input to grow by 1, got one off by {off:.3g}"
+    assert off < 1e-5, (
+        "mask token + 1: expected every hidden position's input to grow by 1, got one off by "
+        f"{off:.3g}")
     moved = change[~mask[0]].abs().max().item()
-    assert moved == 0, f"mask token + 1: expected no change at visible positions, got one of {moved:.3g}"
+    assert moved == 0, (
+        f"mask token + 1: expected no change at visible positions, got one of {moved:.3g}")
     pos = M.sinusoidal_positions(60, net.cfg.d_model)
     hidden = mask[0].nonzero()[:, 0]
     a, b = hidden[0], hidden[-1]  # two hidden frames differ only by their positions
     off = ((h[a] - h[b]) - (pos[a] - pos[b])).abs().max().item()
-    assert off < 1e-5, f"hidden frames {a.item()} and {b.item()}: expected inputs differing by their positions " \
-                       f"alone, got a difference off by {off:.3g}"
+    assert off < 1e-5, (
+        f"hidden frames {a.item()} and {b.item()}: expected inputs differing by their positions "
+        f"alone, got a difference off by {off:.3g}")
 
 
 @pytest.mark.parametrize("n_kmeans_streams", [0, 1])
@@ -408,8 +438,9 @@ def test_loss_weighs_hidden_frames_by_delta_and_visible_ones_by_one_minus_delta(
         out = M.masked_token_loss(frame_logits(ce), torch.zeros(3, 20, 2, dtype=torch.long), mask, padding,
                                   torch.tensor([0.7, 0.3]), delta)
         expected = delta * 2.0 + (1 - delta) * 0.5
-        assert out.loss.item() == pytest.approx(expected, abs=1e-5), \
-            f"delta {delta}, C = 2 on hidden and 0.5 on visible frames: expected L = {expected:.4f}, got {fmt(out.loss)}"
+        assert out.loss.item() == pytest.approx(expected, abs=1e-5), (
+            f"delta {delta}, C = 2 on hidden and 0.5 on visible frames: expected L = "
+            f"{expected:.4f}, got {fmt(out.loss)}")
         assert fmt(out.masked_loss) == [2.0, 2.0] and fmt(out.unmasked_loss) == [0.5, 0.5], \
             f"expected masked_loss [2.0, 2.0] and unmasked_loss [0.5, 0.5] per stream, got " \
             f"{fmt(out.masked_loss)} and {fmt(out.unmasked_loss)}"
@@ -418,10 +449,11 @@ def test_loss_weighs_hidden_frames_by_delta_and_visible_ones_by_one_minus_delta(
         mask = torch.full((3, 20), hidden)
         ce = torch.where(mask, 2.0, 0.5)[..., None].expand(3, 20, 2)
         out = M.masked_token_loss(frame_logits(ce), torch.zeros(3, 20, 2, dtype=torch.long), mask,
-                                  torch.zeros(3, 20, dtype=torch.bool), torch.tensor([0.7, 0.3]), 0.9)
-        assert out.loss.item() == pytest.approx(expected, abs=1e-5), \
-            f"{'every' if hidden else 'no'} frame hidden, delta 0.9 (count 0 taken as 1): expected L = " \
-            f"{expected:.4f}, got {fmt(out.loss)}"
+                                  torch.zeros(3, 20, dtype=torch.bool), torch.tensor([0.7, 0.3]),
+                                  0.9)
+        assert out.loss.item() == pytest.approx(expected, abs=1e-5), (
+            f"{'every' if hidden else 'no'} frame hidden, delta 0.9 (count 0 taken as 1): "
+            f"expected L = {expected:.4f}, got {fmt(out.loss)}")
 
 
 def test_loss_counts_M_over_the_whole_batch_and_weighs_each_stream_by_gamma_q():
@@ -435,9 +467,10 @@ def test_loss_counts_M_over_the_whole_batch_and_weighs_each_stream_by_gamma_q():
                               torch.zeros(2, 8, dtype=torch.bool), torch.tensor([0.6, 0.4]), 0.9)
     hidden_mean, visible_mean = 4.0 / 4, 7 * 1.0 / 12  # over the batch's 4 hidden and 12 visible frames
     expected = (0.6 + 0.4 * 3) * (0.9 * hidden_mean + 0.1 * visible_mean)
-    assert out.loss.item() == pytest.approx(expected, abs=1e-5), \
-        f"clips hiding 1 and 3 of 8 frames: expected L = {expected:.4f} with |M| = 4 and T - |M| = 12 counted " \
-        f"over the batch, got {fmt(out.loss)}"  # per clip: 0.9 * (4 + 0) / 2 = 1.8, not 0.9
+    # per clip: 0.9 * (4 + 0) / 2 = 1.8, not 0.9
+    assert out.loss.item() == pytest.approx(expected, abs=1e-5), (
+        f"clips hiding 1 and 3 of 8 frames: expected L = {expected:.4f} with |M| = 4 and T - |M| "
+        f"= 12 counted over the batch, got {fmt(out.loss)}")
 
 
 def test_padding_is_in_neither_set_of_the_loss():
@@ -482,8 +515,9 @@ def test_with_delta_one_and_equal_gamma_the_loss_is_ce_on_hidden_frames():
     out = M.masked_token_loss(logits, targets, mask, torch.zeros(3, 20, dtype=torch.bool),
                               torch.full((4,), 0.25), 1.0)
     expected = F.cross_entropy(logits[mask].reshape(-1, 16), targets[mask].reshape(-1))
-    assert abs(out.loss.item() - expected.item()) < 1e-6, \
-        f"expected L = the mean cross-entropy over hidden frames, {expected.item():.6f}, got {out.loss.item():.6f}"
+    assert abs(out.loss.item() - expected.item()) < 1e-6, (
+        f"expected L = the mean cross-entropy over hidden frames, {expected.item():.6f}, got "
+        f"{out.loss.item():.6f}")
 
 
 def test_masked_accuracy_counts_hidden_frames_only():
@@ -527,9 +561,9 @@ def test_loss_shares_of_a_split_batch_add_up_with_the_whole_batchs_counts():
              for i in (0, 2)]
     for field in ("loss", "masked_loss", "unmasked_loss", "masked_acc"):
         total, want = getattr(parts[0], field) + getattr(parts[1], field), getattr(whole, field)
-        assert torch.allclose(total, want, atol=1e-5), \
-            f"counts {counts} passed: expected the halves' {field} to add up to the whole batch's {fmt(want)}, " \
-            f"got {fmt(total)}"
+        assert torch.allclose(total, want, atol=1e-5), (
+            f"counts {counts} passed: expected the halves' {field} to add up to the whole batch's "
+            f"{fmt(want)}, got {fmt(total)}")
 
 
 def test_micro_batch_losses_add_up_to_the_whole_batch():
@@ -551,10 +585,11 @@ def test_micro_batch_losses_add_up_to_the_whole_batch():
 
 
 def stub_codec():
-    """A codec of 2-wide frames (a frame = the first two samples of its hop) and three small codebooks."""
+    """A codec of 2-wide frames (the first two samples of each hop) and three small codebooks."""
     from types import SimpleNamespace
     from encodec.quantization.core_vq import EuclideanCodebook
-    entries = [[(0, 0), (10, 0), (0, 10)], [(0, 0), (3, 4), (-3, 4), (0, -5)], [(0, 0), (1, 0), (0, 1), (-1, 0)]]
+    entries = [[(0, 0), (10, 0), (0, 10)], [(0, 0), (3, 4), (-3, 4), (0, -5)],
+               [(0, 0), (1, 0), (0, 1), (-1, 0)]]
     books = []
     for stage in entries:
         book = EuclideanCodebook(2, len(stage))
@@ -564,18 +599,20 @@ def stub_codec():
     def raw_frames(wav):  # (b, n) -> (b, 2, ceil(n / HOP))
         hops = F.pad(wav, (0, -wav.shape[1] % HOP)).view(len(wav), -1, HOP)
         return hops[:, :, :2].transpose(1, 2)
-    return SimpleNamespace(dim=2, raw_frames=raw_frames, quantizer=SimpleNamespace(vq=SimpleNamespace(layers=books)))
+    quantizer = SimpleNamespace(vq=SimpleNamespace(layers=books))
+    return SimpleNamespace(dim=2, raw_frames=raw_frames, quantizer=quantizer)
 
 
 def test_gamma_q_is_the_error_each_stage_leaves_on_real_frames():
-    """[3.1] gamma_q ~ the mean over real frames of |r_q - e_q(r_q)|, r_q the residual entering stage q
-    (r_1 = the frame, r_(q+1) = r_q - e_q(r_q)); a clip's partial last frame is real, padding is not."""
-    frames = [[(10, 0), (13, 4), (3, 4), (2, 9)], [(0, 6), (8, 7)]]  # clip 1's second frame is a partial hop
+    """[3.1] gamma_q ~ the mean over real frames of |r_q - e_q(r_q)|, r_q the residual entering
+    stage q (r_1 = the frame, r_(q+1) = r_q - e_q(r_q)); a clip's partial last frame is real,
+    padding is not."""
+    frames = [[(10, 0), (13, 4), (3, 4), (2, 9)], [(0, 6), (8, 7)]]  # clip 1's 2nd: a partial hop
     clips = torch.zeros(2, 4 * HOP)
     for b, clip in enumerate(frames):
         for t, (x, y) in enumerate(clip):
             clips[b, t * HOP], clips[b, t * HOP + 1] = x, y
-    clips[1, 2 * HOP:] = 5.0  # past clip 1's end (2 * HOP - 5 samples): frames (5, 5) that must be left out
+    clips[1, 2 * HOP:] = 5.0  # past clip 1's end (2 * HOP - 5 samples): frames (5, 5), left out
     # Worked by hand, frame by frame: the nearest entry of each stage and what it leaves.
     #   frame    stage 1: entry -> leaves    stage 2: entry -> leaves    stage 3: entry -> leaves
     #   (10, 0)  (10, 0)  (0, 0)             (0, 0)   (0, 0)             (0, 0)  (0, 0)
@@ -587,14 +624,15 @@ def test_gamma_q_is_the_error_each_stage_leaves_on_real_frames():
     left = [[(0, 0), (3, 4), (3, 4), (2, -1), (0, -4), (-2, 7)],
             [(0, 0), (0, 0), (0, 0), (2, -1), (0, 1), (1, 3)],
             [(0, 0), (0, 0), (0, 0), (1, -1), (0, 0), (1, 2)]]
-    errors = [[math.hypot(*r) for r in stage] for stage in left]  # the L2 norm of what each stage leaves
+    errors = [[math.hypot(*r) for r in stage] for stage in left]  # the L2 norm of what is left
     mean = [sum(e) / 6 for e in errors]
     expected = [m / sum(mean) for m in mean]
     for batch in (1, 2):
-        gamma = M.estimate_gamma(stub_codec(), clips, Q=3, batch=batch, lengths=torch.tensor([4 * HOP, 2 * HOP - 5]))
-        assert gamma.shape == (3,) and abs(gamma - torch.tensor(expected)).max() < 1e-4, \
-            f"batch={batch}: expected {fmt(expected)} (errors averaged over the 6 real frames of both clips, " \
-            f"then normalized), got {fmt(gamma)}"
+        lengths = torch.tensor([4 * HOP, 2 * HOP - 5])
+        gamma = M.estimate_gamma(stub_codec(), clips, Q=3, batch=batch, lengths=lengths)
+        assert gamma.shape == (3,) and abs(gamma - torch.tensor(expected)).max() < 1e-4, (
+            f"batch={batch}: expected {fmt(expected)} (errors averaged over the 6 real frames of "
+            f"both clips, then normalized), got {fmt(gamma)}")
     mean = [sum(e[:4]) / 4 for e in errors]  # clip 0 alone, lengths None: all its samples are real
     expected = [m / sum(mean) for m in mean]
     gamma = M.estimate_gamma(stub_codec(), clips[:1], Q=3)
@@ -608,7 +646,8 @@ def test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks(codec):
     assert gamma.shape == (8,), f"expected 8 weights, got shape {tuple(gamma.shape)}"
     assert abs(gamma.sum().item() - 1) < 1e-6 and (gamma > 0).all(), \
         f"expected positive weights summing to 1, got {fmt(gamma)} (sum {gamma.sum().item():.6f})"
-    assert gamma[0] > gamma[-1], f"expected the first stage's weight above the last's, got {fmt(gamma)}"
+    assert gamma[0] > gamma[-1], (
+        f"expected the first stage's weight above the last's, got {fmt(gamma)}")
     assert abs(sum(M.RELEASED_GAMMA_Q) - 1) < 1e-3, "expected the released gamma_q to sum to 1"
 
 
@@ -637,20 +676,24 @@ def test_kmeans_recovers_well_separated_gaussian_clusters():
     x = centres.repeat(200, 1) + torch.randn(1600, 16, generator=g)  # (1600, 16), unit noise
     result = kmeans.fit(x, k=8, seed=0)
     match = kmeans.assign(centres, result.centroids)  # fitted centroid nearest each true centre
-    assert sorted(match.tolist()) == list(range(8)), \
-        f"expected one centroid near each of the 8 true centres, got the nearest centroids {match.tolist()}"
+    assert sorted(match.tolist()) == list(range(8)), (
+        "expected one centroid near each of the 8 true centres, got the nearest centroids "
+        f"{match.tolist()}")
     off = (result.centroids[match] - centres).norm(dim=1).max().item()
-    assert off < 0.5, f"expected each centroid within 0.5 of its true centre, got one {off:.3g} away"
+    assert off < 0.5, (
+        f"expected each centroid within 0.5 of its true centre, got one {off:.3g} away")
 
 
 def test_kmeans_inertia_never_increases():
     """[2.3] every Lloyd step (and every re-seeding) lowers or keeps the inertia."""
     x = torch.randn(3000, 8, generator=torch.Generator().manual_seed(1))  # no structure: many steps
     history = kmeans.fit(x, k=64, n_iter=40, tol=0.0, seed=0).inertia_history
-    assert len(history) > 10, f"tol=0: expected more than 10 steps on unstructured data, got {len(history)}"
+    assert len(history) > 10, (
+        f"tol=0: expected more than 10 steps on unstructured data, got {len(history)}")
     rises = [(i, a, b) for i, (a, b) in enumerate(zip(history, history[1:])) if b > a * (1 + 1e-6)]
-    assert not rises, f"expected the inertia never to rise, got step {rises[0][0] + 1}: {rises[0][1]:.6g} -> " \
-                      f"{rises[0][2]:.6g}"
+    assert not rises, (
+        f"expected the inertia never to rise, got step {rises[0][0] + 1}: {rises[0][1]:.6g} -> "
+        f"{rises[0][2]:.6g}")
 
 
 def test_lloyd_stops_once_inertia_improves_by_less_than_tol():
@@ -659,9 +702,9 @@ def test_lloyd_stops_once_inertia_improves_by_less_than_tol():
     start = kmeans.init_centroids(x, 16, torch.Generator().manual_seed(0))
     history = kmeans.lloyd(x, start, n_iter=100, tol=0.01).inertia_history
     drops = [round((a - b) / a, 4) for a, b in zip(history, history[1:])]
-    assert 2 <= len(history) < 100 and drops[-1] <= 0.01 and all(d > 0.01 for d in drops[:-1]), \
-        f"tol=0.01: expected steps while the relative drop exceeds 0.01 and a stop right after the first that " \
-        f"does not, got the drops {drops}"
+    assert 2 <= len(history) < 100 and drops[-1] <= 0.01 and all(d > 0.01 for d in drops[:-1]), (
+        "tol=0.01: expected steps while the relative drop exceeds 0.01 and a stop right after "
+        f"the first that does not, got the drops {drops}")
 
 
 def test_kmeans_reseeds_empty_clusters_on_the_worst_served_points():
@@ -685,12 +728,13 @@ def test_a_lloyd_step_moves_each_centroid_to_the_mean_of_its_points():
     step = kmeans.lloyd(x, start, n_iter=1)
     for j in range(4):
         want = x[labels == j].mean(0)
-        assert (step.centroids[j] - want).abs().max() < 1e-4, \
-            f"centroid {j}: expected the mean of its {int((labels == j).sum())} points, {fmt(want)}, " \
-            f"got {fmt(step.centroids[j])}"
+        assert (step.centroids[j] - want).abs().max() < 1e-4, (
+            f"centroid {j}: expected the mean of its {int((labels == j).sum())} points, "
+            f"{fmt(want)}, got {fmt(step.centroids[j])}")
     start_inertia = d2.min(1).values.sum().item()
-    assert abs(step.inertia_history[0] / start_inertia - 1) < 1e-6, \
-        f"expected inertia_history[0] = the start's inertia {start_inertia:.6g}, got {fmt(step.inertia_history)}"
+    assert abs(step.inertia_history[0] / start_inertia - 1) < 1e-6, (
+        f"expected inertia_history[0] = the start's inertia {start_inertia:.6g}, got "
+        f"{fmt(step.inertia_history)}")
 
 
 def test_kmeans_plus_plus_seeds_one_centroid_in_each_separated_cluster_and_beats_random_rows():
@@ -702,13 +746,16 @@ def test_kmeans_plus_plus_seeds_one_centroid_in_each_separated_cluster_and_beats
     # per step about 2 in 3 (13 expected, fewer than 7 about once in 1,000), draws by D instead of D^2 1 in 8.
     hits = sum(kmeans.assign(centres, kmeans.init_centroids(x, 16, torch.Generator().manual_seed(seed)))
                .unique().numel() == 16 for seed in range(20))
-    assert hits >= 7, f"expected a centroid in every one of 16 far clusters for 7 or more of 20 seeds, got {hits}"
+    assert hits >= 7, (
+        "expected a centroid in every one of 16 far clusters for 7 or more of 20 seeds, got "
+        f"{hits}")
     y = torch.randn(2000, 2, generator=g)  # no structure: only the greedy D^2 choice helps
     inertia = lambda c: kmeans.nearest_centroid(y, c)[1].sum().item()
     plus = sum(inertia(kmeans.init_centroids(y, 32, torch.Generator().manual_seed(s))) for s in range(3))
     rows = sum(inertia(y[torch.randperm(2000, generator=torch.Generator().manual_seed(s))[:32]]) for s in range(3))
-    assert plus < 0.7 * rows, f"expected the k-means++ start's inertia below 0.7 x random rows' ({rows:.1f}), " \
-                              f"got {plus:.1f}"
+    assert plus < 0.7 * rows, (
+        f"expected the k-means++ start's inertia below 0.7 x random rows' ({rows:.1f}), got "
+        f"{plus:.1f}")
 
 
 def test_chunked_distances_give_the_brute_force_assignment():
@@ -1156,8 +1203,10 @@ def test_probe_is_near_perfect_when_separable_and_chance_on_shuffled_labels():
         cfg = E.ProbeConfig(hidden_layers=hidden_layers, lr=1e-2, hidden_dim=128, max_epochs=60)
         probe, valid, _ = E.train_probe(X[:160], Y[:160], X[160:200], Y[160:200], task, cfg, seed=0)
         accuracy = E.top1_accuracy(E.predict(probe, X[200:], False), Y[200:])
-        assert accuracy >= 0.95 - 1e-6, f"{hidden_layers} hidden layers, a separable task: expected a test " \
-                                        f"accuracy of 0.95 or more, got {accuracy:.3f}"  # 38 of 40 in float32
+        # 38 of 40 in float32
+        assert accuracy >= 0.95 - 1e-6, (
+            f"{hidden_layers} hidden layers, a separable task: expected a test accuracy of 0.95 "
+            f"or more, got {accuracy:.3f}")
     Y_shuffled = Y[torch.randperm(len(Y), generator=torch.Generator().manual_seed(1))]
     cfg = E.ProbeConfig(hidden_layers=1, lr=3.2e-3, hidden_dim=128, max_epochs=60)
     probe, _, _ = E.train_probe(X[:160], Y_shuffled[:160], X[160:200], Y_shuffled[160:200], task, cfg, seed=0)
@@ -1179,22 +1228,25 @@ def test_accuracy_and_mAP_match_naive_references_with_ties_and_empty_classes():
                       for si, yi in zip(s, y) if yi]
         naive_aps.append(sum(precisions) / len(precisions) if precisions else 0.0)
     got = E.mean_average_precision(scores, Y)
-    assert got == pytest.approx(sum(naive_aps) / 6, abs=1e-6), \
-        f"6 classes with tied scores, class 5 without positives: expected mAP {sum(naive_aps) / 6:.6f} (per class " \
-        f"{fmt(naive_aps)}), got {got:.6f}"
+    assert got == pytest.approx(sum(naive_aps) / 6, abs=1e-6), (
+        "6 classes with tied scores, class 5 without positives: expected mAP "
+        f"{sum(naive_aps) / 6:.6f} (per class {fmt(naive_aps)}), got {got:.6f}")
     # scikit-learn 1.9 gives 0.583333 for this tie (the two top clips share one threshold)
     tie = E.mean_average_precision(torch.tensor([[0.5], [0.5], [0.2]]), torch.tensor([[1.0], [0], [1]]))
-    assert tie == pytest.approx(7 / 12), f"scores 0.5, 0.5, 0.2 for labels 1, 0, 1: expected AP 7/12 = 0.583333 " \
-                                         f"(the tie is one threshold), got {tie:.6f}"
+    assert tie == pytest.approx(7 / 12), (
+        "scores 0.5, 0.5, 0.2 for labels 1, 0, 1: expected AP 7/12 = 0.583333 (the tie is one "
+        f"threshold), got {tie:.6f}")
     # Accuracy on scores without ties (the contract leaves the tie rule open).
     scores = torch.rand(60, 6, generator=g)
     Y1 = torch.nn.functional.one_hot(torch.randint(0, 6, (60,), generator=g), 6).float()
     rows = scores.tolist()
-    assert all(sorted(r)[-1] > sorted(r)[-2] for r in rows), "the test's scores hold a tie"  # none: any tie rule
+    # none: any tie rule
+    assert all(sorted(r)[-1] > sorted(r)[-2] for r in rows), (
+        "the test's scores hold a tie")
     naive_acc = sum(int(r.index(max(r)) == y.index(1.0)) for r, y in zip(rows, Y1.tolist())) / 60
     got = E.top1_accuracy(scores, Y1)
-    assert got == pytest.approx(naive_acc, abs=1e-6), f"expected top-1 accuracy {naive_acc:.6f} " \
-                                                      f"({round(naive_acc * 60)} of 60), got {got:.6f}"
+    assert got == pytest.approx(naive_acc, abs=1e-6), (
+        f"expected top-1 accuracy {naive_acc:.6f} ({round(naive_acc * 60)} of 60), got {got:.6f}")
 
 
 def test_probe_returns_its_first_best_validated_weights_even_below_one_validation_interval():
@@ -1207,39 +1259,46 @@ def test_probe_returns_its_first_best_validated_weights_even_below_one_validatio
         cfg = E.ProbeConfig(hidden_layers=1, lr=1e-2, hidden_dim=64, max_epochs=max_epochs)
         probe, best, epoch = E.train_probe(X[:160], labels[:160], X[160:200], labels[160:200], task, cfg, seed=0)
         now = E.top1_accuracy(E.predict(probe, X[160:200], False), labels[160:200])
-        assert now == pytest.approx(best, abs=1e-6), f"max_epochs {max_epochs}: expected the returned probe to " \
-                                                     f"score the returned best {best:.4f}, got {now:.4f}"
+        assert now == pytest.approx(best, abs=1e-6), (
+            f"max_epochs {max_epochs}: expected the returned probe to score the returned best "
+            f"{best:.4f}, got {now:.4f}")
         if max_epochs == 2:
-            assert epoch == 1, f"2 epochs, validation every 3: expected the score of epoch 1, got epoch {epoch}"
+            assert epoch == 1, (
+                f"2 epochs, validation every 3: expected the score of epoch 1, got epoch {epoch}")
         elif labels is Y:  # perfect within the first few validations; later ties must not replace it
-            assert best == 1.0 and epoch % 3 == 2 and epoch <= 8, f"a separable task, validation every 3 " \
-                f"epochs: expected best 1.0 at epoch 2, 5 or 8 (the first perfect score), got {best} at epoch {epoch}"
+            assert best == 1.0 and epoch % 3 == 2 and epoch <= 8, (
+                "a separable task, validation every 3 epochs: expected best 1.0 at epoch 2, 5 or "
+                f"8 (the first perfect score), got {best} at epoch {epoch}")
 
 
 def test_probe_stops_after_patience_validations_without_improvement():
-    """[3.2, HEAR] patience counts validations, not epochs: with validation every 2 epochs and patience 3, the
-    probe stops at the third validation after its best; a later equal score is no improvement."""
+    """[3.2, HEAR] patience counts validations, not epochs: with validation every 2 epochs and
+    patience 3, the probe stops at the third validation after its best; an equal score is none."""
     X, Y = separable_data(n=80)
-    script = [0.5, 0.4, 0.6, 0.55, 0.6, 0.58, 0.9, 0.95, 0.97, 0.99]  # the scores of validations 1, 2, ...
+    script = [0.5, 0.4, 0.6, 0.55, 0.6, 0.58, 0.9, 0.95, 0.97, 0.99]  # of validations 1, 2, ...
     seen = []  # the predictions each validation scored
 
     def scripted(scores, labels):
         seen.append(scores.detach().clone())
         return script[min(len(seen), len(script)) - 1]
     task = E.Task("t", None, False, "scripted", {}, [], None)
-    cfg = E.ProbeConfig(hidden_layers=1, hidden_dim=16, lr=1e-2, max_epochs=40, check_every=2, patience=3)
+    cfg = E.ProbeConfig(hidden_layers=1, hidden_dim=16, lr=1e-2, max_epochs=40, check_every=2,
+                        patience=3)
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(E.METRICS, "scripted", scripted)
         probe, best, epoch = E.train_probe(X[:60], Y[:60], X[60:], Y[60:], task, cfg, seed=0)
-    # Validations after epochs 1, 3, 5, 7, 9, 11: the best, 0.6, comes at epoch 5 (the third); 0.55, 0.6 (equal)
-    # and 0.58 make three without improvement, so the probe stops before the 0.9 of a seventh.
-    assert len(seen) == 6, f"expected 6 validations (the best at the 3rd, then 3 without improvement), " \
-                           f"got {len(seen)}"
-    assert (best, epoch) == (0.6, 5), f"expected the best score 0.6 at epoch 5, got {best} at epoch {epoch}"
+    # Validations after epochs 1, 3, 5, 7, 9, 11: the best, 0.6, comes at epoch 5 (the third);
+    # 0.55, 0.6 (equal) and 0.58 make three without improvement: it stops before a seventh's 0.9.
+    assert len(seen) == 6, (
+        "expected 6 validations (the best at the 3rd, then 3 without improvement), got "
+        f"{len(seen)}")
+    assert (best, epoch) == (0.6, 5), (
+        f"expected the best score 0.6 at epoch 5, got {best} at epoch {epoch}")
     now = E.predict(probe, X[60:], False)
     off = (now - seen[2]).abs().max().item()
-    assert off < 1e-6, f"expected the returned probe to predict as at its best validation, got predictions " \
-                       f"off by up to {off:.3g}"
+    assert off < 1e-6, (
+        "expected the returned probe to predict as at its best validation, got predictions off "
+        f"by up to {off:.3g}")
 
 
 def test_kfold_bookkeeping_and_mean_over_folds():

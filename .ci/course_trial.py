@@ -1,6 +1,7 @@
 """Tries the course kit's grader with independently written correct and wrong implementations of every assignment.
 
-    python .ci/course_trial.py [--only gap_mask,loss] [--match WORD]   a markdown table; exit 1 on any wrong verdict
+    python .ci/course_trial.py [--only gap_mask,loss] [--match WORD]
+        a markdown table; exit 1 on any wrong verdict
 
 A developer's tool, in .ci/ because it holds complete solutions: `course.py make` leaves .ci/ out of
 student copies. Each implementation below was written from the contract docstrings of a student copy
@@ -140,18 +141,21 @@ def gap_mask(lengths, T, M_prop, M_gap, generator=None):
     return mask
 ''')
 
-# Issue 32: round(0.8 * 1) = 1 hides the whole of a 1-frame clip; the contract caps the count at length - 1.
+# Issue 32: round(0.8 * 1) = 1 hides a whole 1-frame clip; the contract caps it at length - 1.
 impl("gap_mask", "no length - 1 cap: a 1-frame clip wholly hidden", False,
-     GAP_LOOP.replace("want = min(round(M_prop * length), length - 1)", "want = round(M_prop * length)"))
+     GAP_LOOP.replace("want = min(round(M_prop * length), length - 1)",
+                      "want = round(M_prop * length)"))
 
 impl("gap_mask", "a float mask (torch.zeros' default dtype)", False,
-     GAP_LOOP.replace("torch.zeros(len(lengths), T, dtype=torch.bool)", "torch.zeros(len(lengths), T)")
+     GAP_LOOP.replace("torch.zeros(len(lengths), T, dtype=torch.bool)",
+                      "torch.zeros(len(lengths), T)")
      .replace("new = (~span).nonzero()[:, 0]", "new = (span == 0).nonzero()[:, 0]"))
 
 impl("gap_mask", "count rounded half up, int(x + 0.5)", False,
      GAP_LOOP.replace("round(M_prop * length)", "int(M_prop * length + 0.5)"))
 
-impl("gap_mask", "count truncated, int(x)", False, GAP_LOOP.replace("round(M_prop * length)", "int(M_prop * length)"))
+impl("gap_mask", "count truncated, int(x)", False,
+     GAP_LOOP.replace("round(M_prop * length)", "int(M_prop * length)"))
 
 impl("gap_mask", "starts from torch.multinomial without replacement", True, '''
 def gap_mask(lengths, T, M_prop, M_gap, generator=None):
@@ -159,7 +163,8 @@ def gap_mask(lengths, T, M_prop, M_gap, generator=None):
     for i, n in enumerate(lengths.tolist()):
         target = min(round(M_prop * n), n - 1)
         last_start = max(n - M_gap, 0)
-        order = torch.multinomial(torch.ones(last_start + 1), last_start + 1, replacement=False, generator=generator)
+        order = torch.multinomial(torch.ones(last_start + 1), last_start + 1, replacement=False,
+                                  generator=generator)
         hidden = 0
         for s in order.tolist():
             if hidden == target:
@@ -263,7 +268,8 @@ impl("positions", "ids_restore is the sort order itself, not its inverse", False
      + SORT_GATHER.replace("torch.argsort(order, dim=1)", "order") + "\n\n" + SORT_RESTORE)
 
 impl("positions", "a float64 table (float() forgotten)", False,
-     SINUS.replace("return pe.float().to(device)", "return pe.to(device)") + "\n\n" + SORT_GATHER + "\n\n" + SORT_RESTORE)
+     SINUS.replace("return pe.float().to(device)", "return pe.to(device)") + "\n\n" + SORT_GATHER
+     + "\n\n" + SORT_RESTORE)
 
 impl("positions", "a loop over clips, -1 for tokens", True, SINUS + "\n\n" + '''
 def gather_visible(x, mask, padding, min_slots=0):
@@ -363,7 +369,8 @@ impl("loss", "no guard for an empty set: 0 / 0", False,
      LOSS_VECTOR.replace("    n_hidden, n_shown = max(n_hidden, 1), max(n_shown, 1)\n", ""))
 
 impl("loss", "counts unpacked in the wrong order", False,
-     LOSS_VECTOR.replace("if counts is None else map(int, counts)", "if counts is None else map(int, counts[::-1])"))
+     LOSS_VECTOR.replace("if counts is None else map(int, counts)",
+                         "if counts is None else map(int, counts[::-1])"))
 
 impl("loss", "sums per clip, then over the batch", True, '''
 def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None):
@@ -444,12 +451,13 @@ impl("gamma", "each stage quantizes the frame, not the residual", False, GAMMA_B
 
 impl("gamma", "not normalized", False, GAMMA_BATCHES.replace("(mean / mean.sum()).float()", "mean.float()"))
 
-# Issue 32: three answers the stub codec of constant frames and 1-entry codebooks could not tell apart.
+# Issue 32: three answers a stub codec of constant frames and 1-entry codebooks let pass.
 impl("gamma", "each clip's partial last frame dropped (floor)", False, GAMMA_BATCHES.replace(
     "[num_frames(n) for n in lengths[i:i + batch]]", "[n // HOP for n in lengths[i:i + batch]]"))
 
 impl("gamma", "RMS error instead of the mean norm", False, GAMMA_BATCHES.replace(
-    "error[q] += r.norm(dim=1).double().sum().cpu()", "error[q] += r.norm(dim=1).double().square().sum().cpu()")
+    "error[q] += r.norm(dim=1).double().sum().cpu()",
+    "error[q] += r.norm(dim=1).double().square().sum().cpu()")
     .replace("mean = error / n_frames", "mean = (error / n_frames).sqrt()"))
 
 impl("gamma", "e_q(r) passed on to the next stage, not r - e_q(r)", False, GAMMA_BATCHES.replace(
@@ -459,7 +467,8 @@ impl("gamma", "e_q(r) passed on to the next stage, not r - e_q(r)", False, GAMMA
     "            error[q] += (r - e).norm(dim=1).double().sum().cpu()\n"
     "            r = e"))
 
-impl("gamma", "L1 norm", False, GAMMA_BATCHES.replace("r.norm(dim=1).double()", "r.abs().sum(1).double()"))
+impl("gamma", "L1 norm", False,
+     GAMMA_BATCHES.replace("r.norm(dim=1).double()", "r.abs().sum(1).double()"))
 
 impl("gamma", "mean per clip, then over clips", False, '''
 @torch.no_grad()
@@ -484,7 +493,8 @@ impl("gamma", "only the first batch of clips", False,
      GAMMA_BATCHES.replace("for i in range(0, len(clips), batch):", "for i in [0]:  # one batch"))
 
 impl("gamma", "nearest entry by cdist over the codebook's entries", True, GAMMA_BATCHES.replace(
-    "r = r - book.dequantize(book.quantize(r))", "r = r - book.embed[torch.cdist(r, book.embed).argmin(1)]"))
+    "r = r - book.dequantize(book.quantize(r))",
+    "r = r - book.embed[torch.cdist(r, book.embed).argmin(1)]"))
 
 # ---------------------------------------------------------------- kmeans [2.3]
 INIT_TEXTBOOK = '''
@@ -599,8 +609,9 @@ impl("kmeans", "k-means++ draws proportional to D, not D^2", False, INIT_TEXTBOO
 impl("kmeans", "Lloyd runs n_iter + 1 steps", False, INIT_TEXTBOOK + "\n\n" + LLOYD_CDIST.replace(
     "for i in range(n_iter):", "for i in range(n_iter + 1):"))
 
-impl("kmeans", "inertia as the sum of distances, not squared", False, INIT_TEXTBOOK + "\n\n" + LLOYD_CDIST.replace(
-    "(x - c[labels]).double().square().sum().item()", "(x - c[labels]).double().norm(dim=1).sum().item()"))
+impl("kmeans", "inertia as the sum of distances, not squared", False,
+     INIT_TEXTBOOK + "\n\n" + LLOYD_CDIST.replace("(x - c[labels]).double().square().sum()",
+                                                   "(x - c[labels]).double().norm(dim=1).sum()"))
 
 impl("kmeans", "Lloyd in float64", True, INIT_TEXTBOOK + "\n\n" + LLOYD_CDIST.replace(
     "    x = x.float()\n    c = centroids.float().to(x.device).clone()",
@@ -766,7 +777,8 @@ impl("probe", "no validation below one interval", False, METRICS_SORT + "\n\n" +
 
 
 # Issue 32: patience counted in epochs stops a probe that validates every 3 epochs 3x too early.
-impl("probe", "patience counted in epochs, not validations", False, METRICS_SORT + "\n\n" + TRAIN_DEEPCOPY.replace(
+impl("probe", "patience counted in epochs, not validations", False,
+     METRICS_SORT + "\n\n" + TRAIN_DEEPCOPY.replace(
     """            if score > best:  # strictly: the first best stays
                 best, best_epoch, best_state, stale = score, epoch, copy.deepcopy(probe.state_dict()), 0
             else:
@@ -779,27 +791,30 @@ impl("probe", "patience counted in epochs, not validations", False, METRICS_SORT
             break
 """))
 
-impl("probe", "validates every epoch (check_every ignored)", False, METRICS_SORT + "\n\n" + TRAIN_DEEPCOPY.replace(
-    "if (epoch + 1) % cfg.check_every == 0 or (epoch == cfg.max_epochs - 1 and best_state is None):",
-    "if True:  # every epoch"))
+CHECK = ("if (epoch + 1) % cfg.check_every == 0 or "
+         "(epoch == cfg.max_epochs - 1 and best_state is None):")
+impl("probe", "validates every epoch (check_every ignored)", False,
+     METRICS_SORT + "\n\n" + TRAIN_DEEPCOPY.replace(CHECK, "if True:  # every epoch"))
 
-impl("probe", "the stale count never reset by an improvement", False, METRICS_SORT + "\n\n" + TRAIN_DEEPCOPY.replace(
-    "score, epoch, copy.deepcopy(probe.state_dict()), 0", "score, epoch, copy.deepcopy(probe.state_dict()), stale"))
+impl("probe", "the stale count never reset by an improvement", False,
+     METRICS_SORT + "\n\n" + TRAIN_DEEPCOPY.replace("copy.deepcopy(probe.state_dict()), 0",
+                                                     "copy.deepcopy(probe.state_dict()), stale"))
 
 # Epochs since the best >= patience x check_every: the same stop as counting validations.
-impl("probe", "patience as epochs since the best >= patience x check_every", True, METRICS_SORT + "\n\n"
-     + TRAIN_DEEPCOPY.replace("""            else:
+impl("probe", "patience as epochs since the best >= patience x check_every", True,
+     METRICS_SORT + "\n\n" + TRAIN_DEEPCOPY.replace("""            else:
                 stale += 1
                 if stale >= cfg.patience:
                     break
-""", """            elif epoch - best_epoch >= cfg.patience * cfg.check_every:  # as many validations, in epochs
+""", """            elif epoch - best_epoch >= cfg.patience * cfg.check_every:  # in validations
                 break
 """))
 
-# Issue 32: the old test broke ties; the contract leaves the tie rule open and the test now has none.
+# Issue 32: the old test broke ties; the contract leaves the tie rule open, the test has no tie now.
 impl("probe", "top-1 ties broken toward the last class", True, METRICS_SORT.replace(
     "torch.as_tensor(scores).argmax(1)",
-    "(torch.as_tensor(scores).shape[1] - 1 - torch.as_tensor(scores).flip(1).argmax(1))") + "\n\n" + TRAIN_DEEPCOPY)
+    "(torch.as_tensor(scores).shape[1] - 1 - torch.as_tensor(scores).flip(1).argmax(1))")
+    + "\n\n" + TRAIN_DEEPCOPY)
 
 
 # ---------------------------------------------------------------- the runner
@@ -825,15 +840,16 @@ def grade(item, work):
     m = re.search(rf"^{item.assignment}\s+\[[^\]]*\] (\d+)/(\d+) passed(.*)$", out, re.M)
     if not m:  # the grader printed no line for it: count it as nothing passed
         return 0, len(ASSIGNMENTS[item.assignment].grading), out.strip()[-120:]
-    why = m.group(3).lstrip(":; ").strip()  # "not implemented yet", "cannot grade: ...", or the first failed claim
+    why = m.group(3).lstrip(":; ").strip()  # "not implemented yet", "cannot grade: ...", or nothing
     first = re.search(r"^    (FAILED|TIMED OUT) +(.*)$", out[m.end():], re.M)
-    return int(m.group(1)), int(m.group(2)), why or (f"{first.group(1)} {first.group(2)}" if first else "")
+    why = why or (f"{first.group(1)} {first.group(2)}" if first else "")  # the first failed claim
+    return int(m.group(1)), int(m.group(2)), why
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", help="comma-separated assignments (default: all)")
-    p.add_argument("--match", default="", help="only the implementations whose name holds this text")
+    p.add_argument("--match", default="", help="only the implementations whose names hold this")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(ASSIGNMENTS)
     unknown = set(names) - set(ASSIGNMENTS)

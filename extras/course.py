@@ -1,7 +1,7 @@
 """The course kit: hand out the paper's core functions as assignments and grade them with one command.
 
     python extras/course.py make --out DIR [--only gap_mask,loss]   a student copy, those bodies removed
-    python extras/course.py grade DIR [--only loss] [--timeout 20]  one block per assignment, exit 0 if all pass
+    python extras/course.py grade DIR [--only loss] [--timeout 20]  this repository's tests on DIR
     python extras/course.py list                                    the assignments and their grading tests
 
 Each assignment is a group of functions between `# >>> assignment NAME` and `# <<< assignment NAME`
@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ("model.py", "data.py", "train.py", "kmeans.py", "evaluate.py")
-COPY_MARK = ".course-copy"  # written by make into a student copy: its assignments and the commit it came from
-TIMEOUT = 20.0  # seconds per grading test's call: the slowest takes about 1 s on the reference (docs/COURSE.md)
+COPY_MARK = ".course-copy"  # make writes it into a copy: its assignments, the commit it came from
+TIMEOUT = 20.0  # seconds per grading test's call; the slowest takes 1-2 s (docs/COURSE.md)
 IMPORT_TIMEOUT = 60.0  # seconds to import the graded files (torch included) before any test runs
 
 
@@ -45,16 +45,17 @@ ASSIGNMENTS = {
     "gap_mask": Assignment("model.py", "2", {
         "gap_mask": """Which frames to hide, per clip [2]: "a proportion M_prop of the embeddings is randomly
     masked, sampling the starting indices for the mask without replacement, and masking the subsequent
-    M_gap time steps for every sampled index": exactly min(round(M_prop * length), length - 1) frames of each
-    clip (Python's round: halves to even; one frame always stays visible, so a 1-frame clip hides none), in
-    spans of M_gap that lie inside the clip (starts 0..max(0, length - M_gap); spans may overlap; the last
-    one is trimmed to hit the count).
+    M_gap time steps for every sampled index": exactly min(round(M_prop * length), length - 1)
+    frames of each clip (Python's round: halves to even; one frame always stays visible, so a
+    1-frame clip hides none), in spans of M_gap that lie inside the clip (starts 0..max(0,
+    length - M_gap); spans may overlap; the last one is trimmed to hit the count).
 
     lengths (B,) int: real frames of each clip (>= 1); frames t >= length are padding and never hidden.
     T: frames per row of the mask. M_prop (float in [0, 1]), M_gap (int >= 1).
     generator: a torch.Generator; every random draw comes from it (same seed, same masks).
     Returns mask (B, T) bool (dtype torch.bool), True = hidden, on lengths' device.""",
-    }, grading=("test_gap_mask_hides_exactly_M_prop_of_frames", "test_gap_mask_keeps_one_frame_of_each_clip_visible",
+    }, grading=("test_gap_mask_hides_exactly_M_prop_of_frames",
+                "test_gap_mask_keeps_one_frame_of_each_clip_visible",
                 "test_gap_mask_hides_contiguous_gaps_of_M_gap_frames",
                 "test_gap_mask_differs_between_examples_and_follows_the_seed", "test_gap_mask_never_hides_padding",
                 "test_gap_mask_covers_every_frame_over_many_draws", "test_gap_mask_scatters_gaps_from_random_starts"),
@@ -104,12 +105,13 @@ ASSIGNMENTS = {
 
     codec: codec.raw_frames(wav (b, n)) -> (b, C, T) frames before quantization (C = codec.dim, 128 for
     EnCodec); stage q's codebook is codec.quantizer.vq.layers[q]._codebook, with .quantize(r (n, C)) ->
-    codes and .dequantize(codes) -> (n, C), e_q(r) its nearest entry. Stage q quantizes the residual r_q left
-    by the stages before it: r_1 = the frame, r_(q+1) = r_q - e_q(r_q). Stage q's error is the mean of the L2
-    norm |r_q - e_q(r_q)| over all real frames of all clips together (one mean, not a mean per clip).
-    clips (B, n) at 24 kHz; lengths (B,) real samples per clip (None: all n); only a clip's first
-    ceil(length / HOP) frames are real (a partial last hop is a real frame), the others are left out.
-    Runs `batch` clips at a time. Returns (Q,) float32, positive, summing to 1.""",
+    codes and .dequantize(codes) -> (n, C), e_q(r) its nearest entry. Stage q quantizes the residual
+    r_q left by the stages before it: r_1 = the frame, r_(q+1) = r_q - e_q(r_q). Stage q's error is
+    the mean of the L2 norm |r_q - e_q(r_q)| over all real frames of all clips together (one mean,
+    not a mean per clip). clips (B, n) at 24 kHz; lengths (B,) real samples per clip (None: all n);
+    only a clip's first ceil(length / HOP) frames are real (a partial last hop is a real frame), the
+    others are left out. Runs `batch` clips at a time.
+    Returns (Q,) float32, positive, summing to 1.""",
     }, grading=("test_gamma_q_is_the_error_each_stage_leaves_on_real_frames",
                 "test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks")),
     "kmeans": Assignment("kmeans.py", "2.3", {
@@ -134,8 +136,9 @@ ASSIGNMENTS = {
                 "test_kmeans_plus_plus_seeds_one_centroid_in_each_separated_cluster_and_beats_random_rows",
                 "test_kmeans_is_deterministic_for_a_seed")),
     "probe": Assignment("evaluate.py", "3.2", {
-        "top1_accuracy": """Share of clips whose highest score is their label: scores (N, C), Y (N, C) one-hot -> float.
-    A tie for a clip's highest score may go to any of the tied classes (the grading tests hold none).""",
+        "top1_accuracy": """Share of clips whose highest score is their label: scores (N, C),
+    Y (N, C) one-hot -> float. A tie for a clip's highest score may go to any of the tied classes
+    (the grading tests hold none).""",
         "mean_average_precision": """Macro mean average precision, as scikit-learn's average_precision_score [3.2]:
     per class, AP = sum over score thresholds of (R_k - R_{k-1}) P_k, clips with equal scores sharing one
     threshold; a class without a positive clip scores 0 and still counts in the mean.
@@ -153,7 +156,8 @@ ASSIGNMENTS = {
     cfg.max_epochs. Returns (probe holding the best weights, best score, its epoch).""",
     }, grading=("test_probe_is_near_perfect_when_separable_and_chance_on_shuffled_labels",
                 "test_accuracy_and_mAP_match_naive_references_with_ties_and_empty_classes",
-                "test_probe_returns_its_first_best_validated_weights_even_below_one_validation_interval",
+                ("test_probe_returns_its_first_best_validated_weights_even_below_one_"
+                 "validation_interval"),
                 "test_probe_stops_after_patience_validations_without_improvement")),
 }
 
@@ -207,7 +211,8 @@ def choose(only):
 def tracked_files(root=ROOT):
     """The repository's files: git's list when it is a clone, else every file but runs/ and caches."""
     try:
-        out = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout
         return [p for p in out.splitlines() if os.path.isfile(os.path.join(root, p))]
     except (OSError, subprocess.CalledProcessError):
         skip = {".git", "runs", "__pycache__", ".pytest_cache"}
@@ -218,7 +223,8 @@ def tracked_files(root=ROOT):
 def commit(root=ROOT):
     """The repository's git commit, or None outside a clone."""
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True)
     except OSError:
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -261,13 +267,13 @@ def claims(test_file):
     return {n.name: n.name.removeprefix("test_").replace("_", " ") for n in tree.body if isinstance(n, ast.FunctionDef)}
 
 
-# ---------------------------------------------------------------- grading: the lecturer's tests on the student's code
+# ---------------------------------------------------------------- grading: the lecturer's tests
 class Ungradable(Exception):
-    """An assignment whose code cannot be graded (missing file or markers, a syntax error): one line."""
+    """An assignment whose code cannot be graded (no file or markers, a syntax error): one line."""
 
 
 def top_names(nodes, imports=False):
-    """Names that these module-level statements bind (definitions and assignments; imports if asked)."""
+    """The names these module-level statements bind: definitions, assignments, imports if asked."""
     names = set()
     for n in nodes:
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -286,7 +292,7 @@ def outside(tree, spans):
 
 
 def student_region(folder, file, name, lecturer):
-    """(the student's lines between NAME's markers, the line number of the first) or Ungradable."""
+    """(the student's lines between NAME's markers, the line number of the first), or Ungradable."""
     path = os.path.join(folder, file)
     if not os.path.isfile(path):
         raise Ungradable(f"no {file} in {folder}")
@@ -294,54 +300,58 @@ def student_region(folder, file, name, lecturer):
     try:
         first, last = region(lines, name)
     except UsageError:
-        raise Ungradable(f"{file} needs one '# >>> assignment {name}' line and one '# <<< assignment {name}' "
-                         f"line around the code") from None
+        raise Ungradable(f"{file} needs one '# >>> assignment {name}' line and one "
+                         f"'# <<< assignment {name}' line around the code") from None
     code = lines[first:last - 1]
     try:
         tree = ast.parse("".join(code))
     except SyntaxError as e:
         raise Ungradable(f"{file} line {first + (e.lineno or 1)}: SyntaxError: {e.msg}") from None
-    lecturer_tree = ast.parse(lecturer)
-    first_l, last_l = region(lecturer.splitlines(), name)
-    clash = top_names(tree.body) & top_names(outside(lecturer_tree, [(first_l, last_l)]), imports=True)
-    if clash:
-        raise Ungradable(f"the code between the markers redefines {', '.join(sorted(clash))}, which {file} "
-                         f"defines outside the assignment: rename it")
+    span = region(lecturer.splitlines(), name)
+    clash = top_names(tree.body) & top_names(outside(ast.parse(lecturer), [span]), imports=True)
+    if clash:  # it would replace a helper the tests rely on (kmeans.assign, say)
+        raise Ungradable(f"the code between the markers redefines {', '.join(sorted(clash))}, "
+                         f"which {file} defines outside the assignment: rename it")
     return code, first + 1
 
 
 def added_imports(folder, file, lecturer, notes):
-    """The imports the student added at the top of FILE (names the lecturer's file does not bind):
-    carried into the graded file. Definitions added outside the markers are not: a note says so."""
+    """The imports the student added at the top of FILE (names the lecturer's file does not bind),
+    carried into the graded file. Definitions outside the markers are not: a note says so."""
     try:
         text = open(os.path.join(folder, file)).read()
         tree = ast.parse(text)
     except (OSError, SyntaxError):
         return []
     lines = text.splitlines()
-    spans = [region(lines, n) for n in ASSIGNMENTS if ASSIGNMENTS[n].file == file
-             and sum(l.strip() in (f"# >>> assignment {n}", f"# <<< assignment {n}") for l in lines) == 2]
+    marks = lambda n: sum(line.strip() in (f"# >>> assignment {n}", f"# <<< assignment {n}")
+                          for line in lines)
+    spans = [region(lines, n) for n in ASSIGNMENTS if ASSIGNMENTS[n].file == file and marks(n) == 2]
     theirs = top_names(ast.parse(lecturer).body, imports=True)
     mine = outside(tree, spans)
     extra = sorted(top_names(mine) - theirs)
     if extra:
-        notes.append(f"note: {file} defines {', '.join(extra)} outside the assignment markers; grading takes only "
-                     f"the code between them (and imports added at the top): move {extra[0]} between them")
-    return [ast.get_source_segment(text, n) + "\n" for n in mine if isinstance(n, (ast.Import, ast.ImportFrom))
-            and not top_names([n], imports=True) <= theirs]
+        notes.append(f"note: {file} defines {', '.join(extra)} outside the assignment markers; "
+                     f"grading takes only the code between them (and imports added at the top): "
+                     f"move {extra[0]} between them")
+    added = [n for n in mine if isinstance(n, (ast.Import, ast.ImportFrom))
+             and not top_names([n], imports=True) <= theirs]
+    return [ast.get_source_segment(text, n) + "\n" for n in added]
 
 
 def graded_tree(folder, names, work, notes, forced):
-    """Write into `work` the lecturer's files (core files, test_all.py, extras/*.py) with, between each graded
-    assignment's markers, the student's code from `folder` (blanked where it cannot be graded).
+    """Write into `work` the lecturer's files (core files, test_all.py, extras/*.py) with, between
+    each graded assignment's markers, the student's code from `folder` (blanked where it cannot be
+    graded).
 
-    Returns (regions, ungradable): regions maps each graded file's path in `work` to
-    [first, last, student's first line, assignment, file] per pasted region, so that a traceback's
-    line is shown as the student's; ungradable maps an assignment to why it cannot be graded (`forced`:
-    those found out while running, whose code is blanked as well)."""
+    Returns (regions, ungradable). regions maps each graded file's path in `work` to a list of
+    [first line, last line, the student's first line, assignment, file] per pasted region, so that a
+    traceback's line is shown as the student's; ungradable maps an assignment to why it cannot be
+    graded (`forced`: those found out while running, whose code is blanked as well)."""
     keep = set(CORE) | {"test_all.py"}
+    extras = lambda p: p.startswith("extras/") and p.count("/") == 1 and p.endswith(".py")
     for path in tracked_files():
-        if path in keep or (path.startswith("extras/") and path.count("/") == 1 and path.endswith(".py")):
+        if path in keep or extras(path):
             os.makedirs(os.path.dirname(os.path.join(work, path)) or work, exist_ok=True)
             shutil.copy(os.path.join(ROOT, path), os.path.join(work, path))
     with open(os.path.join(work, "pytest.ini"), "w") as f:
@@ -350,22 +360,22 @@ def graded_tree(folder, names, work, notes, forced):
     for file in sorted({ASSIGNMENTS[n].file for n in names}):
         lecturer = open(os.path.join(ROOT, file)).read()
         imports = added_imports(folder, file, lecturer, notes)
-        here = [n for n in names if ASSIGNMENTS[n].file == file]
         code = {}
-        for name in here:
+        for name in (n for n in names if ASSIGNMENTS[n].file == file):
             try:
                 if name in forced:
                     raise Ungradable(forced[name])
                 code[name] = student_region(folder, file, name, lecturer)
             except Ungradable as e:
                 ungradable[name] = str(e)
-                blanked = blank(lecturer, name, ASSIGNMENTS[name].contracts).splitlines(keepends=True)
+                blanked = blank(lecturer, name, ASSIGNMENTS[name].contracts)
+                blanked = blanked.splitlines(keepends=True)
                 first, last = region(blanked, name)
                 code[name] = (blanked[first:last - 1], None)
         out, spans, skipping = [], [], None
         for line in lecturer.splitlines(keepends=True):
             mark = line.strip()
-            if skipping:
+            if skipping:  # the lecturer's own code between the markers
                 if mark == f"# <<< assignment {skipping}":
                     out.append(line)
                     skipping = None
@@ -375,7 +385,7 @@ def graded_tree(folder, names, work, notes, forced):
             if mark.startswith("# >>> assignment ") and name in code:
                 lines, student_first = code[name]
                 if imports and student_first:
-                    out += imports  # at the top of the first graded region, in the region's scope: the module's
+                    out += imports  # at the top of the first graded region: module level there too
                     imports = []
                 if student_first:
                     spans.append([len(out) + 1, len(out) + len(lines), student_first, name, file])
@@ -388,11 +398,12 @@ def graded_tree(folder, names, work, notes, forced):
 
 
 def locate(regions, filename, lineno, function=None):
-    """(where, assignment) when the graded file's line lies in a student's pasted code, as the student's
-    file and line; else None. Used here and by extras/course_plugin.py."""
+    """(where, assignment) when a graded file's line lies in a student's pasted code, named by the
+    student's file and line; else None. Used here and by extras/course_plugin.py."""
     for first, last, student_first, name, file in regions.get(os.path.realpath(filename), []):
         if first <= lineno <= last:
-            return f"{file} line {lineno - first + student_first}" + (f", in {function}" if function else ""), name
+            where = f"{file} line {lineno - first + student_first}"
+            return where + (f", in {function}" if function else ""), name
     return None
 
 
@@ -402,26 +413,27 @@ def stack_place(regions, path):
         dump = open(path).read()
     except OSError:
         return None
-    for filename, lineno, function in re.findall(r'File "(.*)", line (\d+) in (\S+)', dump):  # most recent first
-        found = locate(regions, filename, int(lineno), function)
+    for filename, lineno, function in re.findall(r'File "(.*)", line (\d+) in (\S+)', dump):
+        found = locate(regions, filename, int(lineno), function)  # the most recent frame first
         if found:
             return found
     return None
 
 
 def run_tests(work, tests, regions, modules, timeout):
-    """One pytest process on `tests` in `work`, watched. Returns (events, stack dump path, output tail)."""
+    """One pytest process on `tests` in `work`, watched: (events, stack dump path, output tail)."""
     events, stacks = os.path.join(work, "events.jsonl"), os.path.join(work, "stacks.txt")
     for path in (events, stacks):
         open(path, "w").close()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COURSE_EVENTS": events,
-           "COURSE_STACKS": stacks, "COURSE_TIMEOUT": str(timeout), "COURSE_IMPORT_TIMEOUT": str(IMPORT_TIMEOUT),
-           "COURSE_REGIONS": json.dumps(regions), "COURSE_MODULES": ",".join(modules)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=no", "-p", "no:cacheprovider", "-p", "extras.course_plugin",
-           *[f"test_all.py::{t}" for t in tests]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "COURSE_EVENTS": events, "COURSE_STACKS": stacks, "COURSE_TIMEOUT": str(timeout),
+           "COURSE_IMPORT_TIMEOUT": str(IMPORT_TIMEOUT), "COURSE_REGIONS": json.dumps(regions),
+           "COURSE_MODULES": ",".join(modules)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=no", "-p", "no:cacheprovider",
+           "-p", "extras.course_plugin", *[f"test_all.py::{t}" for t in tests]]
     with open(os.path.join(work, "pytest.log"), "w+") as log:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:  # faulthandler ends a test past its limit from inside; this is the backstop if it cannot
+        try:  # faulthandler ends a test past its limit from inside; this is the backstop
             while proc.poll() is None:
                 time.sleep(0.1)
                 if time.time() - os.path.getmtime(events) > max(timeout, IMPORT_TIMEOUT) + 120:
@@ -435,22 +447,12 @@ def run_tests(work, tests, regions, modules, timeout):
     return [json.loads(line) for line in open(events) if line.strip()], stacks, tail
 
 
-def grade(folder, names, timeout=TIMEOUT):
-    """Run the lecturer's grading tests of the chosen assignments on the student's code in `folder`,
-    each test's call limited to `timeout` seconds; one block per assignment and a total. True if all pass."""
-    if not os.path.isdir(folder):
-        raise UsageError(f"{folder}: no such folder; give the folder `make` wrote (or . for this repository)")
-    if not any(os.path.isfile(os.path.join(folder, ASSIGNMENTS[n].file)) for n in names):
-        raise UsageError(f"{folder}: no {' or '.join(sorted({ASSIGNMENTS[n].file for n in names}))} there; "
-                         f"give the folder `make` wrote (or . for this repository)")
-    words = claims(os.path.join(ROOT, "test_all.py"))
-    missing = [t for n in names for t in ASSIGNMENTS[n].grading if t not in words]
-    if missing:
-        raise UsageError(f"{ROOT}/test_all.py lacks the grading tests {', '.join(missing)}")
+def copy_notes(folder):
+    """Notes on the tests' source: a student copy's course.py, a copy made at another commit."""
     notes = []
     if os.path.isfile(os.path.join(ROOT, COPY_MARK)):
-        notes.append(f"note: this course.py is a student copy's: its tests are the copy's own (a self-check); "
-                     f"the lecturer grades with the course.py of their own repository")
+        notes.append("note: this course.py is a student copy's: its tests are the copy's own (a "
+                     "self-check); the lecturer grades with the course.py of their own repository")
     try:
         made = json.load(open(os.path.join(folder, COPY_MARK)))["made_from_commit"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -458,8 +460,27 @@ def grade(folder, names, timeout=TIMEOUT):
     now = commit()
     if made and now and made != now:
         notes.append(f"note: the copy was made at commit {made[:10]}; the tests are at {now[:10]}")
-    results, forced = {}, {}  # test -> (passed, cause, where); assignment -> why it turned out ungradable
-    modules = sorted({ASSIGNMENTS[n].file.removesuffix(".py") for n in names})
+    return notes
+
+
+def grade(folder, names, timeout=TIMEOUT):
+    """Run the lecturer's grading tests of the chosen assignments on the student's code in `folder`,
+    each test's call limited to `timeout` seconds; a block per assignment and a total.
+    True if all pass."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder}: no such folder; give the folder `make` wrote (or . for this "
+                         f"repository)")
+    files = sorted({ASSIGNMENTS[n].file for n in names})
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in files):
+        raise UsageError(f"{folder}: no {' or '.join(files)} there; give the folder `make` wrote "
+                         f"(or . for this repository)")
+    words = claims(os.path.join(ROOT, "test_all.py"))
+    missing = [t for n in names for t in ASSIGNMENTS[n].grading if t not in words]
+    if missing:
+        raise UsageError(f"{ROOT}/test_all.py lacks the grading tests {', '.join(missing)}")
+    notes = copy_notes(folder)
+    results, forced = {}, {}  # test -> (passed, cause, where); assignment -> why it stopped the run
+    modules = [f.removesuffix(".py") for f in files]
     with tempfile.TemporaryDirectory(prefix="course-grade-") as work:
         regions, ungradable = graded_tree(folder, names, work, notes, forced)
         print(f"grading the code in {os.path.abspath(folder)} with the tests of {ROOT} "
@@ -467,7 +488,8 @@ def grade(folder, names, timeout=TIMEOUT):
         for note in notes:
             print(note, flush=True)
         while True:
-            pending = [t for n in names if n not in ungradable for t in ASSIGNMENTS[n].grading if t not in results]
+            pending = [t for n in names if n not in ungradable for t in ASSIGNMENTS[n].grading
+                       if t not in results]
             if not pending:
                 break
             events, stacks, tail = run_tests(work, pending, regions, modules, timeout)
@@ -477,28 +499,31 @@ def grade(folder, names, timeout=TIMEOUT):
                     running = e["test"]
                 elif e["event"] == "result":
                     running = None
-                    if results.get(e["test"], (True,))[0]:  # the first failure stays (a teardown's comes later)
-                        results[e["test"]] = (e["outcome"] == "passed", e.get("cause"), e.get("where"))
+                    if results.get(e["test"], (True,))[0]:  # the first failure stays
+                        passed = e["outcome"] == "passed"
+                        results[e["test"]] = (passed, e.get("cause"), e.get("where"))
                 elif e["event"] == "import_error":
-                    if e.get("assignment") is None:  # not the student's code: the lecturer's files are broken
-                        raise UsageError(f"{e['module']}.py of {ROOT} does not import: {e['cause']}")
+                    if e.get("assignment") is None:  # not the student's code: the lecturer's
+                        raise UsageError(f"{e['module']}.py of {ROOT} does not import: "
+                                         f"{e['cause']}")
                     forced[e["assignment"]] = f"it does not import: {e['cause']} ({e['where']})"
             place = stack_place(regions, stacks)
             if running is not None:  # the process ended inside this test: its time limit
-                results[running] = (False, f"timed out: no result after {timeout:g} s", place and place[0])
-            elif not events and place:  # ended while importing the student's code
+                why = f"timed out: no result after {timeout:g} s"
+                results[running] = (False, why, place and place[0])
+            elif not events and place:  # it ended while importing the student's code
                 forced[place[1]] = f"importing it ran past {IMPORT_TIMEOUT:g} s (at {place[0]})"
             if len(results) + len(forced) == progress:  # nothing learnt: say why and stop
                 why = (tail.strip().splitlines() or ["no output"])[-1]
                 if not results:  # not one test ran: pytest itself failed
                     raise UsageError(f"pytest did not run the grading tests: {why}")
                 results.update({t: (False, f"did not run: {why}", None) for t in pending})
-            regions, ungradable = graded_tree(folder, names, work, [], forced)  # blanks the forced ones
+            regions, ungradable = graded_tree(folder, names, work, [], forced)  # forced: blanked
     return report(names, results, ungradable, words)
 
 
 def report(names, results, ungradable, words):
-    """Print one line per assignment (and, where it did not pass, a line per claim) and the total."""
+    """Print a line per assignment (and where it did not pass, a line per claim) and the total."""
     passed_all, total, total_passed, done = True, 0, 0, 0
     for name in names:
         tests = ASSIGNMENTS[name].grading
@@ -519,12 +544,13 @@ def report(names, results, ungradable, words):
                 good, cause, where = results.get(t, (False, "did not run", None))
                 if good:
                     print(f"    passed     {words[t]}")
-                else:
-                    kind = "TIMED OUT" if cause.startswith("timed out") else "FAILED"
-                    cause = cause.removeprefix("timed out: ")
-                    print(f"    {kind:<10} {words[t]}: {cause[:400]}" + (f" ({where})" if where else ""))
+                    continue
+                kind = "TIMED OUT" if cause.startswith("timed out") else "FAILED"
+                cause = cause.removeprefix("timed out: ")[:400]
+                print(f"    {kind:<10} {words[t]}: {cause}" + (f" ({where})" if where else ""))
         passed_all = passed_all and len(ok) == len(tests)
-    print(f"total      {total_passed}/{total} grading tests passed, {done}/{len(names)} assignments")
+    print(f"total      {total_passed}/{total} grading tests passed, "
+          f"{done}/{len(names)} assignments")
     return passed_all
 
 
@@ -548,7 +574,8 @@ def main(argv=None):
     m = sub.add_parser("make", help="write a student copy")
     m.add_argument("--out", required=True)
     m.add_argument("--only", help="comma-separated assignments (default: all)")
-    g = sub.add_parser("grade", help="grade a copy (or . for this repository) with this repository's tests")
+    g = sub.add_parser("grade", help="grade a copy (or . for this repository) with this "
+                                     "repository's tests")
     g.add_argument("folder")
     g.add_argument("--only", help="comma-separated assignments (default: all)")
     g.add_argument("--timeout", type=seconds, default=TIMEOUT,

@@ -38,7 +38,8 @@ def arm(seconds):
 
 
 def cause(excinfo):
-    """(the error in one line, the student's file and line it came from or None, its assignment or None)."""
+    """(the error in one line, the student's file and line it came from, its assignment); the last
+    two None when the error came from elsewhere."""
     exc = excinfo.value
     if isinstance(exc, NotImplementedError):
         text = "not implemented yet"
@@ -52,7 +53,7 @@ def cause(excinfo):
     while tb is not None:
         frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_code.co_name))
         tb = tb.tb_next
-    for filename, lineno, function in reversed(frames):  # the deepest frame inside the student's code
+    for filename, lineno, function in reversed(frames):  # the deepest one in the student's code
         found = locate(REGIONS, filename, lineno, function)
         if found:
             return " ".join(text.split()), found[0], found[1]
@@ -60,7 +61,7 @@ def cause(excinfo):
 
 
 def pytest_sessionstart(session):
-    """Import the graded files before collection: an error or an endless loop at import names its line."""
+    """Import the graded files before collection: an error or endless loop there names its line."""
     arm(IMPORT_LIMIT)
     for module in MODULES:
         try:
@@ -91,6 +92,7 @@ def pytest_runtest_makereport(item, call):
         text, where, _ = cause(call.excinfo)
         write(event="result", test=item.name, outcome="failed", cause=text, where=where)
     elif report.skipped:
-        write(event="result", test=item.name, outcome="failed", cause=f"skipped: {report.longrepr}", where=None)
+        write(event="result", test=item.name, outcome="failed", cause=f"skipped: {report.longrepr}",
+              where=None)
     elif call.when == "call":
         write(event="result", test=item.name, outcome="passed")
