@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: the core files sit in the fold
 
 import data as D
 from data import AudioError, UsageError
+from extras.cli import Progress, data_source, remove_temporaries
 from model import CROP_FRAMES, HOP, SAMPLE_RATE, num_frames
 
 
@@ -71,7 +72,7 @@ def open_cache(cache_dir, codec):
         D.write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
     if read_meta(cache_dir) != meta:
         raise ValueError(f"{cache_dir} was built with another codec ({meta_path}): use a new --out")
-    D.remove_temporaries(cache_dir, r"[0-9a-f]{16}\.(feats|codes)\.npy|manifest\.jsonl|cache\.json")  # ours only
+    remove_temporaries(cache_dir, r"[0-9a-f]{16}\.(feats|codes)\.npy|manifest\.jsonl|cache\.json")  # ours only
     done, names = read_manifest(cache_dir), set(os.listdir(cache_dir))
     for path in changed_since(done):
         warnings.warn(f"{path}: changed since it was cached (size or time); encoding it again")
@@ -203,7 +204,7 @@ def build_cache(codec, paths, cache_dir, batch_seconds=240.0, chunk_seconds=60.0
     cuda = next(codec.parameters()).is_cuda
     loader = DataLoader(PieceReader(files, plan), batch_size=None, num_workers=workers, pin_memory=cuda)
     t0, n_new, parts, failed = time.time(), 0, {}, set()  # parts: file -> {start: (feats, codes)}
-    progress = D.Progress("cache", max(1, lengths.sum()) / SAMPLE_RATE, every=log_every, unit=" s audio/s")
+    progress = Progress("cache", max(1, lengths.sum()) / SAMPLE_RATE, every=log_every, unit=" s audio/s")
 
     def fail(f, reason):  # the first failure of a file skips it; its other pieces are dropped
         if f not in failed:
@@ -302,7 +303,7 @@ def cached_crops(codec, paths, cfg, rank, barrier):
 
 def main(argv=None):
     parser = D.Parser(prog="extras/cache.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", nargs="+", required=True, type=D.data_source, help="folders, .txt lists, or demo")
+    parser.add_argument("--data", nargs="+", required=True, type=data_source, help="folders, .txt lists, or demo")
     parser.add_argument("--out", required=True, help="cache folder (a rerun completes it)")
     parser.add_argument("--encodec", default="pretrained", type=D.encodec_source, help="pretrained | random | checkpoint")
     parser.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,4 @@
-"""Table 1's #Par (a check beside the paper): `python model.py` prints ours next to the paper's 51M / 94M / 269M.
+"""Table 1's #Par (a check beside the paper): `python extras/param_count.py` prints ours beside 51M / 94M / 269M.
 
 Table 1 counts the feature extractor: EnCodec's encoder (the 'EC' row's 7.4M), the input projection
 and the MAE encoder; the decoder and head are left out (they are dropped after pretraining).

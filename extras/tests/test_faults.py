@@ -24,6 +24,7 @@ import evaluate as E
 import kmeans
 import train
 from extras import cache, file_index
+from extras import embed as embed_tool
 from extras import demo_audio as demo
 from model import CROP_SAMPLES, SAMPLE_RATE, num_frames
 from test_all import TINY_RUN, codec, losses, short_cache, stage_one, tone, write  # noqa: F401
@@ -188,13 +189,13 @@ def test_sigterm_stops_embed_cleanly_and_a_rerun_resumes(tmp_path, monkeypatch, 
     monkeypatch.setattr(E, "read_audio", stop)
     before = signal.signal(signal.SIGTERM, lambda *a: pytest.fail("SIGTERM killed the command"))
     try:
-        argv = ["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"),
+        argv = ["--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"),
                 str(tmp_path / "audio")]
-        code, err = one_line(E.main, argv, capsys)
+        code, err = one_line(embed_tool.main, argv, capsys)
         assert code == 143 and err.count("\n") == 1 and "SIGTERM" in err, err
         assert sorted(os.listdir(tmp_path / "emb")) == ["0.wav.npy", "embed.json"]
         monkeypatch.setattr(E, "read_audio", real)
-        E.main(argv)
+        embed_tool.main(argv)
         assert len(glob.glob(str(tmp_path / "emb" / "*.wav.npy"))) == 3
     finally:
         signal.signal(signal.SIGTERM, before)
@@ -217,12 +218,12 @@ def test_a_full_disk_is_one_line_leaves_no_temporaries_and_keeps_what_was_comple
     assert code == 2 and err.count("\n") == 1 and "metrics.jsonl" in err, err
     audio, _ = short_cache
     paths = sorted(glob.glob(os.path.join(audio, "*.wav")))
-    embed = ["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), audio]
+    embed = ["--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), audio]
     index = ["--data", audio, "--out", str(tmp_path / "index.npz"), "--workers", "1"]
     km = ["--checkpoint", stage_one[2], "--data", audio, "--out", str(tmp_path / "km"), "--k", "4",
           "--n-clips", "4", "--n-frames", "200"]
     for part, main, argv, folder in (
-            ("3.wav.npy", E.main, embed, tmp_path / "emb"), ("index.npz", file_index.main, index, tmp_path),
+            ("3.wav.npy", embed_tool.main, embed, tmp_path / "emb"), ("index.npz", file_index.main, index, tmp_path),
             (".npy", kmeans.run, km, tmp_path / "km"), ("manifest.jsonl", cache.main, [
                 "--data", audio, "--out", str(tmp_path / "c"), "--encodec", "random"], tmp_path / "c")):
         with monkeypatch.context() as m:
@@ -243,7 +244,7 @@ def test_an_out_that_is_a_file_or_read_only_is_one_line_before_any_work(stage_on
     commands = lambda out: [
         (train.main, TINY_RUN + ["--data", audio, "--val_files", "1", "--batch_size", "1", "--out", out]),
         (kmeans.run, ["--checkpoint", checkpoint, "--data", audio, "--out", out, "--k", "4"]),
-        (E.main, ["embed", "--upstream", "EC", "--encodec", "random", "--out", out, audio]),
+        (embed_tool.main, ["--upstream", "EC", "--encodec", "random", "--out", out, audio]),
         (cache.main, ["--data", audio, "--out", out, "--encodec", "random"]),
         (file_index.main, ["--data", str(mine), "--out", str(mine)])]
     monkeypatch.setattr(D, "load_codec", lambda *a: pytest.fail("the codec loaded before --out was checked"))
@@ -373,7 +374,7 @@ def test_file_names_that_are_not_utf8_are_read_cached_indexed_and_embedded(codec
     assert odd in paths and len(D.read_audio(odd)) == SAMPLE_RATE // 2
     assert cache.build_cache(codec, paths, tmp_path / "cache")[0] == 2
     assert len(file_index.build_index([str(folder)], str(tmp_path / "index.npz"), workers=1)[0].paths) == 2
-    E.main(["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), str(folder)])
+    embed_tool.main(["--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), str(folder)])
     assert os.path.exists(os.fsencode(os.path.join(tmp_path, "emb", os.path.basename(odd) + ".npy")))
 
 
@@ -410,7 +411,7 @@ def test_embed_reports_progress_per_piece_and_writes_what_embed_file_gives(tmp_p
     """A long file is embedded piece by piece: a progress line per piece, the .npy equal to embed_file's frames."""
     write(tmp_path, "long.wav", tone(9.0))
     monkeypatch.setattr(E, "EMBED_SEGMENT", CROP_SAMPLES)  # 3 pieces: 4 s, 4 s, 1 s
-    E.main(["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), "--log-every", "0",
+    embed_tool.main(["--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), "--log-every", "0",
             str(tmp_path / "long.wav")])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("embed: 1/1 files")]
     assert len(lines) == 3, lines  # one per piece
