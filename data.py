@@ -313,7 +313,7 @@ class CropDataset(Visits):
 
 
 # ---------------------------------------------------------------- k-means targets of stage 2 [2.3]
-def load_frame_store(store_dir, paths):
+def load_frame_store(store_dir, paths, warn=True):
     """Each path's k-means targets, from STORE/index.json ({audio path: {"npy", "frames"}}) ->
     (positions in paths that have them, their .npy files as bytes, [(path, reason)] of the others,
     each named in a warning: stage 2 needs targets)."""
@@ -331,11 +331,14 @@ def load_frame_store(store_dir, paths):
         name = index.get(os.path.abspath(path))
         if name is None:
             skipped.append((path, f"{path}: no k-means targets in {store_dir}"))
-            warnings.warn(f"skipping {skipped[-1][1]} (kmeans.py skipped it or it is new)",
-                          stacklevel=2)
         else:
             kept.append(i)
             npys.append(os.fsencode(os.path.join(store_dir, name)))
+    if paths and not kept:  # a store made on other data: nothing of this --data can train stage 2
+        raise UsageError(f"--kmeans_store {store_dir} labels none of the {len(paths)} files of "
+                         "--data (it was made on other audio): run kmeans.py on this data")
+    for _, reason in skipped if warn else []:
+        warnings.warn(f"skipping {reason} (kmeans.py skipped it or it is new)", stacklevel=2)
     return np.array(kept, dtype=np.int64), np.array(npys, dtype=bytes), skipped
 
 
@@ -375,8 +378,13 @@ def load_codec(source="pretrained"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"--encodec {source!r}: no such checkpoint file "
                                     "(pretrained, random or a .th path)")
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        return M.Codec(M.build_encodec(False, state), source)
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+            return M.Codec(M.build_encodec(False, state), source)
+        except Exception as err:  # not a torch file, or weights of another model
+            first = str(err).strip().splitlines()[0][:160]
+            raise UsageError(f"--encodec {source}: not the weights of EnCodec's 24 kHz model "
+                             f"(encodec_24khz-d7cc33bc.th): {first}") from None
     try:
         return M.Codec(M.build_encodec(pretrained=True), source)
     except Exception as err:  # any download failure ends here, loudly

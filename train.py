@@ -420,6 +420,8 @@ def main(argv=None):
     rank, world, device = setup_distributed(cfg)
     run.group = wait_group() if world > 1 else None
     files = read_files(cfg, rank)  # before any other setup: a --data mistake costs one line
+    if cfg.kmeans_store:  # stage 2: a store of other audio is one line now, not after the setup
+        D.load_frame_store(cfg.kmeans_store, list(map(os.fsdecode, files[0].paths)), warn=False)
     with run.folder(cfg, ckpt["step"] if ckpt else 0):  # --out for this run alone
         train(cfg, mcfg, ckpt, stage1, files, run, rank, world, device)
     if dist.is_initialized():

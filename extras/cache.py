@@ -7,6 +7,7 @@ codes (int16) as memory-mappable .npy, about 20 kB per second of audio, resumabl
 cached crop sees the causal encoder's state from the whole file (or 60-s chunk) before it.
 """
 import contextlib
+import io
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: the core files sit in the fold
 import data as D
 from data import AudioError, UsageError
 from extras.cli import Progress, data_source, remove_temporaries
+import model as M
 from model import CROP_FRAMES, HOP, SAMPLE_RATE, num_frames
 
 
@@ -64,25 +66,53 @@ def changed_since(entries):
 
 def open_cache(cache_dir, codec):
     """Create or resume a cache: check its codec, drop temporaries and torn lines, and the entries whose
-    audio changed since or whose arrays are missing (each named: they are encoded again) -> finished entries."""
+    audio changed since or whose arrays are missing or damaged (each named: they are encoded again)
+    -> finished entries."""
     D.make_folder(cache_dir)
     meta_path = os.path.join(cache_dir, "cache.json")
     meta = {"codec": codec.source, "sample_rate": SAMPLE_RATE, "hop": HOP}
     if not os.path.exists(meta_path):
         D.write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
-    if read_meta(cache_dir) != meta:
-        raise ValueError(f"{cache_dir} was built with another codec ({meta_path}): use a new --out")
+    built = read_meta(cache_dir)
+    if built != meta:
+        raise UsageError(f"{cache_dir} holds frames of codec {built.get('codec')!r}, not of --encodec "
+                         f"{codec.source}: use that codec, or a new --out for this one")
     remove_temporaries(cache_dir, r"[0-9a-f]{16}\.(feats|codes)\.npy|manifest\.jsonl|cache\.json")  # ours only
-    done, names = read_manifest(cache_dir), set(os.listdir(cache_dir))
+    done = read_manifest(cache_dir)
     for path in changed_since(done):
         warnings.warn(f"{path}: changed since it was cached (size or time); encoding it again")
         del done[path]
-    for path in [p for p, e in done.items() if not {e["id"] + ".feats.npy", e["id"] + ".codes.npy"} <= names]:
-        warnings.warn(f"{path}: its cached arrays in {cache_dir} are missing; encoding it again")
-        del done[path]
+    for path, entry in list(done.items()):
+        wrong = damaged_arrays(cache_dir, entry)
+        if wrong:
+            warnings.warn(f"{path}: its cached arrays in {cache_dir} are {wrong}; encoding it again")
+            del done[path]
     lines = "".join(json.dumps(e) + "\n" for e in done.values()).encode()
     D.write_atomic(os.path.join(cache_dir, "manifest.jsonl"), lambda f: f.write(lines))
     return done
+
+
+def npy_bytes(shape, dtype):
+    """The size of a .npy file that np.save writes for an array of this shape and dtype."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    return len(header.getvalue()) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def damaged_arrays(cache_dir, entry):
+    """"" if a cache entry's two arrays are there at their full size, else what is wrong. Sizes
+    only (a stat each): a cache of 1.7M files is checked in seconds, not by reading them."""
+    base = os.path.join(cache_dir, entry["id"])
+    for name, shape, dtype in ((".feats.npy", (entry["frames"], 128), np.float16),
+                               (".codes.npy", (entry["frames"], M.Codec.n_q), np.int16)):
+        try:
+            size = os.path.getsize(base + name)
+        except OSError:
+            return "missing"
+        if size != npy_bytes(shape, dtype):
+            return f"damaged ({entry['id']}{name}: {size} bytes, not {npy_bytes(shape, dtype)})"
+    return ""
 
 
 @torch.no_grad()
@@ -258,7 +288,7 @@ class CachedCropDataset(D.Visits):
             kept, self.store, unlabelled = D.load_frame_store(extra_store, keys)
             keys, self.skipped = [keys[i] for i in kept], self.skipped + unlabelled
         if not keys:
-            raise ValueError(f"{cache_dir}: none of the {len(self.skipped)} files asked for is usable "
+            raise UsageError(f"{cache_dir}: none of the {len(self.skipped)} files asked for is usable "
                              "(run `python extras/cache.py` on them)")
         # (F,) arrays: ids as fixed-width bytes (16 hex digits), frames as int64
         self.dir, self.ids = cache_dir, np.array([done[k]["id"] for k in keys], dtype="S16")
