@@ -1,4 +1,4 @@
-"""Writes extras/tests/fixtures/authors_v2_front_end.pt: the AUTHORS' v2 mel and spec processors' output.
+"""Writes extras/tests/fixtures/authors_v2_front_end.pt: the AUTHORS' v2 mel and spec outputs.
 
 A developer's tool. It runs their MelspectrogramProcessor and SpectrogramProcessor (their file
 encodecmae/tasks/features/__init__.py, loaded from a clone of their repository) with the arguments
@@ -35,7 +35,7 @@ def test_module():
 
 
 def their_features(authors):
-    """Their features module, alone (their package __init__ would import Lightning, gin, the hub)."""
+    """Their features module alone (their package's __init__ imports Lightning, gin, the hub)."""
     path = Path(authors) / "encodecmae" / "tasks" / "features" / "__init__.py"
     spec = importlib.util.spec_from_file_location("their_features", path)
     module = importlib.util.module_from_spec(spec)

@@ -1,7 +1,7 @@
-"""Tests of the MAE's filterbank inputs (model.filterbank_frames): the paper's future work, section 4.
+"""Tests of the MAE's filterbank inputs (model.filterbank_frames): the paper's future work, sec. 4.
 
-`python -m pytest -q extras/tests/test_input.py` from the repository root (CPU, offline). The fixture
-in extras/tests/fixtures/ was written by the AUTHORS' own Mel/SpectrogramProcessor classes
+`python -m pytest -q extras/tests/test_input.py` from the repository root (CPU, offline). The
+fixture in extras/tests/fixtures/ was written by the AUTHORS' own Mel/SpectrogramProcessor classes
 (`.ci/frontend_fixture.py`, run in a venv outside the repository) on the clips below.
 """
 import hashlib
@@ -25,7 +25,9 @@ def fixture_clips():
     for seconds in SECONDS:
         n = int(seconds * M.SAMPLE_RATE)
         t = np.arange(n) / M.SAMPLE_RATE
-        tone = np.sin(2 * np.pi * (220 * t + 300 * t ** 2)) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+        glide = np.sin(2 * np.pi * (220 * t + 300 * t ** 2))
+        tremolo = 0.6 + 0.4 * np.sin(2 * np.pi * 3 * t)
+        tone = glide * tremolo
         clip = 0.3 * tone + 0.03 * rng.standard_normal(n)
         clip[int(0.9 * n):] = 0.0
         clips.append(clip.astype(np.float32))
@@ -41,7 +43,7 @@ def test_mel_and_spec_inputs_equal_the_authors_v2_front_end():
     and ours always has the codec's num_frames(n) frames, each of the kind's INPUT_DIMS width."""
     fixture = torch.load(FIXTURE, weights_only=True)
     for clip, theirs in zip(fixture_clips(), fixture["clips"], strict=True):
-        assert sha(clip) == theirs["sha256"], "the clip recipe changed: rerun .ci/frontend_fixture.py"
+        assert sha(clip) == theirs["sha256"], "the clips changed: rerun .ci/frontend_fixture.py"
         n = len(clip)
         for kind in ("mel", "spec"):
             ours = M.filterbank_frames(torch.from_numpy(clip)[None], kind)[0]  # (T, bins)
