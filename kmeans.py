@@ -195,10 +195,10 @@ def sample_clips(source, n_clips, seed):
 @torch.no_grad()
 def embed_file(model, codec, source, f, chunk=None, layer=-1):
     """Frame embeddings (T, D) of file f, or of its 4-s chunk `chunk`, unmasked [2.3, 3.1]."""
-    if source.feats_files is not None:  # --cache: the codec's frames are stored
+    if source.feats_files is not None and model.cfg.input == "encodec":  # --cache: stored frames
         from extras.cache_targets import embed_cached
         return embed_cached(model, source.feats_files[f], source.paths[f], chunk, layer)
-    start = 0 if chunk is None else chunk * CROP_SAMPLES
+    start = 0 if chunk is None else chunk * CROP_SAMPLES  # the 4-s grid, in frames for the cache
     size = None if chunk is None else CROP_SAMPLES
     wav = D.read_audio(source.paths[f], start, size)  # (n,); a file that reads short: AudioError
     wav = wav[None].to(next(model.parameters()).device)  # (1, n)
@@ -285,7 +285,9 @@ def build_targets(checkpoint, store_dir, data=None, cache_dir=None, n_clips=1000
     codec_source = ckpt["encodec"]
     source = open_source(data, cache_dir, codec_source)  # first: a bad --data costs nothing
     D.make_folder(store_dir)
-    codec = D.load_codec(codec_source).to(device) if cache_dir is None else None
+    codec = None  # the cache holds the codec's frames; a filterbank input needs none [4]
+    if cache_dir is None and model.cfg.input == "encodec":
+        codec = D.load_codec(codec_source).to(device)
     bad = set(source.skipped)  # unreadable files, each named once, counted at the end
     meta = {"checkpoint": os.path.abspath(checkpoint), "weights": digest(model.state_dict()),
             "layer": layer, "k": k, "codec": codec_source}

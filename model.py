@@ -51,11 +51,17 @@ class ModelConfig:
     gamma_q: tuple = RELEASED_GAMMA_Q  # per-codebook loss weights gamma_q, sum to 1 [2.3, 3.1]
     n_kmeans_streams: int = 0        # 1 after self-training: stream Q+1 [2.3]
     mask_mode: str = "drop"          # "drop" (MAE, the paper) or "token" (BERT-style) [2.2]
+    input: str = "encodec"           # the MAE's input: encodec (the paper), mel or spec [4]
 
     @property
     def n_streams(self):
         """S, the target streams: Q codebooks, then the k-means streams of self-training."""
         return self.Q + self.n_kmeans_streams
+
+    @property
+    def d_input(self):
+        """Width of the MAE's input frames: the codec's 128, or the filterbank's bins [4]."""
+        return self.d_codec if self.input == "encodec" else INPUT_DIMS[self.input]
 
     def __post_init__(self):
         """Refuse an inconsistent config with a ValueError that names the field."""
@@ -69,6 +75,7 @@ class ModelConfig:
             (self.M_gap >= 1, f"M_gap={self.M_gap} must be at least 1 frame"),
             (0 <= self.delta <= 1, f"delta={self.delta} must lie in [0, 1]"),
             (self.mask_mode in ("drop", "token"), "mask_mode must be drop or token"),
+            (self.input in ("encodec", "mel", "spec"), "input must be encodec, mel or spec"),
         ]
         for ok, message in rules:
             if not ok:
@@ -180,11 +187,12 @@ INPUT_DIMS = {"encodec": Codec.dim, "mel": 256, "spec": 513}
 MEL_KALDI = dict(sample_frequency=SAMPLE_RATE, frame_length=26.56, frame_shift=13.28,
                  window_type="hanning", dither=0.0, htk_compat=True, use_energy=False,
                  num_mel_bins=256, low_freq=20.0, high_freq=0.0)  # 20 Hz to Nyquist
-# Deviation: their configs/features/spec.gin is empty, so spec takes mel.gin's framing and the
-# (mean, std) of this project's spec-ec-base reconstruction (extras/released_fixtures.py).
+# Deviation: their configs/features/spec.gin is empty, so spec takes mel.gin's framing, and
+# its (mean, std) were measured on the realistic demo corpus (.ci/frontend_stats.py), where the
+# mel statistics come out at (-6.02, 4.89), theirs being (-6.12, 4.82).
 SPEC_KALDI = dict(sample_frequency=SAMPLE_RATE, frame_length=26.56, frame_shift=13.28,
                   window_type="hanning", dither=0.0)
-NORM_STATS = {"mel": (-6.12, 4.82), "spec": (-2.5, 3.1)}  # (mean, std): x -> (x - mean) / std
+NORM_STATS = {"mel": (-6.12, 4.82), "spec": (-6.91, 4.95)}  # (mean, std): x -> (x - mean) / std
 
 
 @torch.no_grad()
@@ -205,6 +213,14 @@ def filterbank_frames(wav, kind):
         feats = torch.stack([fn(w[None], **args)[:T] for w in wav])  # (B, T, bins)
     mean, std = NORM_STATS[kind]
     return (feats - mean) / std
+
+
+def input_frames(cfg, codec, wav):
+    """The MAE's input frames of (B, n) audio: the codec encoder's (the paper; its codes are the
+    targets either way), or a filterbank's for cfg.input mel or spec [4] -> (B, T, d_input)."""
+    if cfg.input == "encodec":
+        return codec.features(wav)
+    return filterbank_frames(wav, cfg.input)
 
 
 # >>> assignment gamma
@@ -454,14 +470,14 @@ def masked_token_loss(logits, targets, mask, padding, gamma, delta, counts=None)
 
 # ---------------------------------------------------------------- the model, Fig. 1
 class EnCodecMAE(nn.Module):
-    """The masked autoencoder of Fig. 1: codec frames -> Linear(128, D) + positions -> drop the
+    """The masked autoencoder of Fig. 1: input frames -> Linear(d_input, D) + positions -> drop the
     hidden frames -> encoder -> decoder with mask tokens -> head -> the weighted loss. `embed`
     is the feature extractor used after pretraining (no masking, no decoder) [3.1, 3.2]."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.in_proj = nn.Linear(cfg.d_codec, cfg.d_model)  # codec frames -> D
+        self.in_proj = nn.Linear(cfg.d_input, cfg.d_model)  # input frames -> D
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.head = Head(cfg.d_model, cfg.n_streams, cfg.K)
@@ -471,9 +487,9 @@ class EnCodecMAE(nn.Module):
         self.apply(init_weights)
 
     def forward(self, feats, targets, mask, padding=None, counts=None):
-        """feats (B, T, 128), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1].
-        feats and targets come from one codec pass (`Codec.forward`, or the cache); the mask from
-        `gap_mask`. counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3]."""
+        """feats (B, T, d_input), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1].
+        feats and targets come from one codec pass (`Codec.forward`, or the cache; feats from a
+        filterbank for input mel or spec); the mask from `gap_mask`. counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3]."""
         check_inputs(feats, targets, mask, padding, self.cfg)
         T = mask.shape[1]
         device = feats.device
@@ -521,7 +537,7 @@ def check_inputs(feats, targets, mask, padding, cfg):
     """Refuse inputs that do not fit with a TypeError, from shapes and dtypes alone (no value is
     read: the GPU never waits). Masks must be bool: 0/1 integers would index frames instead."""
     B, T = feats.shape[:2]
-    expected = [("feats", feats, (B, T, cfg.d_codec), feats.dtype),
+    expected = [("feats", feats, (B, T, cfg.d_input), feats.dtype),
                 ("mask", mask, (B, T), torch.bool),
                 ("padding", padding, (B, T), torch.bool),
                 ("targets", targets, (B, T, cfg.n_streams), torch.int64)]
@@ -560,7 +576,9 @@ def chunked_frames(fn, wav, chunk_samples=CROP_SAMPLES, max_batch=32):
 
 def embed_audio(model, codec, wav, chunk_samples=CROP_SAMPLES, layer=-1):
     """EnCodecMAE frame embeddings (B, T, D) at 75 Hz for audio of any length [3.1, 3.2]."""
-    return chunked_frames(lambda c: model.embed(codec.features(c), layer=layer), wav, chunk_samples)
+    def embed(chunk):
+        return model.embed(input_frames(model.cfg, codec, chunk), layer=layer)
+    return chunked_frames(embed, wav, chunk_samples)
 
 
 def codec_embed_audio(codec, wav, chunk_samples=CROP_SAMPLES):

@@ -185,7 +185,7 @@ def build_datasets(cfg, mcfg, codec, rank, files=None):
     if cfg.cache:  # the codec once per file: its frames and codes stored (extras/cache.py)
         from extras.cache import cached_crops
         paths = list(map(os.fsdecode, files.paths))
-        crops = cached_crops(codec, paths, cfg, rank, barrier)(files, seed=cfg.seed)
+        crops = cached_crops(codec, paths, cfg, rank, barrier, mcfg.input)(files, seed=cfg.seed)
     else:
         crops = D.CropDataset(files, cfg.seed, cfg.kmeans_store or None, n_skipped=n_bad)
     return MaskedCrops(crops, mcfg, cfg.seed), None, files
@@ -226,9 +226,12 @@ def inputs_and_targets(batch, codec, mcfg, device):
     Targets: the Q codebooks, then the k-means stream of stage 2 [2.3]."""
     item, mask = batch
     if isinstance(item, D.Crop):
-        feats, codes = codec(item.wav.to(device, non_blocking=True))  # (B, T, 128), (B, T, 8)
+        wav = item.wav.to(device, non_blocking=True)  # (B, n)
+        feats, codes = codec(wav)  # (B, T, 128), (B, T, 8)
+        if mcfg.input != "encodec":  # a filterbank's frames in, the codec's codes out [4]
+            feats = M.filterbank_frames(wav, mcfg.input)  # (B, T, bins)
     else:
-        feats = item.feats.to(device, non_blocking=True)  # (B, T, 128)
+        feats = item.feats.to(device, non_blocking=True)  # (B, T, d_input)
         codes = item.codes.to(device, non_blocking=True)  # (B, T, 8)
     targets = codes[..., : mcfg.Q]  # (B, T, Q)
     if mcfg.n_kmeans_streams:

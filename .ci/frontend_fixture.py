@@ -2,8 +2,8 @@
 
 A developer's tool. It runs their MelspectrogramProcessor and SpectrogramProcessor (their file
 encodecmae/tasks/features/__init__.py, loaded from a clone of their repository) with the arguments
-of their configs/features/mel.gin (spec: the reconstruction in extras/released_fixtures.py, their
-spec.gin being empty) on the clips of extras/tests/test_input.py, and keeps a subset of frames.
+of their configs/features/mel.gin (spec, their spec.gin being empty: mel.gin's framing and the
+statistics of model.NORM_STATS) on the clips of extras/tests/test_input.py, keeping some frames.
   git clone /work/.mirror/habla-liaa+encodecmae/repo AUTHORS
   python -m venv --system-site-packages VENV && VENV/bin/pip install loguru
   VENV/bin/python .ci/frontend_fixture.py --authors AUTHORS
@@ -23,7 +23,7 @@ import torchaudio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from extras.released_fixtures import SPEC_GIN  # noqa: E402
+import model as M  # noqa: E402
 
 
 def test_module():
@@ -77,7 +77,10 @@ def main():
     feats = their_features(args.authors)
     mel_gin = (Path(args.authors) / "encodecmae/configs/features/mel.gin").read_text()
     mel_args = gin_block(mel_gin, "encodecmae.tasks.features.MelspectrogramProcessor")
-    spec_args = gin_block(SPEC_GIN, "encodecmae.tasks.features.SpectrogramProcessor")
+    framing = ("key_in", "key_out", "frame_length", "frame_shift", "sample_frequency",
+               "window_type", "dither")
+    spec_args = {k: v for k, v in mel_args.items() if k in framing}
+    spec_args["norm_stats"] = list(M.NORM_STATS["spec"])
     processors = {"mel": feats.MelspectrogramProcessor(**mel_args),
                   "spec": feats.SpectrogramProcessor(**spec_args)}
     tests = test_module()

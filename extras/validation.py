@@ -30,7 +30,7 @@ def split_sources(cfg, mcfg, codec, rank, files, source, n_bad, masked_crops, ba
     if cfg.cache:
         from extras.cache import cached_crops
         paths = [files.path(i) for s in splits for part in s for i in part]
-        crops = cached_crops(codec, paths, cfg, rank, barrier)
+        crops = cached_crops(codec, paths, cfg, rank, barrier, mcfg.input)
     train = [crops(files.take(t), seed=cfg.seed, n_skipped=n_bad if i == 0 else 0)
              for i, (t, _) in enumerate(splits)]
     if cfg.data_weights:
