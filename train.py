@@ -3,7 +3,8 @@
 CPU demo:  python train.py --config tiny --data demo --encodec random --steps 300 --out runs/demo
 One GPU:   python train.py --config base --data /audio/audioset /audio/fma --out runs/base
 Two GPUs:  torchrun --nproc_per_node=2 train.py --config base --data ... --out runs/base
-Stage 2:   python train.py ... --init_from runs/base/ckpt-00500000.pt --kmeans_store runs/km --steps 150000
+Stage 2:   python train.py ... --init_from runs/base/ckpt-00500000.pt --kmeans_store runs/km
+           --steps 150000
 Reads audio folders or .txt lists (data.py), or a codec cache (--cache, extras/cache.py); writes
 OUT/ckpt-*.pt and OUT/metrics.jsonl. Every ModelConfig and TrainConfig field is a flag:
 --M_prop 0.3, --delta 1, --gamma uniform, ... (`python train.py --help` says what each does).
@@ -72,7 +73,8 @@ TYPES = {"workers": at_least(0), "seed": at_least(0), "n_dec_layers": at_least(0
          "betas": at_least(0.0, float, 0.999999), "data_weights": at_least(1e-12, float),
          "data": str, "encodec": D.encodec_source,
          "device": lambda t: t if t == "auto" else str(D.device(t))}
-CHOICES = {"gamma": ("auto", "released", "estimate", "uniform"), "mask_mode": ("drop", "token")}
+CHOICES = {"gamma": ("auto", "released", "estimate", "uniform"), "mask_mode": ("drop", "token"),
+           "input": ("encodec", "mel", "spec")}
 
 
 def field_help(cls):
@@ -153,7 +155,7 @@ class MaskedCrops(Dataset):
 
     def __getitem__(self, index):
         item = self.crops[index]
-        seed = hash((self.seed, self.epoch, index)) % 2 ** 62  # a tuple of ints hashes the same always
+        seed = hash((self.seed, self.epoch, index)) % 2 ** 62  # ints hash the same in every process
         g = torch.Generator().manual_seed(seed)
         length = (~item.padding).sum()[None]  # (1,)
         mask = M.gap_mask(length, len(item.padding), self.cfg.M_prop, self.cfg.M_gap, g)[0]  # (T,)
@@ -206,7 +208,8 @@ def step_batches(dataset, cfg, micro_batch, rank, world, start_step):
     """This rank's micro-batches, step by step from start_step (a resumed run skips ahead)."""
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UsageError(f"--batch_size {cfg.batch_size}: more than the {len(dataset)} training crops")
+        raise UsageError(f"--batch_size {cfg.batch_size}: more than the {len(dataset)} training "
+                         "crops")
     step = start_step
     while True:
         epoch, first = divmod(step, steps_per_epoch)
@@ -273,7 +276,8 @@ def count_frames(batches):
 def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, clip_grad):
     """Accumulate over this rank's micro-batches (DDP syncs only on the last), then step [3.1].
     |M| and T are counted over the whole batch, every micro-batch of every GPU [2.3], so the
-    shares of L add up to the batch's loss. -> [loss, masked loss (S), unmasked (S), masked acc (S)]."""
+    shares of L add up to the batch's loss.
+    -> [loss, masked loss (S), unmasked loss (S), masked accuracy (S)]."""
     counts = count_frames(batches).to(device, non_blocking=True)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
@@ -286,7 +290,7 @@ def train_step(ddp_model, batches, codec, mcfg, opt, scaler, autocast, device, c
         with contextlib.nullcontext() if last or not is_ddp else ddp_model.no_sync():
             with autocast:
                 out = ddp_model(feats, targets, mask, padding, counts=tuple(counts))
-            scaler.scale(out.loss * world).backward()  # DDP averages gradients over GPUs: shares add
+            scaler.scale(out.loss * world).backward()  # DDP averages over GPUs: the shares add
         parts = [out.loss.detach()[None], out.masked_loss, out.unmasked_loss, out.masked_acc]
         stats = stats + torch.cat(parts).float()
     if world > 1:
@@ -528,15 +532,18 @@ def train(cfg, mcfg, ckpt, stage1, files, run, rank, world, device):
             val = None
             if val_now:  # the held-out loss (extras/validation.py)
                 from extras.validation import validate
-                inputs = functools.partial(inputs_and_targets, codec=codec, mcfg=mcfg, device=device)
-                val = validate(model, val_set, inputs, count_frames, device, micro_batch, autocast)
+                inputs = functools.partial(inputs_and_targets, codec=codec, mcfg=mcfg,
+                                           device=device)
+                val = validate(model, val_set, inputs, count_frames, device, micro_batch,
+                               autocast)
             log_metrics(cfg, step, mean, mcfg.n_streams, n_steps / (time.time() - t0), val, board)
         if log_now:  # each log line averages the steps since the last one
             window = 0
             n_steps = 0
             t0 = time.time()
         if rank == 0 and save_now:
-            print(f"saved {save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)}", flush=True)
+            path = save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec)
+            print(f"saved {path}", flush=True)
         if stop:  # preempted: this step is in its checkpoint
             run.stopped(stop, step, cfg.out)
     barrier()

@@ -317,7 +317,8 @@ def main(argv=None):
     p.add_argument("--iters", type=D.at_least(1), default=10, help="Lloyd iterations")
     p.add_argument("--threads", type=D.at_least(1), default=torch.get_num_threads(), help="CPU threads")
     p.add_argument("--seed", type=D.at_least(0), default=0, help="points and k-means++ start")
-    p.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=D.at_least(1), default=2, help="runs per method (best kept)")
     p = sub.add_parser("loader", help="crops/s of one loader worker per format and rate")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="folder for the test files")

@@ -349,7 +349,8 @@ def main(argv=None):
     parser.add_argument("--data", nargs="+", required=True, type=data_source, help="folders, .txt lists, or demo")
     parser.add_argument("--out", required=True, help="cache folder (a rerun completes it)")
     parser.add_argument("--encodec", default="pretrained", type=D.encodec_source, help="pretrained | random | checkpoint")
-    parser.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the codec runs: cpu, cuda or cuda:N")
     parser.add_argument("--batch-seconds", type=D.at_least(0.01, float), default=240.0, help="audio per codec batch")
     parser.add_argument("--chunk-seconds", type=D.at_least(0.01, float), default=60.0, help="longer files go in chunks")
     parser.add_argument("--workers", type=D.at_least(0), default=4, help="processes reading audio")

@@ -475,10 +475,10 @@ def main(argv=None):
     parser = Parser(prog="extras/demo_audio.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tasks = sub.add_parser("tasks", help="three labelled synthetic tasks in the HEAR layout")
-    tasks.add_argument("--out", required=True)
+    tasks.add_argument("--out", required=True, help="folder of the task folders")
     tasks.add_argument("--clips", type=at_least(5), default=120, help="clips per task")
-    tasks.add_argument("--seconds", type=at_least(0.05, float), default=2.0)
-    tasks.add_argument("--seed", type=at_least(0), default=0)
+    tasks.add_argument("--seconds", type=at_least(0.05, float), default=2.0, help="length of each clip")
+    tasks.add_argument("--seed", type=at_least(0), default=0, help="the clips and their labels")
     real = sub.add_parser("real", help="pretraining audio and three tasks from sampled instruments and "
                           "espeak-ng voices (needs fluidsynth, fluid-soundfont-gm, espeak-ng)")
     real.add_argument("--out", required=True, help="writes OUT/corpus and OUT/tasks")
