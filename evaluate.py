@@ -515,15 +515,12 @@ def open_upstream(spec, args):
 
 
 def main(argv=None):
-    """`evaluate.py embed ...` embeds a folder of audio (extras/embed.py); anything else evaluates on HEAR tasks."""
+    """Every upstream on every task (the folder tool, `embed`, is python extras/embed.py)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] != ["embed"]:
-        return evaluate(parse_args(argv))
-    try:  # the folder tool: embed_file above is what it runs for each file
-        from extras.embed import embed_main
-    except ImportError:
-        raise UsageError("embed needs extras/embed.py (in Python: evaluate.embed_file(load_upstream(spec), path))")
-    return embed_main(argv[1:])
+    if argv[:1] == ["embed"]:  # where it used to be
+        raise UsageError("embedding a folder is `python extras/embed.py --upstream ... --out EMB "
+                         "AUDIO...`; in Python: evaluate.embed_file(load_upstream(spec), path)")
+    return evaluate(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ import kmeans
 import model as M
 import train
 from extras import cache, random_codec
+from extras import embed as embed_tool
 from extras import demo_audio as demo
+from extras import demo_signals
 from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, EnCodecMAE, gap_mask, gather_visible,
                    make_config, num_frames, restore_sequence)
 
@@ -642,7 +644,7 @@ def test_gamma_q_is_the_error_each_stage_leaves_on_real_frames():
 
 def test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks(codec):
     """[3.1] on the codec, gamma_q sums to 1 and falls from the first residual stage to the last."""
-    gamma = M.estimate_gamma(codec, demo.demo_clips(8, seconds=1.0, seed=11))
+    gamma = M.estimate_gamma(codec, demo_signals.demo_clips(8, seconds=1.0, seed=11))
     assert gamma.shape == (8,), f"expected 8 weights, got shape {tuple(gamma.shape)}"
     assert abs(gamma.sum().item() - 1) < 1e-6 and (gamma > 0).all(), \
         f"expected positive weights summing to 1, got {fmt(gamma)} (sum {gamma.sum().item():.6f})"
@@ -654,7 +656,7 @@ def test_gamma_q_is_normalized_and_decreasing_for_residual_codebooks(codec):
 def test_tiny_model_overfits_one_batch(codec):
     """[2.3] on one fixed batch and mask, masked top-1 accuracy climbs far above chance (1/1024)."""
     torch.manual_seed(0)
-    feats, codes = codec(demo.demo_clips(2, seconds=2.0, seed=31))
+    feats, codes = codec(demo_signals.demo_clips(2, seconds=2.0, seed=31))
     mask = gap_mask(torch.full((2,), 150), 150, 0.5, 15, torch.Generator().manual_seed(0))
     net = EnCodecMAE(make_config("tiny"))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
@@ -807,7 +809,7 @@ def stage_one(tmp_path_factory):
     paths = []
     for i, (kind, seconds) in enumerate([("note", 2.0), ("chord", 5.0)]):
         paths.append(str(root / "audio" / f"{i}_{kind}.wav"))
-        sf.write(paths[-1], demo.synth_clip(kind, seconds, i).numpy(), M.SAMPLE_RATE)
+        sf.write(paths[-1], demo_signals.synth_clip(kind, seconds, i).numpy(), M.SAMPLE_RATE)
     torch.manual_seed(0)
     cfg = M.make_config("tiny")
     checkpoint = str(root / "stage1.pt")
@@ -992,7 +994,7 @@ TINY_RUN = ["--config", "tiny", "--encodec", "random", "--batch_size", "4", "--w
 def demo_cache(tmp_path_factory, codec):
     """Ten short demo files and their codec cache, shared by the training tests."""
     root = tmp_path_factory.mktemp("demo")
-    paths = demo.write_demo_dataset(str(root / "audio"), n_files=10, seed=0, seconds=(4.0, 6.0))
+    paths = demo_signals.write_demo_dataset(str(root / "audio"), n_files=10, seed=0, seconds=(4.0, 6.0))
     cache.build_cache(codec, paths, str(root / "cache"))
     return str(root / "audio"), str(root / "cache")
 
@@ -1004,7 +1006,7 @@ def short_cache(tmp_path_factory, codec):
     os.makedirs(root / "audio")
     paths = [str(root / "audio" / f"{i}.wav") for i in range(6)]
     for i, path in enumerate(paths):
-        sf.write(path, demo.synth_clip(("note", "chord", "chirp")[i % 3], 1.0 + 0.5 * i, i).numpy(), SAMPLE_RATE)
+        sf.write(path, demo_signals.synth_clip(("note", "chord", "chirp")[i % 3], 1.0 + 0.5 * i, i).numpy(), SAMPLE_RATE)
     cache.build_cache(codec, paths, str(root / "cache"))
     return str(root / "audio"), str(root / "cache")
 
@@ -1069,7 +1071,7 @@ def test_training_reads_raw_audio_through_the_codec_and_mixes_weighted_sources(d
     """[3.1] without a cache the codec runs on each crop; several --data sources mix by weight."""
     audio, _ = demo_cache
     train.main(TINY_RUN + ["--data", audio, "--out", str(tmp_path / "raw"), "--steps", "1"])
-    other = demo.write_demo_dataset(str(tmp_path / "other"), n_files=3, seed=5, seconds=(4.0, 4.5))
+    other = demo_signals.write_demo_dataset(str(tmp_path / "other"), n_files=3, seed=5, seconds=(4.0, 4.5))
     train.main(TINY_RUN + ["--data", audio, os.path.dirname(other[0]), "--data_weights", "1", "3",
                            "--val_files", "1", "--out", str(tmp_path / "mixed"), "--steps", "1"])
     for run in ("raw", "mixed"):
@@ -1130,7 +1132,7 @@ def test_estimated_gamma_leaves_out_the_padding_of_short_crops(codec, tmp_path):
     """[3.1] gamma_q estimated on padded crops of a 2-s clip equals gamma_q of the clip alone."""
     (tmp_path / "audio").mkdir()
     for i in range(3):  # three copies: whichever is held out, the estimate sees this clip only
-        sf.write(tmp_path / "audio" / f"{i}.wav", demo.synth_clip("chord", 2.0, 3).numpy(), SAMPLE_RATE)
+        sf.write(tmp_path / "audio" / f"{i}.wav", demo_signals.synth_clip("chord", 2.0, 3).numpy(), SAMPLE_RATE)
     train.main(TINY_RUN + ["--data", str(tmp_path / "audio"), "--gamma", "estimate", "--val_files", "1",
                            "--batch_size", "1", "--steps", "1", "--out", str(tmp_path / "run")])
     gamma = torch.load(tmp_path / "run" / "ckpt-00000001.pt", weights_only=True)["gamma_q"]
@@ -1156,7 +1158,7 @@ def test_embed_layers_count_from_the_input_and_padding_is_ignored():
 def test_chunked_features_equal_the_concatenated_halves(codec):
     """[3.1] an 8-s clip is embedded as two 4-s chunks whose frames are concatenated."""
     net = EnCodecMAE(make_config("tiny")).eval()
-    wav = demo.demo_clips(1, seconds=8.0, seed=41)
+    wav = demo_signals.demo_clips(1, seconds=8.0, seed=41)
     whole = M.embed_audio(net, codec, wav)
     halves = [net.embed(codec.features(h)) for h in wav.split(M.CROP_SAMPLES, dim=1)]
     assert whole.shape == (1, 600, net.cfg.d_model)
@@ -1459,9 +1461,9 @@ def test_embed_command_writes_embed_audio_frames_mirrors_folders_resumes_and_ski
     (src / "sub" / "broken.wav").write_bytes(b"RIFF" + os.urandom(100))
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
     monkeypatch.setattr(E, "EMBED_SEGMENT", CROP_SAMPLES)  # long.flac: two reads, 4 s then 0.5 s
-    argv = ["embed", "--upstream", ckpt, "--out", str(tmp_path / "emb"), "--scene", "--log-every", "0", str(src)]
+    argv = ["--upstream", ckpt, "--out", str(tmp_path / "emb"), "--scene", "--log-every", "0", str(src)]
     with pytest.warns(UserWarning, match="broken.wav") as caught:
-        skipped = E.main(argv)
+        skipped = embed_tool.main(argv)
     assert [path for path, _ in skipped] == [src / "sub" / "broken.wav"]
     assert len([w for w in caught if "skipping" in str(w.message)]) == 1
     out = capsys.readouterr().out
@@ -1481,8 +1483,8 @@ def test_embed_command_writes_embed_audio_frames_mirrors_folders_resumes_and_ski
     written = {p: os.path.getmtime(p) for p in (tmp_path / "emb").rglob("*.npy")}
     assert len(written) == 6
     with pytest.warns(UserWarning, match="broken.wav"):
-        E.main(argv)  # done files are skipped, the bad one is named again
+        embed_tool.main(argv)  # done files are skipped, the bad one is named again
     assert {p: os.path.getmtime(p) for p in (tmp_path / "emb").rglob("*.npy")} == written
     assert "3 already done" in capsys.readouterr().out
     with pytest.raises(D.UsageError, match="another upstream"):  # a resumed folder keeps one upstream
-        E.main(["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), str(src)])
+        embed_tool.main(["--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), str(src)])

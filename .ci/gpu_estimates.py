@@ -94,7 +94,7 @@ def saved_activations(cfg):
 def autocast_codes(codec):
     """Share of codes per codebook that match fp32 when the codec's encoder and RVQ run under bf16 autocast,
     as Codec.forward let them before model.codec_precision (4 demo clips)."""
-    from extras.demo_audio import demo_clips
+    from extras.demo_signals import demo_clips
     wav = demo_clips(4, M.CROP_SECONDS, seed=3)
     codes = codec(wav)[1]
     with torch.autocast("cpu", dtype=torch.bfloat16):

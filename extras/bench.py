@@ -1,9 +1,10 @@
-"""Speed benchmarks (not the paper): a training step (`train.py --bench`), k-means (`kmeans.py --bench`), the loader.
+"""Speed benchmarks (not the paper): a training step, k-means, the loader. Each prints a markdown table.
 
-`python train.py --bench --config small --batch_size 8 --device cpu`: where a training step's time
-goes. `python kmeans.py --bench`: our k-means against scikit-learn and faiss where installed.
-`python extras/bench.py loader`: crops per CPU-second of one DataLoader worker, by format and rate.
-Each prints a markdown table; compare figures only within one sitting (machines drift by 40%).
+`python extras/bench.py train --config small --batch_size 8 --device cpu` (any train.py flag):
+where a training step's time goes. `python extras/bench.py kmeans`: our k-means against
+scikit-learn and faiss where installed. `python extras/bench.py loader`: crops per CPU-second of
+one DataLoader worker, by format and rate. Compare figures only within one sitting (machines
+drift by 40%).
 """
 import math
 import os
@@ -20,7 +21,9 @@ if __package__ in (None, ""):  # run as a script: the core files sit in the fold
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data as D
+import kmeans
 import model as M
+import train
 
 
 # ---------------------------------------------------------------- a training step
@@ -65,7 +68,9 @@ def mae_flops(mcfg, B, T=M.CROP_FRAMES):
     D, F, S, K = mcfg.d_model, mcfg.ff_dim, mcfg.n_streams, mcfg.K
     N = T - round(mcfg.M_prop * T) if mcfg.mask_mode == "drop" else T
     layer = lambda n: 2 * n * (4 * D * D + 2 * D * F) + 4 * n * n * D  # linears + attention
-    forward = (2 * T * mcfg.d_codec * D + mcfg.n_enc_layers * layer(N) + 2 * T * D * D
+    # input projection, encoder on N frames, decoder projection (before the mask tokens go in:
+    # N frames), decoder on T, head
+    forward = (2 * T * mcfg.d_codec * D + mcfg.n_enc_layers * layer(N) + 2 * N * D * D
                + mcfg.n_dec_layers * layer(T) + 2 * T * D * S * K)
     return 3 * B * forward
 
@@ -101,18 +106,36 @@ def loader_rate(dataset, B, workers, n_batches=4):
     return B * (n_batches - 1) / (time.perf_counter() - t)
 
 
-def train_benchmark(cfg, mcfg, device):
+# Dense bf16 tensor-core peaks (no 2:4 sparsity) in TFLOP/s, by a part of the name torch reports,
+# most specific first: NVIDIA's datasheets (H100 SXM / PCIe / NVL, H200, A100, L40S, L4, A10) and,
+# for GeForce cards, the architecture whitepapers' bf16 rate with fp32 accumulation (Ampere, Ada).
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H100", 989.4), ("H200", 989.4),
+                    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0),
+                    ("RTX 4090", 165.2), ("RTX 3090", 71.0))
+
+
+def vendor_peak(device_name, override=None):
+    """(the device's dense bf16 peak in FLOP/s, where it comes from), or (None, why not)."""
+    if override:
+        return override * 1e12, f"{override:g} TFLOP/s as given by --peak_tflops"
+    for part, tflops in BF16_PEAK_TFLOPS:
+        if part in device_name:
+            return tflops * 1e12, f"{device_name}: {tflops:g} TFLOP/s dense bf16 (vendor)"
+    return None, f"{device_name}: no vendor bf16 peak known; give one with --peak_tflops"
+
+
+def train_benchmark(cfg, mcfg, device, peak_tflops=None):
     """Where a training step's time goes, as a run with these flags spends it: codec, MAE forward and
     backward (compiled with --compile), optimizer, each with its data ready on the device; apart,
-    the crops per second that --workers loader processes deliver, from raw audio and from a cache."""
+    the crops per second that --workers loader processes deliver, from raw audio and from a cache.
+    MFU: against the matmul peak measured here, and against the vendor's dense bf16 peak."""
     import resource
     import tempfile
     from extras.cache import CachedCropDataset, build_cache
-    from extras.demo_audio import demo_clips, write_demo_dataset
+    from extras.demo_signals import demo_clips, write_demo_dataset
     from extras.compile import compile_network
-    from train import MaskedCrops, autocast_for
     B = cfg.batch_size
-    autocast, _ = autocast_for(device)
+    autocast, _ = train.autocast_for(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     codec = D.load_codec(cfg.encodec).to(device)
     wav = demo_clips(B, M.CROP_SECONDS, seed=cfg.seed).to(device)  # (B, 96000)
@@ -137,8 +160,8 @@ def train_benchmark(cfg, mcfg, device):
     with tempfile.TemporaryDirectory() as tmp:  # demo files and their cache, loaded as training loads them
         paths = write_demo_dataset(os.path.join(tmp, "audio"), n_files=2, seed=cfg.seed, seconds=(4.5, 4.5))
         build_cache(codec, paths, os.path.join(tmp, "cache"), log_every=1e9)
-        raw = loader_rate(MaskedCrops(D.CropDataset(paths, seed=cfg.seed), mcfg, cfg.seed), B, cfg.workers)
-        cached = loader_rate(MaskedCrops(CachedCropDataset(os.path.join(tmp, "cache"), seed=cfg.seed), mcfg, cfg.seed),
+        raw = loader_rate(train.MaskedCrops(D.CropDataset(paths, seed=cfg.seed), mcfg, cfg.seed), B, cfg.workers)
+        cached = loader_rate(train.MaskedCrops(CachedCropDataset(os.path.join(tmp, "cache"), seed=cfg.seed), mcfg, cfg.seed),
                              B, cfg.workers)
     flops, rows = mae_flops(mcfg, B), []
     memory = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
@@ -154,6 +177,12 @@ def train_benchmark(cfg, mcfg, device):
             ("MAE forward+backward", f"{t_mae:.3f} s, {flops / 1e12:.2f} TFLOP by mae_flops ({flops / t_mae / 1e9:.0f} "
                                      f"GFLOP/s, {flops / t_mae / peak:.0%} of the matmul peak)"),
             ("optimizer step", f"{t_opt:.3f} s")] + rows
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    vendor, source = vendor_peak(name, peak_tflops)
+    if vendor is not None:
+        rows.insert(3, ("MFU (vendor peak)", f"{flops / t_mae / vendor:.1%} of {source}"))
+    elif device.type == "cuda":
+        rows.insert(3, ("MFU (vendor peak)", source))
     rows.append(("peak memory", f"{memory:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})"))
     print(f"benchmark: {mcfg.n_enc_layers}-layer D={mcfg.d_model} model, batch {B}, {device}, compile "
           f"{'on' if cfg.compile else 'off'}, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -164,7 +193,7 @@ def train_benchmark(cfg, mcfg, device):
 # ---------------------------------------------------------------- k-means
 def kmeans_benchmark(n=100_000, dim=768, k=1024, iters=10, threads=2, seed=0, device="cpu", repeats=2):
     """Ours vs scikit-learn and faiss: same start, same Lloyd iterations; best wall time of repeats."""
-    from kmeans import init_centroids, lloyd, nearest_centroid
+    init_centroids, lloyd, nearest_centroid = kmeans.init_centroids, kmeans.lloyd, kmeans.nearest_centroid
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=generator)  # (N, D) random "embeddings"
@@ -268,14 +297,38 @@ def loader(out_dir, seconds=30.0, n_files=2, per_case=2.0, encodec="random"):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # every train.py flag, parsed and checked as train.py does
+        extra = D.Parser(prog="extras/bench.py train", add_help=False)
+        extra.add_argument("--peak_tflops", type=D.at_least(1e-3, float),
+                           help="the GPU's dense bf16 peak, if the table does not know it")
+        known, rest = extra.parse_known_args(argv[1:])
+        cfg, mcfg, _ = train.parse_args(rest)
+        train.check_config(cfg, 1)
+        device = train.setup_distributed(cfg)[2]
+        return train_benchmark(cfg, mcfg, device, known.peak_tflops)
     parser = D.Parser(prog="extras/bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="where a training step's time goes (then any train.py flag)")
+    p = sub.add_parser("kmeans", help="our k-means against scikit-learn and faiss")
+    p.add_argument("--n", type=D.at_least(1), default=100_000, help="points")
+    p.add_argument("--dim", type=D.at_least(1), default=768, help="their dimension")
+    p.add_argument("--k", type=D.at_least(1), default=1024, help="clusters")
+    p.add_argument("--iters", type=D.at_least(1), default=10, help="Lloyd iterations")
+    p.add_argument("--threads", type=D.at_least(1), default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--seed", type=D.at_least(0), default=0, help="points and k-means++ start")
+    p.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+    p.add_argument("--repeats", type=D.at_least(1), default=2, help="runs per method (best kept)")
     p = sub.add_parser("loader", help="crops/s of one loader worker per format and rate")
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="folder for the test files")
     p.add_argument("--seconds", type=D.at_least(4.0, float), default=30.0, help="length of each test file")
     p.add_argument("--per-case", type=D.at_least(0.1, float), default=2.0, help="seconds of reading per case")
     p.add_argument("--encodec", type=D.encodec_source, default="random", help="codec for the cached case")
     args = parser.parse_args(argv)
+    if args.command == "kmeans":
+        return kmeans_benchmark(args.n, args.dim, args.k, args.iters, args.threads, args.seed,
+                                args.device, args.repeats)
     loader(args.out, args.seconds, per_case=args.per_case, encodec=args.encodec)
 
 

@@ -7,6 +7,7 @@ codes (int16) as memory-mappable .npy, about 20 kB per second of audio, resumabl
 cached crop sees the causal encoder's state from the whole file (or 60-s chunk) before it.
 """
 import contextlib
+import io
 import json
 import os
 import sys
@@ -23,11 +24,15 @@ if __package__ in (None, ""):  # run as a script: the core files sit in the fold
 
 import data as D
 from data import AudioError, UsageError
+from extras.cli import Progress, data_source, remove_temporaries
+import model as M
 from model import CROP_FRAMES, HOP, SAMPLE_RATE, num_frames
 
 
 class CachedCrop(NamedTuple):
-    feats: torch.Tensor    # (T, 128) float32 codec frames, zeros where padded
+    """A crop from the cache: the MAE's input frames and targets, cut from the stored arrays."""
+
+    feats: torch.Tensor    # (T, 128) float32 codec frames (or the filterbank's), zeros where padded
     codes: torch.Tensor    # (T, Q) int64 codec targets, 0 where padded
     padding: torch.Tensor  # (T,) bool, True = padded frame
     extra: torch.Tensor    # (T,) int64 k-means targets, -1 where absent or padded
@@ -63,25 +68,53 @@ def changed_since(entries):
 
 def open_cache(cache_dir, codec):
     """Create or resume a cache: check its codec, drop temporaries and torn lines, and the entries whose
-    audio changed since or whose arrays are missing (each named: they are encoded again) -> finished entries."""
+    audio changed since or whose arrays are missing or damaged (each named: they are encoded again)
+    -> finished entries."""
     D.make_folder(cache_dir)
     meta_path = os.path.join(cache_dir, "cache.json")
     meta = {"codec": codec.source, "sample_rate": SAMPLE_RATE, "hop": HOP}
     if not os.path.exists(meta_path):
         D.write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
-    if read_meta(cache_dir) != meta:
-        raise ValueError(f"{cache_dir} was built with another codec ({meta_path}): use a new --out")
-    D.remove_temporaries(cache_dir, r"[0-9a-f]{16}\.(feats|codes)\.npy|manifest\.jsonl|cache\.json")  # ours only
-    done, names = read_manifest(cache_dir), set(os.listdir(cache_dir))
+    built = read_meta(cache_dir)
+    if built != meta:
+        raise UsageError(f"{cache_dir} holds frames of codec {built.get('codec')!r}, not of --encodec "
+                         f"{codec.source}: use that codec, or a new --out for this one")
+    remove_temporaries(cache_dir, r"[0-9a-f]{16}\.(feats|codes)\.npy|manifest\.jsonl|cache\.json")  # ours only
+    done = read_manifest(cache_dir)
     for path in changed_since(done):
         warnings.warn(f"{path}: changed since it was cached (size or time); encoding it again")
         del done[path]
-    for path in [p for p, e in done.items() if not {e["id"] + ".feats.npy", e["id"] + ".codes.npy"} <= names]:
-        warnings.warn(f"{path}: its cached arrays in {cache_dir} are missing; encoding it again")
-        del done[path]
+    for path, entry in list(done.items()):
+        wrong = damaged_arrays(cache_dir, entry)
+        if wrong:
+            warnings.warn(f"{path}: its cached arrays in {cache_dir} are {wrong}; encoding it again")
+            del done[path]
     lines = "".join(json.dumps(e) + "\n" for e in done.values()).encode()
     D.write_atomic(os.path.join(cache_dir, "manifest.jsonl"), lambda f: f.write(lines))
     return done
+
+
+def npy_bytes(shape, dtype):
+    """The size of a .npy file that np.save writes for an array of this shape and dtype."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    return len(header.getvalue()) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def damaged_arrays(cache_dir, entry):
+    """"" if a cache entry's two arrays are there at their full size, else what is wrong. Sizes
+    only (a stat each): a cache of 1.7M files is checked in seconds, not by reading them."""
+    base = os.path.join(cache_dir, entry["id"])
+    for name, shape, dtype in ((".feats.npy", (entry["frames"], 128), np.float16),
+                               (".codes.npy", (entry["frames"], M.Codec.n_q), np.int16)):
+        try:
+            size = os.path.getsize(base + name)
+        except OSError:
+            return "missing"
+        if size != npy_bytes(shape, dtype):
+            return f"damaged ({entry['id']}{name}: {size} bytes, not {npy_bytes(shape, dtype)})"
+    return ""
 
 
 @torch.no_grad()
@@ -203,7 +236,7 @@ def build_cache(codec, paths, cache_dir, batch_seconds=240.0, chunk_seconds=60.0
     cuda = next(codec.parameters()).is_cuda
     loader = DataLoader(PieceReader(files, plan), batch_size=None, num_workers=workers, pin_memory=cuda)
     t0, n_new, parts, failed = time.time(), 0, {}, set()  # parts: file -> {start: (feats, codes)}
-    progress = D.Progress("cache", max(1, lengths.sum()) / SAMPLE_RATE, every=log_every, unit=" s audio/s")
+    progress = Progress("cache", max(1, lengths.sum()) / SAMPLE_RATE, every=log_every, unit=" s audio/s")
 
     def fail(f, reason):  # the first failure of a file skips it; its other pieces are dropped
         if f not in failed:
@@ -237,9 +270,12 @@ class CachedCropDataset(D.Visits):
     """Random 4-s crops read at frame level from the cache (memory-mapped) -> CachedCrop.
 
     `paths`: the audio files to use (a list, or Files.paths as bytes), or None for every cached file.
+    input_kind mel or spec [4]: the crop's feats are the filterbank of its audio, read from the file
+    (the codes, the targets, still come from the cache): cheaper than the codec by 200x.
     """
 
-    def __init__(self, cache_dir, crop_frames=CROP_FRAMES, seed=0, extra_store=None, paths=None):
+    def __init__(self, cache_dir, crop_frames=CROP_FRAMES, seed=0, extra_store=None, paths=None,
+                 input_kind="encodec"):
         done = read_manifest(cache_dir)
         keys = sorted(done) if paths is None else [os.path.abspath(os.fsdecode(p)) for p in paths]
         stale = changed_since({k: done[k] for k in keys if k in done})
@@ -257,10 +293,12 @@ class CachedCropDataset(D.Visits):
             kept, self.store, unlabelled = D.load_frame_store(extra_store, keys)
             keys, self.skipped = [keys[i] for i in kept], self.skipped + unlabelled
         if not keys:
-            raise ValueError(f"{cache_dir}: none of the {len(self.skipped)} files asked for is usable "
+            raise UsageError(f"{cache_dir}: none of the {len(self.skipped)} files asked for is usable "
                              "(run `python extras/cache.py` on them)")
         # (F,) arrays: ids as fixed-width bytes (16 hex digits), frames as int64
         self.dir, self.ids = cache_dir, np.array([done[k]["id"] for k in keys], dtype="S16")
+        self.input_kind = input_kind
+        self.audio = np.array([os.fsencode(k) for k in keys], dtype=bytes)  # (F,) for the filterbank
         frames = np.array([done[k]["frames"] for k in keys], dtype=np.int64)
         super().__init__(frames, crop_frames, seed)
 
@@ -283,11 +321,16 @@ class CachedCropDataset(D.Visits):
         extra = torch.full((T,), -1, dtype=torch.int64)
         if self.store is not None:
             extra = D.frame_labels(self.store[f], start, T, n)
-        return CachedCrop(D.cut_frames(feats, start, T, 0, np.float32),  # (T, 128)
-                          D.cut_frames(codes, start, T, 0, np.int64), padding, extra)  # (T, Q)
+        if self.input_kind == "encodec":
+            feats = D.cut_frames(feats, start, T, 0, np.float32)  # (T, 128)
+        else:  # the crop's audio (frame t of the cache is samples [320 t, 320 (t + 1)))
+            wav = D.read_audio(os.fsdecode(self.audio[f]), start * HOP, T * HOP)
+            wav = D.cut_frames(wav.numpy(), 0, T * HOP, 0, np.float32)  # (T * HOP,) zero-padded
+            feats = M.filterbank_frames(wav[None], self.input_kind)[0]  # (T, bins)
+        return CachedCrop(feats, D.cut_frames(codes, start, T, 0, np.int64), padding, extra)
 
 
-def cached_crops(codec, paths, cfg, rank, barrier):
+def cached_crops(codec, paths, cfg, rank, barrier, input_kind="encodec"):
     """train.py --cache: the cache of `paths` completed by rank 0 (the others wait at barrier()) -> a function
     (files, seed, n_skipped) -> CachedCropDataset of those files, in place of data.CropDataset."""
     if rank == 0:
@@ -296,16 +339,18 @@ def cached_crops(codec, paths, cfg, rank, barrier):
     store = cfg.kmeans_store or None
 
     def crops(files, seed, n_skipped=0):  # n_skipped: the files' scan; the cache counts what it lacks itself
-        return CachedCropDataset(cfg.cache, seed=seed, extra_store=store, paths=files.paths)
+        return CachedCropDataset(cfg.cache, seed=seed, extra_store=store, paths=files.paths,
+                                 input_kind=input_kind)
     return crops
 
 
 def main(argv=None):
     parser = D.Parser(prog="extras/cache.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", nargs="+", required=True, type=D.data_source, help="folders, .txt lists, or demo")
+    parser.add_argument("--data", nargs="+", required=True, type=data_source, help="folders, .txt lists, or demo")
     parser.add_argument("--out", required=True, help="cache folder (a rerun completes it)")
     parser.add_argument("--encodec", default="pretrained", type=D.encodec_source, help="pretrained | random | checkpoint")
-    parser.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=D.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the codec runs: cpu, cuda or cuda:N")
     parser.add_argument("--batch-seconds", type=D.at_least(0.01, float), default=240.0, help="audio per codec batch")
     parser.add_argument("--chunk-seconds", type=D.at_least(0.01, float), default=60.0, help="longer files go in chunks")
     parser.add_argument("--workers", type=D.at_least(0), default=4, help="processes reading audio")

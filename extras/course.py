@@ -572,11 +572,11 @@ def main(argv=None):
     p = Parser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("make", help="write a student copy")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, help="the student copy's folder (new or empty)")
     m.add_argument("--only", help="comma-separated assignments (default: all)")
     g = sub.add_parser("grade", help="grade a copy (or . for this repository) with this "
                                      "repository's tests")
-    g.add_argument("folder")
+    g.add_argument("folder", help="a student copy (from make), or . for the reference")
     g.add_argument("--only", help="comma-separated assignments (default: all)")
     g.add_argument("--timeout", type=seconds, default=TIMEOUT,
                    help=f"seconds a grading test's call may run (default {TIMEOUT:g})")

@@ -1,6 +1,6 @@
-"""`python evaluate.py embed`: frame embeddings of your audio as .npy files, a folder tree at a time (a tool beside 3.2).
+"""Frame embeddings of your audio as .npy files, a folder tree at a time (a tool beside section 3.2).
 
-`python evaluate.py embed --upstream ckpt.pt --out EMB [--scene] AUDIO_DIR_OR_FILE ...` writes EMB/<path>.npy
+`python extras/embed.py --upstream ckpt.pt --out EMB [--scene] AUDIO_DIR_OR_FILE ...` writes EMB/<path>.npy
 (T, D) float32 at 75 Hz (and <path>.scene.npy (D,)) for every audio file, each through evaluate.embed_pieces,
 what evaluate.embed_file, the function for your own code, runs: a long file is read, embedded and written a
 minute at a time, with a progress line per piece. Resumable: EMB/embed.json names the upstream that wrote the
@@ -8,14 +8,19 @@ folder, and files already written are skipped.
 """
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: the core files sit in the folder above
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch
 
 import data as D
 from data import AudioError, UsageError, at_least, write_atomic
+from extras.cli import Progress
 import evaluate as E
 from evaluate import check_upstream, embed_pieces, open_upstream, pooled, upstream_args
 from model import SAMPLE_RATE, num_frames
@@ -41,8 +46,8 @@ def embed_plan(sources, out):
     return plan
 
 
-def embed_main(argv):
-    p = D.Parser(prog="evaluate.py embed", description="Frame embeddings (T, D) float32 at 75 Hz of every audio "
+def main(argv=None):
+    p = D.Parser(prog="extras/embed.py", description="Frame embeddings (T, D) float32 at 75 Hz of every audio "
                  "file given or found under the folders given, as OUT/<path>.npy mirroring the folders "
                  "(OUT/x.wav.npy for a file given alone). Resumable: files already written are skipped.")
     p.add_argument("sources", nargs="+", metavar="FILE_OR_FOLDER", help="audio files and folders (recursive)")
@@ -69,7 +74,7 @@ def embed_main(argv):
     files, skipped = D.scan_audio([path for path, _ in todo])  # bad headers: warned here
     n_todo, todo = len(todo), [(path, dest) for path, dest in todo if str(path) not in {str(p) for p, _ in skipped}]
     upstream = open_upstream(args.upstream, args) if todo else None  # the model loads only when needed
-    progress = D.Progress("embed", files.lengths.sum() / SAMPLE_RATE, every=args.log_every, unit="x real time")
+    progress = Progress("embed", files.lengths.sum() / SAMPLE_RATE, every=args.log_every, unit="x real time")
     for k, ((path, dest), n) in enumerate(zip(todo, files.lengths.tolist())):
         step = lambda seconds: progress.update(seconds, f"{k + 1}/{len(todo)} files")  # a line per piece
         try:
@@ -100,3 +105,7 @@ def write_frames(f, upstream, path, n, done):
     f.seek(0)
     header(seen)
     assert f.tell() == start, "the .npy header changed its length"
+
+
+if __name__ == "__main__":
+    D.run_cli(main)

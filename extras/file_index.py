@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: the core files sit in the fold
 
 import data as D
 from data import UsageError
+from extras.cli import data_source
 from extras.cache import stamp
 from model import SAMPLE_RATE
 
@@ -158,9 +159,9 @@ def check_index(out, sources):
     return meta
 
 
-def ensure_index(sources, out, rank=0, workers=None):
-    """The index at `out`, built (by rank 0; the others wait for it) if missing or if a source changed
-    since -> (Files, the --data entry of each, unreadable count)."""
+def ensure_index(sources, out, rank=0, barrier=lambda: None, workers=None):
+    """The index at `out`, built (by rank 0; the others wait for it at barrier()) if missing or if a
+    source changed since -> (Files, the --data entry of each, unreadable count)."""
     if rank == 0:
         changed = [s for s, t in zip(*(lambda m: (m["sources"], m["stamps"]))(check_index(out, sources)))
                    if source_stamp(s) != t] if os.path.exists(out) else []
@@ -172,14 +173,13 @@ def ensure_index(sources, out, rank=0, workers=None):
             print(f"index {out}: {'missing' if not changed else f'{changed} changed since it was built'}; "
                   "building it", flush=True)
             build_index(sources, out, workers)
-    import train  # lazily: the barrier of the ranks
-    train.barrier()
+    barrier()
     return read_index(out, sources)
 
 
 def main(argv=None):
     parser = D.Parser(prog="extras/file_index.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", nargs="+", required=True, type=D.data_source, help="folders, .txt lists, or demo")
+    parser.add_argument("--data", nargs="+", required=True, type=data_source, help="folders, .txt lists, or demo")
     parser.add_argument("--out", required=True, help="index file (.npz)")
     parser.add_argument("--workers", type=D.at_least(1), default=os.cpu_count(), help="processes reading headers")
     parser.add_argument("--shard-files", type=D.at_least(1), default=2000, help="headers per resumable shard")

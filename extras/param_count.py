@@ -1,8 +1,9 @@
-"""Table 1's #Par (a check beside the paper): `python model.py` prints ours next to the paper's 51M / 94M / 269M.
+"""Table 1's #Par (a check beside the paper): `python extras/param_count.py` prints ours beside 51M / 94M / 269M.
 
 Table 1 counts the feature extractor: EnCodec's encoder (the 'EC' row's 7.4M), the input projection
 and the MAE encoder; the decoder and head are left out (they are dropped after pretraining).
 """
+import argparse
 import os
 import sys
 
@@ -30,4 +31,5 @@ def print_table1():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, nothing else
     print_table1()

@@ -23,7 +23,7 @@ def random_codec(seed=0):
     if seed not in _BUILT:
         warnings.warn("--encodec random: a seeded random codec; its inputs and targets are NOT the "
                       "paper's (smoke tests and teaching only).", stacklevel=3)
-        from extras.demo_audio import demo_clips
+        from extras.demo_signals import demo_clips
         _BUILT[seed] = build(seed, demo_clips(24, seconds=1.0, seed=seed))  # (24, 24000) varied audio
     return copy.deepcopy(_BUILT[seed])
 
@@ -36,8 +36,12 @@ class RandomCodec(M.Codec):
         self.register_buffer("feat_mean", torch.zeros(self.dim))
         self.register_buffer("feat_std", torch.ones(self.dim))
 
-    def standardize(self, emb):
-        return (emb.transpose(1, 2) - self.feat_mean) / self.feat_std  # (B, T, 128)
+    def features(self, wav):
+        return (super().features(wav) - self.feat_mean) / self.feat_std  # (B, T, 128)
+
+    def forward(self, wav):
+        feats, codes = super().forward(wav)  # the codes come from the raw frames, as in EnCodec
+        return (feats - self.feat_mean) / self.feat_std, codes
 
 
 @torch.no_grad()

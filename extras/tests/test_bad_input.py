@@ -19,7 +19,9 @@ import kmeans
 import model as M
 import train
 from extras import cache, file_index, random_codec
+from extras import embed as embed_tool
 from extras import demo_audio as demo
+from extras import demo_signals
 from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, gap_mask, make_config, num_frames
 from test_all import (TINY_RUN, codec, demo_cache, losses, short_cache, stage_one, three_sounds_task,  # noqa: F401
                       tiny_checkpoint, tone, write)
@@ -180,7 +182,7 @@ def test_kmeans_skips_a_file_that_fails_to_read_and_names_it_once(stage_one, tmp
     os.makedirs(folder)
     for p in paths:
         os.symlink(p, folder / os.path.basename(p))
-    wav = demo.synth_clip("note", 3.0, 5).numpy()
+    wav = demo_signals.synth_clip("note", 3.0, 5).numpy()
     wav[30000] = np.nan  # the header and the last sample read fine: it fails only when read whole
     sf.write(folder / "nan.wav", wav, M.SAMPLE_RATE, subtype="FLOAT")
     with pytest.warns(UserWarning) as record:
@@ -386,16 +388,17 @@ def test_bad_evaluate_command_lines_give_one_line_and_exit_2_before_loading_a_mo
              (tasks + ec + ["--device", "tpu"], "--device"),
              (tasks + ec + ["--device", "cuda:9"], "--device"),
              (tasks + ec + ["--encodec", str(tmp_path / "nope.th")], "--encodec"),
-             (tasks + ec + ["--codec-cache", str(tmp_path / "audio" / "x.wav")], "--codec-cache"),
-             (["embed", "--upstream", "EC", str(tmp_path / "audio")], "--out"),
-             (["embed", "--upstream", "EC", "--out", str(tmp_path / "o"), str(tmp_path / "no.wav")], "no.wav"),
-             (["embed", "--upstream", "EC", "--out", str(tmp_path / "o"), str(tmp_path / "empty")], "empty"),
-             (["embed", "--upstream", "ECMAE-R:tiny", "--layer", "-2", "--out", str(tmp_path / "o"),
-               str(tmp_path / "audio")], "--layer")]
+             (tasks + ec + ["--codec-cache", str(tmp_path / "audio" / "x.wav")], "--codec-cache")]
+    cases = [(E.main, argv, flag) for argv, flag in cases] + [(embed_tool.main, argv, flag) for argv, flag in [
+             (["--upstream", "EC", str(tmp_path / "audio")], "--out"),
+             (["--upstream", "EC", "--out", str(tmp_path / "o"), str(tmp_path / "no.wav")], "no.wav"),
+             (["--upstream", "EC", "--out", str(tmp_path / "o"), str(tmp_path / "empty")], "empty"),
+             (["--upstream", "ECMAE-R:tiny", "--layer", "-2", "--out", str(tmp_path / "o"),
+               str(tmp_path / "audio")], "--layer")]]
     monkeypatch.setattr(E, "load_upstream", lambda *a, **k: pytest.fail("a model loaded before the check"))
-    for argv, flag in cases:
+    for main, argv, flag in cases:
         with pytest.raises(SystemExit) as done:
-            D.run_cli(E.main, argv)
+            D.run_cli(main, argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert done.value.code == 2 and len(err) == 1 and flag in err[0], (argv, err)
     monkeypatch.undo()  # a checkpoint's depth is known once it loads: still one line, exit 2

@@ -47,7 +47,7 @@ def test_mixing_follows_weights_and_holdout_is_fixed(tmp_path):
 
 
 def test_benchmark_utilization_cannot_exceed_100_percent():
-    """train.py --bench: a step faster than the measured GEMM peak is measured against itself, never >100%."""
+    """extras/bench.py train: a step faster than the measured GEMM peak is measured against itself, never >100%."""
     peak, how = bench.utilization_peak(120e9, [100e9, 90e9], lambda: 110e9, 11)
     assert peak == 120e9 and "re-measured best of 10: 110" in how and "its own rate" in how
     assert bench.utilization_peak(120e9, [100e9, 90e9], lambda: 130e9, 11)[0] == 130e9

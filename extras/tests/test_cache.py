@@ -20,6 +20,7 @@ import model as M
 import train
 from extras import cache, file_index, random_codec
 from extras import demo_audio as demo
+from extras import demo_signals
 from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, gap_mask, make_config, num_frames
 from test_all import (TINY_RUN, codec, demo_cache, losses, short_cache, stage_one, three_sounds_task,  # noqa: F401
                       tiny_checkpoint, tone, write)
@@ -50,7 +51,7 @@ class StandInCodec(torch.nn.Module):
 def test_cache_round_trip_equals_the_codec_on_the_fly(tmp_path):
     """[2.1] cached frames (fp16) and codes of a 4-s clip equal the frozen codec run directly."""
     codec = StandInCodec()
-    wav = demo.demo_clips(1, seconds=4.0, seed=5)  # (1, 96000)
+    wav = demo_signals.demo_clips(1, seconds=4.0, seed=5)  # (1, 96000)
     path = write(tmp_path, "clip.wav", wav[0].numpy(), subtype="FLOAT")
     n, skipped = cache.build_cache(codec, [path], tmp_path / "cache")
     assert n == 1 and skipped == []

@@ -33,6 +33,14 @@ def reference(name):
     return between(open(os.path.join(ROOT, course.ASSIGNMENTS[name].file)).read(), name)
 
 
+def wrapped(function, signature, body, name=None):
+    """The reference code of FUNCTION's assignment with FUNCTION renamed reference_FUNCTION, and a
+    new FUNCTION (a student's answer) with this signature and body: it relies on names alone."""
+    code = reference(name or function).replace(f"def {function}(", f"def reference_{function}(")
+    assert f"def reference_{function}(" in code
+    return code + f"\n\ndef {function}{signature}:" + body
+
+
 def claim_lines(stdout, name):
     """The assignment's head line and its claim lines, as grade prints them."""
     lines = stdout.splitlines()
@@ -81,9 +89,11 @@ def test_grade_runs_the_lecturers_tests_with_a_time_limit_per_test(tmp_path):
                       tests)
     assert tampered.count("    return\n") - tests.count("    return\n") == len(positions)
     (copy / "test_all.py").write_text(tampered)
-    loop = "\n        while length == 37:  # a student's bug: it never ends\n            pass\n"
-    start = "\n        n_hidden, hidden, row"
-    put(copy, "gap_mask", reference("gap_mask").replace(start, loop + start[1:]))
+    put(copy, "gap_mask", wrapped("gap_mask", "(lengths, T, M_prop, M_gap, generator=None)", """
+    while 37 in lengths.tolist():  # a student's bug: one input never ends
+        pass
+    return reference_gap_mask(lengths, T, M_prop, M_gap, generator)
+"""))
     put(copy, "loss", reference("loss"))
     graded = run_course("grade", str(copy), "--only", "gap_mask,positions,loss", "--timeout", "5")
     assert graded.returncode == 1, graded.stdout + graded.stderr
@@ -93,7 +103,7 @@ def test_grade_runs_the_lecturers_tests_with_a_time_limit_per_test(tmp_path):
     n = len(course.ASSIGNMENTS["gap_mask"].grading)
     assert block[0] == f"gap_mask   [2] {n - 1}/{n} passed", graded.stdout
     loop_line = 1 + next(i for i, line in enumerate((copy / "model.py").read_text().splitlines())
-                         if "while length == 37" in line)
+                         if "while 37 in lengths" in line)
     assert ("    TIMED OUT  gap mask never hides padding: no result after 5 s "
             f"(model.py line {loop_line}, in gap_mask)") in block, block
     assert sum(line.startswith("    passed     gap mask") for line in block) == n - 1, block
@@ -105,14 +115,15 @@ def test_grade_shows_each_failures_cause_and_the_line_of_a_syntax_or_import_erro
     claim says what was expected and what came back; each time the other assignments are graded."""
     copy = tmp_path / "student"
     assert run_course("make", "--out", str(copy), "--only", "gap_mask,kmeans,probe").returncode == 0
-    put(copy, "gap_mask", reference("gap_mask").replace("for start in", "for start inn"))
+    put(copy, "gap_mask", reference("gap_mask") + "def broken(:\n")
     put(copy, "probe", reference("probe") + "NAMES = undefined_name\n")
-    lloyd = reference("kmeans").replace("sums / counts.clamp_min(1)[:, None]", "sums")  # no mean
-    assert lloyd != reference("kmeans")
-    put(copy, "kmeans", lloyd)
+    signature = "(x, centroids, n_iter=100, tol=1e-4, chunk_size=4096, bf16=False)"
+    put(copy, "kmeans", wrapped("lloyd", signature, """
+    result = reference_lloyd(x, centroids, n_iter, tol, chunk_size, bf16)
+    return KMeansResult(result.centroids + 0.5, result.inertia_history)  # a bug: 0.5 off
+""", "kmeans"))
     graded = run_course("grade", str(copy), "--only", "gap_mask,kmeans,probe")
-    text = (copy / "model.py").read_text().splitlines()
-    syntax_line = 1 + next(i for i, line in enumerate(text) if "for start inn" in line)
+    syntax_line = 1 + (copy / "model.py").read_text().splitlines().index("def broken(:")
     name_line = 1 + (copy / "evaluate.py").read_text().splitlines().index("NAMES = undefined_name")
     assert claim_lines(graded.stdout, "gap_mask")[0].endswith(
         f"passed: cannot grade: model.py line {syntax_line}: SyntaxError: invalid syntax"), \

@@ -20,6 +20,7 @@ import model as M
 import train
 from extras import cache, file_index, random_codec
 from extras import demo_audio as demo
+from extras import demo_signals
 from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, gap_mask, make_config, num_frames
 from test_all import (TINY_RUN, codec, demo_cache, losses, short_cache, stage_one, three_sounds_task,  # noqa: F401
                       tiny_checkpoint, tone, write)
@@ -29,7 +30,7 @@ torch.set_num_threads(1)
 
 def test_random_codec_is_deterministic_and_uses_many_codes(codec):
     """[2.1] the seeded random codec gives the same targets twice and many distinct codes per stream."""
-    wav = demo.demo_clips(8, seconds=1.0, seed=21)
+    wav = demo_signals.demo_clips(8, seconds=1.0, seed=21)
     feats, codes = codec(wav)
     assert feats.shape == (8, 75, 128) and codes.shape == (8, 75, 8)
     random_codec._BUILT.clear()  # rebuild it from the seed alone
@@ -42,21 +43,21 @@ def test_random_codec_is_deterministic_and_uses_many_codes(codec):
 
 def test_demo_clips_are_deterministic_varied_and_not_clipped():
     """Demo audio: same seed, same clips; every clip is audible, peaks at 0.5, and kinds differ."""
-    clips = demo.demo_clips(10, seconds=1.0, seed=3)
-    assert clips.shape == (10, SAMPLE_RATE) and torch.equal(clips, demo.demo_clips(10, seconds=1.0, seed=3))
+    clips = demo_signals.demo_clips(10, seconds=1.0, seed=3)
+    assert clips.shape == (10, SAMPLE_RATE) and torch.equal(clips, demo_signals.demo_clips(10, seconds=1.0, seed=3))
     assert torch.allclose(clips.abs().amax(1), torch.full((10,), 0.5)) and (clips.std(1) > 0.02).all()
-    assert not torch.equal(clips, demo.demo_clips(10, seconds=1.0, seed=4))
+    assert not torch.equal(clips, demo_signals.demo_clips(10, seconds=1.0, seed=4))
     spectra = torch.fft.rfft(clips).abs()
     centroid = (spectra * torch.arange(spectra.shape[1])).sum(1) / spectra.sum(1)  # (10,)
     assert len(set(centroid.round().tolist())) == 10
     with pytest.raises(ValueError, match="unknown synthetic kind"):
-        demo.synth_clip("drum", 1.0, 0)
+        demo_signals.synth_clip("drum", 1.0, 0)
 
 
 def test_demo_dataset_has_varied_lengths_and_trains_through_crops(tmp_path):
     """Demo data set: 16-bit wavs shorter and longer than 4 s, written once, read as crops."""
-    paths = demo.write_demo_dataset(tmp_path, n_files=6, seed=0)
-    assert demo.write_demo_dataset(tmp_path, n_files=6, seed=0) == paths
+    paths = demo_signals.write_demo_dataset(tmp_path, n_files=6, seed=0)
+    assert demo_signals.write_demo_dataset(tmp_path, n_files=6, seed=0) == paths
     durations = [sf.info(p).duration for p in paths]
     assert min(durations) < 4 < max(durations) and sf.info(paths[0]).subtype == "PCM_16"
     listed = D.list_audio(["demo"], demo_dir=str(tmp_path / "demo"))  # what --data demo reads

@@ -22,8 +22,10 @@ import torch
 import data as D
 import evaluate as E
 import kmeans
+import model as M
 import train
 from extras import cache, file_index
+from extras import embed as embed_tool
 from extras import demo_audio as demo
 from model import CROP_SAMPLES, SAMPLE_RATE, num_frames
 from test_all import TINY_RUN, codec, losses, short_cache, stage_one, tone, write  # noqa: F401
@@ -188,13 +190,13 @@ def test_sigterm_stops_embed_cleanly_and_a_rerun_resumes(tmp_path, monkeypatch, 
     monkeypatch.setattr(E, "read_audio", stop)
     before = signal.signal(signal.SIGTERM, lambda *a: pytest.fail("SIGTERM killed the command"))
     try:
-        argv = ["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"),
+        argv = ["--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"),
                 str(tmp_path / "audio")]
-        code, err = one_line(E.main, argv, capsys)
+        code, err = one_line(embed_tool.main, argv, capsys)
         assert code == 143 and err.count("\n") == 1 and "SIGTERM" in err, err
         assert sorted(os.listdir(tmp_path / "emb")) == ["0.wav.npy", "embed.json"]
         monkeypatch.setattr(E, "read_audio", real)
-        E.main(argv)
+        embed_tool.main(argv)
         assert len(glob.glob(str(tmp_path / "emb" / "*.wav.npy"))) == 3
     finally:
         signal.signal(signal.SIGTERM, before)
@@ -217,12 +219,12 @@ def test_a_full_disk_is_one_line_leaves_no_temporaries_and_keeps_what_was_comple
     assert code == 2 and err.count("\n") == 1 and "metrics.jsonl" in err, err
     audio, _ = short_cache
     paths = sorted(glob.glob(os.path.join(audio, "*.wav")))
-    embed = ["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), audio]
+    embed = ["--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), audio]
     index = ["--data", audio, "--out", str(tmp_path / "index.npz"), "--workers", "1"]
     km = ["--checkpoint", stage_one[2], "--data", audio, "--out", str(tmp_path / "km"), "--k", "4",
           "--n-clips", "4", "--n-frames", "200"]
     for part, main, argv, folder in (
-            ("3.wav.npy", E.main, embed, tmp_path / "emb"), ("index.npz", file_index.main, index, tmp_path),
+            ("3.wav.npy", embed_tool.main, embed, tmp_path / "emb"), ("index.npz", file_index.main, index, tmp_path),
             (".npy", kmeans.run, km, tmp_path / "km"), ("manifest.jsonl", cache.main, [
                 "--data", audio, "--out", str(tmp_path / "c"), "--encodec", "random"], tmp_path / "c")):
         with monkeypatch.context() as m:
@@ -243,7 +245,7 @@ def test_an_out_that_is_a_file_or_read_only_is_one_line_before_any_work(stage_on
     commands = lambda out: [
         (train.main, TINY_RUN + ["--data", audio, "--val_files", "1", "--batch_size", "1", "--out", out]),
         (kmeans.run, ["--checkpoint", checkpoint, "--data", audio, "--out", out, "--k", "4"]),
-        (E.main, ["embed", "--upstream", "EC", "--encodec", "random", "--out", out, audio]),
+        (embed_tool.main, ["--upstream", "EC", "--encodec", "random", "--out", out, audio]),
         (cache.main, ["--data", audio, "--out", out, "--encodec", "random"]),
         (file_index.main, ["--data", str(mine), "--out", str(mine)])]
     monkeypatch.setattr(D, "load_codec", lambda *a: pytest.fail("the codec loaded before --out was checked"))
@@ -305,6 +307,88 @@ def test_corrupt_cache_files_are_named_with_the_command_that_repairs_them(codec,
     (c / "cache.json").write_text("{garbled")
     code, err = one_line(cache.main, ["--data", str(folder), "--out", str(c), "--encodec", "random"], capsys)
     assert code == 2 and err.count("\n") == 1 and "cache.json" in err, err
+
+
+def test_a_cache_whose_arrays_were_deleted_or_cut_short_encodes_those_files_again(codec, tmp_path, capsys):
+    """Arrays deleted or cut short behind the cache's back: the cache command names each one and
+    encodes it again (not "done"), and every crop of training from it reads."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    paths = [write(folder, f"{i}.wav", tone(1.0 + 0.5 * i)) for i in range(3)]
+    c = tmp_path / "cache"
+    cache.build_cache(codec, paths, c)
+    entries = cache.read_manifest(c)
+    first, second = (os.path.join(c, entries[p]["id"]) for p in paths[:2])
+    os.remove(first + ".codes.npy")
+    whole = open(second + ".feats.npy", "rb").read()
+    open(second + ".feats.npy", "wb").write(whole[: len(whole) // 2])  # a disk that filled, say
+    capsys.readouterr()
+    with pytest.warns(UserWarning) as caught:
+        assert cache.build_cache(codec, paths, c)[0] == 3
+    named = " ".join(str(w.message) for w in caught)
+    assert "0.wav" in named and "missing" in named and "1.wav" in named and "damaged" in named
+    assert "2 to encode" in capsys.readouterr().out
+    crops = cache.CachedCropDataset(c, paths=paths)
+    assert all(len(crops[i].feats) == M.CROP_FRAMES for i in range(len(crops)))
+
+
+def test_a_codec_weights_file_of_another_model_is_one_line_naming_it(short_cache, tmp_path, capsys):
+    """--encodec FILE with weights that do not fit EnCodec's 24 kHz model (another model's, or not
+    torch's at all), for training and for the cache command: one line naming the file, exit 2."""
+    wrong = tmp_path / "other.th"
+    torch.save({"encoder.model.0.conv.conv.weight": torch.zeros(3, 1, 7)}, wrong)
+    garbage = tmp_path / "garbage.th"
+    garbage.write_bytes(os.urandom(300))
+    audio, _ = short_cache
+    for weights in (wrong, garbage):
+        run = [*TINY_RUN, "--data", audio, "--out", str(tmp_path / "run"), "--encodec", str(weights)]
+        for main, argv in ((train.main, run),
+                           (cache.main, ["--data", audio, "--out", str(tmp_path / "c"), "--encodec",
+                                         str(weights)])):
+            code, err = one_line(main, argv, capsys)
+            assert code == 2 and err.count("\n") == 1 and str(weights) in err, err
+            assert "24 kHz" in err
+
+
+def test_stage_two_with_a_store_of_other_audio_is_one_line_before_the_setup(stage_one, tmp_path,
+                                                                            monkeypatch, capsys):
+    """[2.3] a k-means store made on other data labels none of --data: one line, exit 2, before
+    the codec loads."""
+    root, paths, checkpoint = stage_one
+    store = tmp_path / "km"
+    store.mkdir()
+    (store / "index.json").write_text(json.dumps({"/elsewhere/x.wav": {"npy": "x.npy", "frames": 9}}))
+    monkeypatch.setattr(D, "load_codec", lambda *a: pytest.fail("the codec loaded first"))
+    argv = [*TINY_RUN, "--data", str(root / "audio"), "--out", str(tmp_path / "s2"), "--init_from",
+            checkpoint, "--kmeans_store", str(store)]
+    code, err = one_line(train.main, argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "labels none" in err and str(store) in err, err
+
+
+def test_labels_of_older_centroids_are_never_kept_in_a_store_fit_again(stage_one, tmp_path):
+    """[2.3] a store's labels belong to its centroids: centroids.pt deleted and fit again (here
+    with another checkpoint), every file is labelled again and index.json names only new labels."""
+    root, paths, checkpoint = stage_one
+    store = tmp_path / "km"
+    argv = ["--data", str(root / "audio"), "--out", str(store), "--k", "4", "--n-clips", "4",
+            "--n-frames", "200"]
+    kmeans.main(["--checkpoint", checkpoint, *argv])
+    old = json.loads((store / "index.json").read_text())
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {k: v * 1.5 if v.is_floating_point() else v for k, v in state["model"].items()}
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    os.remove(store / "centroids.pt")
+    kmeans.main(["--checkpoint", str(other), *argv])
+    new = json.loads((store / "index.json").read_text())
+    assert new.keys() == old.keys()
+    assert all(new[p]["npy"] != old[p]["npy"] for p in new)  # none of the old model's labels reused
+    model = D.load_checkpoint(str(other))[0]
+    centroids = kmeans.load(str(store / "centroids.pt"))[0]
+    source = kmeans.open_source(str(root / "audio"))
+    for f, path in enumerate(source.paths):
+        want = kmeans.assign(kmeans.embed_file(model, D.load_codec("random"), source, f), centroids)
+        assert np.array_equal(np.load(store / new[path]["npy"]), want.numpy())
 
 
 def test_a_kmeans_store_refuses_a_replaced_checkpoint_and_names_labels_of_the_wrong_shape(stage_one, tmp_path,
@@ -373,7 +457,7 @@ def test_file_names_that_are_not_utf8_are_read_cached_indexed_and_embedded(codec
     assert odd in paths and len(D.read_audio(odd)) == SAMPLE_RATE // 2
     assert cache.build_cache(codec, paths, tmp_path / "cache")[0] == 2
     assert len(file_index.build_index([str(folder)], str(tmp_path / "index.npz"), workers=1)[0].paths) == 2
-    E.main(["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), str(folder)])
+    embed_tool.main(["--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), str(folder)])
     assert os.path.exists(os.fsencode(os.path.join(tmp_path, "emb", os.path.basename(odd) + ".npy")))
 
 
@@ -410,7 +494,7 @@ def test_embed_reports_progress_per_piece_and_writes_what_embed_file_gives(tmp_p
     """A long file is embedded piece by piece: a progress line per piece, the .npy equal to embed_file's frames."""
     write(tmp_path, "long.wav", tone(9.0))
     monkeypatch.setattr(E, "EMBED_SEGMENT", CROP_SAMPLES)  # 3 pieces: 4 s, 4 s, 1 s
-    E.main(["embed", "--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), "--log-every", "0",
+    embed_tool.main(["--upstream", "EC", "--encodec", "random", "--out", str(tmp_path / "emb"), "--log-every", "0",
             str(tmp_path / "long.wav")])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("embed: 1/1 files")]
     assert len(lines) == 3, lines  # one per piece

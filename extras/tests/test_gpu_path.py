@@ -22,8 +22,10 @@ import data as D
 import model as M
 import train
 from extras import bench, cache, random_codec
+from extras import cli as extras_cli
 from extras import compile as extras_compile
 from extras import demo_audio as demo
+from extras import demo_signals
 from model import SAMPLE_RATE, gap_mask, make_config
 from test_all import TINY_RUN, losses, short_cache, tone, write  # noqa: F401
 
@@ -40,11 +42,30 @@ def codec():
 # ---------------------------------------------------------------- precision [3.1]
 def test_the_codec_gives_fp32_frames_and_codes_under_bf16_autocast(codec):
     """[2.1, 3.1] validation runs under autocast: the frozen codec must still compute training's targets."""
-    wav = demo.demo_clips(2, 1.0, seed=3)  # (2, 24000)
+    wav = demo_signals.demo_clips(2, 1.0, seed=3)  # (2, 24000)
     feats, codes = codec(wav)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         feats_ac, codes_ac = codec(wav)
     assert feats_ac.dtype == torch.float32 and torch.equal(feats_ac, feats) and torch.equal(codes_ac, codes)
+
+
+def test_the_codec_runs_without_tf32_and_gives_the_setting_back(codec, monkeypatch):
+    """[2.1] cuDNN's TF32 (on by default on Ampere and newer) is off inside the codec's encoder and
+    quantizer, so the fp32 codec is fp32 on a GPU too; the MAE's setting comes back after."""
+    seen = []
+    conv = next(m for m in codec.encoder.modules() if isinstance(m, torch.nn.Conv1d))
+    conv.register_forward_hook(lambda *args: seen.append(("encoder", torch.backends.cudnn.allow_tf32)))
+    encode = codec.quantizer.encode
+    monkeypatch.setattr(codec.quantizer, "encode", lambda *args: (
+        seen.append(("quantizer", torch.backends.cudnn.allow_tf32)), encode(*args))[1])
+    wav = demo_signals.demo_clips(1, 0.5, seed=4)  # (1, 12000)
+    for mae_setting in (True, False):
+        torch.backends.cudnn.allow_tf32 = mae_setting
+        codec(wav)
+        codec.features(wav)
+        assert torch.backends.cudnn.allow_tf32 is mae_setting  # the MAE's own choice, back
+    torch.backends.cudnn.allow_tf32 = True  # torch's default
+    assert seen == [("encoder", False), ("quantizer", False), ("encoder", False)] * 2, seen
 
 
 def test_gpus_that_only_emulate_bf16_get_fp16_with_a_grad_scaler(monkeypatch):
@@ -114,7 +135,7 @@ def test_a_training_step_never_waits_for_the_device(codec):
         stats = train.train_step(model, batches, None, mcfg, opt, scaler, autocast, meta, clip_grad=1.0)
     assert stats.device == meta and stats.shape == (1 + 3 * mcfg.n_streams,)
     mcfg = make_config("tiny")  # raw audio: the codec runs on the device as well
-    model, wav = M.EnCodecMAE(mcfg).to(meta), demo.demo_clips(1, 1.0)  # (1, 24000)
+    model, wav = M.EnCodecMAE(mcfg).to(meta), demo_signals.demo_clips(1, 1.0)  # (1, 24000)
     crop, codec = D.Crop(wav, torch.zeros(1, 75, dtype=torch.bool), torch.full((1, 75), -1)), D.load_codec("random")
     codec.to(meta)  # a copy (load_codec gives one each call)
     with NoSync():
@@ -153,7 +174,7 @@ def test_the_compiled_network_has_no_graph_break_and_compiles_once_per_padding_s
 
 
 def test_the_benchmark_compiles_with_compile_and_times_the_loader_apart(capsys, monkeypatch):
-    """--bench measures a run's step: --compile honoured, the loader's crops/s with --workers beside the step."""
+    """bench.py train measures a run's step: --compile honoured, the loader's crops/s with --workers beside the step."""
     compiled = []
     monkeypatch.setattr(extras_compile, "compile_network", lambda model: compiled.append(model))
     monkeypatch.setattr(bench, "timed", lambda fn, device, reps=3: (fn(), 0.5)[1])  # one run, a fixed time
@@ -167,11 +188,40 @@ def test_the_benchmark_compiles_with_compile_and_times_the_loader_apart(capsys, 
         assert f"| loader, {name} |" in out and f"| step, {name}, data ready |" in out and f"| run, {name} |" in out
     assert "crops/s with --workers 0" in out and "TFLOP by mae_flops" in out
     assert "| step, cache, data ready | 1.000 s" in out and "| step, raw audio, data ready | 1.500 s" in out
+    assert "MFU (vendor peak)" not in out  # a CPU: no vendor peak unless one is given
+    bench.train_benchmark(cfg, mcfg, torch.device("cpu"), peak_tflops=1.0)
+    flops = bench.mae_flops(mcfg, 2)
+    assert f"| MFU (vendor peak) | {flops / 0.5 / 1e12:.1%} of 1 TFLOP/s as given" in capsys.readouterr().out
+
+
+def test_the_vendor_bf16_peak_is_found_by_the_name_torch_reports():
+    """MFU against the figure people compare: the GPU's dense bf16 peak, the more specific name first."""
+    assert bench.vendor_peak("NVIDIA H100 80GB HBM3")[0] == 989.4e12  # SXM
+    assert bench.vendor_peak("NVIDIA H100 PCIe")[0] == 756e12
+    assert bench.vendor_peak("NVIDIA A100-SXM4-80GB")[0] == 312e12
+    assert bench.vendor_peak("NVIDIA GeForce RTX 3090")[0] == 71e12
+    assert bench.vendor_peak("Some Future GPU")[0] is None
+    assert bench.vendor_peak("NVIDIA H100 80GB HBM3", override=500.0)[0] == 500e12
 
 
 def test_mae_flops_of_the_base_model_at_batch_128():
     """[2.2, 3.1] the step's arithmetic: 16.0 TFLOP (docs/GPU.md derives the GPU estimate from it)."""
     assert round(bench.mae_flops(make_config("base"), 128) / 1e12, 1) == 16.0
+
+
+def test_mae_flops_counts_what_a_training_step_computes():
+    """[2.2] mae_flops equals PyTorch's own FLOP count of a base step's forward and backward (its
+    matmuls and attention) within 0.2%: the decoder's projection runs on the N visible frames."""
+    from torch.utils.flop_counter import FlopCounterMode
+    mcfg, B, T = make_config("base"), 2, M.CROP_FRAMES
+    model = M.EnCodecMAE(mcfg).to("meta")
+    mask = gap_mask(torch.full((B,), T), T, mcfg.M_prop, mcfg.M_gap)  # on the CPU, as in training
+    feats = torch.zeros(B, T, 128, device="meta")
+    targets = torch.zeros(B, T, mcfg.Q, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(feats, targets, mask).loss.backward()
+    counted = counter.get_total_flops()
+    assert abs(bench.mae_flops(mcfg, B) / counted - 1) < 0.002, (bench.mae_flops(mcfg, B), counted)
 
 
 # ---------------------------------------------------------------- DDP and devices
@@ -266,7 +316,7 @@ class OneByOne(torch.nn.Module):
 def test_the_cache_batches_equal_pieces_across_files_and_matches_chunk_by_chunk_encoding(codec, tmp_path, monkeypatch):
     """[3.1] the frames and codes of encoding each chunk alone; pieces read on their own, in workers."""
     seconds = [2.5, 0.6, 2.5, 1.3, 0.31]
-    paths = [write(tmp_path, f"{i}.wav", demo.demo_clips(1, s, seed=i)[0].numpy(), subtype="FLOAT")
+    paths = [write(tmp_path, f"{i}.wav", demo_signals.demo_clips(1, s, seed=i)[0].numpy(), subtype="FLOAT")
              for i, s in enumerate(seconds)]
     lengths = np.array([round(s * SAMPLE_RATE) for s in seconds])
     plan = cache.piece_batches(lengths, SAMPLE_RATE, 3 * SAMPLE_RATE)  # 1-s chunks, 3 s a batch
@@ -282,14 +332,14 @@ def test_the_cache_batches_equal_pieces_across_files_and_matches_chunk_by_chunk_
         base = os.path.join(tmp_path / "cache", entries[os.path.abspath(path)]["id"])
         assert np.array_equal(np.load(base + ".codes.npy"), codes.short().numpy())  # bit for bit
         assert np.array_equal(np.load(base + ".feats.npy"), feats.half().numpy())
-    wav = demo.demo_clips(3, 1.0, seed=0)  # a batch only rounds differently: frames agree to 1e-5
+    wav = demo_signals.demo_clips(3, 1.0, seed=0)  # a batch only rounds differently: frames agree to 1e-5
     (feats, codes), (feats_1, codes_1) = codec(wav), OneByOne(codec)(wav)
     assert (feats - feats_1).abs().max() < 1e-5 and (codes == codes_1).float().mean() > 0.99  # near-ties flip
     events, read = [], D.read_audio  # a long file: read in pieces, progress shown before it is stored
     monkeypatch.setattr(D, "read_audio", lambda path, start=0, frames=None, header=None: (
         events.append(("read", frames)), read(path, start, frames, header))[1])
     monkeypatch.setattr(cache, "store_entry", lambda *args: events.append(("stored",)) or {})
-    monkeypatch.setattr(D.Progress, "update", lambda self, *args: events.append(("progress",)))
+    monkeypatch.setattr(extras_cli.Progress, "update", lambda self, *args: events.append(("progress",)))
     cache.build_cache(codec, [write(tmp_path, "long.wav", tone(5.0))], tmp_path / "long", 2.0, 1.0, 0.0)
     assert events.index(("progress",)) < events.index(("stored",)) and ("read", None) not in events
     assert max(n for e, *n in events if e == "read" for n in n) == SAMPLE_RATE

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -43,6 +44,54 @@ def test_core_files_import_downwards_and_extras_only_inside_an_option():
         everywhere, top = modules(ast.walk(tree)), modules(tree.body)
         assert everywhere & set(BELOW) <= allowed, f"{name}.py imports {sorted(everywhere & set(BELOW) - allowed)}"
         assert "extras" not in top, f"{name}.py imports extras when it loads, not inside the option needing it"
+
+
+def repository_imports():
+    """{file: {files it imports}} for every .py file of the repository, lazy imports included."""
+    import ast
+    files = [os.path.relpath(os.path.join(d, n), ROOT) for d, _, names in os.walk(ROOT)
+             if ".git" not in d for n in names if n.endswith(".py")]
+    graph = {}
+    for path in files:
+        found = set()
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, path)).read())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                target = name.replace(".", "/") + ".py"
+                if target in files and target != path:
+                    found.add(target)
+        graph[path] = found
+    return graph
+
+
+def test_no_two_files_of_the_repository_import_each_other_in_a_circle():
+    """Imports run one way: no file reaches itself through the imports of others, lazy ones too."""
+    graph = repository_imports()
+    assert "extras/run.py" in graph["train.py"] and "data.py" in graph["extras/cache.py"]  # it sees
+    for start in graph:  # a depth-first walk from every file: the first circle found is named
+        stack = [(start, [start])]
+        seen = set()
+        while stack:
+            path, trail = stack.pop()
+            for nxt in graph[path]:
+                assert nxt != start, "an import circle: " + " -> ".join(trail + [nxt])
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, trail + [nxt]))
+
+
+def test_the_paper_run_has_every_hook_of_the_research_run():
+    """train.PaperRun (extras/ deleted) answers every hook train.py calls on extras/run.py's run."""
+    import inspect
+    from extras.run import ResearchRun
+    called = set(re.findall(r"\brun\.(\w+)\(", inspect.getsource(train)))
+    assert called and called <= set(dir(ResearchRun))
+    assert called - {"restore", "stopped"} <= set(dir(train.PaperRun))  # those two need a resume, a signal
 
 
 def test_the_paper_path_loads_with_extras_deleted(tmp_path):
