@@ -2,7 +2,7 @@
 
 `python -m pytest -q extras/tests/test_released.py -s` from the repository root (CPU, offline, no authors'
 package; -s prints every max abs diff). The fixtures in extras/fixtures/released/ were written by the
-authors' own code (extras/released_fixtures.py build): tiny random models in their file formats.
+authors' own code (.ci/released_fixtures.py build): tiny random models in their file formats.
 """
 import os
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from extras.released import load_released, released_scene, released_timestamps
-from extras.released_fixtures import CODEC_SEED, FIXTURES, KINDS, fixture_clips, fixture_path
+from extras.tests.released_cases import CODEC_SEED, FIXTURES, KINDS, fixture_clips, fixture_path
 
 MEL = "mel256-ec-base_st"  # the cheapest kind (no codec) for tests of the plumbing
 # One thread, as test_all.py: on this busy 2-core machine two threads made the codec's LSTM ten

@@ -1,10 +1,11 @@
-"""Serves extras/tests/test_released.py: the AUTHORS' code makes tiny random models in their formats + their embeddings.
+"""Developer tool (needs the authors' environment): their code makes the tiny released fixtures + their embeddings.
 
 `build` and `fullsize` need their package (gin, ginpipe, Lightning; docs/RELEASED.md shows the venv):
-  VENV/bin/python -m extras.released_fixtures build --v1 AUTHORS/encodecmae-v1 --v2 AUTHORS/encodecmae-head
-  VENV/bin/python -m extras.released_fixtures fullsize --v1 ... --v2 ...   (full-size random models)
-`check` needs only this project: `python -m extras.released_fixtures check` prints our max abs diff per kind and layer.
+  VENV/bin/python .ci/released_fixtures.py build --v1 AUTHORS/encodecmae-v1 --v2 AUTHORS/encodecmae-head
+  VENV/bin/python .ci/released_fixtures.py fullsize --v1 ... --v2 ...   (full-size random models)
+`check` needs only this project: `python .ci/released_fixtures.py check` prints our max abs diff per kind and layer.
 Writes extras/fixtures/released/<kind>.pt (v2) or <kind>/{model.pt,config.gin,imports} (v1), and <kind>.expected.pt.
+What the tests read of them (paths, the clips) is extras/tests/released_cases.py.
 """
 import argparse
 import hashlib
@@ -21,8 +22,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "extras" / "fixtures" / "released"
-CODEC_SEED = 1234  # the fixtures' random EnCodec is this seed, not 30 MB of weights
+if str(ROOT) not in sys.path:  # run as a script from .ci/: the repository's modules sit in the folder above
+    sys.path.insert(0, str(ROOT))
+
+from extras.tests import released_cases  # noqa: E402
+from extras.tests.released_cases import CODEC_SEED, FIXTURES, fixture_clips, fixture_path  # noqa: E402
+
 WEIGHT_SEED = 7
 TINY = ["NUM_DECODER_LAYERS=1", "NUM_TARGET_TOKENS=16"]  # + ff_dim=64 for encoder and decoder (below)
 WAV = ["datasets/audioset-unbalanced-24k.gin", "datasets/fma-large-24k.gin", "datasets/librilight-6k-24k.gin"]
@@ -78,29 +83,12 @@ KINDS = {
     "spec-ec-base": ("v2", ["base/unsupervised_pretrain.gin", "models/encodecmae.gin", *WAV, SPEC_GIN],
                      ["NUM_ENCODER_LAYERS=2", "MODEL_DIM=36", "NUM_ENCODER_HEADS=4"], False),
 }
+assert {k: v[0] for k, v in KINDS.items()} == released_cases.KINDS, "the tests' kinds are these"
 FULL = {  # full-size random models for `fullsize`: (fixture kind whose configs they use, --mods)
     "encodecmae-base (v1)": ("encodecmae-small", ["NUM_ENCODER_LAYERS=10", "MODEL_DIM=768"]),
     "mel256-ec-base (v2)": ("mel256-ec-large", ["NUM_ENCODER_LAYERS=10", "MODEL_DIM=768"]),
     "encodecmae-large (v1)": ("encodecmae-small", ["NUM_ENCODER_LAYERS=20", "MODEL_DIM=1024"]),
 }
-
-
-def fixture_clips():
-    """Five fixed clips at 24 kHz: 1.3 s (a part chunk), 2.0 s (150 whole frames), 5.3 s (a 4-s chunk + a
-    part), 4.05 s (a 1200-sample tail v2 skips), 200 samples (v1 only: one frame, every key padding, where
-    their -1e9 and a -inf differ). Tones with a slow tremolo, plus seeded noise."""
-    rng = np.random.default_rng(20240523)
-    clips = []
-    for n, f0 in ((31200, 220.0), (48000, 440.0), (127200, 330.0), (97200, 880.0), (200, 660.0)):
-        t = np.arange(n) / 24000.0
-        tone = 0.3 * np.sin(2 * np.pi * f0 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 1.5 * t))
-        clips.append((tone + 0.05 * rng.standard_normal(n)).astype(np.float32))
-    return clips
-
-
-def fixture_path(kind):
-    """Where the committed file of a kind lies (v1: model.pt with config.gin beside it)."""
-    return FIXTURES / kind / "model.pt" if KINDS[kind][0] == "v1" else FIXTURES / f"{kind}.pt"
 
 
 def record_layers(kind):
@@ -305,7 +293,7 @@ def check():
 def spawn(kind, repo, *extra):
     """Run build_one in a child whose sys.path has THEIR package (v1 and v2 are both `encodecmae`)."""
     env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{ROOT}")
-    subprocess.run([sys.executable, "-m", "extras.released_fixtures", "_one", kind, repo, *extra],
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "_one", kind, repo, *extra],
                    cwd=ROOT, env=env, check=True)
 
 

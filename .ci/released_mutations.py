@@ -1,8 +1,9 @@
-"""Serves extras/tests/test_released.py: breaks extras/released.py one way at a time and lists which tests notice.
+"""Developer tool: breaks extras/released.py (and the HEAR and embed code it serves) one way at a time, lists the tests that notice.
 
-`python -m extras.released_mutations` (about 4 minutes on 2 cores): each mutation is applied to a copy of
-extras/ in a temporary folder (the fixtures linked, not copied), the test file runs there, and a
-markdown table of the failing tests is printed. A mutation no test notices is marked "SURVIVES".
+`python .ci/released_mutations.py` (a few minutes on 2 cores): the unmutated copy must pass first; then
+each mutation is applied to a copy of the repository's code in a temporary folder (the fixtures
+linked, not copied), extras/tests/test_released.py runs there, and a markdown table of the failing
+tests is printed. A mutation no test notices is marked "SURVIVES"; the exit status is 1 if one does.
 """
 import os
 import re
@@ -13,9 +14,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RELEASED = "extras/released.py"  # the file a mutation (text, replacement) changes unless it names another
+TESTS = "extras/tests/test_released.py"
 SPLIT = "y.view(B, T, d, self.n_heads).permute(0, 3, 1, 2)"
 MERGE = "out.permute(0, 2, 3, 1).reshape(B, T, self.d_v * self.n_heads)"
-MUTATIONS = [  # (what breaks, [(text in released.py, replacement)])
+MUTATIONS = [  # (what breaks, [(text in released.py, replacement) or (file, text, replacement)])
     ("ResiDual without final_norm on x1", [("x0 + self.final_norm(x1)", "x0 + x1")]),
     ("one FF block per layer (un-shared)", [("TransformerLayer(a, ff) for",
                                              "TransformerLayer(a, __import__('copy').deepcopy(ff)) for")]),
@@ -45,34 +48,46 @@ MUTATIONS = [  # (what breaks, [(text in released.py, replacement)])
 ]
 
 
+def copy_code(tmp):
+    """The repository's code into tmp: the root's .py files and extras/ (its fixtures linked, not copied)."""
+    for f in ROOT.glob("*.py"):
+        shutil.copy(f, tmp / f.name)
+    shutil.copytree(ROOT / "extras", tmp / "extras", ignore=shutil.ignore_patterns("fixtures", "__pycache__"))
+    os.symlink(ROOT / "extras" / "fixtures", tmp / "extras" / "fixtures")
+
+
 def run(mutation):
-    """Apply one mutation in a scratch copy of extras/ -> sorted names of the failing tests."""
+    """Apply one mutation in a scratch copy -> (pytest's exit status, sorted names of the failing tests)."""
     with tempfile.TemporaryDirectory(prefix="released-mut-") as tmp:
-        extras = Path(tmp) / "extras"
-        extras.mkdir()
-        for f in ("__init__.py", "released.py", "released_fixtures.py", "test_released.py"):
-            shutil.copy(ROOT / "extras" / f, extras / f)
-        os.symlink(ROOT / "extras" / "fixtures", extras / "fixtures")
-        src = (extras / "released.py").read_text()
-        for old, new in mutation:
+        tmp = Path(tmp)
+        copy_code(tmp)
+        for file, old, new in mutation:
+            src = (tmp / file).read_text()
             if src.count(old) != 1:
-                raise SystemExit(f"mutation anchor not found once in released.py: {old!r}")
-            src = src.replace(old, new)
-        (extras / "released.py").write_text(src)
+                raise SystemExit(f"mutation anchor not found once in {file}: {old!r}")
+            (tmp / file).write_text(src.replace(old, new))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp))
         res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
-                              "--tb=no", "-rf", "extras/tests/test_released.py"], cwd=tmp, capture_output=True, text=True)
-        return sorted(set(re.findall(r"^FAILED extras/tests/test_released.py::(\w+)", res.stdout, re.M)))
+                              "--tb=no", "-rf", TESTS], cwd=tmp, capture_output=True, text=True, env=env)
+        failed = re.findall(rf"^(?:FAILED|ERROR) {re.escape(TESTS)}::(\w+)", res.stdout, re.M)
+        return res.returncode, sorted(set(failed)), res.stdout
 
 
 def main():
-    print("| mutation of extras/released.py | tests that fail |\n|---|---|")
+    status, failed, out = run([])
+    if status != 0:
+        raise SystemExit(f"the unmutated copy does not pass (exit {status}): {failed}\n{out[-2000:]}")
+    print("| mutation | tests that fail |\n|---|---|")
     survivors = 0
     for what, mutation in MUTATIONS:
-        failed = run(mutation)
+        status, failed, out = run([(RELEASED, *m) if len(m) == 2 else m for m in mutation])
+        if status not in (0, 1):  # 2-5: pytest could not run the tests (import error, usage): no verdict
+            raise SystemExit(f"{what}: pytest exit {status}\n{out[-2000:]}")
         survivors += not failed
         print(f"| {what} | {', '.join(failed) or 'SURVIVES'} |", flush=True)
     print(f"{len(MUTATIONS) - survivors} of {len(MUTATIONS)} mutations caught")
+    return 1 if survivors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
