@@ -421,38 +421,46 @@ class ReleasedEnCodecMAE(nn.Module):
         return self.visible_encoder(x, key_pad.expand(x.shape[0], -1))
 
     @torch.no_grad()
-    def all_layers(self, wav):
+    def all_layers(self, wav, file_samples=None):
         """wav (B, n) at 24 kHz -> {layer: (B, T, D)} for their layer indices 0..L-1 and -1.
 
         As their extract_features_from_array does for ONE clip: 4-s chunks embedded alone, frames
         concatenated, padded frames kept. v1 hides (as attention keys) the frames past the chunk's own
         length; v2 counts min(n, 4 s) samples in every chunk (its list comprehension reuses `i`, so
         later chunks count as whole) and skips chunks of <= 2048 samples.
+        file_samples: wav is a piece, cut on a chunk boundary, of a file this long (evaluate.embed_pieces):
+        v2's n is the whole file's, so the pieces' frames are the whole file's.
         Deviation: every row gets that single-clip answer; their batched call hides frames of row 0
         only (v1) or counts n - b samples for row b (v2), so its rows differ from single calls.
         """
         a = self.arch
         wav = wav.to(self.wav_encoder.post_net.weight.device, torch.float32)
-        n, pieces = wav.shape[1], []
+        n = wav.shape[1]
+        n_file = n if file_samples is None else file_samples
+        pieces = []
         for start in range(0, n, a.chunk):
             piece = wav[:, start:start + a.chunk]
             if piece.shape[1] <= a.min_len:
                 continue
-            n_valid = piece.shape[1] if a.version == "v1" else min(n, a.chunk)
+            n_valid = piece.shape[1] if a.version == "v1" else min(n_file, a.chunk)
             inner, final = self.chunk_layers(piece, n_valid)
             if a.version == "v2":
                 inner[-1] = final  # postnorm_last_activation=True: their last layer IS the final output
             pieces.append(inner + [final])
-        if not pieces:
+        if not pieces and min(n_file, a.chunk) <= a.min_len:
             raise ValueError(f"{self.name}: {n} samples give no chunk over {a.min_len} samples "
                              "(their extractor fails too)")
+        if not pieces:  # the short tail of a longer file, which v2 skips as the whole file's last chunk
+            pieces = [[wav.new_zeros(len(wav), 0, a.d_model)] * (a.n_layers + 1)]
         out = [torch.cat(p, dim=1) for p in zip(*pieces)]  # (B, T, D) each
         return {**dict(enumerate(out[:-1])), -1: out[-1]}
 
-    def frames(self, wav, layer=None):
-        """wav (B, n) float32 mono at 24 kHz -> (B, T, D) frames at 75 Hz from `layer` (default: load's)."""
+    def frames(self, wav, layer=None, file_samples=None):
+        """wav (B, n) float32 mono at 24 kHz -> (B, T, D) frames at 75 Hz from `layer` (default: load's).
+
+        file_samples: wav is a piece of a file this long, cut on a 4-s boundary (see all_layers)."""
         layer = check_layer(self.layer if layer is None else layer, self.arch.n_layers)
-        return self.all_layers(wav)[layer]
+        return self.all_layers(wav, file_samples)[layer]
 
 
 def check_layer(layer, n_layers):

@@ -178,6 +178,36 @@ def test_info_command_prints_one_line_per_fact(capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind, tails", [("ec-ec-base", [84000]), (MEL, [84000, 1000]),
+                                         ("encodecmae-small", [84000])])
+def test_a_long_file_piece_by_piece_gives_the_frames_of_the_whole_file(kind, tails, tmp_path, monkeypatch):
+    """embed_file and `evaluate.py embed` read a file a piece at a time (memory of one piece) and give
+    frames() of the whole file: also for v2, whose extractor counts min(n, 4 s) samples of every chunk as
+    real with n the WHOLE file's length, when the last piece is shorter than 4 s (3.5 s: their mask would
+    hide one frame) or too short for a chunk (1000 samples: skipped, as the whole file's last chunk)."""
+    import numpy as np
+    import soundfile as sf
+    import evaluate as E
+    from model import CROP_SAMPLES
+    monkeypatch.setattr(E, "EMBED_SEGMENT", CROP_SAMPLES)  # 4-s pieces: a 7.5-s file is two
+    m = load_released(fixture_path(kind))
+    lengths = []
+    frames = m.frames
+    monkeypatch.setattr(m, "frames", lambda wav, **kw: lengths.append(wav.shape[1]) or frames(wav, **kw))
+    for tail in tails:
+        wav = 0.1 * np.random.default_rng(tail).standard_normal(CROP_SAMPLES + tail).astype(np.float32)
+        sf.write(tmp_path / "long.wav", wav, 24000, subtype="FLOAT")
+        whole = frames(torch.from_numpy(wav)[None])[0]  # (T, D)
+        lengths.clear()
+        assert torch.equal(E.embed_file(m, tmp_path / "long.wav"), whole), (kind, tail)
+        assert lengths == [CROP_SAMPLES, tail]  # never more than a piece at once
+        if kind == MEL:  # the command line writes the same frames (the cheapest kind: no codec)
+            out = tmp_path / f"emb{tail}"
+            assert E.main(["embed", "--upstream", f"released:{fixture_path(kind)}", "--out", str(out),
+                           str(tmp_path / "long.wav")]) == []
+            assert np.array_equal(np.load(out / "long.wav.npy"), whole.numpy()), (kind, tail)
+
+
 def test_evaluate_embed_writes_the_authors_frames_for_a_folder(tmp_path, capsys):
     """`evaluate.py embed --upstream released:FILE` writes each file's frames: their extractor's, any rate."""
     import numpy as np
