@@ -19,7 +19,6 @@ from torch import nn
 
 SAMPLE_RATE = 24000  # every released model reads 24 kHz audio
 FRAME_RATE = 75  # their HEAR wrapper's `embedding_rate`: 75 frames per second
-HEAR_RATE = 48000  # HEAR does not allow 24000; the caller resamples 2:1 (their wrapper declared 24000)
 
 
 # ---------------------------------------------------------------- the gin text inside their files
@@ -403,7 +402,7 @@ class WavEncoder(nn.Module):
 class ReleasedEnCodecMAE(nn.Module):
     """The feature path of their EncodecMAE; state_dict keys are their v2 keys."""
 
-    sample_rate = HEAR_RATE  # HEAR rule: declare 48 kHz, hand frames() the audio resampled 2:1
+    sample_rate = SAMPLE_RATE  # what frames() takes; evaluate.load_model's HearModel declares HEAR's 48000
     pool_all_frames = True  # evaluate.pooled: their HEAR wrapper's scene embedding is the mean of all frames
 
     def __init__(self, a: Arch, layer=-1):

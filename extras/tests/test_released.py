@@ -82,20 +82,40 @@ def test_batch_rows_equal_single_clip_calls(clips):
         assert (rows - expected(kind)["out"][f"{j}/-1"]).abs().max() <= 1e-5, kind
 
 
-def test_hear_use_at_48k_gives_their_protocol(clips):
-    """48 kHz in, resampled 2:1: ints for sizes, 75 Hz frames, centre timestamps in ms, mean pooling."""
-    import torchaudio
+def test_their_hear_protocol_frames_centre_timestamps_in_ms_and_mean_pooling(clips):
+    """Their wrapper's protocol on our frames: ints for sizes, 75 Hz frames, centre timestamps in ms,
+    the scene embedding the mean of all frames."""
     m = load_released(fixture_path(MEL))
-    assert m.sample_rate == 48000 and type(m.sample_rate) is int
     assert type(m.scene_embedding_size) is int and m.scene_embedding_size == m.timestamp_embedding_size == 36
-    audio48 = torchaudio.functional.resample(clips[0].repeat(2, 1), 24000, 48000)  # HEAR-style input
-    emb = m.frames(torchaudio.functional.resample(audio48, 48000, 24000))  # (2, T, D)
+    emb = m.frames(clips[0].repeat(2, 1))  # (2, T, D)
     ts = released_timestamps(emb.shape[1], emb.shape[0])  # (2, T)
     assert emb.shape == (2, 97, 36) and ts.shape == (2, 97) and torch.isfinite(emb).all()
     assert torch.allclose(ts[:, 0], torch.tensor(1000 * 0.5 / 75))  # ms at frame centres
     assert torch.allclose(ts.diff(), torch.tensor(1000 / 75))
     assert torch.allclose(released_scene(emb), emb.mean(1))
-    assert (emb - expected(MEL)["out"]["0/-1"]).abs().max() < 0.5  # the round trip keeps it close, not equal
+    assert not torch.allclose(released_scene(emb), emb[:, :-1].mean(1))  # every frame, the last one too
+
+
+def test_one_rate_per_object_the_hear_model_takes_48k_the_upstream_24k(tmp_path):
+    """The released upstream's frames() take 24 kHz and it says so; the HEAR model that wraps it
+    declares HEAR's 48000 (HEAR has no 24 kHz). The same sound, each at its own rate, gives the same
+    frames; the upstream fed 48 kHz would give twice the frames, at half the pitch."""
+    import numpy as np
+    import soundfile as sf
+    import evaluate as E
+    from data import read_audio
+    upstream = load_released(fixture_path(MEL))
+    hear = E.load_model(f"released:{fixture_path(MEL)}")
+    rates = (upstream.sample_rate, hear.sample_rate, hear.upstream.sample_rate)
+    assert rates == (24000, 48000, 24000) and all(type(r) is int for r in rates)
+    t = np.arange(int(1.5 * 48000)) / 48000
+    audio = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.random.default_rng(0).standard_normal(len(t))
+    sf.write(tmp_path / "a.wav", audio.astype(np.float32), 48000, subtype="FLOAT")
+    wav24 = read_audio(tmp_path / "a.wav")  # (n,) at 24 kHz: the file resampled as any file is
+    emb, _ = E.get_timestamp_embeddings(torch.from_numpy(audio.astype(np.float32))[None], hear)  # (1, T, D)
+    frames = upstream.frames(wav24[None])  # (1, T', D)
+    assert emb.shape[1] == 112 and torch.allclose(emb, frames[:, :112], atol=1e-5)
+    assert upstream.frames(torch.from_numpy(audio.astype(np.float32))[None]).shape[1] >= 2 * 112
 
 
 def test_key_changes_when_the_file_changes(tmp_path):
@@ -238,7 +258,7 @@ def test_the_hear_module_and_the_evaluation_take_a_released_spec(tmp_path):
     model = E.load_model(spec)
     audio = torchaudio.functional.resample(torch.from_numpy(fixture_clips()[1])[None], 24000, 48000)  # (1, n)
     emb, ts = E.get_timestamp_embeddings(audio, model)
-    frames = model.frames(torchaudio.functional.resample(audio, 48000, 24000))
+    frames = model.upstream.frames(torchaudio.functional.resample(audio, 48000, 24000))
     assert model.sample_rate == 48000 and ts.max() <= 1000 * audio.shape[1] / 48000
     assert torch.allclose(emb, frames[:, : emb.shape[1]], atol=1e-4)  # two resamplers, the same sinc kernel
     assert torch.allclose(ts[0, 1] - ts[0, 0], torch.tensor(1000 / 75))
@@ -246,7 +266,7 @@ def test_the_hear_module_and_the_evaluation_take_a_released_spec(tmp_path):
     make_demo_tasks(tmp_path / "tasks", clips=10, seconds=0.5)
     results = E.main(["--tasks-dir", str(tmp_path / "tasks"), "--task", "demo-pitch", "--upstream", spec,
                       "--grid-points", "1", "--max-epochs", "3", "--out", str(tmp_path / "out")])
-    assert 0 <= results[model.name]["demo-pitch"]["test"] <= 1
+    assert 0 <= results[model.upstream.name]["demo-pitch"]["test"] <= 1
 
 
 @pytest.mark.parametrize("what", ["ours", "random bytes", "truncated"])
