@@ -46,8 +46,9 @@ class Upstream(nn.Module):
 
     @torch.no_grad()
     def frames(self, wav, file_samples=None):
-        """wav (B, n) at 24 kHz -> (B, T, D) frames at 75 Hz, each 4-s chunk embedded alone [3.2]. A piece
-        of a longer file (file_samples, embed_pieces) gives the same frames: a chunk never sees the file."""
+        """wav (B, n) at 24 kHz -> (B, T, D) frames at 75 Hz, each 4-s chunk embedded alone [3.2].
+        A piece of a longer file (file_samples, embed_pieces) gives the same frames: a chunk never
+        sees the rest of the file."""
         return self.frames_from_codec(codec_embed_audio(self.codec, wav))
 
     @torch.no_grad()
@@ -459,9 +460,10 @@ def embed_file(upstream, path):
 
 @torch.no_grad()
 def embed_pieces(upstream, path):
-    """The frames of a file, a minute of audio at a time -> (T_piece, D) float32 each. Segments are whole
-    4-s chunks and each is told the file's length (the authors' v2 models count it in every chunk), so the
-    frames are those of the file embedded at once; memory is bounded by the piece."""
+    """The frames of a file, a minute of audio at a time -> (T_piece, D) float32 each. Segments
+    are whole 4-s chunks and each is told the file's length (the authors' v2 models count it in
+    every chunk), so the frames are those of the file embedded at once; memory is bounded by the
+    piece."""
     device = next(upstream.parameters()).device
     n = probe_audio(path)
     for start in range(0, n, EMBED_SEGMENT):  # a file that reads short raises AudioError

@@ -1115,7 +1115,7 @@ def test_hear_api_shapes_dtypes_and_timestamps():
                 assert torch.allclose(scene, emb.mean(1), atol=1e-5)
         if spec == "EC":  # EC's frames are the codec's own, at 24 kHz
             wav = torch.stack([D.resample_24k(a, 48000) for a in audio])
-            codec_frames = M.codec_embed_audio(model.upstream.codec, wav)  # the upstream's, at 24 kHz
+            codec_frames = M.codec_embed_audio(model.upstream.codec, wav)  # its upstream's, 24 kHz
             assert torch.allclose(emb, codec_frames[:, : emb.shape[1]], atol=1e-5)
 
 

@@ -1,11 +1,15 @@
-"""Developer tool (needs the authors' environment): their code makes the tiny released fixtures + their embeddings.
+"""Developer tool (needs the authors' environment): their code makes the released fixtures.
 
-`build` and `fullsize` need their package (gin, ginpipe, Lightning; docs/RELEASED.md shows the venv):
-  VENV/bin/python .ci/released_fixtures.py build --v1 AUTHORS/encodecmae-v1 --v2 AUTHORS/encodecmae-head
+`build` (tiny random models in their formats + their embeddings) and `fullsize` need their package
+(gin, ginpipe, Lightning; docs/RELEASED.md shows the venv):
+  VENV/bin/python .ci/released_fixtures.py build --v1 AUTHORS/encodecmae-v1 \
+      --v2 AUTHORS/encodecmae-head
   VENV/bin/python .ci/released_fixtures.py fullsize --v1 ... --v2 ...   (full-size random models)
-`check` needs only this project: `python .ci/released_fixtures.py check` prints our max abs diff per kind and layer.
-Writes extras/fixtures/released/<kind>.pt (v2) or <kind>/{model.pt,config.gin,imports} (v1), and <kind>.expected.pt.
-What the tests read of them (paths, the clips) is extras/tests/released_cases.py.
+`check` needs only this project: `python .ci/released_fixtures.py check` prints our max abs diff
+per kind and layer. `gin-syntax [N]` (gin only): our gin parser and gin's own on N damaged copies
+of each fixture config. Writes extras/fixtures/released/<kind>.pt (v2) or
+<kind>/{model.pt,config.gin,imports} (v1), and <kind>.expected.pt. What the tests read of them
+(paths, the clips) is extras/tests/released_cases.py.
 """
 import argparse
 import hashlib
@@ -22,11 +26,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from .ci/: the repository's modules sit in the folder above
+if str(ROOT) not in sys.path:  # run as a script from .ci/: the repository's modules sit above
     sys.path.insert(0, str(ROOT))
 
 from extras.tests import released_cases  # noqa: E402
-from extras.tests.released_cases import CODEC_SEED, FIXTURES, fixture_clips, fixture_path  # noqa: E402
+from extras.tests.released_cases import (CODEC_SEED, FIXTURES, fixture_clips,  # noqa: E402
+                                         fixture_path)
 
 WEIGHT_SEED = 7
 TINY = ["NUM_DECODER_LAYERS=1", "NUM_TARGET_TOKENS=16"]  # + ff_dim=64 for encoder and decoder (below)
@@ -313,9 +318,69 @@ def fullsize(repos):
                   f"(extract {exp['seconds']['extract']} s), our load + extract {time.time() - t0:.1f} s", flush=True)
 
 
+def gin_syntax(per_config=500, seed=0):
+    """Our gin parser (extras/released.py) against gin's own on damaged copies of the fixtures'
+    configs: each cut, a character dropped, added or swapped, a line dropped or doubled. Gin's
+    parser reads syntax only here (references and macros are not looked up). Prints the tally;
+    returns 1 if the two disagree on any copy."""
+    from gin import config_parser
+    from extras.released import GinError, parse_gin
+
+    class Delegate(config_parser.ParserDelegate):
+        """References and macros as placeholders: the syntax alone decides."""
+
+        def configurable_reference(self, scoped_name, evaluate):
+            return scoped_name
+
+        def macro(self, scoped_name):
+            return scoped_name
+
+    def gin_reads(text):
+        try:
+            list(config_parser.ConfigParser(text, Delegate()))
+            return True
+        except Exception:  # gin's SyntaxError, and the tokenizer's errors it lets through
+            return False
+
+    def ours_reads(text):
+        try:
+            parse_gin(text)
+            return True, ""
+        except GinError as err:
+            return False, str(err)
+
+    rng = random.Random(seed)
+    chars = list("=:()[]{},'\"#@%$.-/+ \n\t\\x1")
+    tally, disagree = {}, []
+    for kind in KINDS:
+        path = fixture_path(kind)
+        text = (path.with_name("config.gin").read_text() if KINDS[kind][0] == "v1" else
+                torch.load(path, weights_only=True)["config"])
+        for _ in range(per_config):
+            how = rng.choice(["cut", "drop", "add", "swap", "drop line", "double line"])
+            i = rng.randrange(len(text))
+            lines = text.splitlines(True)
+            j = rng.randrange(len(lines))
+            damaged = {"cut": lambda: text[:i], "drop": lambda: text[:i] + text[i + 1:],
+                       "add": lambda: text[:i] + rng.choice(chars) + text[i:],
+                       "swap": lambda: text[:i] + text[i + 1:i + 2] + text[i:i + 1] + text[i + 2:],
+                       "drop line": lambda: "".join(lines[:j] + lines[j + 1:]),
+                       "double line": lambda: "".join(lines[:j + 1] + lines[j:])}[how]()
+            (ours, why), line = ours_reads(damaged), damaged[:i].count("\n")
+            verdict = (gin_reads(damaged), ours)
+            tally[verdict] = tally.get(verdict, 0) + 1
+            if verdict[0] != verdict[1]:
+                disagree.append((kind, how, verdict, why or damaged.splitlines()[line][:80]))
+    for (g, o), n in sorted(tally.items()):
+        print(f"gin {'reads' if g else 'refuses'}, ours {'reads' if o else 'refuses'}: {n}")
+    for kind, how, (g, o), why in disagree[:10]:
+        print(f"disagree: {kind}, {how}: gin {'reads' if g else 'refuses'}; ours: {why}")
+    return 1 if disagree else 0
+
+
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["build", "check", "fullsize", "_one"])
+    p.add_argument("command", choices=["build", "check", "fullsize", "gin-syntax", "_one"])
     p.add_argument("rest", nargs="*")
     p.add_argument("--v1", help="their repository checked out at tag v.1.0.0")
     p.add_argument("--v2", help="their repository at HEAD (encodecmae/hub.py)")
@@ -323,6 +388,8 @@ def main(argv):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.command == "check":
         return check()
+    if args.command == "gin-syntax":  # needs gin only (their venv): `gin-syntax [N per config]`
+        return gin_syntax(*map(int, args.rest[:1]))
     repos = {"v1": args.v1, "v2": args.v2}
     if args.command != "_one" and not (args.v1 and args.v2):
         p.error(f"{args.command} runs the authors' code: give --v1 and --v2 (their two checkouts)")

@@ -8,11 +8,15 @@ folder, and files already written are skipped.
 """
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+if __package__ in (None, ""):  # run as a script: the core files sit in the folder above
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data as D
 from data import AudioError, UsageError, at_least, write_atomic
@@ -100,3 +104,7 @@ def write_frames(f, upstream, path, n, done):
     f.seek(0)
     header(seen)
     assert f.tell() == start, "the .npy header changed its length"
+
+
+if __name__ == "__main__":  # the same as `python evaluate.py embed ...`
+    D.run_cli(embed_main)

@@ -1,8 +1,8 @@
-"""Serves extras/tests/test_released.py (and .ci/released_fixtures.py): the released fixtures and their clips.
+"""Serves extras/tests/test_released.py (and .ci/released_fixtures.py): the released fixtures.
 
 The fixtures in extras/fixtures/released/ were written by the authors' own code
 (`.ci/released_fixtures.py build`, docs/RELEASED.md); this module only says where they lie and
-regenerates the fixed clips their embeddings were recorded on, so the tests need no authors' package.
+regenerates the fixed clips their embeddings were recorded on: the tests need no authors' package.
 """
 from pathlib import Path
 
@@ -22,9 +22,9 @@ KINDS = {  # kind -> release: v1 (tag v.1.0.0, model.pt + config.gin) or v2 (HEA
 
 
 def fixture_clips():
-    """Five fixed clips at 24 kHz: 1.3 s (a part chunk), 2.0 s (150 whole frames), 5.3 s (a 4-s chunk + a
-    part), 4.05 s (a 1200-sample tail v2 skips), 200 samples (v1 only: one frame, every key padding, where
-    their -1e9 and a -inf differ). Tones with a slow tremolo, plus seeded noise."""
+    """Five fixed clips at 24 kHz: 1.3 s (a part chunk), 2.0 s (150 whole frames), 5.3 s (a 4-s
+    chunk + a part), 4.05 s (a 1200-sample tail v2 skips), 200 samples (v1 only: one frame, every
+    key padding, where their -1e9 and a -inf differ). Tones with a slow tremolo, seeded noise."""
     rng = np.random.default_rng(20240523)
     clips = []
     for n, f0 in ((31200, 220.0), (48000, 440.0), (127200, 330.0), (97200, 880.0), (200, 660.0)):

@@ -83,23 +83,24 @@ def test_batch_rows_equal_single_clip_calls(clips):
 
 
 def test_their_hear_protocol_frames_centre_timestamps_in_ms_and_mean_pooling(clips):
-    """Their wrapper's protocol on our frames: ints for sizes, 75 Hz frames, centre timestamps in ms,
-    the scene embedding the mean of all frames."""
+    """Their wrapper's protocol on our frames: ints for sizes, 75 Hz frames, centre timestamps in
+    ms, the scene embedding the mean of all frames."""
     m = load_released(fixture_path(MEL))
-    assert type(m.scene_embedding_size) is int and m.scene_embedding_size == m.timestamp_embedding_size == 36
+    assert type(m.scene_embedding_size) is int
+    assert m.scene_embedding_size == m.timestamp_embedding_size == 36
     emb = m.frames(clips[0].repeat(2, 1))  # (2, T, D)
     ts = released_timestamps(emb.shape[1], emb.shape[0])  # (2, T)
     assert emb.shape == (2, 97, 36) and ts.shape == (2, 97) and torch.isfinite(emb).all()
     assert torch.allclose(ts[:, 0], torch.tensor(1000 * 0.5 / 75))  # ms at frame centres
     assert torch.allclose(ts.diff(), torch.tensor(1000 / 75))
     assert torch.allclose(released_scene(emb), emb.mean(1))
-    assert not torch.allclose(released_scene(emb), emb[:, :-1].mean(1))  # every frame, the last one too
+    assert not torch.allclose(released_scene(emb), emb[:, :-1].mean(1))  # the last frame too
 
 
 def test_one_rate_per_object_the_hear_model_takes_48k_the_upstream_24k(tmp_path):
     """The released upstream's frames() take 24 kHz and it says so; the HEAR model that wraps it
-    declares HEAR's 48000 (HEAR has no 24 kHz). The same sound, each at its own rate, gives the same
-    frames; the upstream fed 48 kHz would give twice the frames, at half the pitch."""
+    declares HEAR's 48000 (HEAR has no 24 kHz). The same sound, each at its own rate, gives the
+    same frames; the upstream fed 48 kHz would give twice the frames, at half the pitch."""
     import numpy as np
     import soundfile as sf
     import evaluate as E
@@ -109,13 +110,14 @@ def test_one_rate_per_object_the_hear_model_takes_48k_the_upstream_24k(tmp_path)
     rates = (upstream.sample_rate, hear.sample_rate, hear.upstream.sample_rate)
     assert rates == (24000, 48000, 24000) and all(type(r) is int for r in rates)
     t = np.arange(int(1.5 * 48000)) / 48000
-    audio = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.random.default_rng(0).standard_normal(len(t))
-    sf.write(tmp_path / "a.wav", audio.astype(np.float32), 48000, subtype="FLOAT")
+    noise = 0.05 * np.random.default_rng(0).standard_normal(len(t))
+    audio = (0.3 * np.sin(2 * np.pi * 440 * t) + noise).astype(np.float32)  # 1.5 s at 48 kHz
+    sf.write(tmp_path / "a.wav", audio, 48000, subtype="FLOAT")
     wav24 = read_audio(tmp_path / "a.wav")  # (n,) at 24 kHz: the file resampled as any file is
-    emb, _ = E.get_timestamp_embeddings(torch.from_numpy(audio.astype(np.float32))[None], hear)  # (1, T, D)
+    emb, _ = E.get_timestamp_embeddings(torch.from_numpy(audio)[None], hear)  # (1, T, D)
     frames = upstream.frames(wav24[None])  # (1, T', D)
     assert emb.shape[1] == 112 and torch.allclose(emb, frames[:, :112], atol=1e-5)
-    assert upstream.frames(torch.from_numpy(audio.astype(np.float32))[None]).shape[1] >= 2 * 112
+    assert upstream.frames(torch.from_numpy(audio)[None]).shape[1] >= 2 * 112
 
 
 def test_key_changes_when_the_file_changes(tmp_path):
@@ -143,6 +145,120 @@ def test_files_that_are_not_released_models_are_refused(what, tmp_path):
         load_released(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert what != "ours" or "train.py" in str(err.value)
+
+
+def v2_variant(what):
+    """The v2 fixture (gin.config_str() form) with one thing their loader refuses, or misleading."""
+    ckpt = torch.load(fixture_path(MEL), weights_only=True)
+    cfg = ckpt["config"]
+    heads = "encoder/MultiHeadAttention.num_heads = %NUM_ENCODER_HEADS"
+    model = "get_model.model = @encodecmae.models.EncodecMAE"
+    variants = {
+        "no imports": {k: v for k, v in ckpt.items() if k != "imports"},
+        "unknown model class": dict(ckpt, config=cfg.replace(model, model + "X")),
+        "a line that is not gin": dict(ckpt, config=cfg + "\nthis is not gin\n"),
+        "== for =": dict(ckpt, config=cfg.replace("MODEL_DIM = 36", "MODEL_DIM == 36")),
+        "no config": {k: v for k, v in ckpt.items() if k != "config"},
+        "config as bytes": dict(ckpt, config=cfg.encode()),
+        "empty config": dict(ckpt, config=""),
+        "renamed num_heads": dict(ckpt, config=cfg.replace(heads, heads.replace("num_", "n_"))),
+        "undefined macro": dict(ckpt, config=cfg.replace(heads, heads.replace("_ENCODER", "_X"))),
+    }
+    return variants[what]
+
+
+# What their load_model does with each (their code at HEAD, docs/RELEASED.md "Errors"): KeyError,
+# "No configurable matching reference", gin's SyntaxError (twice).
+@pytest.mark.parametrize("what, says", [
+    ("no imports", "without 'imports'"),
+    ("unknown model class", "get_model.model = @encodecmae.models.EncodecMAEX"),
+    ("a line that is not gin", "line 279: expected '=' or ':' after 'this'"),
+    ("== for =", "line 13: expected '=' or ':' after 'MODEL_DIM'"),
+])
+def test_files_their_loader_refuses_are_refused_in_one_line_naming_the_file(what, says, tmp_path):
+    """A v2 file without 'imports', a get_model.model naming an unknown class, a gin syntax error
+    (our parser skipped such a line; gin stops there): refused, one line naming the file."""
+    path = saved(tmp_path, v2_variant(what))
+    with pytest.raises(ValueError) as err:
+        load_released(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    assert says in str(err.value), str(err.value)
+
+
+def test_a_syntax_error_in_a_raw_config_or_a_v1_config_gin_is_refused_naming_its_line(tmp_path):
+    """The authors' raw block syntax (spec-ec-base) and a v1 config.gin: read as strictly as gin
+    reads them, the error on gin's line."""
+    ckpt = torch.load(fixture_path("spec-ec-base"), weights_only=True)
+    for broken, line in ((ckpt["config"] + "\nthis is not gin\n", 226),
+                         (ckpt["config"].replace("    num_heads", "    num heads", 1), 134)):
+        with pytest.raises(ValueError, match=f"line {line}: .*gin refuses it too"):
+            load_released(saved(tmp_path, dict(ckpt, config=broken)))
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "model.pt").write_bytes(fixture_path("encodecmae-small").read_bytes())
+    gin = fixture_path("encodecmae-small").with_name("config.gin").read_text()
+    (v1 / "config.gin").write_text(gin.replace("MODEL_DIM = 36", "MODEL_DIM = 36)"))
+    with pytest.raises(ValueError, match=f"^{v1 / 'config.gin'}, line 14: expected the end"):
+        load_released(v1 / "model.pt")
+
+
+@pytest.mark.parametrize("what, says, not_said", [
+    ("no config", "a v2 state_dict without 'config'", "neither feat_projector"),
+    ("config as bytes", "its 'config' is bytes, not the text", "neither feat_projector"),
+    ("empty config", "binds no get_model.model", "None heads"),
+    ("renamed num_heads", "gives the encoder's MultiHeadAttention no num_heads", "None heads"),
+    ("undefined macro", "uses the macro %NUM_X_HEADS, which it never defines", "cannot be read"),
+])
+def test_each_damaged_file_is_told_what_is_wrong_and_what_to_do(what, says, not_said, tmp_path):
+    """One line each, naming the file, saying what is wrong (not a misleading cause), what to do."""
+    path = saved(tmp_path, v2_variant(what))
+    with pytest.raises(ValueError) as err:
+        load_released(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and "\n" not in message
+    assert says in message and not_said not in message, message
+    assert message.endswith("download the file again"), message
+
+
+@pytest.mark.parametrize("cut", [0.25, 0.5, 0.75])
+def test_a_truncated_v1_config_gin_says_so(cut, tmp_path):
+    """A config.gin cut short (at a line's end or within one) is named as the damaged file."""
+    (tmp_path / "model.pt").write_bytes(fixture_path("encodecmae-small").read_bytes())
+    gin = fixture_path("encodecmae-small").with_name("config.gin").read_text()
+    (tmp_path / "config.gin").write_text(gin[: int(cut * len(gin))])
+    with pytest.raises(ValueError) as err:
+        load_released(tmp_path / "model.pt")
+    message = str(err.value)
+    assert message.startswith(str(tmp_path / "config.gin")) and "\n" not in message
+    assert "None heads" not in message and message.endswith("download the file again"), message
+
+
+@pytest.mark.parametrize("what, says", [
+    ("random bytes", "not a torch checkpoint (5,000 bytes, starting"),
+    ("an HTML page", "not a torch checkpoint (23 bytes, starting b'<html><b'): download it again"),
+    ("empty", "an empty file (0 bytes): download it again"),
+    ("truncated", "a torch zip archive cut short or damaged (60,000 bytes): download it again"),
+    ("truncated more", "a torch zip archive cut short or damaged (100,000 bytes)"),
+    ("pickled object", "it pickles argparse.Namespace besides tensors, which is refused unread"),
+])
+def test_an_unreadable_file_is_one_plain_line_not_torchs_text(what, says, tmp_path):
+    """Random bytes, a web page, a cut download, a foreign pickle: what it is, in whole words."""
+    path = tmp_path / "bad.pt"
+    data = fixture_path(MEL).read_bytes()
+    noise = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0)).tolist()
+    blobs = {"random bytes": bytes(noise), "an HTML page": b"<html><body>404</body>\n",
+             "empty": b"", "truncated": data[:60000], "truncated more": data[:100000]}
+    if what == "pickled object":
+        import argparse
+        torch.save({"state_dict": {}, "args": argparse.Namespace(a=1)}, path)  # not weights only
+    else:
+        path.write_bytes(blobs[what])
+    with pytest.raises(ValueError) as err:
+        load_released(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and "\n" not in message, message
+    assert says in message, message
+    assert "Weights only" not in message and "PytorchStreamReader" not in message, message
 
 
 def test_unknown_designs_are_refused(tmp_path):
@@ -190,21 +306,32 @@ def test_codec_comes_from_the_file_the_seed_or_encodec_path(tmp_path, clips):
 
 
 def test_info_command_prints_one_line_per_fact(capsys):
-    """`python extras/released.py info PATH` describes a file; a bad one is one error line and exit 2."""
+    """`python extras/released.py info PATH` describes a file; a bad one is one error line and
+    exit 2; `--help` runs as a script."""
+    import subprocess
+    import sys
+    from data import run_cli
     from extras.released import main
     assert main(["info", str(fixture_path(MEL))]) == 0
     assert "v2, mel front end (256-d), D=36, 3 layers, 12 heads of 3" in capsys.readouterr().out
-    assert main(["info", str(FIXTURES / "missing.pt")]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as done:
+        run_cli(main, ["info", str(FIXTURES / "missing.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1 and "missing.pt: no such file" in err[0], err
+    script = FIXTURES.parent.parent / "released.py"
+    helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "info" in helped.stdout, helped.stderr
 
 
 @pytest.mark.parametrize("kind, tails", [("ec-ec-base", [84000]), (MEL, [84000, 1000]),
                                          ("encodecmae-small", [84000])])
-def test_a_long_file_piece_by_piece_gives_the_frames_of_the_whole_file(kind, tails, tmp_path, monkeypatch):
-    """embed_file and `evaluate.py embed` read a file a piece at a time (memory of one piece) and give
-    frames() of the whole file: also for v2, whose extractor counts min(n, 4 s) samples of every chunk as
-    real with n the WHOLE file's length, when the last piece is shorter than 4 s (3.5 s: their mask would
-    hide one frame) or too short for a chunk (1000 samples: skipped, as the whole file's last chunk)."""
+def test_a_long_file_piece_by_piece_gives_the_frames_of_the_whole_file(kind, tails, tmp_path,
+                                                                        monkeypatch):
+    """embed_file and `evaluate.py embed` read a file a piece at a time (memory of one piece) and
+    give frames() of the whole file: also for v2, whose extractor counts min(n, 4 s) samples of
+    every chunk as real with n the WHOLE file's length, when the last piece is shorter than 4 s
+    (3.5 s: their mask would hide one frame) or too short for a chunk (1000 samples: skipped, as
+    the whole file's last chunk is)."""
     import numpy as np
     import soundfile as sf
     import evaluate as E
@@ -213,9 +340,14 @@ def test_a_long_file_piece_by_piece_gives_the_frames_of_the_whole_file(kind, tai
     m = load_released(fixture_path(kind))
     lengths = []
     frames = m.frames
-    monkeypatch.setattr(m, "frames", lambda wav, **kw: lengths.append(wav.shape[1]) or frames(wav, **kw))
+
+    def recording(wav, **kw):  # what embed_file holds at once
+        lengths.append(wav.shape[1])
+        return frames(wav, **kw)
+    monkeypatch.setattr(m, "frames", recording)
     for tail in tails:
-        wav = 0.1 * np.random.default_rng(tail).standard_normal(CROP_SAMPLES + tail).astype(np.float32)
+        noise = np.random.default_rng(tail).standard_normal(CROP_SAMPLES + tail)
+        wav = (0.1 * noise).astype(np.float32)
         sf.write(tmp_path / "long.wav", wav, 24000, subtype="FLOAT")
         whole = frames(torch.from_numpy(wav)[None])[0]  # (T, D)
         lengths.clear()
@@ -223,8 +355,9 @@ def test_a_long_file_piece_by_piece_gives_the_frames_of_the_whole_file(kind, tai
         assert lengths == [CROP_SAMPLES, tail]  # never more than a piece at once
         if kind == MEL:  # the command line writes the same frames (the cheapest kind: no codec)
             out = tmp_path / f"emb{tail}"
-            assert E.main(["embed", "--upstream", f"released:{fixture_path(kind)}", "--out", str(out),
-                           str(tmp_path / "long.wav")]) == []
+            spec = f"released:{fixture_path(kind)}"
+            argv = ["embed", "--upstream", spec, "--out", str(out), str(tmp_path / "long.wav")]
+            assert E.main(argv) == []
             assert np.array_equal(np.load(out / "long.wav.npy"), whole.numpy()), (kind, tail)
 
 
