@@ -7,9 +7,10 @@
   VENV/bin/python .ci/released_fixtures.py fullsize --v1 ... --v2 ...   (full-size random models)
 `check` needs only this project: `python .ci/released_fixtures.py check` prints our max abs diff
 per kind and layer. `gin-syntax [N]` (gin only): our gin parser and gin's own on N damaged copies
-of each fixture config. Writes extras/fixtures/released/<kind>.pt (v2) or
-<kind>/{model.pt,config.gin,imports} (v1), and <kind>.expected.pt. What the tests read of them
-(paths, the clips) is extras/tests/released_cases.py.
+of each fixture config. `refusals --v2 ...`: their load_model and ours on damaged v2 files.
+`build` writes extras/fixtures/released/<kind>.pt (v2) or <kind>/{model.pt,config.gin,imports}
+(v1), and <kind>.expected.pt. What the tests read of them (paths, clips, the damaged files) is
+extras/tests/released_cases.py.
 """
 import argparse
 import hashlib
@@ -378,9 +379,53 @@ def gin_syntax(per_config=500, seed=0):
     return 1 if disagree else 0
 
 
+def their_refusals():
+    """Inside their environment: each of released_cases.v2_variants() through THEIR load_model ->
+    one JSON line {what: "loads" or their exception's first line}."""
+    seeded_codec()
+    import encodecmae.hub as hub
+    from extras.tests.released_cases import v2_variants
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="released-refusals-") as tmp:
+        hub.get_available_models = lambda: ["variant"]
+        hub.hf_hub_download = lambda repo_id, filename: str(Path(tmp) / filename)
+        for what, ckpt in v2_variants().items():
+            torch.save(ckpt, Path(tmp) / "variant.pt")
+            try:
+                hub.load_model("variant", device="cpu")
+                out[what] = "loads"
+            except Exception as err:  # whatever their code raises, as a user would see it
+                first = (str(err).strip().splitlines() or [""])[0]
+                out[what] = f"{type(err).__name__}: {first[:90]}"
+    print(json.dumps(out))
+
+
+def refusals(repo):
+    """Their load_model (a child with their package) and ours on each damaged v2 file: a table."""
+    from extras.released import load_released
+    from extras.tests.released_cases import v2_variants
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{ROOT}")
+    child = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_refusals"], cwd=ROOT,
+                           env=env, check=True, capture_output=True, text=True)
+    theirs = json.loads(child.stdout.strip().splitlines()[-1])
+    print("| file | their load_model | ours |\n|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="released-refusals-") as tmp:
+        path = Path(tmp) / "variant.pt"
+        for what, ckpt in v2_variants().items():
+            torch.save(ckpt, path)
+            try:
+                load_released(path)
+                ours = "loads"
+            except ValueError as err:
+                ours = str(err).replace(str(path), "FILE")
+            print(f"| {what} | {theirs[what]} | {ours} |")
+    return 0
+
+
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["build", "check", "fullsize", "gin-syntax", "_one"])
+    p.add_argument("command", choices=["build", "check", "fullsize", "gin-syntax", "refusals", "_one",
+                                        "_refusals"])
     p.add_argument("rest", nargs="*")
     p.add_argument("--v1", help="their repository checked out at tag v.1.0.0")
     p.add_argument("--v2", help="their repository at HEAD (encodecmae/hub.py)")
@@ -390,6 +435,13 @@ def main(argv):
         return check()
     if args.command == "gin-syntax":  # needs gin only (their venv): `gin-syntax [N per config]`
         return gin_syntax(*map(int, args.rest[:1]))
+    if args.command == "_refusals":
+        their_refusals()
+        return 0
+    if args.command == "refusals":
+        if not args.v2:
+            p.error("refusals runs the authors' load_model: give --v2 (their checkout at HEAD)")
+        return refusals(args.v2)
     repos = {"v1": args.v1, "v2": args.v2}
     if args.command != "_one" and not (args.v1 and args.v2):
         p.error(f"{args.command} runs the authors' code: give --v1 and --v2 (their two checkouts)")

@@ -21,8 +21,8 @@ MERGE = "out.permute(0, 2, 3, 1).reshape(B, T, self.d_v * self.n_heads)"
 EVALUATE = "evaluate.py"
 HEAR_FRAMES = "model.upstream.frames(resample_24k(audio, model.sample_rate))  # (B, T', D) at 75 Hz"
 SKIP_LINE = """found = []
-                while self.tok.type not in (tokenize.NEWLINE, tokenize.ENDMARKER):
-                    self.advance()"""
+            while self.tok.type not in (tokenize.NEWLINE, tokenize.ENDMARKER):
+                self.advance()"""
 MUTATIONS = [  # (what breaks, [(text in released.py, replacement) or (file, text, replacement)])
     # their network and extractor
     ("ResiDual without final_norm on x1", [("x0 + self.final_norm(x1)", "x0 + x1")]),

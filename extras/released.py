@@ -372,9 +372,12 @@ def read_checkpoint(path):
 
 def unreadable(path, err):
     """What torch.load's failure on a file means, in one line (torch's own text is pages long)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:  # permission denied, a disk error
+        return f"cannot be read ({e.strerror or e})"
     if size == 0:
         return "an empty file (0 bytes): download it again"
     found = re.search(r"GLOBAL ([\w.]+)", str(err))

@@ -7,6 +7,7 @@ regenerates the fixed clips their embeddings were recorded on: the tests need no
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 FIXTURES = ROOT / "extras" / "fixtures" / "released"
@@ -37,3 +38,27 @@ def fixture_clips():
 def fixture_path(kind):
     """Where the committed file of a kind lies (v1: model.pt with config.gin beside it)."""
     return FIXTURES / kind / "model.pt" if KINDS[kind] == "v1" else FIXTURES / f"{kind}.pt"
+
+
+def v2_variants():
+    """{what: the v2 fixture (gin.config_str() form) with one thing their loader refuses, or one
+    that misled our messages}; .ci/released_fixtures.py refusals runs their loader on each."""
+    ckpt = torch.load(fixture_path("mel256-ec-base_st"), weights_only=True)
+    cfg = ckpt["config"]
+    heads = "encoder/MultiHeadAttention.num_heads = %NUM_ENCODER_HEADS"
+    model = "get_model.model = @encodecmae.models.EncodecMAE"
+    return {
+        "no imports": {k: v for k, v in ckpt.items() if k != "imports"},
+        "unknown model class": dict(ckpt, config=cfg.replace(model, model + "X")),
+        "a line that is not gin": dict(ckpt, config=cfg + "\nthis is not gin\n"),
+        "== for =": dict(ckpt, config=cfg.replace("MODEL_DIM = 36", "MODEL_DIM == 36")),
+        "no config": {k: v for k, v in ckpt.items() if k != "config"},
+        "config as bytes": dict(ckpt, config=cfg.encode()),
+        "empty config": dict(ckpt, config=""),
+        "renamed num_heads": dict(ckpt, config=cfg.replace(heads, heads.replace("num_", "n_"))),
+        "undefined macro": dict(ckpt, config=cfg.replace(heads, heads.replace("_ENCODER", "_X"))),
+    }
+
+
+def v2_variant(what):
+    return v2_variants()[what]

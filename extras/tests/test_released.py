@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from extras.released import load_released, released_scene, released_timestamps
-from extras.tests.released_cases import CODEC_SEED, FIXTURES, KINDS, fixture_clips, fixture_path
+from extras.tests.released_cases import (CODEC_SEED, FIXTURES, KINDS, fixture_clips, fixture_path,
+                                         v2_variant)
 
 MEL = "mel256-ec-base_st"  # the cheapest kind (no codec) for tests of the plumbing
 # One thread, as test_all.py: on this busy 2-core machine two threads made the codec's LSTM ten
@@ -145,26 +146,6 @@ def test_files_that_are_not_released_models_are_refused(what, tmp_path):
         load_released(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert what != "ours" or "train.py" in str(err.value)
-
-
-def v2_variant(what):
-    """The v2 fixture (gin.config_str() form) with one thing their loader refuses, or misleading."""
-    ckpt = torch.load(fixture_path(MEL), weights_only=True)
-    cfg = ckpt["config"]
-    heads = "encoder/MultiHeadAttention.num_heads = %NUM_ENCODER_HEADS"
-    model = "get_model.model = @encodecmae.models.EncodecMAE"
-    variants = {
-        "no imports": {k: v for k, v in ckpt.items() if k != "imports"},
-        "unknown model class": dict(ckpt, config=cfg.replace(model, model + "X")),
-        "a line that is not gin": dict(ckpt, config=cfg + "\nthis is not gin\n"),
-        "== for =": dict(ckpt, config=cfg.replace("MODEL_DIM = 36", "MODEL_DIM == 36")),
-        "no config": {k: v for k, v in ckpt.items() if k != "config"},
-        "config as bytes": dict(ckpt, config=cfg.encode()),
-        "empty config": dict(ckpt, config=""),
-        "renamed num_heads": dict(ckpt, config=cfg.replace(heads, heads.replace("num_", "n_"))),
-        "undefined macro": dict(ckpt, config=cfg.replace(heads, heads.replace("_ENCODER", "_X"))),
-    }
-    return variants[what]
 
 
 # What their load_model does with each (their code at HEAD, docs/RELEASED.md "Errors"): KeyError,
