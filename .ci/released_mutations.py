@@ -88,6 +88,8 @@ MUTATIONS = [  # (what breaks, [(text in released.py, replacement) or (file, tex
     ("torch's own text for an unreadable file", [
         ('raise ValueError(f"{path}: {unreadable(path, err)}")',
          'raise ValueError(f"{path}: {err}")')]),
+    ("torch's warning on bytes that start like a pickle", [
+        ('warnings.filterwarnings("ignore", message="Detected pickle protocol")', "pass")]),
     ("a missing num_heads reported as a design", [("if n_heads is None:", "if False:")]),
     ("a missing reference reported as a design", [("    if ref is None:\n", "    if False:\n")]),
     ("v2 without 'config' told it is neither v1 nor v2", [

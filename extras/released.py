@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tokenize
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -341,7 +342,9 @@ def read_checkpoint(path):
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # bytes that start like a pickle: torch warns, then fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # random bytes, a truncated download, a pickle of arbitrary objects
         raise ValueError(f"{path}: {unreadable(path, err)}") from None
     if not isinstance(ckpt, dict):
@@ -796,7 +799,7 @@ def main(argv=None):
     import data as D  # one-line errors for the command line (data.run_cli)
     p = D.Parser(prog="extras/released.py", description=__doc__.splitlines()[0])
     commands = p.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="what a released file holds: version, sizes, parameters")
+    info = commands.add_parser("info", help="what a released file holds: version, sizes, params")
     info.add_argument("path", help="a v2 <name>.pt, or a v1 model.pt with its config.gin beside it")
     args = p.parse_args(argv)
     try:
@@ -813,6 +816,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core files
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # core files
     import data
     data.run_cli(main)

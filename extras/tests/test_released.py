@@ -5,6 +5,7 @@ package; -s prints every max abs diff). The fixtures in extras/fixtures/released
 authors' own code (.ci/released_fixtures.py build): tiny random models in their file formats.
 """
 import os
+import warnings
 
 import pytest
 import torch
@@ -216,6 +217,7 @@ def test_a_truncated_v1_config_gin_says_so(cut, tmp_path):
 
 @pytest.mark.parametrize("what, says", [
     ("random bytes", "not a torch checkpoint (5,000 bytes, starting"),
+    ("bytes that start like a pickle", "not a torch checkpoint (5,002 bytes, starting b'\\x80"),
     ("an HTML page", "not a torch checkpoint (23 bytes, starting b'<html><b'): download it again"),
     ("empty", "an empty file (0 bytes): download it again"),
     ("truncated", "a torch zip archive cut short or damaged (60,000 bytes): download it again"),
@@ -228,14 +230,17 @@ def test_an_unreadable_file_is_one_plain_line_not_torchs_text(what, says, tmp_pa
     data = fixture_path(MEL).read_bytes()
     noise = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0)).tolist()
     blobs = {"random bytes": bytes(noise), "an HTML page": b"<html><body>404</body>\n",
+             "bytes that start like a pickle": b"\x80\x04" + bytes(noise),
              "empty": b"", "truncated": data[:60000], "truncated more": data[:100000]}
     if what == "pickled object":
         import argparse
         torch.save({"state_dict": {}, "args": argparse.Namespace(a=1)}, path)  # not weights only
     else:
         path.write_bytes(blobs[what])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError) as err, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         load_released(path)
+    assert not warned, warned[0].message  # nor torch's warning (an unexpected pickle protocol)
     message = str(err.value)
     assert message.startswith(str(path)) and "\n" not in message, message
     assert says in message, message
