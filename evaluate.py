@@ -33,9 +33,10 @@ EMBED_SEGMENT = 15 * CROP_SAMPLES  # embed_file reads a minute of audio at once:
 
 # ---------------------------------------------------------------- 3.2 upstreams: frozen embeddings
 class Upstream(nn.Module):
-    """A frozen upstream, also a HEAR model: frames at 75 Hz, scene embedding = their mean [3.2]."""
+    """A frozen upstream: 24-kHz audio in, frames at 75 Hz out, scene embedding = their mean [3.2].
+    The HEAR module wraps it in a HearModel, which takes 48-kHz audio."""
 
-    sample_rate = 48000  # HEAR allows 16000, 22050, 32000, 44100, 48000, not our 24000: we resample 2:1
+    sample_rate = SAMPLE_RATE  # what frames() takes (HearModel.sample_rate is HEAR's 48000)
 
     def __init__(self, name, codec, mae=None, layer=-1, key=""):
         super().__init__()
@@ -44,8 +45,10 @@ class Upstream(nn.Module):
         self.eval()
 
     @torch.no_grad()
-    def frames(self, wav):
-        """wav (B, n) at 24 kHz -> (B, T, D) frames at 75 Hz, each 4-s chunk embedded alone [3.2]."""
+    def frames(self, wav, file_samples=None):
+        """wav (B, n) at 24 kHz -> (B, T, D) frames at 75 Hz, each 4-s chunk embedded alone [3.2].
+        A piece of a longer file (file_samples, embed_pieces) gives the same frames: a chunk never
+        sees the rest of the file."""
         return self.frames_from_codec(codec_embed_audio(self.codec, wav))
 
     @torch.no_grad()
@@ -120,7 +123,7 @@ def read_task(path):
         raise ValueError(f"{path}/labelvocabulary.csv: idx must be 0..n-1, once each")
     rates = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
     # 24 kHz needs no resampling, 48 kHz resamples 2:1; otherwise the richest folder
-    rate = next((r for r in (SAMPLE_RATE, Upstream.sample_rate) if r in rates), rates[-1] if rates else None)
+    rate = next((r for r in (SAMPLE_RATE, HearModel.sample_rate) if r in rates), rates[-1] if rates else None)
     return Task(meta["task_name"], path, meta["prediction_type"] == "multilabel", metric, vocab,
                 kfold_splits(meta), None if rate is None else path / str(rate))
 
@@ -413,16 +416,32 @@ def evaluate(args):
 
 
 # ---------------------------------------------------------------- the HEAR module API, and embed_file
+class HearModel(nn.Module):
+    """The HEAR module's model: an upstream behind HEAR's rate. HEAR allows 16000, 22050, 32000,
+    44100 and 48000 Hz, not the codec's 24000: it declares 48000, resamples 2:1 for its upstream."""
+
+    sample_rate = 48000  # HEAR's rule: get_*_embeddings take this; upstream.frames() takes 24000
+
+    def __init__(self, upstream):
+        super().__init__()
+        self.upstream = upstream
+        width = int(upstream.timestamp_embedding_size)
+        self.scene_embedding_size = self.timestamp_embedding_size = width
+        self.eval()  # frozen, as its upstream
+
+
 def load_model(model_file_path="", **kwargs):
-    """HEAR: a checkpoint path, "EC" or "ECMAE-R:<size>" (empty: $ENCODECMAE_UPSTREAM, else ECMAE-R:base).
-    The codec: kwarg encodec, else $ENCODECMAE_ENCODEC, else load_upstream's: never a silent random one."""
+    """HEAR: a HearModel of a checkpoint path, "EC", "ECMAE-R:<size>" or "released:PATH" (empty:
+    $ENCODECMAE_UPSTREAM, else ECMAE-R:base). The codec: kwarg encodec, else $ENCODECMAE_ENCODEC,
+    else load_upstream's: never a silent random one. Its .upstream is load_upstream's (24 kHz)."""
     kwargs.setdefault("encodec", os.environ.get("ENCODECMAE_ENCODEC") or None)
-    return load_upstream(model_file_path or os.environ.get("ENCODECMAE_UPSTREAM", "ECMAE-R:base"), **kwargs)
+    spec = model_file_path or os.environ.get("ENCODECMAE_UPSTREAM", "ECMAE-R:base")
+    return HearModel(load_upstream(spec, **kwargs))
 
 
 def get_timestamp_embeddings(audio, model):
     """HEAR: (n_sounds, n) at 48 kHz -> frames (n_sounds, T, D) float32, centres (n_sounds, T) in ms."""
-    frames = model.frames(resample_24k(audio, model.sample_rate))  # (B, T', D) at 75 Hz, as read_audio resamples
+    frames = model.upstream.frames(resample_24k(audio, model.sample_rate))  # (B, T', D) at 75 Hz
     T = real_frames(audio.shape[1], model.sample_rate)  # frames centred inside the audio
     ts = (torch.arange(T, device=audio.device, dtype=torch.float64) + 0.5) * (1000 * HOP / SAMPLE_RATE)
     return frames[:, :T].float().contiguous(), ts.float().expand(len(audio), T)  # (B, T, D), (B, T)
@@ -430,7 +449,8 @@ def get_timestamp_embeddings(audio, model):
 
 def get_scene_embeddings(audio, model):
     """HEAR: (n_sounds, n) at 48 kHz -> (n_sounds, D) float32, the mean of the real frames [3.2]."""
-    return pooled(model, model.frames(resample_24k(audio, model.sample_rate)), audio.shape[1], model.sample_rate)
+    frames = model.upstream.frames(resample_24k(audio, model.sample_rate))  # (B, T', D)
+    return pooled(model.upstream, frames, audio.shape[1], model.sample_rate)
 
 
 def embed_file(upstream, path):
@@ -440,11 +460,15 @@ def embed_file(upstream, path):
 
 @torch.no_grad()
 def embed_pieces(upstream, path):
-    """The frames of a file, a minute of audio at a time -> (T_piece, D) float32 each. Segments are whole
-    4-s chunks, so the frames are those of the file embedded at once; memory is bounded by the piece."""
+    """The frames of a file, a minute of audio at a time -> (T_piece, D) float32 each. Segments
+    are whole 4-s chunks and each is told the file's length (the authors' v2 models count it in
+    every chunk), so the frames are those of the file embedded at once; memory is bounded by the
+    piece."""
     device = next(upstream.parameters()).device
-    for start in range(0, probe_audio(path), EMBED_SEGMENT):  # a file that reads short raises AudioError
-        yield upstream.frames(read_audio(path, start, EMBED_SEGMENT)[None].to(device))[0].float().cpu()
+    n = probe_audio(path)
+    for start in range(0, n, EMBED_SEGMENT):  # a file that reads short raises AudioError
+        wav = read_audio(path, start, EMBED_SEGMENT)[None].to(device)  # (1, n_piece)
+        yield upstream.frames(wav, file_samples=n)[0].float().cpu()
 
 
 # ---------------------------------------------------------------- the command line

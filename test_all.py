@@ -1169,7 +1169,7 @@ def test_chunked_features_equal_the_concatenated_halves(codec):
 
 def test_chunked_embedding_equals_concatenated_chunks():
     """[3.2] audio longer than 4 s is cut into 4-s chunks, each embedded alone, frames concatenated."""
-    model = E.load_model("ECMAE-R:tiny", encodec="random")
+    model = E.load_upstream("ECMAE-R:tiny", encodec="random")
     wav = torch.randn(1, int(4.5 * 24000)) * 0.1  # one full 4-s chunk and a shorter one
     frames = model.frames(wav)
     pieces = torch.cat([model.frames(wav[:, s:s + 96000]) for s in range(0, wav.shape[1], 96000)], 1)
@@ -1344,6 +1344,7 @@ def test_hear_api_shapes_dtypes_and_timestamps():
     for spec, cases in [("ECMAE-R:tiny", [(1, 1.07), (2, 1.98), (1, 4.0), (1, 2.74)]), ("EC", [(2, 1.07)])]:
         model = E.load_model(spec, encodec="random")
         assert type(model.sample_rate) is int and model.sample_rate == 48000
+        assert model.upstream.sample_rate == 24000  # what its frames() take: one rate per object
         width = model.timestamp_embedding_size
         assert type(width) is int and type(model.scene_embedding_size) is int
         with torch.no_grad():
@@ -1360,7 +1361,8 @@ def test_hear_api_shapes_dtypes_and_timestamps():
                 assert torch.allclose(scene, emb.mean(1), atol=1e-5)
         if spec == "EC":  # EC's frames are the codec's own, at 24 kHz
             wav = torch.stack([D.resample_24k(a, 48000) for a in audio])
-            assert torch.allclose(emb, M.codec_embed_audio(model.codec, wav)[:, : emb.shape[1]], atol=1e-5)
+            codec_frames = M.codec_embed_audio(model.upstream.codec, wav)  # its upstream's, 24 kHz
+            assert torch.allclose(emb, codec_frames[:, : emb.shape[1]], atol=1e-5)
 
 
 def three_sounds_task(root, clips_per_fold=6):

@@ -5,12 +5,16 @@ what the authors' `extract_features_from_array` returns for that clip (docs/RELE
 network is not the paper's (ResiDual norms, one feed-forward block shared by every layer, their own
 head layout), so it lives here, with their key layout, and model.py stays the paper's.
 Reads a v1 `model.pt` (+ the `config.gin` beside it) or a v2 `<name>.pt`; writes nothing.
-`python extras/released.py info PATH` prints what a file holds.
+`python extras/released.py info PATH` prints what a file holds (--help: its options).
 """
 import ast
+import io
 import math
 import os
+import re
 import sys
+import tokenize
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,7 +23,6 @@ from torch import nn
 
 SAMPLE_RATE = 24000  # every released model reads 24 kHz audio
 FRAME_RATE = 75  # their HEAR wrapper's `embedding_rate`: 75 frames per second
-HEAR_RATE = 48000  # HEAR does not allow 24000; the caller resamples 2:1 (their wrapper declared 24000)
 
 
 # ---------------------------------------------------------------- the gin text inside their files
@@ -29,105 +32,263 @@ class Ref(str):
     scope = property(lambda self: self.split("/")[0] if "/" in self else "")
 
 
-def _logical_lines(text):
-    """Gin text -> (indent, line) with comments dropped and continued lines joined."""
-    out, buf, depth, indent = [], "", 0, 0
-    for raw in text.splitlines():
-        line, quote = "", None
-        for ch in raw:  # drop a '#' comment unless it is inside a string
-            if quote:
-                quote = None if ch == quote else quote
-            elif ch in "'\"":
-                quote = ch
-            elif ch == "#":
-                break
-            line += ch
-        if not buf:
-            if not line.strip():
-                continue
-            indent = len(line) - len(line.lstrip())
-        buf += " " + line.strip().rstrip("\\")
-        depth += sum(line.count(c) for c in "([{") - sum(line.count(c) for c in ")]}")
-        if depth <= 0 and not line.rstrip().endswith("\\"):
-            out.append((indent, buf.strip()))
-            buf, depth = "", 0
-    return out
+class Macro(str):
+    """A gin macro such as %MODEL_DIM: looked up when a value that holds it is read."""
+
+
+class GinError(ValueError):
+    """A statement gin's own parser refuses too (their loader stops there)."""
+
+
+SKIPPED = (tokenize.COMMENT, tokenize.NL)  # what gin skips between tokens (NL: inside brackets)
+CLOSING = {"[": "]", "(": ")", "{": "}"}
+NAMED = {tokenize.ENDMARKER: "the end of the text", tokenize.NEWLINE: "the end of the line",
+         tokenize.NL: "the end of the line", tokenize.INDENT: "an indent",
+         tokenize.DEDENT: "a dedent"}
+
+
+class GinParser:
+    """Gin's grammar on Python's tokens, read as gin reads a file: statements `KEY = VALUE`,
+    blocks `SELECTOR:` of indented `param = VALUE` lines, imports. Values: Python literals,
+    @references, %macros, and lists, tuples and dicts of them. Else a GinError naming the line."""
+
+    def __init__(self, text):
+        self.tokens = tokenize.generate_tokens(io.StringIO(text).readline)  # lazily, as gin
+        self.lines = text.splitlines()
+        self.tok = None
+        self.advance()
+
+    def is_op(self, strings):
+        return self.tok.type == tokenize.OP and self.tok.string in strings
+
+    def fail(self, what):
+        """A GinError at the current token: its line and text, and a hint at the text's end."""
+        row = min(self.tok.start[0], len(self.lines))
+        line = self.lines[row - 1].strip()[:60] if row else ""
+        # the end of the text, or of a last line without its newline: a file cut short?
+        ends = self.tok.type == tokenize.ENDMARKER or (
+            self.tok.type == tokenize.NEWLINE and not self.tok.string)
+        cut = " (the text ends there: cut short?)" if ends else ""
+        raise GinError(f"line {row}: {what}" + (f" in {line!r}" if line else "") + cut)
+
+    def found(self):
+        """The current token as a message names it."""
+        return NAMED.get(self.tok.type, repr(self.tok.string))
+
+    def advance(self, skip=()):
+        """Move to the next token, past those of the types in `skip`."""
+        try:
+            self.tok = next(self.tokens)
+            while self.tok.type in skip:
+                self.tok = next(self.tokens)
+        except tokenize.TokenError as err:  # a bracket or triple-quoted string open at the end
+            raise GinError(f"line {err.args[1][0]}: {err.args[0]}") from None
+        except SyntaxError as err:  # IndentationError: dedented to no level above
+            raise GinError(f"line {err.lineno}: {err.msg}") from None
+
+    def expect(self, string, skip=()):
+        if self.tok.string != string:
+            self.fail(f"expected {string!r}, found {self.found()}")
+        self.advance(skip)
+
+    def selector(self, periods_in_scope):
+        """NAME(/NAME)*(.NAME)* without spaces -> its text; a reference's scope may hold periods."""
+        if self.tok.type != tokenize.NAME:
+            self.fail(f"expected a name, found {self.found()}")
+        text, end = self.tok.string, self.tok.end
+        self.advance()
+        while self.is_op("./") and self.tok.start == end:
+            sep, end = self.tok.string, self.tok.end
+            self.advance()
+            if self.tok.type != tokenize.NAME or self.tok.start != end:
+                self.fail(f"a name broken after {text + sep!r}")
+            text += sep + self.tok.string
+            end = self.tok.end
+            self.advance()
+        if not periods_in_scope and "." in text.rpartition("/")[0]:
+            self.fail(f"a period in the scope of {text!r}")
+        return text
+
+    def value(self):
+        """One value -> Python, Ref or Macro (inside lists, tuples, dicts); then the next token."""
+        if self.is_op(CLOSING):
+            return self.container()
+        if self.is_op("@%"):
+            return self.reference()
+        return self.literal()
+
+    def container(self):
+        """[...], (...) or {...}: (x) without a comma is x, as in gin."""
+        opening = self.tok.string
+        self.advance(SKIPPED)
+        items, comma = [], False
+        while not self.is_op(CLOSING[opening]):
+            if self.tok.type == tokenize.ENDMARKER:
+                self.fail(f"{opening!r} never closed")
+            item = self.value()
+            if opening == "{":
+                self.expect(":", SKIPPED)
+                item = (item, self.value())
+            items.append(item)
+            if self.is_op(","):
+                comma = True
+                self.advance(SKIPPED)
+            elif not self.is_op(CLOSING[opening]):
+                self.fail(f"expected ',' or {CLOSING[opening]!r}, found {self.found()}")
+        self.advance(SKIPPED)
+        if opening == "[":
+            return items
+        if opening == "(":
+            return items[0] if len(items) == 1 and not comma else tuple(items)
+        try:
+            return dict(items)
+        except TypeError:  # a list as a key
+            self.fail("a dict key that is not hashable")
+
+    def reference(self):
+        """@scope/name or @name() (a call: the same reference here), or %MACRO."""
+        sign = self.tok.string
+        self.advance()
+        name = self.selector(periods_in_scope=True)
+        if sign == "@" and self.is_op("("):
+            self.advance()
+            self.expect(")")
+        while self.tok.type in SKIPPED:
+            self.advance()
+        return Ref(name) if sign == "@" else Macro(name)
+
+    def literal(self):
+        """A number (a leading minus allowed), a string (adjacent ones join), True, False, None."""
+        text = ""
+        if self.is_op("-"):
+            text = "-"
+            self.advance(SKIPPED)
+            if self.is_op("@%"):  # gin drops a minus before a reference or a macro: so do we
+                return self.reference()
+        if self.tok.type not in (tokenize.NAME, tokenize.NUMBER, tokenize.STRING):
+            self.fail(f"expected a value, found {self.found()}")
+        while True:
+            text += self.tok.string
+            was_string = self.tok.type == tokenize.STRING
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                self.fail(f"{text!r} is not a value gin reads")
+            self.advance(SKIPPED)
+            if not (was_string and self.tok.type == tokenize.STRING):
+                return value
+
+    def block(self, key):
+        """After `key:`, its indented `param = value` lines -> [(key.param, value)]."""
+        self.advance((tokenize.COMMENT,))
+        if self.tok.type != tokenize.NEWLINE:
+            self.fail(f"expected the end of the line after {key}:")
+        self.advance(SKIPPED)
+        if self.tok.type != tokenize.INDENT:
+            self.fail(f"the block {key}: has no indented lines")
+        self.advance(SKIPPED)
+        found = []
+        while self.tok.type not in (tokenize.DEDENT, tokenize.ENDMARKER):
+            if self.tok.type != tokenize.NAME:
+                self.fail(f"expected a parameter name in the block {key}:, found {self.found()}")
+            param = self.tok.string
+            self.advance()
+            self.expect("=")
+            found.append((f"{key}.{param}", self.value()))
+            if self.tok.type not in (tokenize.NEWLINE, tokenize.ENDMARKER):
+                self.fail("expected the end of the line")
+            self.advance(SKIPPED)
+        return found
+
+    def statement(self):
+        """One statement (the current token starts it) -> [(key, value)]; imports give []."""
+        key = self.selector(periods_in_scope=False)
+        if self.tok.string == "=":
+            self.advance()
+            found = [(key, self.value())]
+        elif self.tok.string == ":":
+            found = self.block(key)
+        elif key in ("import", "from"):  # gin imports a module; their 'imports' list does it
+            while self.tok.type not in (tokenize.NEWLINE, tokenize.ENDMARKER):
+                self.advance()
+            found = []
+        elif key == "include":
+            self.fail("includes another file, which a released checkpoint cannot carry")
+        else:
+            self.fail(f"expected '=' or ':' after {key!r}")
+        if self.tok.type not in (tokenize.NEWLINE, tokenize.DEDENT, tokenize.ENDMARKER):
+            self.fail("expected the end of the line")
+        if self.tok.type != tokenize.ENDMARKER:
+            self.advance()
+        return found
+
+    def statements(self):
+        """-> (macros {name: value}, bindings [(scope, configurable, param, value)]), file order."""
+        macros, bindings = {}, []
+        while True:
+            while self.tok.type in SKIPPED + (tokenize.INDENT, tokenize.DEDENT):
+                self.advance()
+            if self.tok.type == tokenize.ENDMARKER:
+                return macros, bindings
+            for key, value in self.statement():
+                scope, _, path = key.rpartition("/")
+                if "." not in path:  # MODEL_DIM = 36: a macro
+                    macros[key] = value
+                    continue
+                configurable, _, param = path.rpartition(".")
+                bindings.append((scope, configurable, param, value))
 
 
 def parse_gin(text):
-    """Their config text (gin's config_str() or the authors' own block syntax) -> (macros, bindings).
+    """Their config text (gin.config_str() or the authors' block syntax) -> (macros, bindings).
 
-    bindings: (scope, configurable, param, op, value text) in file order, op "=" or "+=" (ginpipe's
-    list append). Only what gin needs to build the model is read; imports and `$` lines are skipped.
+    bindings: (scope, configurable, param, value) in file order; a later binding wins, as in gin.
+    As strict as gin's parser (a line it refuses is a GinError; their loader stops there too).
+    What gin would import or find in its registry is not checked here; check_entry() checks the
+    classes their load_model builds.
     """
-    macros, bindings, block = {}, [], ""
-    for indent, line in _logical_lines(text):
-        if line.startswith(("$", "import ", "include ", "from ")):
-            continue
-        if "=" not in line:
-            block = line[:-1].strip() if line.endswith(":") and indent == 0 else block
-            continue
-        op = "+=" if line.split("=", 1)[0].endswith("+") else "="  # ginpipe's list append
-        lhs, value = line.split(op, 1)
-        lhs = lhs.strip()
-        if indent > 0 and block:
-            lhs = f"{block}.{lhs}"
-        elif indent == 0:
-            block = ""
-        if "." not in lhs:
-            macros[lhs] = value.strip()
-            continue
-        scope, _, path = lhs.rpartition("/")
-        configurable, _, param = path.rpartition(".")
-        bindings.append((scope, configurable, param, op, value.strip()))
-    return macros, bindings
+    return GinParser(text).statements()
 
 
-def _split_top(text):
-    """'a, [b, c], d' -> ['a', '[b, c]', 'd'] (commas at bracket depth 0)."""
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        depth += (ch in "([{") - (ch in ")]}")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return [p.strip() for p in parts + [cur] if p.strip()]
-
-
-def gin_value(text, macros):
-    """One gin value -> Python: literals, %MACROS, @references (Ref) and lists of them."""
-    t = text.strip()
-    if t.startswith("%"):
-        return gin_value(macros[t[1:]], macros)
-    if t.startswith("@"):
-        return Ref(t[1:].removesuffix("()"))
-    if t[:1] in "[(" and t[-1:] in "])":
-        items = [gin_value(p, macros) for p in _split_top(t[1:-1])]
-        return items if t[0] == "[" else tuple(items)
-    return ast.literal_eval(t)
+def resolve(value, macros, seen=()):
+    """A parsed value with its %macros replaced by what they hold (KeyError: undefined macro)."""
+    if isinstance(value, Macro):
+        if value in seen:
+            raise GinError(f"macro %{value} refers to itself")
+        return resolve(macros[value], macros, seen + (value,))
+    if isinstance(value, (list, tuple)):
+        return type(value)(resolve(v, macros, seen) for v in value)
+    if isinstance(value, dict):
+        return {resolve(k, macros, seen): resolve(v, macros, seen) for k, v in value.items()}
+    return value
 
 
 class GinConfig:
     """Looks up what gin would pass to one parameter of one configurable in a scope."""
 
-    def __init__(self, text):
-        self.macros, self.bindings = parse_gin(text)
+    def __init__(self, text, where):
+        self.where = where  # the file (and the part of it) the text came from, for messages
+        try:
+            self.macros, self.bindings = parse_gin(text)
+        except GinError as err:
+            raise ValueError(f"{where}, {err}: gin refuses it too (their loader stops there); "
+                             "the config is damaged: download the file again") from None
 
     def get(self, name, param, scopes=(), *, default=None):
         """`name` is 'Class' or 'module.Class'; a binding in one of `scopes` beats an unscoped one."""
         found = {}
-        for scope, conf, p, op, value in self.bindings:
+        for scope, conf, p, value in self.bindings:
             a, b = "." + conf, "." + name
             if p != param or not (a.endswith(b) or b.endswith(a)) or (scope and scope not in scopes):
                 continue
             try:
-                v = gin_value(value, self.macros)
-            except (KeyError, ValueError, SyntaxError):
-                raise ValueError(f"config: {conf}.{param} = {value[:60]!r} cannot be read") from None
-            level = 1 if scope else 0
-            found[level] = found.get(level, []) + v if op == "+=" else v
+                found[1 if scope else 0] = resolve(value, self.macros)
+            except KeyError as err:
+                raise ValueError(f"{self.where}: {conf}.{param} uses the macro %{err.args[0]}, "
+                                 "which it never defines (cut short?): their loader fails on it "
+                                 "too; download the file again") from None
+            except GinError as err:
+                raise ValueError(f"{self.where}: {conf}.{param}: {err}") from None
         return found.get(1, found.get(0, default))
 
 
@@ -181,10 +342,11 @@ def read_checkpoint(path):
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # bytes that start like a pickle: torch warns, then fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # random bytes, a truncated download, a pickle of arbitrary objects
-        first = (str(err).strip().splitlines() or [""])[0][:120]
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {first})") from None
+        raise ValueError(f"{path}: {unreadable(path, err)}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: holds a {type(ckpt).__name__}, not the authors' checkpoint dict")
     if {"model", "config", "encodec"} <= ckpt.keys():
@@ -195,13 +357,39 @@ def read_checkpoint(path):
         raise ValueError(f"{path}: a dict with keys {sorted(map(str, ckpt))[:5]}, no 'state_dict': "
                          "not a released model")
     if "feat_projector.weight" in sd:
-        version, text = "v1", None  # v1 keeps its config.gin beside model.pt
-    elif "wav_encoder.post_net.weight" in sd and isinstance(ckpt.get("config"), str):
-        version, text = "v2", ckpt["config"]
-    else:
-        raise ValueError(f"{path}: its state_dict has neither feat_projector (v1) nor wav_encoder.post_net + "
-                         f"config (v2) (first key {next(iter(sd), None)!r}): not a released EnCodecMAE")
-    return version, (v1_to_v2(sd) if version == "v1" else sd), text, ckpt
+        return "v1", v1_to_v2(sd), None, ckpt  # v1 keeps its config.gin beside model.pt
+    if "wav_encoder.post_net.weight" not in sd:
+        raise ValueError(f"{path}: its state_dict has neither feat_projector (v1) nor "
+                         f"wav_encoder.post_net (v2) (first key {next(iter(sd), None)!r}): "
+                         "not a released EnCodecMAE")
+    for key, what in (("config", "the gin text their loader parses"),
+                      ("imports", "the module list their loader reads first")):
+        if key not in ckpt:  # their load_model fails too (KeyError)
+            raise ValueError(f"{path}: a v2 state_dict without {key!r} ({what}; their load_model "
+                             "fails on it too): download the file again")
+        if not isinstance(ckpt[key], str):
+            raise ValueError(f"{path}: its {key!r} is {type(ckpt[key]).__name__}, not the text "
+                             "(str) their loader reads: download the file again")
+    return "v2", sd, ckpt["config"], ckpt
+
+
+def unreadable(path, err):
+    """What torch.load's failure on a file means, in one line (torch's own text is pages long)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:  # permission denied, a disk error
+        return f"cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "an empty file (0 bytes): download it again"
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if found:  # weights_only refuses a pickled object: loading it would run its code
+        return (f"it pickles {found.group(1)} besides tensors, which is refused unread (loading "
+                "it would run code): use the authors' original file")
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip archive, cut short or damaged
+        return f"a torch zip archive cut short or damaged ({size:,} bytes): download it again"
+    return f"not a torch checkpoint ({size:,} bytes, starting {head!r}): download it again"
 
 
 def _name(ref):
@@ -220,8 +408,9 @@ def transformer_arch(sd, cfg, where):
         _refuse(where, f"no {next(k for k in need if k not in sd)!r} in its state_dict")
     vis = cfg.get("EncodecMAE", "visible_encoder")  # @encoder/...TransformerEncoder: gin scope "encoder"
     scopes = (vis.scope,) if isinstance(vis, Ref) else ()
-    att = cfg.get("transformers.TransformerEncoder", "attention_layer", scopes)
-    scopes += (att.scope,) if isinstance(att, Ref) else ()
+    att = required(cfg, "transformers.TransformerEncoder", "attention_layer", "MultiHeadAttention",
+                   scopes)
+    scopes += (att.scope,)
     get = lambda name, param, default=None: cfg.get(name, param, scopes, default=default)  # noqa: E731
     for param, want in (("norm_type", "ResiDual"), ("ff_layer", None), ("pre_net", None),
                         ("positional_encoder", None), ("init_values", None)):
@@ -230,8 +419,12 @@ def transformer_arch(sd, cfg, where):
     n_heads = get("MultiHeadAttention", "num_heads")
     n_layers = len({k.split(".")[2] for k in sd if k.startswith("visible_encoder.encoder_layers.")})
     qk, v = (sd[f"visible_encoder.encoder_layers.0.att_layer.{w}.weight"].shape[0] for w in ("wq", "wv"))
-    if not isinstance(n_heads, int) or qk % n_heads or v % n_heads:
-        _refuse(where, f"{qk}-d queries for {n_heads} heads")
+    if n_heads is None:  # their gin refuses a renamed parameter; MultiHeadAttention needs this
+        raise ValueError(f"{cfg.where}: gives the encoder's MultiHeadAttention no num_heads (a "
+                         "line renamed or cut off?): their loader fails on it too; download the "
+                         "file again")
+    if type(n_heads) is not int or n_heads < 1 or qk % n_heads or v % n_heads:
+        _refuse(cfg.where, f"{qk}-d queries for {n_heads!r} heads")
     ff_dim = sd["visible_encoder.encoder_layers.0.ff_layer.0.weight"].shape[0]
     return dict(d_model=int(sd["wav_encoder.post_net.weight"].shape[0]), n_layers=n_layers, n_heads=n_heads,
                 d_qk=qk // n_heads, d_v=v // n_heads, ff_dim=int(ff_dim),
@@ -274,8 +467,31 @@ def front_arch(version, feat_dim, cfg, where):
     return out
 
 
+def check_entry(version, cfg):
+    """What their load_model builds: get_model.model (v2: and .processor), and its encoder class."""
+    wanted = [("get_model", "model", "EncodecMAE"),
+              ("EncodecMAE", "visible_encoder", "TransformerEncoder")]
+    if version == "v2":  # their extractor reads its chunk length from processor._processors[0]
+        wanted.insert(1, ("get_model", "processor", "SequentialProcessor"))
+    for conf, param, cls in wanted:
+        required(cfg, conf, param, cls)
+
+
+def required(cfg, conf, param, cls, scopes=()):
+    """The @reference to their class `cls` that conf.param must hold (missing: a damaged config)."""
+    ref = cfg.get(conf, param, scopes)
+    if ref is None:
+        raise ValueError(f"{cfg.where}: binds no {conf}.{param} (an empty config, or one cut "
+                         "short?): their load_model cannot build the model without it either; "
+                         "download the file again")
+    if not isinstance(ref, Ref) or _name(ref).split(".")[-1] != cls:
+        _refuse(cfg.where, f"{conf}.{param} = {'@' * isinstance(ref, Ref)}{ref!s}, not their {cls}")
+    return ref
+
+
 def describe(version, sd, cfg, where):
     """(version, v2-keyed state_dict, GinConfig) -> Arch; ValueError for any design we do not serve."""
+    check_entry(version, cfg)
     net = transformer_arch(sd, cfg, where)
     front = front_arch(version, sd["wav_encoder.post_net.weight"].shape[1], cfg, where)
     return Arch(version=version, **net, **front)
@@ -403,7 +619,7 @@ class WavEncoder(nn.Module):
 class ReleasedEnCodecMAE(nn.Module):
     """The feature path of their EncodecMAE; state_dict keys are their v2 keys."""
 
-    sample_rate = HEAR_RATE  # HEAR rule: declare 48 kHz, hand frames() the audio resampled 2:1
+    sample_rate = SAMPLE_RATE  # what frames() takes (evaluate.HearModel declares HEAR's 48000)
     pool_all_frames = True  # evaluate.pooled: their HEAR wrapper's scene embedding is the mean of all frames
 
     def __init__(self, a: Arch, layer=-1):
@@ -421,38 +637,45 @@ class ReleasedEnCodecMAE(nn.Module):
         return self.visible_encoder(x, key_pad.expand(x.shape[0], -1))
 
     @torch.no_grad()
-    def all_layers(self, wav):
+    def all_layers(self, wav, file_samples=None):
         """wav (B, n) at 24 kHz -> {layer: (B, T, D)} for their layer indices 0..L-1 and -1.
 
         As their extract_features_from_array does for ONE clip: 4-s chunks embedded alone, frames
         concatenated, padded frames kept. v1 hides (as attention keys) the frames past the chunk's own
         length; v2 counts min(n, 4 s) samples in every chunk (its list comprehension reuses `i`, so
         later chunks count as whole) and skips chunks of <= 2048 samples.
+        file_samples: wav is a piece, cut on a chunk boundary, of a file this long
+        (evaluate.embed_pieces): v2's n is the whole file's, so the pieces give the file's frames.
         Deviation: every row gets that single-clip answer; their batched call hides frames of row 0
         only (v1) or counts n - b samples for row b (v2), so its rows differ from single calls.
         """
         a = self.arch
         wav = wav.to(self.wav_encoder.post_net.weight.device, torch.float32)
-        n, pieces = wav.shape[1], []
+        n = wav.shape[1]
+        n_file = n if file_samples is None else file_samples
+        pieces = []
         for start in range(0, n, a.chunk):
             piece = wav[:, start:start + a.chunk]
             if piece.shape[1] <= a.min_len:
                 continue
-            n_valid = piece.shape[1] if a.version == "v1" else min(n, a.chunk)
+            n_valid = piece.shape[1] if a.version == "v1" else min(n_file, a.chunk)
             inner, final = self.chunk_layers(piece, n_valid)
             if a.version == "v2":
                 inner[-1] = final  # postnorm_last_activation=True: their last layer IS the final output
             pieces.append(inner + [final])
-        if not pieces:
+        if not pieces and min(n_file, a.chunk) <= a.min_len:
             raise ValueError(f"{self.name}: {n} samples give no chunk over {a.min_len} samples "
                              "(their extractor fails too)")
+        if not pieces:  # a longer file's short tail: v2 skips it, as the whole file's last chunk
+            pieces = [[wav.new_zeros(len(wav), 0, a.d_model)] * (a.n_layers + 1)]
         out = [torch.cat(p, dim=1) for p in zip(*pieces)]  # (B, T, D) each
         return {**dict(enumerate(out[:-1])), -1: out[-1]}
 
-    def frames(self, wav, layer=None):
-        """wav (B, n) float32 mono at 24 kHz -> (B, T, D) frames at 75 Hz from `layer` (default: load's)."""
+    def frames(self, wav, layer=None, file_samples=None):
+        """wav (B, n) float32 mono at 24 kHz -> (B, T, D) frames at 75 Hz from `layer` (default:
+        load's); file_samples: wav is a piece of a file this long, cut on a 4-s boundary."""
         layer = check_layer(self.layer if layer is None else layer, self.arch.n_layers)
-        return self.all_layers(wav)[layer]
+        return self.all_layers(wav, file_samples)[layer]
 
 
 def check_layer(layer, n_layers):
@@ -538,8 +761,13 @@ def load_released(path, layer=-1, device="cpu", encodec=None, config=None):
         if not gin_path.is_file():
             raise ValueError(f"{path}: a v1 model.pt needs its config.gin (heads, codec scale) "
                              "beside it or config=PATH")
-        text = gin_path.read_text()
-    a = describe(version, sd, GinConfig(text), path)
+        try:
+            text = gin_path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{gin_path}: not text, so not their config.gin: download it "
+                             "again") from None
+    cfg = GinConfig(text, gin_path if version == "v1" else f"{path} (its 'config')")
+    a = describe(version, sd, cfg, path)
     check_layer(layer, a.n_layers)
     with torch.random.fork_rng():  # building modules draws random numbers; leave the caller's generator alone
         model = ReleasedEnCodecMAE(a, layer)
@@ -566,22 +794,28 @@ def released_scene(frames):
     return frames.mean(dim=1)
 
 
-def main(argv):
-    """`info PATH`: one line per fact about a released file."""
-    if len(argv) != 2 or argv[0] != "info":
-        print("usage: python extras/released.py info PATH", file=sys.stderr)
-        return 2
+def main(argv=None):
+    """`info PATH`: one line per fact about a released file; a bad file is one line, exit 2."""
+    import data as D  # one-line errors for the command line (data.run_cli)
+    p = D.Parser(prog="extras/released.py", description=__doc__.splitlines()[0])
+    commands = p.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="what a released file holds: version, sizes, params")
+    info.add_argument("path", help="a v2 <name>.pt, or a v1 model.pt with its config.gin beside it")
+    args = p.parse_args(argv)
     try:
-        m = load_released(argv[1])
+        m = load_released(args.path)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise D.UsageError(str(err)) from None
     a = m.arch
-    print(f"{m.name}: {a.version}, {a.front} front end ({a.feat_dim}-d), D={a.d_model}, {a.n_layers} layers, "
-          f"{a.n_heads} heads of {a.d_qk}, shared FF {a.ff_dim}, chunks of {a.chunk} samples")
-    print(f"parameters (feature path, shared FF counted once): {sum(p.numel() for p in m.parameters()):,}")
+    print(f"{m.name}: {a.version}, {a.front} front end ({a.feat_dim}-d), D={a.d_model}, "
+          f"{a.n_layers} layers, {a.n_heads} heads of {a.d_qk}, shared FF {a.ff_dim}, "
+          f"chunks of {a.chunk} samples")
+    n_params = sum(p.numel() for p in m.parameters())
+    print(f"parameters (feature path, shared FF counted once): {n_params:,}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # core files
+    import data
+    data.run_cli(main)

@@ -358,7 +358,7 @@ def test_fuzz_evaluation_embeds_a_task_with_a_bad_file(tmp_path):
     files, _ = E.read_split(task, "train")
     bad_name = files[1]
     (task.audio_dir / "train" / bad_name).write_bytes(np.random.default_rng(0).bytes(3000))
-    upstream = E.load_model("EC", encodec="random")
+    upstream = E.load_upstream("EC", encodec="random")
     _, named, _ = warned(lambda: E.embed_split([upstream], task, "train", files, tmp_path / "emb"), files, [bad_name])
     assert named == {bad_name: 1}
     print(f"\nfuzz evaluation: {len(files)} files tried, 1 skipped with a message, crashes 0")

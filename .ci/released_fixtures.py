@@ -1,10 +1,16 @@
-"""Serves extras/tests/test_released.py: the AUTHORS' code makes tiny random models in their formats + their embeddings.
+"""Developer tool (needs the authors' environment): their code makes the released fixtures.
 
-`build` and `fullsize` need their package (gin, ginpipe, Lightning; docs/RELEASED.md shows the venv):
-  VENV/bin/python -m extras.released_fixtures build --v1 AUTHORS/encodecmae-v1 --v2 AUTHORS/encodecmae-head
-  VENV/bin/python -m extras.released_fixtures fullsize --v1 ... --v2 ...   (full-size random models)
-`check` needs only this project: `python -m extras.released_fixtures check` prints our max abs diff per kind and layer.
-Writes extras/fixtures/released/<kind>.pt (v2) or <kind>/{model.pt,config.gin,imports} (v1), and <kind>.expected.pt.
+`build` (tiny random models in their formats + their embeddings) and `fullsize` need their package
+(gin, ginpipe, Lightning; docs/RELEASED.md shows the venv):
+  VENV/bin/python .ci/released_fixtures.py build --v1 AUTHORS/encodecmae-v1 \
+      --v2 AUTHORS/encodecmae-head
+  VENV/bin/python .ci/released_fixtures.py fullsize --v1 ... --v2 ...   (full-size random models)
+`check` needs only this project: `python .ci/released_fixtures.py check` prints our max abs diff
+per kind and layer. `gin-syntax [N]` (gin only): our gin parser and gin's own on N damaged copies
+of each fixture config. `refusals --v2 ...`: their load_model and ours on damaged v2 files.
+`build` writes extras/fixtures/released/<kind>.pt (v2) or <kind>/{model.pt,config.gin,imports}
+(v1), and <kind>.expected.pt. What the tests read of them (paths, clips, the damaged files) is
+extras/tests/released_cases.py.
 """
 import argparse
 import hashlib
@@ -21,8 +27,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "extras" / "fixtures" / "released"
-CODEC_SEED = 1234  # the fixtures' random EnCodec is this seed, not 30 MB of weights
+if str(ROOT) not in sys.path:  # run as a script from .ci/: the repository's modules sit above
+    sys.path.insert(0, str(ROOT))
+
+from extras.tests import released_cases  # noqa: E402
+from extras.tests.released_cases import (CODEC_SEED, FIXTURES, fixture_clips,  # noqa: E402
+                                         fixture_path)
+
 WEIGHT_SEED = 7
 TINY = ["NUM_DECODER_LAYERS=1", "NUM_TARGET_TOKENS=16"]  # + ff_dim=64 for encoder and decoder (below)
 WAV = ["datasets/audioset-unbalanced-24k.gin", "datasets/fma-large-24k.gin", "datasets/librilight-6k-24k.gin"]
@@ -78,29 +89,12 @@ KINDS = {
     "spec-ec-base": ("v2", ["base/unsupervised_pretrain.gin", "models/encodecmae.gin", *WAV, SPEC_GIN],
                      ["NUM_ENCODER_LAYERS=2", "MODEL_DIM=36", "NUM_ENCODER_HEADS=4"], False),
 }
+assert {k: v[0] for k, v in KINDS.items()} == released_cases.KINDS, "the tests' kinds are these"
 FULL = {  # full-size random models for `fullsize`: (fixture kind whose configs they use, --mods)
     "encodecmae-base (v1)": ("encodecmae-small", ["NUM_ENCODER_LAYERS=10", "MODEL_DIM=768"]),
     "mel256-ec-base (v2)": ("mel256-ec-large", ["NUM_ENCODER_LAYERS=10", "MODEL_DIM=768"]),
     "encodecmae-large (v1)": ("encodecmae-small", ["NUM_ENCODER_LAYERS=20", "MODEL_DIM=1024"]),
 }
-
-
-def fixture_clips():
-    """Five fixed clips at 24 kHz: 1.3 s (a part chunk), 2.0 s (150 whole frames), 5.3 s (a 4-s chunk + a
-    part), 4.05 s (a 1200-sample tail v2 skips), 200 samples (v1 only: one frame, every key padding, where
-    their -1e9 and a -inf differ). Tones with a slow tremolo, plus seeded noise."""
-    rng = np.random.default_rng(20240523)
-    clips = []
-    for n, f0 in ((31200, 220.0), (48000, 440.0), (127200, 330.0), (97200, 880.0), (200, 660.0)):
-        t = np.arange(n) / 24000.0
-        tone = 0.3 * np.sin(2 * np.pi * f0 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 1.5 * t))
-        clips.append((tone + 0.05 * rng.standard_normal(n)).astype(np.float32))
-    return clips
-
-
-def fixture_path(kind):
-    """Where the committed file of a kind lies (v1: model.pt with config.gin beside it)."""
-    return FIXTURES / kind / "model.pt" if KINDS[kind][0] == "v1" else FIXTURES / f"{kind}.pt"
 
 
 def record_layers(kind):
@@ -305,7 +299,7 @@ def check():
 def spawn(kind, repo, *extra):
     """Run build_one in a child whose sys.path has THEIR package (v1 and v2 are both `encodecmae`)."""
     env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{ROOT}")
-    subprocess.run([sys.executable, "-m", "extras.released_fixtures", "_one", kind, repo, *extra],
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "_one", kind, repo, *extra],
                    cwd=ROOT, env=env, check=True)
 
 
@@ -325,9 +319,113 @@ def fullsize(repos):
                   f"(extract {exp['seconds']['extract']} s), our load + extract {time.time() - t0:.1f} s", flush=True)
 
 
+def gin_syntax(per_config=500, seed=0):
+    """Our gin parser (extras/released.py) against gin's own on damaged copies of the fixtures'
+    configs: each cut, a character dropped, added or swapped, a line dropped or doubled. Gin's
+    parser reads syntax only here (references and macros are not looked up). Prints the tally;
+    returns 1 if the two disagree on any copy."""
+    from gin import config_parser
+    from extras.released import GinError, parse_gin
+
+    class Delegate(config_parser.ParserDelegate):
+        """References and macros as placeholders: the syntax alone decides."""
+
+        def configurable_reference(self, scoped_name, evaluate):
+            return scoped_name
+
+        def macro(self, scoped_name):
+            return scoped_name
+
+    def gin_reads(text):
+        try:
+            list(config_parser.ConfigParser(text, Delegate()))
+            return True
+        except Exception:  # gin's SyntaxError, and the tokenizer's errors it lets through
+            return False
+
+    def ours_reads(text):
+        try:
+            parse_gin(text)
+            return True, ""
+        except GinError as err:
+            return False, str(err)
+
+    rng = random.Random(seed)
+    chars = list("=:()[]{},'\"#@%$.-/+ \n\t\\x1")
+    tally, disagree = {}, []
+    for kind in KINDS:
+        path = fixture_path(kind)
+        text = (path.with_name("config.gin").read_text() if KINDS[kind][0] == "v1" else
+                torch.load(path, weights_only=True)["config"])
+        for _ in range(per_config):
+            how = rng.choice(["cut", "drop", "add", "swap", "drop line", "double line"])
+            i = rng.randrange(len(text))
+            lines = text.splitlines(True)
+            j = rng.randrange(len(lines))
+            damaged = {"cut": lambda: text[:i], "drop": lambda: text[:i] + text[i + 1:],
+                       "add": lambda: text[:i] + rng.choice(chars) + text[i:],
+                       "swap": lambda: text[:i] + text[i + 1:i + 2] + text[i:i + 1] + text[i + 2:],
+                       "drop line": lambda: "".join(lines[:j] + lines[j + 1:]),
+                       "double line": lambda: "".join(lines[:j + 1] + lines[j:])}[how]()
+            (ours, why), line = ours_reads(damaged), damaged[:i].count("\n")
+            verdict = (gin_reads(damaged), ours)
+            tally[verdict] = tally.get(verdict, 0) + 1
+            if verdict[0] != verdict[1]:
+                disagree.append((kind, how, verdict, why or damaged.splitlines()[line][:80]))
+    for (g, o), n in sorted(tally.items()):
+        print(f"gin {'reads' if g else 'refuses'}, ours {'reads' if o else 'refuses'}: {n}")
+    for kind, how, (g, o), why in disagree[:10]:
+        print(f"disagree: {kind}, {how}: gin {'reads' if g else 'refuses'}; ours: {why}")
+    return 1 if disagree else 0
+
+
+def their_refusals():
+    """Inside their environment: each of released_cases.v2_variants() through THEIR load_model ->
+    one JSON line {what: "loads" or their exception's first line}."""
+    seeded_codec()
+    import encodecmae.hub as hub
+    from extras.tests.released_cases import v2_variants
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="released-refusals-") as tmp:
+        hub.get_available_models = lambda: ["variant"]
+        hub.hf_hub_download = lambda repo_id, filename: str(Path(tmp) / filename)
+        for what, ckpt in v2_variants().items():
+            torch.save(ckpt, Path(tmp) / "variant.pt")
+            try:
+                hub.load_model("variant", device="cpu")
+                out[what] = "loads"
+            except Exception as err:  # whatever their code raises, as a user would see it
+                first = (str(err).strip().splitlines() or [""])[0]
+                out[what] = f"{type(err).__name__}: {first[:90]}"
+    print(json.dumps(out))
+
+
+def refusals(repo):
+    """Their load_model (a child with their package) and ours on each damaged v2 file: a table."""
+    from extras.released import load_released
+    from extras.tests.released_cases import v2_variants
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{ROOT}")
+    child = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_refusals"], cwd=ROOT,
+                           env=env, check=True, capture_output=True, text=True)
+    theirs = json.loads(child.stdout.strip().splitlines()[-1])
+    print("| file | their load_model | ours |\n|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="released-refusals-") as tmp:
+        path = Path(tmp) / "variant.pt"
+        for what, ckpt in v2_variants().items():
+            torch.save(ckpt, path)
+            try:
+                load_released(path)
+                ours = "loads"
+            except ValueError as err:
+                ours = str(err).replace(str(path), "FILE")
+            print(f"| {what} | {theirs[what]} | {ours} |")
+    return 0
+
+
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["build", "check", "fullsize", "_one"])
+    p.add_argument("command", choices=["build", "check", "fullsize", "gin-syntax", "refusals", "_one",
+                                        "_refusals"])
     p.add_argument("rest", nargs="*")
     p.add_argument("--v1", help="their repository checked out at tag v.1.0.0")
     p.add_argument("--v2", help="their repository at HEAD (encodecmae/hub.py)")
@@ -335,6 +433,15 @@ def main(argv):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.command == "check":
         return check()
+    if args.command == "gin-syntax":  # needs gin only (their venv): `gin-syntax [N per config]`
+        return gin_syntax(*map(int, args.rest[:1]))
+    if args.command == "_refusals":
+        their_refusals()
+        return 0
+    if args.command == "refusals":
+        if not args.v2:
+            p.error("refusals runs the authors' load_model: give --v2 (their checkout at HEAD)")
+        return refusals(args.v2)
     repos = {"v1": args.v1, "v2": args.v2}
     if args.command != "_one" and not (args.v1 and args.v2):
         p.error(f"{args.command} runs the authors' code: give --v1 and --v2 (their two checkouts)")
