@@ -26,7 +26,8 @@ from torch import nn
 
 import data as D
 from data import AudioError, UsageError, at_least, probe_audio, read_audio, resample_24k, write_atomic
-from model import CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio, make_config
+from model import (CROP_FRAMES, CROP_SAMPLES, HOP, SAMPLE_RATE, SIZES, EnCodecMAE, codec_embed_audio,
+                   embed_audio, make_config)
 
 EMBED_SEGMENT = 15 * CROP_SAMPLES  # embed_file reads a minute of audio at once: whole 4-s chunks
 
@@ -40,8 +41,13 @@ class Upstream(nn.Module):
 
     def __init__(self, name, codec, mae=None, layer=-1, key=""):
         super().__init__()
-        self.name, self.codec, self.mae, self.layer, self.key = name, codec, mae, layer, key
-        self.scene_embedding_size = self.timestamp_embedding_size = int(codec.dim if mae is None else mae.cfg.d_model)
+        self.name = name
+        self.codec = codec  # None for a model with a filterbank input [4]: it needs no codec
+        self.mae = mae
+        self.layer = layer
+        self.key = key  # what its embedding cache is kept under
+        width = int(codec.dim if mae is None else mae.cfg.d_model)
+        self.scene_embedding_size = self.timestamp_embedding_size = width
         self.eval()
 
     @torch.no_grad()
@@ -49,15 +55,22 @@ class Upstream(nn.Module):
         """wav (B, n) at 24 kHz -> (B, T, D) frames at 75 Hz, each 4-s chunk embedded alone [3.2].
         A piece of a longer file (file_samples, embed_pieces) gives the same frames: a chunk never
         sees the rest of the file."""
+        if self.codec is None:  # a filterbank input [4]: 4-s chunks of audio, as embed_audio cuts
+            return self.finite(embed_audio(self.mae, None, wav, layer=self.layer))
         return self.frames_from_codec(codec_embed_audio(self.codec, wav))
 
     @torch.no_grad()
     def frames_from_codec(self, feats):
-        """Codec frames (B, T, 128) -> (B, T, D), each 300-frame (4-s) piece alone, as model.embed_audio cuts audio."""
+        """Codec frames (B, T, 128) -> (B, T, D), each 300-frame (4-s) piece alone, as
+        model.embed_audio cuts audio."""
         if self.mae is None:  # EC: the codec encoder's own frames (Table 1, first row)
             return feats
-        frames = torch.cat([self.mae.embed(p, layer=self.layer) for p in feats.split(CROP_FRAMES, 1)], 1)  # (B, T, D)
-        if not torch.isfinite(frames).all():  # read_audio refuses NaN and huge samples: the model is broken
+        pieces = [self.mae.embed(p, layer=self.layer) for p in feats.split(CROP_FRAMES, 1)]
+        return self.finite(torch.cat(pieces, 1))  # (B, T, D)
+
+    def finite(self, frames):
+        """read_audio refuses NaN and huge samples: NaN embeddings mean the model is broken."""
+        if not torch.isfinite(frames).all():
             raise ValueError(f"{self.name}: NaN/inf embeddings")
         return frames
 
@@ -69,26 +82,37 @@ def real_frames(n_samples, rate=SAMPLE_RATE):
 
 
 def load_upstream(spec, encodec=None, layer=-1, seed=0, device="cpu"):
-    """"EC", "ECMAE-R:<size>" (random init, seeded), a train.py checkpoint path, or "released:PATH" (the
-    authors' released models: their network, extras/released.py; their HEAR wrapper pools all frames)."""
+    """"EC", "ECMAE-R:<size>[:<input>]" (random init, seeded; input encodec, mel or spec), a
+    train.py checkpoint path, or "released:PATH" (the authors' released models: their network,
+    extras/released.py; their HEAR wrapper pools all frames)."""
     if spec.startswith("released:"):
         from extras.released import load_released
         return load_released(spec.split(":", 1)[1], layer, device, encodec)
-    source, mae, key = encodec or "pretrained", None, f"seed{seed}"  # never a silent random codec: ask for "random"
+    source = encodec or "pretrained"  # never a silent random codec: ask for "random"
+    mae = None
+    key = f"seed{seed}"
     if spec.startswith("ECMAE-R:"):
+        size, _, kind = spec.split(":", 1)[1].partition(":")
         torch.manual_seed(seed)  # ECMAE-R: the same random MAE on every run (Table 1, row 2)
-        mae = EnCodecMAE(make_config(spec.split(":", 1)[1]))
+        mae = EnCodecMAE(make_config(size, input=kind or "encodec"))
     elif spec != "EC":
-        mae, ckpt = D.load_checkpoint(spec)  # a ValueError naming the file and what is wrong with it
+        mae, ckpt = D.load_checkpoint(spec)  # a ValueError naming the file and what is wrong
         source = encodec or ckpt["encodec"]  # the codec it was trained on, unless told otherwise
-        if (source == "random") != (ckpt["encodec"] == "random"):
+        codec_fed = mae.cfg.input == "encodec"
+        if codec_fed and (source == "random") != (ckpt["encodec"] == "random"):
             raise ValueError(f"{spec} was trained on codec {ckpt['encodec']!r}, not {source!r}")
         key = f"{os.path.getsize(spec)}-{int(os.path.getmtime(spec))}"  # a rewritten file re-embeds
     if mae is not None and not (layer == -1 or 1 <= layer <= mae.cfg.n_enc_layers):
         raise ValueError(f"--layer {layer}: choose -1 (last) or 1..{mae.cfg.n_enc_layers}")
     name = spec if layer == -1 or mae is None else f"{spec}@layer{layer}"
+    codec = None
+    if mae is None or mae.cfg.input == "encodec":  # a filterbank input needs no codec [4]
+        codec = D.load_codec(source)
+    else:
+        source = mae.cfg.input
     # "real-frames": the scene embedding pools frames centred inside the audio (older caches: all)
-    return Upstream(name, D.load_codec(source), mae, layer, key=f"{name}|{source}|{key}|real-frames").to(device)
+    key = f"{name}|{source}|{key}|real-frames"
+    return Upstream(name, codec, mae, layer, key=key).to(device)
 
 
 # ---------------------------------------------------------------- HEAR tasks
@@ -520,14 +544,21 @@ def upstream_args(p):
 
 
 def check_upstream(spec, layer):
-    """EC, ECMAE-R:<size>, a file or released:FILE, and a --layer it has, before a model loads."""
-    size, file = spec.split(":", 1)[1] if spec.startswith("ECMAE-R:") else None, spec.removeprefix("released:")
-    if size not in (None, *SIZES) or (size is None and spec != "EC" and not os.path.isfile(file)):
-        raise UsageError(f"--upstream {spec}: not EC, ECMAE-R:<{'|'.join(SIZES)}>, an existing checkpoint file "
-                         "or released:FILE")
+    """EC, ECMAE-R:<size>[:<input>], a file or released:FILE, and a --layer it has, before a model
+    loads."""
+    size = None
+    kind = ""
+    if spec.startswith("ECMAE-R:"):
+        size, _, kind = spec.split(":", 1)[1].partition(":")
+    file = spec.removeprefix("released:")
+    known = size in SIZES and kind in ("", "encodec", "mel", "spec")
+    if (size is not None and not known) or (size is None and spec != "EC" and not os.path.isfile(file)):
+        raise UsageError(f"--upstream {spec}: not EC, ECMAE-R:<{'|'.join(SIZES)}>[:mel|:spec], an "
+                         "existing checkpoint file or released:FILE")
     depth = SIZES[size]["n_enc_layers"] if size else math.inf  # a checkpoint's: checked as it loads
     if layer != -1 and not (1 if file == spec else 0) <= layer <= depth:  # the authors count from 0
-        raise UsageError(f"--layer {layer}: choose -1 (the last) or 1..{depth if size else 'the encoder depth'}")
+        bound = depth if size else "the encoder depth"
+        raise UsageError(f"--layer {layer}: choose -1 (the last) or 1..{bound}")
 
 
 def open_upstream(spec, args):

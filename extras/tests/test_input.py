@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import model as M
@@ -109,3 +110,35 @@ def test_cached_filterbank_crops_are_the_filterbank_of_the_same_audio(short_cach
         want = M.filterbank_frames(wav[None], "mel")[0]  # (300, 256)
         assert crop.feats.shape == (M.CROP_FRAMES, 256) and torch.allclose(crop.feats, want)
     assert any(mel.crop_start(i, 1) > 0 for i in range(len(mel)))  # some crops start inside a file
+
+
+def test_a_filterbank_model_embeds_without_any_codec_in_kmeans_evaluate_and_hear(
+        short_cache, tmp_path, monkeypatch):
+    """[4] a mel-input checkpoint (and ECMAE-R:tiny:mel) embeds from the filterbank alone, in
+    4-s chunks: evaluate.embed_file, the HEAR module and kmeans.py never load a codec."""
+    import dataclasses
+    import data as D
+    import evaluate as E
+    import kmeans
+    audio, _ = short_cache
+    torch.manual_seed(0)
+    cfg = M.make_config("tiny", input="mel")
+    path = str(tmp_path / "mel.pt")
+    torch.save({"model": M.EnCodecMAE(cfg).state_dict(), "config": dataclasses.asdict(cfg),
+                "encodec": "random", "step": 0}, path)
+    monkeypatch.setattr(D, "load_codec", lambda *a: pytest.fail("a codec loaded"))
+    mae = D.load_checkpoint(path)[0]
+    wav_path = D.list_audio(audio)[-1]
+    wav = D.read_audio(wav_path)
+    long = torch.cat([wav, wav, wav])[None]  # (1, n) over 4 s: two chunks
+    upstream = E.load_upstream(path)
+    want = M.embed_audio(mae, None, long)[0]  # (T, 128)
+    assert torch.allclose(upstream.frames(long)[0], want) and len(want) == M.num_frames(long.shape[1])
+    assert torch.allclose(E.embed_file(upstream, wav_path), M.embed_audio(mae, None, wav[None])[0])
+    hear = E.load_model(path)
+    assert E.get_scene_embeddings(torch.zeros(2, 48000), hear).shape == (2, 128)
+    assert E.load_upstream("ECMAE-R:tiny:mel").mae.in_proj.in_features == 256
+    store = tmp_path / "km"
+    kmeans.main(["--checkpoint", path, "--data", audio, "--out", str(store), "--k", "4",
+                 "--n-clips", "4", "--n-frames", "200"])
+    assert len(list(store.glob("*.npy"))) == len(D.list_audio(audio))
