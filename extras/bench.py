@@ -46,7 +46,7 @@ def gemm_shapes(mcfg, B, T=M.CROP_FRAMES):
     D, F, S, K = mcfg.d_model, mcfg.ff_dim, mcfg.n_streams, mcfg.K
     N = T - round(mcfg.M_prop * T) if mcfg.mask_mode == "drop" else T
     block = lambda n: [(B * n, D, 3 * D), (B * n, D, D), (B * n, D, F), (B * n, F, D)]
-    return [(B * T, mcfg.d_codec, D)] + block(N) + [(B * N, D, D)] + block(T) + [(B * T, D, S * K)]
+    return [(B * T, mcfg.d_input, D)] + block(N) + [(B * N, D, D)] + block(T) + [(B * T, D, S * K)]
 
 
 def gemm_peak(shapes, device, dtype, reps=5):
@@ -70,7 +70,7 @@ def mae_flops(mcfg, B, T=M.CROP_FRAMES):
     layer = lambda n: 2 * n * (4 * D * D + 2 * D * F) + 4 * n * n * D  # linears + attention
     # input projection, encoder on N frames, decoder projection (before the mask tokens go in:
     # N frames), decoder on T, head
-    forward = (2 * T * mcfg.d_codec * D + mcfg.n_enc_layers * layer(N) + 2 * N * D * D
+    forward = (2 * T * mcfg.d_input * D + mcfg.n_enc_layers * layer(N) + 2 * N * D * D
                + mcfg.n_dec_layers * layer(T) + 2 * T * D * S * K)
     return 3 * B * forward
 
@@ -141,6 +141,10 @@ def train_benchmark(cfg, mcfg, device, peak_tflops=None):
     wav = demo_clips(B, M.CROP_SECONDS, seed=cfg.seed).to(device)  # (B, 96000)
     t_codec = timed(lambda: codec(wav), device)
     feats, codes = codec(wav)
+    t_front = 0.0  # a filterbank input [4]: its frames, on top of the codec's pass for the targets
+    if mcfg.input != "encodec":
+        t_front = timed(lambda: M.filterbank_frames(wav, mcfg.input), device)
+        feats = M.filterbank_frames(wav, mcfg.input)
     mask = M.gap_mask(torch.full((B,), M.CROP_FRAMES), M.CROP_FRAMES, mcfg.M_prop, mcfg.M_gap)  # on the CPU, as in training
     model = M.EnCodecMAE(mcfg).to(device)
     if cfg.compile:  # the warm-up run of `timed` compiles it
@@ -161,19 +165,21 @@ def train_benchmark(cfg, mcfg, device, peak_tflops=None):
         paths = write_demo_dataset(os.path.join(tmp, "audio"), n_files=2, seed=cfg.seed, seconds=(4.5, 4.5))
         build_cache(codec, paths, os.path.join(tmp, "cache"), log_every=1e9)
         raw = loader_rate(train.MaskedCrops(D.CropDataset(paths, seed=cfg.seed), mcfg, cfg.seed), B, cfg.workers)
-        cached = loader_rate(train.MaskedCrops(CachedCropDataset(os.path.join(tmp, "cache"), seed=cfg.seed), mcfg, cfg.seed),
-                             B, cfg.workers)
+        from_cache = CachedCropDataset(os.path.join(tmp, "cache"), seed=cfg.seed, input_kind=mcfg.input)
+        cached = loader_rate(train.MaskedCrops(from_cache, mcfg, cfg.seed), B, cfg.workers)
     flops, rows = mae_flops(mcfg, B), []
     memory = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-    for name, step, rate in (("raw audio", t_codec + t_mae + t_opt, raw), ("cache", t_mae + t_opt, cached)):
+    for name, step, rate in (("raw audio", t_codec + t_front + t_mae + t_opt, raw), ("cache", t_mae + t_opt, cached)):
         # workers load the next batches while the GPU steps; with none, loading and stepping take turns
         run = max(step, B / rate) if cfg.workers else step + B / rate
         rows += [(f"loader, {name}", f"{rate:.0f} crops/s with --workers {cfg.workers} = {rate / B:.2f} steps/s"),
                  (f"step, {name}, data ready", f"{step:.3f} s = {1 / step:.2f} steps/s, {B / step:.1f} clips/s"),
                  (f"run, {name}", f"{1 / run:.2f} steps/s ({'loader' if B / rate > step else 'step'}-bound)")]
     rows = [("matmul peak (measured)", f"{peak / 1e9:.0f} GFLOP/s ({dtype}); {how}"),
-            ("codec, on the fly", f"{t_codec:.3f} s/step ({t_codec / (t_codec + t_mae + t_opt):.0%} of a raw-audio step)"),
+            ("codec, on the fly", f"{t_codec:.3f} s/step ({t_codec / (t_codec + t_front + t_mae + t_opt):.0%} of a "
+                                  "raw-audio step)"),
+            (f"input frames ({mcfg.input})", f"{t_front:.3f} s/step on the fly" if t_front else "the codec's"),
             ("MAE forward+backward", f"{t_mae:.3f} s, {flops / 1e12:.2f} TFLOP by mae_flops ({flops / t_mae / 1e9:.0f} "
                                      f"GFLOP/s, {flops / t_mae / peak:.0%} of the matmul peak)"),
             ("optimizer step", f"{t_opt:.3f} s")] + rows
