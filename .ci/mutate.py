@@ -1,6 +1,6 @@
 """Hand-made mutation check: break the code on purpose, one change at a time, and see a test fail.
 
-Run: python .ci/mutate.py            (about 5 minutes on 2 CPU cores; --only WORD runs a subset)
+Run: python .ci/mutate.py   (about 9 minutes on 2 shared CPU cores; --only WORD runs a subset)
 Each mutant is (file, exact original snippet, mutated snippet, what it breaks, pytest -k expression
 of the fast tests that should notice). For each, the tracked files are copied to a temporary folder,
 the snippet is replaced there (it must occur exactly once, else the mutant is reported stale), and
