@@ -1,6 +1,6 @@
 """Hand-made mutation check: break the code on purpose, one change at a time, and see a test fail.
 
-Run: python .ci/mutate.py            (about 5 minutes on 2 CPU cores; --only WORD runs a subset)
+Run: python .ci/mutate.py   (about 9 minutes on 2 shared CPU cores; --only WORD runs a subset)
 Each mutant is (file, exact original snippet, mutated snippet, what it breaks, pytest -k expression
 of the fast tests that should notice). For each, the tracked files are copied to a temporary folder,
 the snippet is replaced there (it must occur exactly once, else the mutant is reported stale), and
@@ -27,14 +27,19 @@ LOSS = ("masked_accuracy or loss_equals or loss_weights or loss_weighs or loss_c
 MODEL_MUTANTS = [
     ("model.py",
      "        x = self.in_proj(feats) + sinusoidal_positions(T, self.cfg.d_model, device)  # (B, T, D)\n"
-     "        if self.cfg.mask_mode == \"drop\":  # N >= what gap_mask leaves of a full clip: one shape to compile\n"
+     "        if self.cfg.mask_mode == \"drop\":\n"
+     "            # N never falls below what gap_mask leaves of a full clip: one shape to"
+     " compile.\n"
      "            slots = T - min(round(self.cfg.M_prop * T), T - 1)\n"
-     "            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding, slots)  # (B, N, D)\n",
+     "            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding,"
+     " slots)\n",
      "        x = self.in_proj(feats)  # (B, T, D)\n"
-     "        if self.cfg.mask_mode == \"drop\":  # N >= what gap_mask leaves of a full clip: one shape to compile\n"
+     "        if self.cfg.mask_mode == \"drop\":\n"
      "            slots = T - min(round(self.cfg.M_prop * T), T - 1)\n"
-     "            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding, slots)  # (B, N, D)\n"
-     "            x_visible = x_visible + sinusoidal_positions(x_visible.shape[1], self.cfg.d_model, device)\n",
+     "            x_visible, ids_restore, visible_padding = gather_visible(x, mask, padding,"
+     " slots)\n"
+     "            positions = sinusoidal_positions(x_visible.shape[1], self.cfg.d_model, device)\n"
+     "            x_visible = x_visible + positions\n",
      "positions added after masking instead of before", "positions_are_added"),
     ("model.py", "    dropped = mask | padding  # (B, T)", "    dropped = padding  # (B, T)",
      "the encoder is given every frame, hidden ones included", "encoder_output"),
@@ -62,13 +67,14 @@ MODEL_MUTANTS = [
     ("model.py", "keep = None if key_padding is None else ~key_padding[:, None, None, :]",
      "keep = None if key_padding is None else key_padding[:, None, None, :]",
      "attention keeps the padded keys and drops the real ones", "encoder_output or embed_layers"),
-    ("model.py", "    alpha, beta = delta / n_hidden, (1 - delta) / n_shown",
-     "    alpha, beta = (1 - delta) / n_hidden, delta / n_shown", "delta and 1 - delta swapped", LOSS),
-    ("model.py", "    alpha, beta = delta / n_hidden, (1 - delta) / n_shown",
-     "    alpha, beta = delta / n_shown, (1 - delta) / n_hidden", "hidden and visible frame counts swapped", LOSS),
-    ("model.py",
-     "    n_hidden, n_shown = (hidden.sum(), shown.sum()) if counts is None else counts  # |M|, T - |M|",
-     "    n_hidden, n_shown = hidden.sum(), shown.sum()  # |M|, T - |M|",
+    ("model.py", "    alpha = delta / n_hidden\n    beta = (1 - delta) / n_shown\n",
+     "    alpha = (1 - delta) / n_hidden\n    beta = delta / n_shown\n",
+     "delta and 1 - delta swapped", LOSS),
+    ("model.py", "    alpha = delta / n_hidden\n    beta = (1 - delta) / n_shown\n",
+     "    alpha = delta / n_shown\n    beta = (1 - delta) / n_hidden\n",
+     "hidden and visible frame counts swapped", LOSS),
+    ("model.py", "    if counts is None:  # this is the whole batch\n",
+     "    if True:  # this is the whole batch\n",
      "counts taken per micro-batch, the whole batch's counts ignored", "micro_batch"),
     ("model.py", "    shown = to_device(~mask & ~padding, ce.device)[..., None].float()",
      "    shown = to_device(~mask, ce.device)[..., None].float()",
@@ -103,8 +109,8 @@ MODEL_MUTANTS = [
      "            h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)\n"
      "            h = restore_sequence(h, ids_restore, visible_padding, self.mask_token)  # (B, T, D)\n",
      "decoder positions added in shuffled order, before the restore", "decoder_puts"),
-    ("model.py", "torch.stack([torch.sin(position * freq), torch.cos(position * freq)], -1)",
-     "torch.stack([torch.sin(position * freq), torch.sin(position * freq)], -1)",
+    ("model.py", "torch.stack([torch.sin(angles), torch.cos(angles)], -1)",
+     "torch.stack([torch.sin(angles), torch.sin(angles)], -1)",
      "position table with sin in place of cos", "sinusoidal"),
     ("model.py", "            for t in range(start, min(start + M_gap, length)):",
      "            for t in range(start, min(start + M_gap + 1, length)):", "gaps of M_gap + 1 frames", "gap_mask"),
@@ -118,23 +124,87 @@ MODEL_MUTANTS = [
     ("model.py", "min(round(M_prop * length), length - 1)",
      "min(int(M_prop * length), length - 1)", "hidden count truncated, not rounded", "gap_mask"),
     ("model.py",
-     "        for start in torch.randperm(max(length - M_gap, 0) + 1, generator=generator).tolist():\n"
+     "        starts = torch.randperm(max(length - M_gap, 0) + 1, generator=generator).tolist()\n"
+     "        for start in starts:\n"
      "            for t in range(start, min(start + M_gap, length)):\n",
-     "        for start in torch.randperm(max(T - M_gap, 0) + 1, generator=generator).tolist():\n"
+     "        starts = torch.randperm(max(T - M_gap, 0) + 1, generator=generator).tolist()\n"
+     "        for start in starts:\n"
      "            for t in range(start, min(start + M_gap, T)):\n",
      "spans drawn over the whole row: padding may be hidden", "gap_mask"),
     ("model.py", "min(round(M_prop * length), length - 1)",
      "min(round(M_prop * length), length)", "a short clip may be hidden whole", "every_clip_keeps_a_visible_frame"),
     ("model.py", "(x.dtype != dtype or tuple(x.shape) != shape)",
      "(tuple(x.shape) != shape)", "integer and float masks accepted", "non_bool"),
-    ("model.py", "        return self.norm(x) if n_layers in (None, len(self.layers)) else x",
-     "        return self.norm(x)", "intermediate layers come out layer-normed", "embed_layers"),
-    ("model.py", "        return self.encoder(x, key_padding(padding, x.device), None if layer == -1 else layer)",
-     "        return self.encoder(x, None, None if layer == -1 else layer)",
+    ("model.py", "        if n_layers in (None, len(self.layers)):\n",
+     "        if True:\n", "intermediate layers come out layer-normed", "embed_layers"),
+    ("model.py", "        return self.encoder(x, key_padding(padding, x.device), n_layers)",
+     "        return self.encoder(x, None, n_layers)",
      "embed attends to padding", "embed_layers"),
-    ("model.py", "state[name] = torch.cat([state[name], new.state_dict()[name][rows:].to(state[name].device)])",
-     "state[name] = new.state_dict()[name]", "stage 2 forgets the stage-1 head", "adding_the_kmeans_stream"),
+    ("model.py", "        state[name] = torch.cat([state[name], fresh])",
+     "        state[name] = new.state_dict()[name]", "stage 2 forgets the stage-1 head",
+     "adding_the_kmeans_stream"),
     ("model.py", "(0 < self.M_prop < 1, ", "(0 < self.M_prop <= 2, ", "M_prop above 1 accepted", "config_refuses"),
+]
+
+# ---------------------------------------------------------------- the input choice [4]
+FRONT = "mel_and_spec_inputs_equal"
+INPUT_MUTANTS = [
+    ("model.py", 'window_type="hanning", dither=0.0, htk_compat=True',
+     'window_type="hamming", dither=0.0, htk_compat=True',
+     "mel frames windowed by Hamming, not Hanning", FRONT),
+    ("model.py", 'NORM_STATS = {"mel": (-6.12, 4.82), ',
+     'NORM_STATS = {"mel": (-6.02, 4.89), ',
+     "mel normalized by the demo corpus' statistics, not the authors'", FRONT),
+    ("model.py", "frame_shift=13.28,\n                 window_type=",
+     "frame_shift=13.3334,\n                 window_type=",
+     "mel hop of 320 samples (frame_shift 13.3334 ms), not Kaldi's 318", FRONT),
+    ("model.py", "    wav = F.pad(wav.float(), (0, missing))",
+     "    wav = F.pad(wav.float(), (missing, 0))",
+     "the filterbank's padding at the front of the clip, not its end", FRONT),
+    ("model.py", "fn(w[None], **args)[:T] for w in wav", "fn(w[None], **args) for w in wav",
+     "Kaldi's extra frames past T kept (no crop to the codec's frame count)", FRONT),
+    ("model.py", "low_freq=20.0, high_freq=0.0", "low_freq=0.0, high_freq=0.0",
+     "mel bins from 0 Hz, not 20 Hz", FRONT),
+    ("model.py", 'if kind == "mel" else (kaldi.spectrogram',
+     'if kind != "mel" else (kaldi.spectrogram',
+     "mel and spec swapped", FRONT),
+    ("train.py", '        if mcfg.input != "encodec":  # a filterbank',
+     '        if False:  # a filterbank',
+     "a mel model fed the codec's frames from raw audio", "filterbank_input_trains"),
+    ("extras/cache.py", "os.fsdecode(self.audio[f]), start * HOP, T * HOP)",
+     "os.fsdecode(self.audio[f]), start, T * HOP)",
+     "a cached crop's filterbank read from sample `start`, not `start * HOP`",
+     "cached_filterbank_crops"),
+    ("evaluate.py", '    if mae is None or mae.cfg.input == "encodec":  # a filterbank input',
+     "    if True:  # a filterbank input",
+     "load_upstream loads a codec for a filterbank model", "filterbank_model_embeds"),
+]
+
+# ---------------------------------------------------------------- the GPU path, on the CPU
+GPU_MUTANTS = [
+    ("model.py", "    torch.backends.cudnn.allow_tf32 = False\n",
+     "    torch.backends.cudnn.allow_tf32 = tf32\n",
+     "the codec runs with cuDNN's TF32 left on", "tf32"),
+    ("extras/bench.py", "mcfg.n_enc_layers * layer(N) + 2 * N * D * D",
+     "mcfg.n_enc_layers * layer(N) + 2 * T * D * D",
+     "mae_flops counts the decoder projection on T frames, not N", "mae_flops"),
+]
+
+# ---------------------------------------------------------------- faults (docs/BAD_INPUT.md)
+FAULT_MUTANTS = [
+    ("extras/cache.py", "        if size != npy_bytes(shape, dtype):",
+     "        if False:",
+     "a cache array cut short passes for done (sizes not checked)", "arrays_were_deleted"),
+    ("data.py", "        except Exception as err:  # not a torch file, or weights of another model",
+     "        except torch.serialization.pickle.UnpicklingError as err:",
+     "--encodec weights of another model end in a traceback", "codec_weights_file_of_another"),
+    ("data.py", "    if paths and not kept:  # a store made on other data",
+     "    if False:  # a store made on other data",
+     "a k-means store labelling none of --data is not refused", "store_of_other_audio"),
+    ("kmeans.py", 'name = f"{D.file_id(path)}.{of_centroids}.npy"',
+     'name = f"{D.file_id(path)}.npy"',
+     "label files named without the centroids' hash: older labels reused",
+     "labels_of_older_centroids"),
 ]
 
 # ---------------------------------------------------------------- kmeans.py
@@ -159,7 +229,8 @@ KMEANS_MUTANTS = [
      "k-means++ distances never updated", "plus_plus"),
     ("kmeans.py", "    return KMeansResult(c + mean, history)", "    return KMeansResult(c, history)",
      "centroids returned in centred coordinates", KM),
-    ("kmeans.py", "history.append((x_sq - 2 * (c64 * sums).sum()", "history.append((x_sq + 2 * (c64 * sums).sum()",
+    ("kmeans.py", "inertia = x_sq - 2 * (c64 * sums).sum()",
+     "inertia = x_sq + 2 * (c64 * sums).sum()",
      "inertia formula sign error", KM),
     ("kmeans.py", "scores = torch.addmm(c_sq, xb.to(dtype), c_t, alpha=-2.0)",
      "scores = torch.addmm(c_sq, xb.to(dtype), c_t, alpha=-1.0)", "distance expansion off by a factor", KM),
@@ -168,8 +239,9 @@ KMEANS_MUTANTS = [
      "stopping tolerance absolute instead of relative", KM),
     ("kmeans.py", "    if args.layer != -1 and not 1 <= args.layer <= cfg.n_enc_layers:",
      "    if args.layer > cfg.n_enc_layers:", "--layer -2 accepted", "kmeans_command"),
-    ("kmeans.py", "            warn_skipped(path, err, bad)\n        progress.update(",
-     "            raise\n        progress.update(", "an unreadable file ends the run", "kmeans_skips"),
+    ("kmeans.py", "        except AudioError as err:\n            warn_skipped(path, err, bad)\n",
+     "        except AudioError as err:\n            raise\n",
+     "an unreadable file ends the run", "kmeans_skips"),
     ("kmeans.py", "    if path not in bad:\n        warnings.warn(", "    if True:\n        warnings.warn(",
      "a bad file is warned about at every stage", "kmeans_skips"),
 ]
@@ -185,23 +257,23 @@ EVALUATE_MUTANTS = [
     ("evaluate.py", "aps.append(float(np.sum(np.diff(np.r_[0.0, recall]) * precision)))",
      "aps += [float(np.sum(np.diff(np.r_[0.0, recall]) * precision))] * bool(tp[-1])",
      "mAP skips classes with no positive clip", "naive_references"),
-    ("evaluate.py", "ts = (torch.arange(T, device=audio.device, dtype=torch.float64) + 0.5)",
-     "ts = (torch.arange(T, device=audio.device, dtype=torch.float64) + 0.0)",
+    ("evaluate.py", "centres = torch.arange(T, device=audio.device, dtype=torch.float64) + 0.5",
+     "centres = torch.arange(T, device=audio.device, dtype=torch.float64) + 0.0",
      "HEAR timestamps at frame starts, half a frame early", "hear_api"),
     ("evaluate.py", "return max(1, (2 * n_samples * SAMPLE_RATE + HOP * rate) // (2 * HOP * rate))",
      "return max(1, (n_samples * SAMPLE_RATE) // (HOP * rate))",
      "the last frame centred inside the audio is dropped", "hear_api"),
-    ("evaluate.py", 'return frames[:, :None if getattr(upstream, "pool_all_frames", False) else real_frames(n, rate)]',
-     "return frames[:, 0:1]",
+    ("evaluate.py", "    return frames.float().mean(1)\n",
+     "    return frames[:, 0].float()\n",
      "scene embedding = the first frame", "hear_api or embed_command"),
-    ("evaluate.py", "else real_frames(n, rate)].float().mean(1)",
-     "else None].float().mean(1)",
+    ("evaluate.py", "        frames = frames[:, :real_frames(n, rate)]\n",
+     "        frames = frames[:, :None]\n",
      "scene embedding also pools the frame centred past the end", "hear_api or embed_command"),
-    ("evaluate.py", "for t, v in zip(folds, folds[1:] + folds[:1])]",
-     "for t, v in zip(folds, folds[-1:] + folds[:-1])]",
+    ("evaluate.py", "pairs = zip(folds, folds[1:] + folds[:1])",
+     "pairs = zip(folds, folds[-1:] + folds[:-1])",
      "k-fold validates on the previous fold instead of the next", "kfold"),
-    ("evaluate.py", 'mean, n = float(np.mean([f["test_score"] for f in folds])), ',
-     'mean, n = folds[0]["test_score"], ',
+    ("evaluate.py", 'mean = float(np.mean([f["test_score"] for f in folds]))',
+     'mean = folds[0]["test_score"]',
      "the task score is the first fold's, not the mean over folds", "kfold or hear_tasks_run"),
     ("evaluate.py", "if score > best:  # strict",
      "if score >= best:  # strict",
@@ -209,11 +281,11 @@ EVALUATE_MUTANTS = [
     ("evaluate.py", "    probe.load_state_dict(best_state)\n",
      "",
      "the last weights are returned, not the best validated", "first_best"),
-    ("evaluate.py", "best_state, best_epoch, waited = score, copy.deepcopy(probe.state_dict()), epoch, 0",
-     "best_state, best_epoch, waited = score, probe.state_dict(), epoch, 0",
+    ("evaluate.py", "            best_state = copy.deepcopy(probe.state_dict())",
+     "            best_state = probe.state_dict()",
      "the best weights are kept by reference, so training overwrites them", "first_best"),
-    ("evaluate.py", " and not (epoch + 1 == cfg.max_epochs and best_state is None)",
-     "",
+    ("evaluate.py", "        last_chance = epoch + 1 == cfg.max_epochs and best_state is None",
+     "        last_chance = False",
      "bug: --max-epochs below the validation interval has no weights to return", "first_best"),
     ("evaluate.py", "Y[i, [task.vocab[label] for label in labels]] = 1",
      "Y[(i + 1) % len(files), [task.vocab[label] for label in labels]] = 1",
@@ -224,8 +296,8 @@ EVALUATE_MUTANTS = [
     ("evaluate.py", '    for j in sorted(bad):\n        warnings.warn(f"skipping {bad[j]}")\n',
      "",
      "unreadable HEAR clips are dropped without a warning", "unreadable_hear"),
-    ("evaluate.py", 'p.add_argument("--max-epochs", type=at_least(1), default=500)',
-     'p.add_argument("--max-epochs", type=int, default=500)',
+    ("evaluate.py", 'p.add_argument("--max-epochs", type=at_least(1), default=500,',
+     'p.add_argument("--max-epochs", type=int, default=500,',
      "--max-epochs 0 is not refused up front", "bad_evaluate_command_lines"),
     ("evaluate.py", "if layer != -1 and not (1 if file == spec else 0) <= layer <= depth:",
      "if layer != -1 and not 0 <= layer <= depth:",
@@ -240,21 +312,31 @@ EXTRAS_MUTANTS = [
     ("extras/embed.py", "plan += [(p, Path(out) / p.relative_to(src.absolute())) for p in found]",
      "plan += [(p, Path(out) / p.name) for p in found]",
      "embed flattens the folder tree instead of mirroring it", "embed_command"),
-    ("train.py", "            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+    ("extras/run.py", "            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)",
      "            pass", "a second run on a folder in use is not refused", "second_run_on_one_folder"),
-    ("train.py", "        finally:  # an end the run saw (not a kill): the next run finds nothing to take over\n"
+    ("extras/run.py", "        finally:  # an end the run saw (not a kill)"
+     ": the next run finds nothing to take over\n"
      "            lock.truncate(0)\n",
-     "        finally:  # an end the run saw (not a kill): the next run finds nothing to take over\n"
+     "        finally:  # an end the run saw (not a kill)"
+     ": the next run finds nothing to take over\n"
      "            pass\n",
      "a run that ended normally leaves its note, so the next run warns of a stale lock",
      "second_run_on_one_folder"),
-    ("extras/resume.py", 'keep += [line] if json.loads(line)["step"] <= step else []',
-     "keep += [line]", "resume keeps the metrics past the checkpoint: steps logged twice", "killed_run_resumes"),
-    ("extras/resume.py", "    for path in paths[::-1]:", "    for path in paths[-1:]:",
+    ("extras/run.py", 'if json.loads(line)["step"] <= step:',
+     'if json.loads(line)["step"] <= step or True:',
+     "resume keeps the metrics past the checkpoint: steps logged twice", "killed_run_resumes"),
+    ("extras/run.py", "    for path in paths[::-1]:", "    for path in paths[-1:]:",
      "resume stops at a torn newest checkpoint instead of passing over it", "killed_run_resumes"),
+    ("extras/run.py", "        if not cfg.resume and history:  # a new run here",
+     "        if False:  # a new run here",
+     "a new run into a folder holding another run is not refused", "new_run_refuses"),
+    ("extras/run.py", "        return int(stop)", "        return 0",
+     "the stop signal agreed over ranks is always 0: a signal never stops the run",
+     "ctrl_c_while"),
 ]
 
-MUTANTS = MODEL_MUTANTS + KMEANS_MUTANTS + EVALUATE_MUTANTS + EXTRAS_MUTANTS
+MUTANTS = (MODEL_MUTANTS + INPUT_MUTANTS + GPU_MUTANTS + KMEANS_MUTANTS + EVALUATE_MUTANTS
+           + FAULT_MUTANTS + EXTRAS_MUTANTS)
 
 
 def tracked_files():
