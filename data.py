@@ -263,7 +263,8 @@ class CropDataset(Visits):
 
     def __init__(self, paths, seed=0, extra_store=None, n_skipped=0):
         if isinstance(paths, Files):
-            self.files, self.skipped = paths, []
+            self.files = paths
+            self.skipped = []
         else:
             self.files, self.skipped = scan_audio(paths)
         self.store = None

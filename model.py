@@ -489,7 +489,8 @@ class EnCodecMAE(nn.Module):
     def forward(self, feats, targets, mask, padding=None, counts=None):
         """feats (B, T, d_input), targets (B, T, S), mask and padding (B, T) -> LossOut [Fig. 1].
         feats and targets come from one codec pass (`Codec.forward`, or the cache; feats from a
-        filterbank for input mel or spec); the mask from `gap_mask`. counts: (|M|, T - |M|) of the whole batch when this is a micro-batch [2.3]."""
+        filterbank for input mel or spec); the mask from `gap_mask`. counts: (|M|, T - |M|) of
+        the whole batch when this is a micro-batch [2.3]."""
         check_inputs(feats, targets, mask, padding, self.cfg)
         T = mask.shape[1]
         device = feats.device

@@ -142,3 +142,19 @@ def test_the_root_holds_the_eight_files_and_three_folders():
     top = {line.split("/")[0] for line in done.stdout.splitlines()}
     allowed = {"README.md", "requirements.txt", "test_all.py", ".ci", ".gitignore", "extras", "docs"}
     assert top <= allowed | {f"{n}.py" for n in BELOW}, sorted(top - allowed - {f"{n}.py" for n in BELOW})
+
+
+def test_the_core_files_are_plain_code():
+    """The five core files: no line over 100 columns, a docstring on every class, and no tuple
+    assigned to a tuple (one assignment per line; unpacking a function's result is allowed)."""
+    import ast
+    for name in BELOW:
+        text = open(os.path.join(ROOT, f"{name}.py")).read()
+        for number, line in enumerate(text.splitlines(), 1):
+            assert len(line) <= 100, f"{name}.py:{number} has {len(line)} columns"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                assert ast.get_docstring(node), f"{name}.py:{node.lineno} class {node.name} has no docstring"
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple):
+                packed = [t for t in node.targets if isinstance(t, ast.Tuple)]
+                assert not packed, f"{name}.py:{node.lineno} assigns several names in one line"
