@@ -8,7 +8,7 @@
 `check` needs only this project: `python .ci/released_fixtures.py check` prints our max abs diff
 per kind and layer. `gin-syntax [N]` (gin only): our gin parser and gin's own on N damaged copies
 of each fixture config. `refusals --v2 ...`: their load_model and ours on damaged v2 files.
-`build` writes extras/fixtures/released/<kind>.pt (v2) or <kind>/{model.pt,config.gin,imports}
+`build` writes extras/tests/fixtures/released/<kind>.pt (v2) or <kind>/{model.pt,config.gin,imports}
 (v1), and <kind>.expected.pt. What the tests read of them (paths, clips, the damaged files) is
 extras/tests/released_cases.py.
 """

@@ -107,12 +107,12 @@ MUTATIONS = [  # (what breaks, [(text in released.py, replacement) or (file, tex
 
 
 def copy_code(tmp):
-    """The repository's code into tmp: the root's .py files, extras/ (its fixtures linked)."""
+    """The repository's code into tmp: the root's .py files, extras/ (its tests' fixtures linked)."""
     for f in ROOT.glob("*.py"):
         shutil.copy(f, tmp / f.name)
     ignore = shutil.ignore_patterns("fixtures", "__pycache__")
     shutil.copytree(ROOT / "extras", tmp / "extras", ignore=ignore)
-    os.symlink(ROOT / "extras" / "fixtures", tmp / "extras" / "fixtures")
+    os.symlink(ROOT / "extras" / "tests" / "fixtures", tmp / "extras" / "tests" / "fixtures")
 
 
 def run(mutation):

@@ -1,6 +1,6 @@
 """Serves extras/tests/test_released.py (and .ci/released_fixtures.py): the released fixtures.
 
-The fixtures in extras/fixtures/released/ were written by the authors' own code
+The fixtures in extras/tests/fixtures/released/ were written by the authors' own code
 (`.ci/released_fixtures.py build`, docs/RELEASED.md); this module only says where they lie and
 regenerates the fixed clips their embeddings were recorded on: the tests need no authors' package.
 """
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-FIXTURES = ROOT / "extras" / "fixtures" / "released"
+FIXTURES = ROOT / "extras" / "tests" / "fixtures" / "released"
 CODEC_SEED = 1234  # the fixtures' random EnCodec is this seed, not 30 MB of weights
 KINDS = {  # kind -> release: v1 (tag v.1.0.0, model.pt + config.gin) or v2 (HEAD, one <name>.pt)
     "encodecmae-small": "v1",

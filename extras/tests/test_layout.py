@@ -158,3 +158,20 @@ def test_the_core_files_are_plain_code():
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple):
                 packed = [t for t in node.targets if isinstance(t, ast.Tuple)]
                 assert not packed, f"{name}.py:{node.lineno} assigns several names in one line"
+
+
+def test_extras_top_holds_the_users_files_and_its_tests_apart():
+    """extras/: modules that users, lecturers and researchers run or import, no test file and no
+    test data among them (those live in extras/tests/, developer tools in .ci/); each module says
+    in its docstring what it serves."""
+    done = subprocess.run(["git", "ls-files", "extras"], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip("not a git checkout")
+    top = {line.split("/")[1] for line in done.stdout.splitlines()}
+    folders = {name for name in top if not name.endswith(".py")}
+    assert folders == {"tests"}, sorted(folders)
+    tests = sorted(name for name in top if name.startswith(("test_", "conftest")))
+    assert not tests, tests
+    for name in sorted(top - folders):
+        text = open(os.path.join(ROOT, "extras", name)).read()
+        assert name == "__init__.py" or text.startswith('"""'), f"extras/{name} has no docstring"

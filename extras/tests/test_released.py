@@ -1,7 +1,7 @@
 """Tests of extras/released.py: the authors' released checkpoints load and give THEIR embeddings.
 
 `python -m pytest -q extras/tests/test_released.py -s` from the repository root (CPU, offline, no authors'
-package; -s prints every max abs diff). The fixtures in extras/fixtures/released/ were written by the
+package; -s prints every max abs diff). The fixtures in extras/tests/fixtures/released/ were written by the
 authors' own code (.ci/released_fixtures.py build): tiny random models in their file formats.
 """
 import os
@@ -305,7 +305,7 @@ def test_info_command_prints_one_line_per_fact(capsys):
         run_cli(main, ["info", str(FIXTURES / "missing.pt")])
     err = capsys.readouterr().err.strip().splitlines()
     assert done.value.code == 2 and len(err) == 1 and "missing.pt: no such file" in err[0], err
-    script = FIXTURES.parent.parent / "released.py"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "released.py")
     helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "info" in helped.stdout, helped.stderr
 
