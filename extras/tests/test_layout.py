@@ -162,8 +162,8 @@ def test_the_core_files_are_plain_code():
 
 def test_extras_top_holds_the_users_files_and_its_tests_apart():
     """extras/: modules that users, lecturers and researchers run or import, no test file and no
-    test data among them (those live in extras/tests/, developer tools in .ci/); each module says
-    in its docstring what it serves."""
+    test data among them (those live in extras/tests/, developer tools in .ci/); each module
+    opens with a docstring (the place to say what it serves)."""
     done = subprocess.run(["git", "ls-files", "extras"], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip("not a git checkout")
