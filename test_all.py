@@ -1,6 +1,6 @@
 """The paper's claims as tests, section by section (2, 2.1, 2.2, 2.3, 3.1, 3.2), then one end-to-end test per stage.
 
-Run: python -m pytest -q test_all.py extras/   (CPU, a few minutes, no downloads: the seeded random
+Run: python -m pytest -q -n 2 test_all.py extras/   (CPU, a few minutes, no downloads: the seeded random
 codec stands in for EnCodec's pretrained weights, and clips are short). The tests of what the paper
 does not need (demo audio, codec cache, file index, bad input, benchmarks) live in extras/.
 """
