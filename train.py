@@ -337,16 +337,7 @@ def save_checkpoint(cfg, step, model, opt, scaler, mcfg, codec):
     return path
 
 
-# ---------------------------------------------------------------- the run folder, stopping in time
-def check_finite(mean, step, n_steps, out):
-    """Stop on a NaN or inf loss, before a checkpoint could hold the model it made."""
-    if not torch.isfinite(mean[0]):
-        last = max(glob.glob(os.path.join(out, D.CHECKPOINTS)), default="none yet")
-        raise SystemExit(f"loss is {mean[0].item()} in steps {step - n_steps + 1}-{step}: "
-                         f"stopping. The last good checkpoint ({last}) is intact; try a lower "
-                         "--lr or --clip_grad.")
-
-
+# ---------------------------------------------------------------- logging
 def log_metrics(cfg, step, stats, S, rate, val, board):
     """The line a student watches (loss, masked accuracy per stream, speed, ETA), and the same
     figures as a record in metrics.jsonl."""
@@ -466,6 +457,9 @@ class PaperRun:
         D.make_folder(cfg.out)
         return contextlib.nullcontext()
 
+    def check_finite(self, mean, step, n_steps, out):
+        pass
+
     def stop_signal(self):
         return 0
 
@@ -527,7 +521,7 @@ def train(cfg, mcfg, ckpt, stage1, files, run, rank, world, device):
         if not (log_now or save_now):
             continue  # the host waits for the GPU at log and checkpoint steps only
         mean = window.cpu() / n_steps
-        check_finite(mean, step, n_steps, cfg.out)  # before any checkpoint could hold it
+        run.check_finite(mean, step, n_steps, cfg.out)  # before any checkpoint could hold it
         if rank == 0 and log_now:
             val = None
             if val_now:  # the held-out loss (extras/validation.py)

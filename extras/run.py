@@ -9,8 +9,9 @@ nothing, for when extras/ is deleted):
 - folder: --out belongs to this run alone (an OS lock), a killed run's temporary files go, and on
   --resume its metrics past the checkpoint; SIGTERM, SIGUSR1 or Ctrl-C stop the run after the step
   in progress, saved;
-- restore / stop_signal / stopped: the optimizer state of a resumed run; the signal, agreed by all
-  ranks; the exit line and status (128 + the signal).
+- restore / check_finite / stop_signal / stopped: the optimizer state of a resumed run; a NaN or inf
+  loss stops the run before a checkpoint holds it; the signal, agreed by all ranks; the exit line
+  and status (128 + the signal).
 """
 import contextlib
 import dataclasses
@@ -101,6 +102,15 @@ class ResearchRun:
             scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         return ckpt["step"]
+
+    def check_finite(self, mean, step, n_steps, out):
+        """Stop on a NaN or inf loss (the mean of the steps since the last log line), before a
+        checkpoint could hold the model it made."""
+        if not torch.isfinite(mean[0]):
+            last = max(glob.glob(os.path.join(out, D.CHECKPOINTS)), default="none yet")
+            raise SystemExit(f"loss is {mean[0].item()} in steps {step - n_steps + 1}-{step}: "
+                             f"stopping. The last good checkpoint ({last}) is intact; try a lower "
+                             "--lr or --clip_grad.")
 
     def stop_signal(self):
         """The signal any rank received (0: none), the same on every rank."""
