@@ -428,14 +428,15 @@ def main(argv=None):
 
 def research_run(rank, world):
     """What a long research run needs beyond the paper, entered at the named points below: the
-    run folder's lock, preemption signals, --resume and its checks (extras/run.py). With extras/
-    deleted, PaperRun: the paper's loop alone."""
+    run folder's lock, preemption signals, --resume and its checks, the stop on a NaN loss
+    (extras/run.py). With extras/ deleted, PaperRun: the paper's loop alone."""
     try:
         from extras.run import ResearchRun
     except ModuleNotFoundError as err:
         if err.name not in ("extras", "extras.run"):
             raise
-        print("train.py: no extras/run.py: no run lock, preemption or --resume", file=sys.stderr)
+        print("train.py: no extras/run.py: no run lock, preemption, --resume or stop on a NaN loss",
+              file=sys.stderr)
         return PaperRun()
     return ResearchRun(rank, world, None)
 
