@@ -232,7 +232,7 @@ def inputs_and_targets(batch, codec, mcfg, device):
         wav = item.wav.to(device, non_blocking=True)  # (B, n)
         feats, codes = codec(wav)  # (B, T, 128), (B, T, 8)
         if mcfg.input != "encodec":  # a filterbank's frames in, the codec's codes out [4]
-            feats = M.filterbank_frames(wav, mcfg.input)  # (B, T, bins)
+            feats = M.input_frames(mcfg, codec, wav)  # (B, T, bins)
     else:
         feats = item.feats.to(device, non_blocking=True)  # (B, T, d_input)
         codes = item.codes.to(device, non_blocking=True)  # (B, T, 8)

@@ -3,7 +3,7 @@
 A developer's tool. It runs their MelspectrogramProcessor and SpectrogramProcessor (their file
 encodecmae/tasks/features/__init__.py, loaded from a clone of their repository) with the arguments
 of their configs/features/mel.gin (spec, their spec.gin being empty: mel.gin's framing and the
-statistics of model.NORM_STATS) on the clips of extras/tests/test_input.py, keeping some frames.
+statistics of extras/filterbank.py's NORM_STATS) on the clips of extras/tests/test_input.py, keeping some frames.
   git clone /work/.mirror/habla-liaa+encodecmae/repo AUTHORS
   python -m venv --system-site-packages VENV && VENV/bin/pip install loguru
   VENV/bin/python .ci/frontend_fixture.py --authors AUTHORS
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import model as M  # noqa: E402
+from extras import filterbank  # noqa: E402
 
 
 def test_module():
@@ -80,7 +81,7 @@ def main():
     framing = ("key_in", "key_out", "frame_length", "frame_shift", "sample_frequency",
                "window_type", "dither")
     spec_args = {k: v for k, v in mel_args.items() if k in framing}
-    spec_args["norm_stats"] = list(M.NORM_STATS["spec"])
+    spec_args["norm_stats"] = list(filterbank.NORM_STATS["spec"])
     processors = {"mel": feats.MelspectrogramProcessor(**mel_args),
                   "spec": feats.SpectrogramProcessor(**spec_args)}
     tests = test_module()

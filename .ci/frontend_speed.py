@@ -1,7 +1,7 @@
 """Prints what the MAE's input costs on this CPU (issue 31): mel and spec inputs beside the codec.
 
 A developer's tool, one sitting: `python .ci/frontend_speed.py` times, for a batch of 16 seeded
-random 4-s crops at 1 and 2 threads, model.filterbank_frames (mel, spec), the seeded random codec's
+random 4-s crops at 1 and 2 threads, extras/filterbank.py (mel, spec), the seeded random codec's
 full pass (model.Codec.forward: frames and codes) and its quantizer alone on cached frames; then
 the bytes per second of audio a cache of each input would hold in fp16 (+ the int16 codes).
 """
@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a script: the core files sit in the fold
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model as M
+from extras.filterbank import filterbank_frames
 from extras.random_codec import random_codec
 
 B = 16
@@ -47,8 +48,8 @@ def main():
         codec = random_codec()
     emb = codec.raw_frames(wav)  # (B, 128, T): the frames a cache holds
     cases = {  # name: (what runs, how many timed calls: the codec's pass takes seconds)
-        "mel front end (filterbank_frames)": (lambda: M.filterbank_frames(wav, "mel"), 5),
-        "spec front end (filterbank_frames)": (lambda: M.filterbank_frames(wav, "spec"), 5),
+        "mel front end (filterbank_frames)": (lambda: filterbank_frames(wav, "mel"), 5),
+        "spec front end (filterbank_frames)": (lambda: filterbank_frames(wav, "spec"), 5),
         "codec full pass (Codec.forward)": (lambda: codec(wav), 2),
         "codec quantizer alone, cached frames": (lambda: quantize(codec, emb), 5)}
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average "
@@ -67,7 +68,7 @@ def main():
         if kind == "encodec":
             frames = codec.features(one_second)
         else:
-            frames = M.filterbank_frames(one_second, kind)
+            frames = filterbank_frames(one_second, kind)
         size = frames[0].numel() * 2 + codes
         per_hour = size * 3600 / 1e6
         print(f"  {kind:8s} {tuple(frames.shape[1:])} per s: {size} B/s = {per_hour:.1f} MB/h")

@@ -2,7 +2,7 @@
 
     python .ci/frontend_stats.py runs/real/corpus [--crops 120]
 
-model.NORM_STATS keeps the authors' mel statistics (their configs/features/mel.gin) and, since their
+extras/filterbank.py's NORM_STATS keeps the authors' mel statistics (their configs/features/mel.gin) and, since their
 spec.gin is empty, spec statistics measured by this command on the realistic demo corpus
 (`python extras/demo_audio.py real`); it prints both, measured over the real frames of random crops.
 """
@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
 import model as M  # noqa: E402
+from extras import filterbank  # noqa: E402
 
 
 def main():
@@ -29,10 +30,10 @@ def main():
     wav = torch.stack([crops[int(i)].wav for i in picked])  # (n, 96000)
     padding = torch.stack([crops[int(i)].padding for i in picked])  # (n, 300)
     for kind in ("mel", "spec"):
-        mean, std = M.NORM_STATS[kind]
-        raw = (M.filterbank_frames(wav, kind) * std + mean)[~padding]  # (frames, bins), unnormalized
+        mean, std = filterbank.NORM_STATS[kind]
+        raw = (filterbank.filterbank_frames(wav, kind) * std + mean)[~padding]  # (frames, bins), unnormalized
         print(f"{kind}: raw mean {raw.mean():.2f} std {raw.std():.2f} over {len(raw)} frames of "
-              f"{len(picked)} crops (model.NORM_STATS: {M.NORM_STATS[kind]})")
+              f"{len(picked)} crops (filterbank.NORM_STATS: {filterbank.NORM_STATS[kind]})")
 
 
 if __name__ == "__main__":

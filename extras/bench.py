@@ -143,8 +143,8 @@ def train_benchmark(cfg, mcfg, device, peak_tflops=None):
     feats, codes = codec(wav)
     t_front = 0.0  # a filterbank input [4]: its frames, on top of the codec's pass for the targets
     if mcfg.input != "encodec":
-        t_front = timed(lambda: M.filterbank_frames(wav, mcfg.input), device)
-        feats = M.filterbank_frames(wav, mcfg.input)
+        t_front = timed(lambda: M.input_frames(mcfg, codec, wav), device)
+        feats = M.input_frames(mcfg, codec, wav)
     mask = M.gap_mask(torch.full((B,), M.CROP_FRAMES), M.CROP_FRAMES, mcfg.M_prop, mcfg.M_gap)  # on the CPU, as in training
     model = M.EnCodecMAE(mcfg).to(device)
     if cfg.compile:  # the warm-up run of `timed` compiles it

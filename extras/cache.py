@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: the core files sit in the fold
 import data as D
 from data import AudioError, UsageError
 from extras.cli import Progress, data_source, remove_temporaries
+from extras.filterbank import filterbank_frames
 import model as M
 from model import CROP_FRAMES, HOP, SAMPLE_RATE, num_frames
 
@@ -326,7 +327,7 @@ class CachedCropDataset(D.Visits):
         else:  # the crop's audio (frame t of the cache is samples [320 t, 320 (t + 1)))
             wav = D.read_audio(os.fsdecode(self.audio[f]), start * HOP, T * HOP)
             wav = D.cut_frames(wav.numpy(), 0, T * HOP, 0, np.float32)  # (T * HOP,) zero-padded
-            feats = M.filterbank_frames(wav[None], self.input_kind)[0]  # (T, bins)
+            feats = filterbank_frames(wav[None], self.input_kind)[0]  # (T, bins)
         return CachedCrop(feats, D.cut_frames(codes, start, T, 0, np.int64), padding, extra)
 
 

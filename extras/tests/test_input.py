@@ -1,4 +1,4 @@
-"""Tests of the MAE's filterbank inputs (model.filterbank_frames): the paper's future work, sec. 4.
+"""Tests of the MAE's filterbank inputs (extras/filterbank.py): the paper's future work, sec. 4.
 
 `python -m pytest -q extras/tests/test_input.py` from the repository root (CPU, offline). The
 fixture in extras/tests/fixtures/ was written by the AUTHORS' own Mel/SpectrogramProcessor classes
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import model as M
+from extras.filterbank import filterbank_frames
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "authors_v2_front_end.pt"
 SEED = 31
@@ -47,7 +48,7 @@ def test_mel_and_spec_inputs_equal_the_authors_v2_front_end():
         assert sha(clip) == theirs["sha256"], "the clips changed: rerun .ci/frontend_fixture.py"
         n = len(clip)
         for kind in ("mel", "spec"):
-            ours = M.filterbank_frames(torch.from_numpy(clip)[None], kind)[0]  # (T, bins)
+            ours = filterbank_frames(torch.from_numpy(clip)[None], kind)[0]  # (T, bins)
             assert ours.dtype == torch.float32
             assert ours.shape == (M.num_frames(n), M.INPUT_DIMS[kind]), (kind, n)
             rows = theirs["frames"]  # the recorded frames, all below their count and ours
@@ -58,7 +59,7 @@ def test_mel_and_spec_inputs_equal_the_authors_v2_front_end():
     for n in (240, 12001, 150000, 240000):  # under one window; past 4.25 s Kaldi gives MORE frames
         for kind in ("mel", "spec"):
             wav = torch.full((2, n), 0.01)
-            assert M.filterbank_frames(wav, kind).shape == (2, M.num_frames(n), M.INPUT_DIMS[kind])
+            assert filterbank_frames(wav, kind).shape == (2, M.num_frames(n), M.INPUT_DIMS[kind])
 
 
 # ---------------------------------------------------------------- the input choice, end to end
@@ -107,7 +108,7 @@ def test_cached_filterbank_crops_are_the_filterbank_of_the_same_audio(short_cach
         path = mel.audio[mel.file_of(i)].decode()
         wav = D.read_audio(path, start * M.HOP, M.CROP_SAMPLES)
         wav = torch.nn.functional.pad(wav, (0, M.CROP_SAMPLES - len(wav)))
-        want = M.filterbank_frames(wav[None], "mel")[0]  # (300, 256)
+        want = filterbank_frames(wav[None], "mel")[0]  # (300, 256)
         assert crop.feats.shape == (M.CROP_FRAMES, 256) and torch.allclose(crop.feats, want)
     assert any(mel.crop_start(i, 1) > 0 for i in range(len(mel)))  # some crops start inside a file
 
