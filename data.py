@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 import warnings
 from typing import NamedTuple
 
@@ -434,9 +435,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(main, argv=None):
-    """Run a command line's main: a UsageError is one line and exit status 2. SIGTERM and SIGUSR1
-    (what schedulers send before a kill) stop it as Ctrl-C does, unwinding (a write_atomic on the
-    way removes its temporary file): one line and exit status 128 + the signal."""
+    """Run a command line's main: a UsageError, or an option whose extras/ file is missing, is one
+    line and exit status 2. SIGTERM and SIGUSR1 (what schedulers send before a kill) stop it as
+    Ctrl-C does, unwinding (a write_atomic on the way removes its temporary file): one line and
+    exit status 128 + the signal."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signum)
     name = os.path.basename(sys.argv[0])
@@ -446,6 +448,15 @@ def run_cli(main, argv=None):
     except UsageError as err:  # from a DataLoader worker it follows the worker's traceback
         message = re.sub(r"^[\w.]*UsageError: ", "", str(err).strip().splitlines()[-1])
         print(f"{name}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except ModuleNotFoundError as err:  # an option that needs extras/, deleted here
+        if not (err.name or "").startswith("extras"):
+            raise
+        line = traceback.extract_tb(err.__traceback__)[-1].line  # the import that failed
+        module = re.search(r"(?:from|import) (extras[\w.]*)", line or "")
+        missing = module[1].replace(".", "/") + ".py" if module else "extras/"
+        print(f"{name}: error: this option needs {missing}, which is not here (extras/ deleted?)",
+              file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt as err:
         signum = err.args[0] if err.args else signal.SIGINT

@@ -95,7 +95,8 @@ def test_the_paper_run_has_every_hook_of_the_research_run():
 
 
 def test_the_paper_path_loads_with_extras_deleted(tmp_path):
-    """The five core files alone import, and train.py --help prints: extras/ is optional."""
+    """The five core files alone import, train.py --help prints, and an option that needs extras/ is one
+    line naming the missing file: extras/ is optional."""
     import shutil
     for name in BELOW:
         shutil.copy(os.path.join(ROOT, f"{name}.py"), tmp_path)
@@ -105,6 +106,11 @@ def test_the_paper_path_loads_with_extras_deleted(tmp_path):
     assert done.returncode == 0, done.stderr
     done = subprocess.run([sys.executable, "train.py", "--help"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "--M_prop" in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, "train.py", "--data", "demo", "--out", "o"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env)  # the demo audio is extras/'s
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert last == "train.py: error: this option needs extras/demo_signals.py, which is not here (extras/ deleted?)"
 
 
 def test_the_paper_path_runs_with_extras_deleted(tmp_path):
