@@ -1,13 +1,15 @@
 """How much of each core file is the paper's method, support it needs, or infrastructure beyond that.
 
-    python .ci/core_sort.py          a markdown table: lines, and the share of each kind per file
+    python .ci/core_sort.py          a markdown table: lines, target, the share of each kind, code
 
 A developer's tool. Every top-level definition (and, for the names listed as Class.method, one
 method of a class) is sorted by hand below; its lines, from the comments right above it to its
 end, count for its kind. "support" is what the paper's path needs to run (reading audio, a
 checkpoint, a basic command line, basic DDP); "infrastructure" is what a long research run, a
 large corpus or a user's mistakes need beyond that. The module docstring and the imports count
-as "header"; blank lines between definitions count for nothing.
+as "header"; blank lines between definitions count for nothing. The last two columns count lines
+of code only (no blank line, no comment alone, no docstring): what a file would keep if all its
+prose were deleted, and of that what is not infrastructure.
 """
 import ast
 import os
@@ -39,6 +41,8 @@ INFRASTRUCTURE = {
     "evaluate.py": {"read_cache", "check_upstream", "embed_pieces"},
 }
 FILES = ("model.py", "data.py", "train.py", "kmeans.py", "evaluate.py")
+# The sizes issue 28 and SPEC.md ask for (SPEC.md says "about")
+TARGETS = {"model.py": 450, "data.py": 300, "train.py": 350, "kmeans.py": 300, "evaluate.py": 450}
 
 
 def names(node):
@@ -60,19 +64,24 @@ def first_line(node, lines):
     return start
 
 
-def sort_file(name):
-    """{kind: lines} of one core file."""
+def line_kinds(name):
+    """The kind of each line of one core file (None: a blank line between definitions), and the
+    0-based numbers of its lines that hold no code."""
     text = open(os.path.join(ROOT, name)).read()
     lines = text.splitlines()
-    kinds = {"method": 0, "support": 0, "infrastructure": 0, "header": 0}
+    kinds = [None] * len(lines)
+
+    def mark(start, end, kind):  # 1-based, inclusive
+        kinds[start - 1: end] = [kind] * (end - start + 1)
+
     for node in ast.parse(text).body:
-        span = node.end_lineno - first_line(node, lines) + 1
+        start = first_line(node, lines)
         if isinstance(node, (ast.Import, ast.ImportFrom)) or (
                 isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant)):
-            kinds["header"] += span
+            mark(start, node.end_lineno, "header")
             continue
         if isinstance(node, ast.If):  # if __name__ == "__main__":
-            kinds["support"] += span
+            mark(start, node.end_lineno, "support")
             continue
         defined = names(node)
         kind = "method"
@@ -80,28 +89,53 @@ def sort_file(name):
             kind = "support"
         if set(defined) & INFRASTRUCTURE[name]:
             kind = "infrastructure"
+        mark(start, node.end_lineno, kind)
         if isinstance(node, ast.ClassDef):  # a method sorted apart from its class
             for item in node.body:
                 key = f"{node.name}.{getattr(item, 'name', '')}"
                 for other, table in (("support", SUPPORT), ("infrastructure", INFRASTRUCTURE)):
                     if key in table[name] and other != kind:
-                        part = item.end_lineno - first_line(item, lines) + 1
-                        kinds[other] += part
-                        span -= part
-        kinds[kind] += span
-    kinds["lines"] = len(lines)
-    return kinds
+                        mark(first_line(item, lines), item.end_lineno, other)
+    return kinds, prose_lines(text)
+
+
+def prose_lines(text):
+    """0-based numbers of the lines that hold no code: blank, a comment alone, or a docstring."""
+    lines = text.splitlines()
+    prose = {i for i, line in enumerate(lines) if not line.strip() or line.strip().startswith("#")}
+    for node in ast.walk(ast.parse(text)):
+        body = getattr(node, "body", None)
+        if not isinstance(body, list) or not body:
+            continue
+        first = body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                first.value.value, str):
+            prose.update(range(first.lineno - 1, first.end_lineno))
+    return prose
+
+
+def sort_file(name):
+    """{kind: lines} of one core file, its lines of code, and those outside infrastructure."""
+    kinds, prose = line_kinds(name)
+    counts = {kind: kinds.count(kind) for kind in ("method", "support", "infrastructure", "header")}
+    code = [kind for i, kind in enumerate(kinds) if i not in prose]
+    counts["lines"] = len(kinds)
+    counts["code"] = len(code)
+    counts["code_not_infra"] = len(code) - code.count("infrastructure")
+    return counts
 
 
 def main():
-    print("| file | lines | method | support | infrastructure beyond the paper's needs |")
-    print("|---|---|---|---|---|")
+    print("| file | lines | target | method | support | infrastructure beyond the paper's needs "
+          "| lines of code | code outside infrastructure |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in FILES:
         k = sort_file(name)
         share = {kind: f"{100 * k[kind] / k['lines']:.0f}%" for kind in ("method", "support",
                                                                           "infrastructure")}
-        print(f"| {name} | {k['lines']} | {share['method']} | {share['support']} | "
-              f"{share['infrastructure']} |")
+        print(f"| {name} | {k['lines']} | {TARGETS[name]} | {share['method']} | "
+              f"{share['support']} | {share['infrastructure']} | {k['code']} | "
+              f"{k['code_not_infra']} |")
 
 
 if __name__ == "__main__":
